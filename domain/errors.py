@@ -1,0 +1,41 @@
+"""Every error the domain raises.
+
+::
+
+    AccessflowError
+     +-- IllegalTransition      a state change the state machine forbids
+     +-- RuleViolation          a request breaks a catalogue rule (becomes INVALID)
+     +-- NotFound               a referenced row does not exist
+     +-- TransientError         a dependency failed; retrying may succeed
+     +-- PermanentDeliveryError a dependency refused for good; never retried
+"""
+
+from __future__ import annotations
+
+
+class AccessflowError(Exception):
+    """Base class of every error raised by accessflow's own code."""
+
+
+class IllegalTransition(AccessflowError):
+    """An access request was asked to move to a state it cannot reach from its current one."""
+
+
+class RuleViolation(AccessflowError):
+    """A request breaks one of the catalogue rules; ``reason`` says which, in words for humans."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+class NotFound(AccessflowError):
+    """A referenced row (request, app, credential) does not exist."""
+
+
+class TransientError(AccessflowError):
+    """A dependency failed in a way that a later attempt may not (SMTP 4xx, a dropped connection)."""
+
+
+class PermanentDeliveryError(AccessflowError):
+    """A dependency refused in a way no retry can fix (SMTP 5xx); recorded, never retried."""

@@ -1,0 +1,48 @@
+"""One typed context per email template. They hold no secret, by construction."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class ProductLine:
+    id: str
+    name: str
+
+
+@dataclass(frozen=True)
+class ApproveContext:
+    request_id: str
+    consumer_name: str
+    app_id: str
+    app_name: str
+    plan_name: str
+    products: tuple[ProductLine, ...]
+    rate_limit_per_minute: int
+    monthly_quota: int | None
+    credential_kind: str
+    #: The API key prefix or the OAuth2 client id; never the secret.
+    credential_public_id: str
+
+
+@dataclass(frozen=True)
+class RejectContext:
+    request_id: str
+    consumer_name: str
+    app_name: str
+    plan_name: str
+    products: tuple[ProductLine, ...]
+    reason: str
+
+
+@dataclass(frozen=True)
+class ReviewContext:
+    request_id: str
+    consumer_id: str
+    consumer_name: str
+    consumer_email: str
+    app_name: str
+    plan_name: str
+    products: tuple[ProductLine, ...]
+    justification: str

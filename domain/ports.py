@@ -1,0 +1,137 @@
+"""The ports the handlers need; ``infra`` implements them, ``tests/unit/fakes.py`` fakes them."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from types import TracebackType
+from typing import Protocol, Self
+
+from domain.commands import Command
+from domain.model import (
+    AccessRequest,
+    App,
+    AuthMethod,
+    Catalogue,
+    Consumer,
+    Credential,
+    Decision,
+    Notification,
+    NotificationKind,
+    Plan,
+    Product,
+)
+
+
+class RequestRepository(Protocol):
+    def add(self, request: AccessRequest) -> None: ...
+
+    def get(self, request_id: str, *, for_update: bool = False) -> AccessRequest | None: ...
+
+
+class CatalogueRepository(Protocol):
+    def slice_for(
+        self, *, plan_id: str, product_ids: Sequence[str], consumer_id: str, app_id: str | None
+    ) -> Catalogue: ...
+
+    def plan(self, plan_id: str) -> Plan | None: ...
+
+    def products(self, product_ids: Sequence[str]) -> list[Product]: ...
+
+    def consumer(self, consumer_id: str) -> Consumer | None: ...
+
+    def app(self, app_id: str) -> App | None: ...
+
+    def add_app(self, app: App) -> None: ...
+
+    def upsert(self, entity: Product | Plan | Consumer | App) -> None: ...
+
+
+class DecisionRepository(Protocol):
+    def get(self, decision_id: str) -> Decision | None: ...
+
+    def add(self, decision: Decision) -> None: ...
+
+
+class CredentialRepository(Protocol):
+    def add(self, credential: Credential) -> None: ...
+
+    def for_request(self, request_id: str) -> Credential | None: ...
+
+
+class NotificationRepository(Protocol):
+    def get(self, request_id: str, kind: NotificationKind, *, for_update: bool = False) -> Notification | None: ...
+
+    def add(self, notification: Notification) -> None: ...
+
+
+class Outbox(Protocol):
+    def put(self, command: Command) -> None:
+        """Queue a command to be published once, and only once, the transaction commits."""
+        ...
+
+
+class UnitOfWork(Protocol):
+    """One transaction. Leaving the ``with`` block without ``commit()`` rolls everything back."""
+
+    requests: RequestRepository
+    catalogue: CatalogueRepository
+    decisions: DecisionRepository
+    credentials: CredentialRepository
+    notifications: NotificationRepository
+    outbox: Outbox
+
+    def __enter__(self) -> Self: ...
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None: ...
+
+    def commit(self) -> None: ...
+
+    def rollback(self) -> None: ...
+
+
+@dataclass(frozen=True)
+class IssuedSecret:
+    """A freshly generated credential secret. ``secret`` must never be logged or stored as is."""
+
+    public_id: str
+    secret: str = field(repr=False)
+    secret_hash: str
+
+
+class CredentialIssuer(Protocol):
+    """Makes credentials. A gateway or identity-provider adapter implements this port too."""
+
+    def issue(self, kind: AuthMethod) -> IssuedSecret: ...
+
+
+class SecretSealer(Protocol):
+    """Encrypts a secret at rest until its single reveal."""
+
+    def seal(self, secret: str) -> bytes: ...
+
+    def unseal(self, sealed: bytes) -> str: ...
+
+
+@dataclass(frozen=True)
+class Email:
+    """An email to send: the template kind, its recipients and a typed context."""
+
+    kind: NotificationKind
+    to: tuple[str, ...]
+    #: Stable RFC 5322 Message-ID, derived from the request and the kind, so duplicates are recognisable.
+    message_id: str
+    context: object
+
+
+class Mailer(Protocol):
+    """Renders and delivers an :class:`Email`.
+
+    Raises:
+      TransientError: the server may accept it later (4xx, dropped connection).
+      PermanentDeliveryError: the server refused it for good (5xx).
+    """
+
+    def send(self, email: Email) -> None: ...

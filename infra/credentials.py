@@ -1,0 +1,87 @@
+"""Credential generation, hashing and sealing.
+
+API keys look like ``af_<8 hex>_<43 url-safe chars>``: the ``af_<8 hex>`` part is
+the public lookup prefix, stored in the clear; the whole key is stored only as a
+SHA-256 hash, which is enough for a 256-bit random secret (RFC 6819 5.1.4.1.3)
+and lets a gateway check a key without a slow KDF. OAuth2 client secrets are
+handled the same way under a public ``client_id``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import secrets
+
+from cryptography.fernet import Fernet, InvalidToken, MultiFernet
+
+from domain.errors import AccessflowError
+from domain.model import AuthMethod, Credential
+from domain.ports import IssuedSecret
+
+API_KEY_PREFIX = "af_"
+CLIENT_ID_PREFIX = "afc_"
+
+
+def hash_secret(secret: str) -> str:
+    return "sha256:" + hashlib.sha256(secret.encode()).hexdigest()
+
+
+def secret_matches(secret: str, stored_hash: str) -> bool:
+    return hmac.compare_digest(hash_secret(secret), stored_hash)
+
+
+class LocalCredentialIssuer:
+    """Mints credentials locally. A gateway or IdP adapter would register them remotely instead."""
+
+    def issue(self, kind: AuthMethod) -> IssuedSecret:
+        if kind is AuthMethod.API_KEY:
+            public_id = API_KEY_PREFIX + secrets.token_hex(4)
+            secret = f"{public_id}_{secrets.token_urlsafe(32)}"
+        else:
+            public_id = CLIENT_ID_PREFIX + secrets.token_hex(8)
+            secret = secrets.token_urlsafe(32)
+        return IssuedSecret(public_id=public_id, secret=secret, secret_hash=hash_secret(secret))
+
+
+def api_key_public_id(api_key: str) -> str | None:
+    """The lookup prefix of a presented API key, or ``None`` if it is not shaped like ours."""
+    head, sep, _ = api_key.rpartition("_")
+    if not sep or not head.startswith(API_KEY_PREFIX) or len(head) != len(API_KEY_PREFIX) + 8:
+        return None
+    return head
+
+
+def verify(presented_secret: str, credential: Credential | None) -> bool:
+    """What a gateway does: check a presented secret against the stored hash, in constant time."""
+    if credential is None or credential.revoked_at is not None:
+        # Still spend the hash, so a miss and a mismatch take the same time.
+        secret_matches(presented_secret, hash_secret(""))
+        return False
+    return secret_matches(presented_secret, credential.secret_hash)
+
+
+class SealKeyMissing(AccessflowError):
+    """No ACCESSFLOW_SEAL_KEY is configured, so secrets cannot be sealed or revealed."""
+
+
+class FernetSealer:
+    """Seals with the first key and unseals with any, so keys can be rotated."""
+
+    def __init__(self, keys: list[str]) -> None:
+        if not keys:
+            raise SealKeyMissing("ACCESSFLOW_SEAL_KEY is not set; create one with `accessflow keys generate`")
+        self._fernet = MultiFernet([Fernet(k.encode()) for k in keys])
+
+    def seal(self, secret: str) -> bytes:
+        return self._fernet.encrypt(secret.encode())
+
+    def unseal(self, sealed: bytes) -> str:
+        try:
+            return self._fernet.decrypt(sealed).decode()
+        except InvalidToken:
+            raise SealKeyMissing("sealed secret cannot be opened with the configured ACCESSFLOW_SEAL_KEY") from None
+
+
+def generate_seal_key() -> str:
+    return Fernet.generate_key().decode()

@@ -1,0 +1,83 @@
+"""structlog for our lines and the standard library's (dramatiq, domain) alike.
+
+JSON when not on a terminal. Ids bound with :func:`structlog.contextvars.bind_contextvars`
+(request id, message id) land on every line, and a redaction processor runs before
+the renderer so that a secret passed by mistake never reaches the output.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import sys
+from collections.abc import MutableMapping
+from typing import Any
+
+import structlog
+
+#: Keys whose values are replaced wherever they appear in an event.
+SENSITIVE_KEYS = re.compile(r"(secret|password|passwd|token|api_?key|seal|authorization)", re.IGNORECASE)
+#: Values that look like our API keys (af_<prefix>_<secret>) are masked even under innocent keys.
+API_KEY_VALUE = re.compile(r"\b(af_[0-9a-f]{8})_[A-Za-z0-9_-]{20,}")
+REDACTED = "[redacted]"
+
+
+def _redact_value(value: Any) -> Any:
+    if isinstance(value, str):
+        return API_KEY_VALUE.sub(r"\1_" + REDACTED, value)
+    if isinstance(value, dict):
+        return {k: REDACTED if SENSITIVE_KEYS.search(str(k)) else _redact_value(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return type(value)(_redact_value(v) for v in value)
+    return value
+
+
+def redact(_: Any, __: str, event_dict: MutableMapping[str, Any]) -> MutableMapping[str, Any]:
+    """structlog processor: mask sensitive keys and anything shaped like one of our keys."""
+    for key in list(event_dict):
+        if SENSITIVE_KEYS.search(key):
+            event_dict[key] = REDACTED
+        else:
+            event_dict[key] = _redact_value(event_dict[key])
+    return event_dict
+
+
+def configure(level: str = "INFO", fmt: str = "auto") -> None:
+    """Configure structlog and route the standard library's logging through it. Idempotent."""
+    json_output = fmt == "json" or (fmt == "auto" and not sys.stderr.isatty())
+    shared: list[Any] = [
+        structlog.contextvars.merge_contextvars,
+        structlog.stdlib.add_log_level,
+        structlog.stdlib.add_logger_name,
+        structlog.processors.TimeStamper(fmt="iso", utc=True),
+        redact,
+    ]
+    renderer: Any = (
+        structlog.processors.JSONRenderer()
+        if json_output
+        else structlog.dev.ConsoleRenderer(colors=False, exception_formatter=structlog.dev.plain_traceback)
+    )
+    structlog.configure(
+        processors=[*shared, structlog.stdlib.ProcessorFormatter.wrap_for_formatter],
+        logger_factory=structlog.stdlib.LoggerFactory(),
+        wrapper_class=structlog.stdlib.BoundLogger,
+        cache_logger_on_first_use=True,
+    )
+    formatter = structlog.stdlib.ProcessorFormatter(
+        foreign_pre_chain=shared,
+        processors=[
+            structlog.stdlib.ProcessorFormatter.remove_processors_meta,
+            structlog.processors.format_exc_info if json_output else _identity,
+            renderer,
+        ],
+    )
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(formatter)
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(level.upper())
+    logging.getLogger("pika").setLevel(logging.WARNING)
+
+
+def _identity(_: Any, __: str, event_dict: MutableMapping[str, Any]) -> MutableMapping[str, Any]:
+    return event_dict

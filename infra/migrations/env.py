@@ -1,0 +1,38 @@
+"""Alembic environment: the URL comes from the caller (``accessflow db upgrade``) or from settings."""
+
+from __future__ import annotations
+
+from alembic import context
+
+from infra import orm
+from infra.bootstrap import create_engine
+from infra.settings import Settings
+
+config = context.config
+url = config.get_main_option("sqlalchemy.url")
+settings = Settings(database_url=url) if url else Settings()
+
+
+def run_migrations_offline() -> None:
+    context.configure(url=settings.database_url, target_metadata=orm.metadata, literal_binds=True)
+    with context.begin_transaction():
+        context.run_migrations()
+
+
+def run_migrations_online() -> None:
+    engine = create_engine(settings)
+    with engine.connect() as connection:
+        context.configure(
+            connection=connection,
+            target_metadata=orm.metadata,
+            render_as_batch=connection.dialect.name == "sqlite",
+        )
+        with context.begin_transaction():
+            context.run_migrations()
+    engine.dispose()
+
+
+if context.is_offline_mode():
+    run_migrations_offline()
+else:
+    run_migrations_online()

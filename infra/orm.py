@@ -1,0 +1,232 @@
+"""Tables, and the imperative mapping of the domain's classes onto them.
+
+The domain classes stay plain; :func:`start_mappers` teaches SQLAlchemy about them
+once per process. The schema itself is created by the Alembic migrations.
+"""
+
+from __future__ import annotations
+
+import enum
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy import event
+from sqlalchemy.orm import registry, relationship
+
+from domain.model import (
+    AccessRequest,
+    ActorKind,
+    App,
+    AuditEntry,
+    AuthMethod,
+    Consumer,
+    Credential,
+    Decision,
+    DecisionOutcome,
+    DeliveryStatus,
+    Notification,
+    NotificationKind,
+    Plan,
+    Product,
+    Status,
+)
+
+metadata = sa.MetaData()
+mapper_registry = registry(metadata=metadata)
+
+
+def _enum(cls: type[enum.Enum]) -> sa.Enum:
+    # Stored as the value string, without a native PostgreSQL type: adding a state is then
+    # a code change, not a locking ALTER TYPE.
+    return sa.Enum(cls, native_enum=False, length=40, values_callable=lambda e: [m.value for m in e])
+
+
+Timestamp = sa.DateTime(timezone=True)
+
+products = sa.Table(
+    "products",
+    metadata,
+    sa.Column("id", sa.String(64), primary_key=True),
+    sa.Column("name", sa.String(200), nullable=False),
+    sa.Column("auth_method", _enum(AuthMethod), nullable=False),
+)
+
+plans = sa.Table(
+    "plans",
+    metadata,
+    sa.Column("id", sa.String(64), primary_key=True),
+    sa.Column("name", sa.String(200), nullable=False),
+    sa.Column("auto_approve", sa.Boolean, nullable=False),
+    sa.Column("rate_limit_per_minute", sa.Integer, nullable=False),
+    sa.Column("monthly_quota", sa.Integer, nullable=True),
+    sa.Column("product_ids", sa.JSON, nullable=False),
+)
+
+consumers = sa.Table(
+    "consumers",
+    metadata,
+    sa.Column("id", sa.String(64), primary_key=True),
+    sa.Column("email", sa.String(254), nullable=False),
+    sa.Column("name", sa.String(200), nullable=False),
+)
+
+apps = sa.Table(
+    "apps",
+    metadata,
+    sa.Column("id", sa.String(64), primary_key=True),
+    sa.Column("consumer_id", sa.String(64), sa.ForeignKey("consumers.id"), nullable=False, index=True),
+    sa.Column("name", sa.String(200), nullable=False),
+    sa.Column("description", sa.Text, nullable=False, server_default=""),
+)
+
+# No foreign keys to the catalogue: an invalid request names things that do not exist,
+# and it is kept all the same, with its reason.
+access_requests = sa.Table(
+    "access_requests",
+    metadata,
+    sa.Column("id", sa.String(36), primary_key=True),
+    sa.Column("consumer_id", sa.String(64), nullable=False, index=True),
+    sa.Column("plan_id", sa.String(64), nullable=False),
+    sa.Column("product_ids", sa.JSON, nullable=False),
+    sa.Column("app_id", sa.String(64), nullable=True),
+    sa.Column("new_app_name", sa.String(200), nullable=True),
+    sa.Column("new_app_description", sa.Text, nullable=True),
+    sa.Column("justification", sa.Text, nullable=True),
+    sa.Column("submitted_at", Timestamp, nullable=False),
+    sa.Column("received_at", Timestamp, nullable=False),
+    sa.Column("status", _enum(Status), nullable=False, index=True),
+    sa.Column("auth_method", _enum(AuthMethod), nullable=True),
+    sa.Column("status_reason", sa.Text, nullable=False, server_default=""),
+    sa.Column("updated_at", Timestamp, nullable=False),
+)
+
+# Append-only: PostgreSQL refuses UPDATE and DELETE here (see the first migration).
+audit_log = sa.Table(
+    "audit_log",
+    metadata,
+    sa.Column("id", sa.BigInteger().with_variant(sa.Integer, "sqlite"), primary_key=True, autoincrement=True),
+    sa.Column("request_id", sa.String(36), sa.ForeignKey("access_requests.id"), nullable=False, index=True),
+    sa.Column("from_status", _enum(Status), nullable=True),
+    sa.Column("to_status", _enum(Status), nullable=False),
+    sa.Column("actor_kind", _enum(ActorKind), nullable=False),
+    sa.Column("actor_id", sa.String(254), nullable=False),
+    sa.Column("reason", sa.Text, nullable=False),
+    sa.Column("at", Timestamp, nullable=False),
+)
+
+decisions = sa.Table(
+    "decisions",
+    metadata,
+    sa.Column("id", sa.String(36), primary_key=True),
+    sa.Column("request_id", sa.String(36), nullable=False, index=True),
+    sa.Column("approve", sa.Boolean, nullable=False),
+    sa.Column("admin_id", sa.String(64), nullable=False),
+    sa.Column("admin_email", sa.String(254), nullable=False),
+    sa.Column("reason", sa.Text, nullable=False),
+    sa.Column("decided_at", Timestamp, nullable=False),
+    sa.Column("outcome", _enum(DecisionOutcome), nullable=False),
+    sa.Column("outcome_reason", sa.Text, nullable=False, server_default=""),
+    sa.Column("received_at", Timestamp, nullable=False),
+    # At most one decision per request is ever applied, whatever races.
+    sa.Index(
+        "uq_decisions_one_applied_per_request",
+        "request_id",
+        unique=True,
+        postgresql_where=sa.text("outcome = 'applied'"),
+        sqlite_where=sa.text("outcome = 'applied'"),
+    ),
+)
+
+credentials = sa.Table(
+    "credentials",
+    metadata,
+    sa.Column("id", sa.String(36), primary_key=True),
+    # One credential set per request, whatever is redelivered.
+    sa.Column("request_id", sa.String(36), sa.ForeignKey("access_requests.id"), nullable=False, unique=True),
+    sa.Column("app_id", sa.String(64), sa.ForeignKey("apps.id"), nullable=False, index=True),
+    sa.Column("kind", _enum(AuthMethod), nullable=False),
+    sa.Column("public_id", sa.String(64), nullable=False, unique=True),
+    sa.Column("secret_hash", sa.String(128), nullable=False),
+    sa.Column("sealed_secret", sa.LargeBinary, nullable=True),
+    sa.Column("product_ids", sa.JSON, nullable=False),
+    sa.Column("rate_limit_per_minute", sa.Integer, nullable=False),
+    sa.Column("monthly_quota", sa.Integer, nullable=True),
+    sa.Column("created_at", Timestamp, nullable=False),
+    sa.Column("revealed_at", Timestamp, nullable=True),
+    sa.Column("revoked_at", Timestamp, nullable=True),
+)
+
+notifications = sa.Table(
+    "notifications",
+    metadata,
+    sa.Column("id", sa.BigInteger().with_variant(sa.Integer, "sqlite"), primary_key=True, autoincrement=True),
+    sa.Column("request_id", sa.String(36), sa.ForeignKey("access_requests.id"), nullable=False),
+    sa.Column("kind", _enum(NotificationKind), nullable=False),
+    sa.Column("message_id", sa.String(200), nullable=False),
+    sa.Column("status", _enum(DeliveryStatus), nullable=False),
+    sa.Column("attempts", sa.Integer, nullable=False),
+    sa.Column("last_error", sa.Text, nullable=False, server_default=""),
+    sa.Column("created_at", Timestamp, nullable=False),
+    sa.Column("sent_at", Timestamp, nullable=True),
+    sa.UniqueConstraint("request_id", "kind", name="uq_notifications_request_kind"),
+)
+
+# The transactional outbox: written with the state change, published after the commit.
+outbox = sa.Table(
+    "outbox",
+    metadata,
+    sa.Column("id", sa.String(36), primary_key=True),
+    sa.Column("queue_name", sa.String(200), nullable=False),
+    sa.Column("actor_name", sa.String(200), nullable=False),
+    sa.Column("payload", sa.JSON, nullable=False),
+    sa.Column("created_at", Timestamp, nullable=False),
+    sa.Column("sent_at", Timestamp, nullable=True),
+    sa.Column("attempts", sa.Integer, nullable=False, server_default="0"),
+    sa.Index("ix_outbox_unsent", "created_at", postgresql_where=sa.text("sent_at IS NULL")),
+)
+
+# Messages no handler could read: kept with their reason instead of vanishing.
+malformed_messages = sa.Table(
+    "malformed_messages",
+    metadata,
+    sa.Column("id", sa.BigInteger().with_variant(sa.Integer, "sqlite"), primary_key=True, autoincrement=True),
+    sa.Column("message_id", sa.String(200), nullable=False, unique=True),
+    sa.Column("queue_name", sa.String(200), nullable=False),
+    sa.Column("actor_name", sa.String(200), nullable=False),
+    sa.Column("reason", sa.Text, nullable=False),
+    sa.Column("body_excerpt", sa.Text, nullable=False),
+    sa.Column("received_at", Timestamp, nullable=False),
+)
+
+_mapped = False
+
+
+def start_mappers() -> None:
+    """Map the domain classes onto the tables. Safe to call more than once."""
+    global _mapped
+    if _mapped:
+        return
+    _mapped = True
+    mapper_registry.map_imperatively(Product, products)
+    mapper_registry.map_imperatively(Plan, plans)
+    mapper_registry.map_imperatively(Consumer, consumers)
+    mapper_registry.map_imperatively(App, apps)
+    mapper_registry.map_imperatively(AuditEntry, audit_log)
+    mapper_registry.map_imperatively(
+        AccessRequest,
+        access_requests,
+        properties={
+            "history": relationship(
+                AuditEntry, order_by=audit_log.c.id, lazy="selectin", cascade="save-update, merge"
+            )
+        },
+    )
+    mapper_registry.map_imperatively(Decision, decisions)
+    mapper_registry.map_imperatively(Credential, credentials)
+    mapper_registry.map_imperatively(Notification, notifications)
+
+
+@event.listens_for(AccessRequest, "load")
+def _receive_load(request: AccessRequest, _: Any) -> None:
+    # SQLAlchemy does not call __init__ on load; the aggregate still needs its event list.
+    request.events = []

@@ -1,0 +1,60 @@
+"""The SQLAlchemy unit of work: one session, one transaction, outbox published after commit."""
+
+from __future__ import annotations
+
+from types import TracebackType
+from typing import Self
+
+from sqlalchemy.orm import Session, sessionmaker
+
+from infra.outbox import OutboxRelay, SqlOutbox
+from infra.repositories import (
+    SqlCatalogueRepository,
+    SqlCredentialRepository,
+    SqlDecisionRepository,
+    SqlNotificationRepository,
+    SqlRequestRepository,
+)
+
+
+class SqlUnitOfWork:
+    """Rolls back unless :meth:`commit` is called; after a commit, publishes what the outbox got."""
+
+    session: Session
+    requests: SqlRequestRepository
+    catalogue: SqlCatalogueRepository
+    decisions: SqlDecisionRepository
+    credentials: SqlCredentialRepository
+    notifications: SqlNotificationRepository
+    outbox: SqlOutbox
+
+    def __init__(self, session_factory: sessionmaker[Session], *, queue_prefix: str, relay: OutboxRelay | None) -> None:
+        self.session_factory = session_factory
+        self.queue_prefix = queue_prefix
+        self.relay = relay
+
+    def __enter__(self) -> Self:
+        self.session = self.session_factory()
+        self.requests = SqlRequestRepository(self.session)
+        self.catalogue = SqlCatalogueRepository(self.session)
+        self.decisions = SqlDecisionRepository(self.session)
+        self.credentials = SqlCredentialRepository(self.session)
+        self.notifications = SqlNotificationRepository(self.session)
+        self.outbox = SqlOutbox(self.session, self.queue_prefix)
+        return self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.rollback()
+        self.session.close()
+
+    def commit(self) -> None:
+        self.session.commit()
+        committed, self.outbox.added = self.outbox.added, []
+        if committed and self.relay is not None:
+            self.relay.publish_quietly(committed)
+
+    def rollback(self) -> None:
+        self.session.rollback()
+        self.outbox.added = []

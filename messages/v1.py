@@ -1,0 +1,171 @@
+"""Version 1 of accessflow's message contracts.
+
+Compatibility rule: a field is never removed or retyped within a version; a
+breaking change is a new module (``v2``) and a new ``version`` literal, and the
+workers accept both while producers move over.
+"""
+
+from __future__ import annotations
+
+import re
+import uuid
+from datetime import UTC, datetime
+from typing import Annotated, Literal
+
+from pydantic import AfterValidator, BaseModel, ConfigDict, EmailStr, Field, StringConstraints, model_validator
+
+from domain import commands
+from domain.model import NotificationKind
+
+#: Bytes; a larger body is refused before it is parsed.
+MAX_MESSAGE_BYTES = 64 * 1024
+
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029]")
+_CONTROL_EXCEPT_NEWLINES = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f\u2028\u2029]")
+
+
+def _no_control_characters(value: str) -> str:
+    # Names end up in email headers and log lines: a newline there is an injection.
+    if _CONTROL.search(value):
+        raise ValueError("must not contain control characters or line breaks")
+    return value
+
+
+def _printable_text(value: str) -> str:
+    if _CONTROL_EXCEPT_NEWLINES.search(value):
+        raise ValueError("must not contain control characters")
+    return value
+
+
+def _uuid_string(value: str) -> str:
+    try:
+        return str(uuid.UUID(value))
+    except ValueError:
+        raise ValueError("must be a UUID") from None
+
+
+def _aware(value: datetime) -> datetime:
+    if value.tzinfo is None:
+        raise ValueError("must carry a timezone offset, e.g. 2026-11-26T10:00:00Z")
+    return value.astimezone(UTC)
+
+
+Identifier = Annotated[
+    str,
+    StringConstraints(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9][A-Za-z0-9._:-]*$"),
+]
+RequestId = Annotated[str, StringConstraints(min_length=32, max_length=36), AfterValidator(_uuid_string)]
+Name = Annotated[str, StringConstraints(min_length=1, max_length=200, strip_whitespace=True),
+                 AfterValidator(_no_control_characters)]
+Text = Annotated[str, StringConstraints(max_length=2000), AfterValidator(_printable_text)]
+Email = Annotated[EmailStr, StringConstraints(max_length=254), AfterValidator(_no_control_characters)]
+Timestamp = Annotated[datetime, AfterValidator(_aware)]
+
+
+class Contract(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, str_strip_whitespace=False)
+
+    version: Literal[1] = Field(1, description="Contract version; bump means a new module.")
+
+
+class ConsumerRef(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    id: Identifier
+    email: Email
+    name: Name
+
+
+class NewApp(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    name: Name
+    description: Text = ""
+
+
+class AccessRequestSubmitted(Contract):
+    """A consumer asks for products under a plan for an app. Published by developer portals."""
+
+    type: Literal["access_request.submitted"] = "access_request.submitted"
+    request_id: RequestId = Field(description="UUID chosen by the portal; the idempotency key.")
+    consumer: ConsumerRef
+    app_id: Identifier | None = Field(None, description="An existing app of the consumer's.")
+    new_app: NewApp | None = Field(None, description="Or: an app to create for the consumer.")
+    product_ids: list[Identifier] = Field(min_length=1, max_length=50)
+    plan_id: Identifier
+    justification: Text | None = None
+    submitted_at: Timestamp
+
+    @model_validator(mode="after")
+    def _one_app(self) -> AccessRequestSubmitted:
+        if (self.app_id is None) == (self.new_app is None):
+            raise ValueError("give exactly one of app_id and new_app")
+        return self
+
+    def to_command(self) -> commands.RouteRequest:
+        return commands.RouteRequest(
+            request_id=self.request_id,
+            consumer_id=self.consumer.id,
+            consumer_email=str(self.consumer.email),
+            consumer_name=self.consumer.name,
+            plan_id=self.plan_id,
+            product_ids=tuple(dict.fromkeys(self.product_ids)),  # drop repeats, keep order
+            app_id=self.app_id,
+            new_app_name=self.new_app.name if self.new_app else None,
+            new_app_description=self.new_app.description if self.new_app else None,
+            justification=self.justification,
+            submitted_at=self.submitted_at,
+        )
+
+
+class AdminRef(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    id: Identifier
+    email: Email
+
+
+class AdminDecision(Contract):
+    """An admin approves or rejects a pending request. Published by admin portals and the CLI."""
+
+    type: Literal["access_request.decided"] = "access_request.decided"
+    decision_id: RequestId = Field(
+        default_factory=lambda: str(uuid.uuid4()), description="UUID; the idempotency key of the decision."
+    )
+    request_id: RequestId
+    decision: Literal["approve", "reject"]
+    admin: AdminRef
+    reason: Text = Field(min_length=1)
+    decided_at: Timestamp
+
+    def to_command(self) -> commands.DecideRequest:
+        return commands.DecideRequest(
+            decision_id=self.decision_id,
+            request_id=self.request_id,
+            approve=self.decision == "approve",
+            admin_id=self.admin.id,
+            admin_email=str(self.admin.email),
+            reason=self.reason,
+            decided_at=self.decided_at,
+        )
+
+
+class IssueCredentials(Contract):
+    """Internal: issue the credentials of an approved request."""
+
+    type: Literal["credentials.issue"] = "credentials.issue"
+    request_id: RequestId
+
+    def to_command(self) -> commands.IssueCredentials:
+        return commands.IssueCredentials(self.request_id)
+
+
+class SendNotification(Contract):
+    """Internal: send one email about a request."""
+
+    type: Literal["notification.send"] = "notification.send"
+    request_id: RequestId
+    kind: Literal["approve", "reject", "review"]
+
+    def to_command(self) -> commands.SendNotification:
+        return commands.SendNotification(self.request_id, NotificationKind(self.kind))

@@ -1,0 +1,39 @@
+"""The four actors, one per queue. Each decodes (done by the registry), calls a handler, returns."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from domain import handlers
+from messages import routes, v1
+from workers.registry import actor
+
+if TYPE_CHECKING:
+    from infra.bootstrap import Services
+
+
+@actor(routes.SUBMIT)
+def route_request(message: v1.AccessRequestSubmitted, services: Services) -> None:
+    handlers.route_request(message.to_command(), uow=services.uow())
+
+
+@actor(routes.DECIDE)
+def apply_decision(message: v1.AdminDecision, services: Services) -> None:
+    handlers.decide(message.to_command(), uow=services.uow(), admin_emails=services.settings.admin_emails)
+
+
+@actor(routes.ISSUE)
+def issue_credentials(message: v1.IssueCredentials, services: Services) -> None:
+    handlers.issue_credentials(message.to_command(), uow=services.uow(), issuer=services.issuer,
+                               sealer=services.sealer())
+
+
+@actor(routes.NOTIFY)
+def send_notification(message: v1.SendNotification, services: Services) -> None:
+    handlers.send_notification(
+        message.to_command(),
+        uow=services.uow(),
+        mailer=services.mailer,
+        admin_emails=services.settings.admin_emails,
+        message_id_domain=services.settings.message_id_domain,
+    )

@@ -1,0 +1,95 @@
+"""How an actor function becomes a dramatiq actor: decoding and bad input, in one place.
+
+Every actor receives its contract already validated. A payload that fails
+validation is recorded in ``malformed_messages`` with the validator's reason and
+acknowledged: retrying cannot fix it, and it must not block the messages behind it.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any, TypeVar
+
+import dramatiq
+import structlog
+from dramatiq.middleware import CurrentMessage
+from pydantic import BaseModel, ValidationError
+
+from messages.routes import Route
+from messages.v1 import MAX_MESSAGE_BYTES
+
+if TYPE_CHECKING:
+    from infra.bootstrap import Services
+
+log = structlog.get_logger()
+
+C = TypeVar("C", bound=BaseModel)
+ActorFunction = Callable[[Any, "Services"], None]
+
+#: Every actor, filled by the ``@actor`` decorator when ``workers.actors`` is imported.
+ACTORS: list[tuple[Route, ActorFunction]] = []
+
+
+def actor(route: Route) -> Callable[[Callable[[C, Services], None]], Callable[[C, Services], None]]:
+    """Declare the function that consumes ``route``'s queue."""
+
+    def declare(fn: Callable[[C, Services], None]) -> Callable[[C, Services], None]:
+        ACTORS.append((route, fn))
+        return fn
+
+    return declare
+
+
+def explain(error: ValidationError) -> str:
+    """One line per problem, naming the field, without echoing the (possibly huge) input."""
+    return "; ".join(
+        f"{'.'.join(str(p) for p in problem['loc']) or 'message'}: {problem['msg']}" for problem in error.errors()
+    )
+
+
+def decode(route: Route, args: tuple[Any, ...], kwargs: dict[str, Any]) -> BaseModel:
+    """Validate the envelope's arguments against the route's contract.
+
+    Raises:
+      ValueError: the arguments are not one JSON object within the size limit.
+      ValidationError: the object does not satisfy the contract.
+    """
+    if kwargs or len(args) != 1 or not isinstance(args[0], dict):
+        raise ValueError("the envelope must carry exactly one positional argument, a JSON object")
+    if len(json.dumps(args[0], default=str)) > MAX_MESSAGE_BYTES:
+        raise ValueError(f"payload is larger than {MAX_MESSAGE_BYTES} bytes")
+    return route.contract.model_validate(args[0])
+
+
+def register_all(services: Services) -> None:
+    import workers.actors  # noqa: F401  -- fills ACTORS
+
+    for route, fn in ACTORS:
+        _register(route, fn, services)
+
+
+def _register(route: Route, fn: ActorFunction, services: Services) -> None:
+    queue_name = route.queue_name(services.settings.queue_prefix)
+
+    @functools.wraps(fn)
+    def consume(*args: Any, **kwargs: Any) -> None:
+        try:
+            message = decode(route, args, kwargs)
+        except (ValueError, ValidationError) as error:
+            reason = explain(error) if isinstance(error, ValidationError) else str(error)
+            current = CurrentMessage.get_current_message()
+            message_id = current.message_id if current is not None else "unknown"
+            log.warning("message.malformed", queue=queue_name, reason=reason)
+            services.record_malformed(
+                message_id=message_id, queue_name=queue_name, actor_name=route.actor_name, reason=reason,
+                body={"args": args, "kwargs": kwargs},
+            )
+            return
+        request_id = getattr(message, "request_id", None)
+        if request_id is not None:
+            structlog.contextvars.bind_contextvars(request_id=request_id)
+        fn(message, services)
+
+    dramatiq.actor(consume, actor_name=route.actor_name, queue_name=queue_name, broker=services.broker)
