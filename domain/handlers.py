@@ -104,7 +104,9 @@ def route_request(command: commands.RouteRequest, *, uow: UnitOfWork) -> Status:
         return request.status
 
 
-def decide(command: commands.DecideRequest, *, uow: UnitOfWork, admin_emails: Iterable[str]) -> DecisionOutcome:
+def decide(
+    command: commands.DecideRequest, *, uow: UnitOfWork, admin_emails: Iterable[str]
+) -> DecisionOutcome:
     """Apply an admin's decision to a pending request; record, and ignore, any other decision."""
     admins = {a.lower() for a in admin_emails}
     with uow:
@@ -202,8 +204,13 @@ def send_notification(
         if request is None:
             log.warning("notification for unknown request %s dropped", command.request_id)
             return None
-        email = _compose(request, command.kind, uow=uow, admin_emails=tuple(admin_emails),
-                         message_id=email_message_id(request.id, command.kind, message_id_domain))
+        email = _compose(
+            request,
+            command.kind,
+            uow=uow,
+            admin_emails=tuple(admin_emails),
+            message_id=email_message_id(request.id, command.kind, message_id_domain),
+        )
         if notification is None:
             notification = Notification(request_id=request.id, kind=command.kind, message_id=email.message_id)
             uow.notifications.add(notification)

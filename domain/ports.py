@@ -60,7 +60,9 @@ class CredentialRepository(Protocol):
 
 
 class NotificationRepository(Protocol):
-    def get(self, request_id: str, kind: NotificationKind, *, for_update: bool = False) -> Notification | None: ...
+    def get(
+        self, request_id: str, kind: NotificationKind, *, for_update: bool = False
+    ) -> Notification | None: ...
 
     def add(self, notification: Notification) -> None: ...
 

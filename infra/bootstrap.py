@@ -45,7 +45,9 @@ def create_engine(settings: Settings) -> Engine:
             "options": f"-c statement_timeout={settings.db_statement_timeout_ms}"
             f" -c lock_timeout={settings.db_statement_timeout_ms}",
         }
-        return sa.create_engine(url, connect_args=connect_args, pool_pre_ping=True, pool_size=5, max_overflow=5)
+        return sa.create_engine(
+            url, connect_args=connect_args, pool_pre_ping=True, pool_size=5, max_overflow=5
+        )
     return sa.create_engine(url, connect_args={"check_same_thread": False})
 
 
@@ -68,12 +70,16 @@ class Services:
         keys = self.settings.seal_key.get_secret_value().split(",") if self.settings.seal_key else []
         return FernetSealer([k.strip() for k in keys if k.strip()])
 
-    def record_malformed(self, *, message_id: str, queue_name: str, actor_name: str, reason: str, body: Any) -> None:
+    def record_malformed(
+        self, *, message_id: str, queue_name: str, actor_name: str, reason: str, body: Any
+    ) -> None:
         """Keep an unreadable message with its reason; a redelivery of it is recorded once."""
         excerpt = body if isinstance(body, str) else json.dumps(body, default=str, ensure_ascii=False)
         with self.session_factory() as session, session.begin():
             exists = session.execute(
-                sa.select(orm.malformed_messages.c.id).where(orm.malformed_messages.c.message_id == message_id)
+                sa.select(orm.malformed_messages.c.id).where(
+                    orm.malformed_messages.c.message_id == message_id
+                )
             ).first()
             if exists is None:
                 session.execute(
@@ -91,7 +97,9 @@ class Services:
         self.engine.dispose()
 
 
-def build(settings: Settings, *, broker: dramatiq.Broker | None = None, mailer: Mailer | None = None) -> Services:
+def build(
+    settings: Settings, *, broker: dramatiq.Broker | None = None, mailer: Mailer | None = None
+) -> Services:
     orm.start_mappers()
     engine = create_engine(settings)
     session_factory = sessionmaker(engine, expire_on_commit=False)
@@ -117,7 +125,9 @@ class WorkerLifecycle(Middleware):
     def after_worker_boot(self, broker: dramatiq.Broker, worker: dramatiq.Worker) -> None:
         interval = self.services.settings.outbox_sweep_seconds
         self.sweeper = PeriodicTask(
-            "outbox-sweep", interval, lambda: self.services.relay.publish(older_than=timedelta(seconds=interval))
+            "outbox-sweep",
+            interval,
+            lambda: self.services.relay.publish(older_than=timedelta(seconds=interval)),
         )
         self.sweeper.start()
 

@@ -33,7 +33,9 @@ TRUSTED_OPTIONS = frozenset({"retries", "traceback", "requeue_timestamp"})
 
 
 class Publisher(Protocol):
-    def publish(self, *, queue_name: str, actor_name: str, payload: Mapping[str, Any], message_id: str) -> None:
+    def publish(
+        self, *, queue_name: str, actor_name: str, payload: Mapping[str, Any], message_id: str
+    ) -> None:
         """Hand one message to the broker; return only once the broker has accepted it."""
         ...
 
@@ -48,7 +50,9 @@ class DramatiqPublisher:
     def __init__(self, broker: dramatiq.Broker) -> None:
         self.broker = broker
 
-    def publish(self, *, queue_name: str, actor_name: str, payload: Mapping[str, Any], message_id: str) -> None:
+    def publish(
+        self, *, queue_name: str, actor_name: str, payload: Mapping[str, Any], message_id: str
+    ) -> None:
         message = dramatiq.Message(
             queue_name=queue_name,
             actor_name=actor_name,

@@ -80,7 +80,9 @@ class FernetSealer:
         try:
             return self._fernet.decrypt(sealed).decode()
         except InvalidToken:
-            raise SealKeyMissing("sealed secret cannot be opened with the configured ACCESSFLOW_SEAL_KEY") from None
+            raise SealKeyMissing(
+                "sealed secret cannot be opened with the configured ACCESSFLOW_SEAL_KEY"
+            ) from None
 
 
 def generate_seal_key() -> str:

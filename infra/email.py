@@ -42,7 +42,9 @@ class EmailRenderer:
         )
         # Plain text and subjects are not HTML: escaping them would show &amp; to the reader.
         self.text = Environment(
-            loader=PackageLoader("infra", "templates"), autoescape=False, undefined=StrictUndefined  # noqa: S701
+            loader=PackageLoader("infra", "templates"),
+            autoescape=False,
+            undefined=StrictUndefined,  # noqa: S701
         )
         self.subjects = {
             NotificationKind.APPROVE: self.text.from_string(settings.subject_approve),
@@ -60,7 +62,9 @@ class EmailRenderer:
         message["Date"] = formatdate(localtime=False, usegmt=True)
         message["X-Accessflow-Request-Id"] = context["request_id"]
         message.set_content(self.text.get_template(f"{email.kind.value}.txt.j2").render(context))
-        message.add_alternative(self.html.get_template(f"{email.kind.value}.html.j2").render(context), subtype="html")
+        message.add_alternative(
+            self.html.get_template(f"{email.kind.value}.html.j2").render(context), subtype="html"
+        )
         return message
 
 
@@ -78,7 +82,10 @@ class SmtpMailer:
             smtp: smtplib.SMTP
             if s.smtp_tls == "ssl":
                 smtp = smtplib.SMTP_SSL(
-                    s.smtp_host, s.smtp_port, timeout=s.smtp_timeout_seconds, context=ssl.create_default_context()
+                    s.smtp_host,
+                    s.smtp_port,
+                    timeout=s.smtp_timeout_seconds,
+                    context=ssl.create_default_context(),
                 )
             else:
                 smtp = smtplib.SMTP(s.smtp_host, s.smtp_port, timeout=s.smtp_timeout_seconds)
@@ -113,7 +120,7 @@ class FileMailer:
     def send(self, email: Email) -> None:
         self.directory.mkdir(parents=True, exist_ok=True)
         message = self.renderer.render(email)
-        safe_id = re.sub(r"[^A-Za-z0-9._-]", "", email.message_id)
+        safe_id = re.sub(r"[^A-Za-z0-9._@-]", "", email.message_id)
         path = self.directory / f"{safe_id}.eml"
         path.write_bytes(bytes(message))
         log.info("email.written", kind=email.kind.value, path=str(path))

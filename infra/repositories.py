@@ -68,7 +68,8 @@ class SqlCatalogueRepository:
 
     def products(self, product_ids: Sequence[str]) -> list[Product]:
         found = {
-            p.id: p for p in self.session.scalars(sa.select(Product).where(orm.products.c.id.in_(product_ids)))
+            p.id: p
+            for p in self.session.scalars(sa.select(Product).where(orm.products.c.id.in_(product_ids)))
         }
         return [found[p] for p in product_ids if p in found]
 
@@ -116,7 +117,11 @@ class SqlCredentialRepository:
         return self.session.scalars(query).one_or_none()
 
     def for_app(self, app_id: str, *, for_update: bool = False) -> list[Credential]:
-        query = sa.select(Credential).where(orm.credentials.c.app_id == app_id).order_by(orm.credentials.c.created_at)
+        query = (
+            sa.select(Credential)
+            .where(orm.credentials.c.app_id == app_id)
+            .order_by(orm.credentials.c.created_at)
+        )
         if for_update:
             query = query.with_for_update()
         return list(self.session.scalars(query))
@@ -130,7 +135,9 @@ class SqlNotificationRepository:
     def __init__(self, session: Session) -> None:
         self.session = session
 
-    def get(self, request_id: str, kind: NotificationKind, *, for_update: bool = False) -> Notification | None:
+    def get(
+        self, request_id: str, kind: NotificationKind, *, for_update: bool = False
+    ) -> Notification | None:
         query = sa.select(Notification).where(
             orm.notifications.c.request_id == request_id, orm.notifications.c.kind == kind
         )

@@ -15,14 +15,20 @@ class Settings(BaseSettings):
         "postgresql+psycopg://postgres@127.0.0.1:5432/accessflow",
         description="SQLAlchemy URL of the database.",
     )
-    db_connect_timeout_seconds: int = Field(5, ge=1, description="Give up connecting to the database after this.")
-    db_statement_timeout_ms: int = Field(15_000, ge=100, description="PostgreSQL statement_timeout per session.")
+    db_connect_timeout_seconds: int = Field(
+        5, ge=1, description="Give up connecting to the database after this."
+    )
+    db_statement_timeout_ms: int = Field(
+        15_000, ge=100, description="PostgreSQL statement_timeout per session."
+    )
     broker_url: str = Field(
         "amqp://guest:guest@127.0.0.1:5672/%2F",
         description="AMQP URL of RabbitMQ, or stub:// for the in-memory broker.",
     )
     queue_prefix: str = Field(
-        "accessflow", pattern=r"^[A-Za-z0-9_.-]+$", description="Prefix of every queue name: <prefix>.requests ..."
+        "accessflow",
+        pattern=r"^[A-Za-z0-9_.-]+$",
+        description="Prefix of every queue name: <prefix>.requests ...",
     )
     seal_key: SecretStr | None = Field(
         None,
@@ -35,7 +41,9 @@ class Settings(BaseSettings):
     )
     mail_transport: Literal["smtp", "file"] = Field("smtp", description="smtp, or file to write .eml files.")
     mail_dir: str = Field("var/mail", description="Where the file transport writes .eml files.")
-    mail_from: str = Field("accessflow <no-reply@accessflow.local>", description="From header of every email.")
+    mail_from: str = Field(
+        "accessflow <no-reply@accessflow.local>", description="From header of every email."
+    )
     smtp_host: str = Field("127.0.0.1", description="SMTP server host.")
     smtp_port: int = Field(25, ge=1, le=65535, description="SMTP server port.")
     smtp_tls: Literal["none", "starttls", "ssl"] = Field("none", description="none, starttls or ssl.")
@@ -43,22 +51,31 @@ class Settings(BaseSettings):
     smtp_password: SecretStr | None = Field(None, description="SMTP password.")
     smtp_timeout_seconds: float = Field(10.0, gt=0, description="Socket timeout for every SMTP operation.")
     subject_approve: str = Field(
-        "Your access request for {{ app_name }} is approved", description="Jinja2 subject of the approve email."
+        "Your access request for {{ app_name }} is approved",
+        description="Jinja2 subject of the approve email.",
     )
     subject_reject: str = Field(
-        "Your access request for {{ app_name }} was declined", description="Jinja2 subject of the reject email."
+        "Your access request for {{ app_name }} was declined",
+        description="Jinja2 subject of the reject email.",
     )
     subject_review: str = Field(
-        "Access request {{ request_id }} awaits review", description="Jinja2 subject of the review email to admins."
+        "Access request {{ request_id }} awaits review",
+        description="Jinja2 subject of the review email to admins.",
     )
-    message_id_domain: str = Field("accessflow.local", description="Right-hand side of each email's Message-ID.")
+    message_id_domain: str = Field(
+        "accessflow.local", description="Right-hand side of each email's Message-ID."
+    )
     max_retries: int = Field(5, ge=0, description="Retries of a failing message before it is dead-lettered.")
     min_backoff_ms: int = Field(1_000, ge=0, description="First retry delay; doubles each retry.")
     max_backoff_ms: int = Field(60_000, ge=0, description="Longest retry delay.")
     actor_time_limit_ms: int = Field(
-        120_000, ge=1_000, description="Kill an actor run after this; far below RabbitMQ's 30 min consumer_timeout."
+        120_000,
+        ge=1_000,
+        description="Kill an actor run after this; far below RabbitMQ's 30 min consumer_timeout.",
     )
-    outbox_sweep_seconds: float = Field(5.0, gt=0, description="How often workers republish unsent outbox rows.")
+    outbox_sweep_seconds: float = Field(
+        5.0, gt=0, description="How often workers republish unsent outbox rows."
+    )
     log_level: str = Field("INFO", description="Log level.")
     log_format: Literal["auto", "json", "console"] = Field(
         "auto", description="auto: console on a terminal, JSON otherwise."

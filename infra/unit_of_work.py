@@ -28,7 +28,9 @@ class SqlUnitOfWork:
     notifications: SqlNotificationRepository
     outbox: SqlOutbox
 
-    def __init__(self, session_factory: sessionmaker[Session], *, queue_prefix: str, relay: OutboxRelay | None) -> None:
+    def __init__(
+        self, session_factory: sessionmaker[Session], *, queue_prefix: str, relay: OutboxRelay | None
+    ) -> None:
         self.session_factory = session_factory
         self.queue_prefix = queue_prefix
         self.relay = relay

@@ -12,7 +12,15 @@ import uuid
 from datetime import UTC, datetime
 from typing import Annotated, Literal
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, EmailStr, Field, StringConstraints, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    EmailStr,
+    Field,
+    StringConstraints,
+    model_validator,
+)
 
 from domain import commands
 from domain.model import NotificationKind
@@ -55,8 +63,11 @@ Identifier = Annotated[
     StringConstraints(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9][A-Za-z0-9._:-]*$"),
 ]
 RequestId = Annotated[str, StringConstraints(min_length=32, max_length=36), AfterValidator(_uuid_string)]
-Name = Annotated[str, StringConstraints(min_length=1, max_length=200, strip_whitespace=True),
-                 AfterValidator(_no_control_characters)]
+Name = Annotated[
+    str,
+    StringConstraints(min_length=1, max_length=200, strip_whitespace=True),
+    AfterValidator(_no_control_characters),
+]
 Text = Annotated[str, StringConstraints(max_length=2000), AfterValidator(_printable_text)]
 Email = Annotated[EmailStr, StringConstraints(max_length=254), AfterValidator(_no_control_characters)]
 Timestamp = Annotated[datetime, AfterValidator(_aware)]

@@ -24,8 +24,9 @@ def apply_decision(message: v1.AdminDecision, services: Services) -> None:
 
 @actor(routes.ISSUE)
 def issue_credentials(message: v1.IssueCredentials, services: Services) -> None:
-    handlers.issue_credentials(message.to_command(), uow=services.uow(), issuer=services.issuer,
-                               sealer=services.sealer())
+    handlers.issue_credentials(
+        message.to_command(), uow=services.uow(), issuer=services.issuer, sealer=services.sealer()
+    )
 
 
 @actor(routes.NOTIFY)

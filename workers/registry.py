@@ -45,7 +45,8 @@ def actor(route: Route) -> Callable[[Callable[[C, Services], None]], Callable[[C
 def explain(error: ValidationError) -> str:
     """One line per problem, naming the field, without echoing the (possibly huge) input."""
     return "; ".join(
-        f"{'.'.join(str(p) for p in problem['loc']) or 'message'}: {problem['msg']}" for problem in error.errors()
+        f"{'.'.join(str(p) for p in problem['loc']) or 'message'}: {problem['msg']}"
+        for problem in error.errors()
     )
 
 
@@ -83,7 +84,10 @@ def _register(route: Route, fn: ActorFunction, services: Services) -> None:
             message_id = current.message_id if current is not None else "unknown"
             log.warning("message.malformed", queue=queue_name, reason=reason)
             services.record_malformed(
-                message_id=message_id, queue_name=queue_name, actor_name=route.actor_name, reason=reason,
+                message_id=message_id,
+                queue_name=queue_name,
+                actor_name=route.actor_name,
+                reason=reason,
                 body={"args": args, "kwargs": kwargs},
             )
             return
