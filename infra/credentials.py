@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import re
 import secrets
 
 from cryptography.fernet import Fernet, InvalidToken, MultiFernet
@@ -21,6 +22,8 @@ from domain.ports import IssuedSecret
 
 API_KEY_PREFIX = "af_"
 CLIENT_ID_PREFIX = "afc_"
+#: The secret part is URL-safe base64, which may itself contain "_": match the prefix, not a split.
+API_KEY_SHAPE = re.compile(r"^(af_[0-9a-f]{8})_[A-Za-z0-9_-]{43}$")
 
 
 def hash_secret(secret: str) -> str:
@@ -46,10 +49,8 @@ class LocalCredentialIssuer:
 
 def api_key_public_id(api_key: str) -> str | None:
     """The lookup prefix of a presented API key, or ``None`` if it is not shaped like ours."""
-    head, sep, _ = api_key.rpartition("_")
-    if not sep or not head.startswith(API_KEY_PREFIX) or len(head) != len(API_KEY_PREFIX) + 8:
-        return None
-    return head
+    match = API_KEY_SHAPE.match(api_key)
+    return match.group(1) if match else None
 
 
 def verify(presented_secret: str, credential: Credential | None) -> bool:

@@ -1,0 +1,207 @@
+"""Finding the real services the tests need, and making each run its own database and queues.
+
+Order of preference for each service: the URL in ``ACCESSFLOW_TEST_*``; the local
+service on its standard port; a testcontainers container where a Docker engine
+exists. With ``CI=true`` a service that cannot be had fails the run; elsewhere the
+tests that need it are skipped with the reason.
+"""
+
+from __future__ import annotations
+
+import email
+import email.policy
+import os
+import socket
+import threading
+import uuid
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from email.message import EmailMessage
+from typing import Any
+
+import pika
+import pytest
+import sqlalchemy as sa
+
+LOCAL_POSTGRES = "postgresql+psycopg://postgres@127.0.0.1:5432/postgres"
+LOCAL_RABBITMQ = "amqp://guest:guest@127.0.0.1:5672/%2F"
+IN_CI = os.environ.get("CI", "").lower() == "true"
+
+
+def unavailable(reason: str) -> None:
+    if IN_CI:
+        pytest.fail(f"{reason} (CI=true: a missing service is a failure)", pytrace=False)
+    pytest.skip(reason)
+
+
+def _postgres_reachable(url: str) -> bool:
+    engine = sa.create_engine(url, connect_args={"connect_timeout": 3})
+    try:
+        with engine.connect():
+            return True
+    except sa.exc.OperationalError:
+        return False
+    finally:
+        engine.dispose()
+
+
+def _rabbitmq_reachable(url: str) -> bool:
+    try:
+        parameters = pika.URLParameters(url)
+        parameters.socket_timeout = 3
+        pika.BlockingConnection(parameters).close()
+        return True
+    except pika.exceptions.AMQPError:
+        return False
+
+
+def _docker_available() -> bool:
+    try:
+        import docker  # type: ignore[import-untyped]
+
+        docker.from_env().ping()
+        return True
+    except Exception:
+        return False
+
+
+@contextmanager
+def postgres_server() -> Iterator[str]:
+    """A URL of a PostgreSQL server where we may create databases."""
+    explicit = os.environ.get("ACCESSFLOW_TEST_DATABASE_URL")
+    if explicit:
+        if not _postgres_reachable(explicit):
+            unavailable(f"ACCESSFLOW_TEST_DATABASE_URL={explicit} is not reachable")
+        yield explicit
+    elif _postgres_reachable(LOCAL_POSTGRES):
+        yield LOCAL_POSTGRES
+    elif _docker_available():
+        from testcontainers.postgres import PostgresContainer  # type: ignore[import-untyped]
+
+        with PostgresContainer("postgres:16", driver="psycopg") as container:
+            yield container.get_connection_url()
+    else:
+        unavailable("no PostgreSQL: set ACCESSFLOW_TEST_DATABASE_URL, start one on 127.0.0.1:5432, or run Docker")
+        yield ""  # unreachable: unavailable() raises
+
+
+@contextmanager
+def rabbitmq_server() -> Iterator[str]:
+    explicit = os.environ.get("ACCESSFLOW_TEST_BROKER_URL")
+    if explicit:
+        if not _rabbitmq_reachable(explicit):
+            unavailable(f"ACCESSFLOW_TEST_BROKER_URL={explicit} is not reachable")
+        yield explicit
+    elif _rabbitmq_reachable(LOCAL_RABBITMQ):
+        yield LOCAL_RABBITMQ
+    elif _docker_available():
+        from testcontainers.rabbitmq import RabbitMqContainer  # type: ignore[import-untyped]
+
+        with RabbitMqContainer("rabbitmq:3.13") as container:
+            p = container.get_connection_params()
+            yield f"amqp://guest:guest@{p.host}:{p.port}/%2F"
+    else:
+        unavailable("no RabbitMQ: set ACCESSFLOW_TEST_BROKER_URL, start one on 127.0.0.1:5672, or run Docker")
+        yield ""
+
+
+@contextmanager
+def fresh_database(server_url: str) -> Iterator[str]:
+    """Create a database of our own on the server, and drop it afterwards."""
+    name = f"accessflow_test_{uuid.uuid4().hex[:12]}"
+    admin = sa.create_engine(server_url, isolation_level="AUTOCOMMIT")
+    with admin.connect() as connection:
+        connection.execute(sa.text(f'CREATE DATABASE "{name}"'))
+    try:
+        yield sa.make_url(server_url).set(database=name).render_as_string(hide_password=False)
+    finally:
+        with admin.connect() as connection:
+            connection.execute(sa.text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+        admin.dispose()
+
+
+def delete_queues(broker_url: str, prefix: str, queues: list[str]) -> None:
+    connection = pika.BlockingConnection(pika.URLParameters(broker_url))
+    try:
+        channel = connection.channel()
+        for queue in queues:
+            for name in (f"{prefix}.{queue}", f"{prefix}.{queue}.DQ", f"{prefix}.{queue}.XQ"):
+                channel.queue_delete(queue=name)
+    finally:
+        connection.close()
+
+
+def queue_depth(broker_url: str, queue_name: str) -> int:
+    connection = pika.BlockingConnection(pika.URLParameters(broker_url))
+    try:
+        channel = connection.channel()
+        try:
+            return int(channel.queue_declare(queue=queue_name, passive=True).method.message_count)
+        except pika.exceptions.ChannelClosedByBroker:
+            return 0
+    finally:
+        connection.close()
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@dataclass
+class SmtpSink:
+    """A real SMTP server (aiosmtpd) on loopback that keeps what it receives.
+
+    ``fail_next`` queues SMTP replies (such as ``"451 try later"``) for the next DATA commands.
+    """
+
+    host: str = "127.0.0.1"
+    port: int = 0
+    messages: list[EmailMessage] = field(default_factory=list)
+    fail_next: list[str] = field(default_factory=list)
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+    async def handle_DATA(self, server: Any, session: Any, envelope: Any) -> str:  # noqa: N802 - aiosmtpd's hook
+        with self.lock:
+            if self.fail_next:
+                return self.fail_next.pop(0)
+            parsed = email.message_from_bytes(envelope.content, policy=email.policy.default)
+            assert isinstance(parsed, EmailMessage)
+            self.messages.append(parsed)
+        return "250 OK"
+
+    def received(self, predicate: Callable[[EmailMessage], bool] = lambda m: True) -> list[EmailMessage]:
+        with self.lock:
+            return [m for m in self.messages if predicate(m)]
+
+    def about(self, request_id: str) -> list[EmailMessage]:
+        return self.received(lambda m: m["X-Accessflow-Request-Id"] == request_id)
+
+
+@contextmanager
+def smtp_sink() -> Iterator[SmtpSink]:
+    from aiosmtpd.controller import Controller
+
+    sink = SmtpSink(port=free_port())
+    controller = Controller(sink, hostname=sink.host, port=sink.port)
+    controller.start()
+    try:
+        yield sink
+    finally:
+        controller.stop()
+
+
+def wait_until(condition: Callable[[], Any], *, timeout: float = 30.0, interval: float = 0.1, what: str = "") -> Any:
+    """Poll ``condition`` until it returns something truthy; fail with ``what`` after ``timeout`` seconds."""
+    import time
+
+    deadline = time.monotonic() + timeout
+    while True:
+        value = condition()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            pytest.fail(f"timed out after {timeout}s waiting for {what or condition}", pytrace=False)
+        time.sleep(interval)  # the poll interval of a wait with a deadline

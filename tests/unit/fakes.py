@@ -1,0 +1,497 @@
+"""Hand-written fakes of the ports in :mod:`domain.ports`, for the unit tests.
+
+The repositories behave like a database session, not like a shared dict: what a
+handler loads is a copy of the committed row, and only ``commit()`` writes it
+back. Leaving the unit of work without committing discards every change and every
+queued command, so a handler that forgets to commit leaves no trace at all. Tests
+read committed state with the ``saved(...)`` helpers, never through the handler's
+own objects.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import uuid
+from collections.abc import Hashable, Iterable, Sequence
+from datetime import UTC, datetime
+from types import TracebackType
+from typing import TYPE_CHECKING, Generic, Protocol, Self, TypeVar
+
+from domain.commands import Command, DecideRequest, RouteRequest
+from domain.errors import AccessflowError
+from domain.model import (
+    AccessRequest,
+    App,
+    AuthMethod,
+    Catalogue,
+    Consumer,
+    Credential,
+    Decision,
+    Notification,
+    NotificationKind,
+    Plan,
+    Product,
+)
+from domain.ports import Email, IssuedSecret
+
+K = TypeVar("K", bound=Hashable)
+V = TypeVar("V")
+
+SUBMITTED_AT = datetime(2024, 5, 1, 9, 30, tzinfo=UTC)
+ADMIN_EMAIL = "admin@accessflow.example"
+ADMIN_EMAILS = (ADMIN_EMAIL, "second-admin@accessflow.example")
+ACME_EMAIL = "dev@acme.example"
+GLOBEX_EMAIL = "api@globex.example"
+
+
+class DuplicateKey(Exception):
+    """What a unique constraint in the real database would raise."""
+
+
+class _Transactional(Protocol):
+    def commit(self) -> None: ...
+
+    def rollback(self) -> None: ...
+
+
+class _Table(Generic[K, V]):
+    """Committed rows plus the copies one open transaction has loaded or added."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.rows: dict[K, V] = {}
+        self._session: dict[K, V] = {}
+
+    def load(self, key: K) -> V | None:
+        if key in self._session:
+            return self._session[key]
+        if key in self.rows:
+            loaded = copy.deepcopy(self.rows[key])
+            self._session[key] = loaded
+            return loaded
+        return None
+
+    def insert(self, key: K, value: V) -> None:
+        if key in self._session or key in self.rows:
+            raise DuplicateKey(f"{self.name}: {key!r} already exists")
+        self._session[key] = value
+
+    def upsert(self, key: K, value: V) -> None:
+        self._session[key] = value
+
+    def commit(self) -> None:
+        for key, value in self._session.items():
+            self.rows[key] = copy.deepcopy(value)
+
+    def rollback(self) -> None:
+        self._session.clear()
+
+
+class FakeRequestRepository:
+    def __init__(self) -> None:
+        self._table: _Table[str, AccessRequest] = _Table("access_requests")
+
+    def add(self, request: AccessRequest) -> None:
+        self._table.insert(request.id, request)
+
+    def get(self, request_id: str, *, for_update: bool = False) -> AccessRequest | None:
+        return self._table.load(request_id)
+
+    def saved(self, request_id: str) -> AccessRequest | None:
+        """The committed request, as a fresh transaction would see it."""
+        return self._table.rows.get(request_id)
+
+    def __len__(self) -> int:
+        return len(self._table.rows)
+
+
+class FakeCatalogueRepository:
+    def __init__(
+        self,
+        *,
+        products: Iterable[Product] = (),
+        plans: Iterable[Plan] = (),
+        consumers: Iterable[Consumer] = (),
+        apps: Iterable[App] = (),
+    ) -> None:
+        self._products: _Table[str, Product] = _Table("products")
+        self._plans: _Table[str, Plan] = _Table("plans")
+        self._consumers: _Table[str, Consumer] = _Table("consumers")
+        self._apps: _Table[str, App] = _Table("apps")
+        for product in products:
+            self._products.upsert(product.id, product)
+        for plan in plans:
+            self._plans.upsert(plan.id, plan)
+        for consumer in consumers:
+            self._consumers.upsert(consumer.id, consumer)
+        for app in apps:
+            self._apps.upsert(app.id, app)
+        self.commit()
+
+    def slice_for(
+        self, *, plan_id: str, product_ids: Sequence[str], consumer_id: str, app_id: str | None
+    ) -> Catalogue:
+        return Catalogue(
+            plan=self.plan(plan_id),
+            products={p.id: p for p in self.products(product_ids)},
+            consumer=self.consumer(consumer_id),
+            app=self.app(app_id) if app_id is not None else None,
+        )
+
+    def plan(self, plan_id: str) -> Plan | None:
+        return self._plans.load(plan_id)
+
+    def products(self, product_ids: Sequence[str]) -> list[Product]:
+        found = [self._products.load(p) for p in product_ids]
+        return [p for p in found if p is not None]
+
+    def consumer(self, consumer_id: str) -> Consumer | None:
+        return self._consumers.load(consumer_id)
+
+    def app(self, app_id: str) -> App | None:
+        return self._apps.load(app_id)
+
+    def add_app(self, app: App) -> None:
+        self._apps.insert(app.id, app)
+
+    def upsert(self, entity: Product | Plan | Consumer | App) -> None:
+        match entity:
+            case Product():
+                self._products.upsert(entity.id, entity)
+            case Plan():
+                self._plans.upsert(entity.id, entity)
+            case Consumer():
+                self._consumers.upsert(entity.id, entity)
+            case App():
+                self._apps.upsert(entity.id, entity)
+
+    def saved_app(self, app_id: str) -> App | None:
+        return self._apps.rows.get(app_id)
+
+    def saved_apps(self) -> list[App]:
+        return list(self._apps.rows.values())
+
+    def commit(self) -> None:
+        for table in self._tables():
+            table.commit()
+
+    def rollback(self) -> None:
+        for table in self._tables():
+            table.rollback()
+
+    def _tables(self) -> tuple[_Transactional, ...]:
+        return (self._products, self._plans, self._consumers, self._apps)
+
+
+class FakeDecisionRepository:
+    def __init__(self) -> None:
+        self._table: _Table[str, Decision] = _Table("decisions")
+
+    def get(self, decision_id: str) -> Decision | None:
+        return self._table.load(decision_id)
+
+    def add(self, decision: Decision) -> None:
+        self._table.insert(decision.id, decision)
+
+    def saved(self, decision_id: str) -> Decision | None:
+        return self._table.rows.get(decision_id)
+
+    def saved_all(self) -> list[Decision]:
+        return list(self._table.rows.values())
+
+
+class FakeCredentialRepository:
+    """One credential per request, as the real table's unique constraint on ``request_id`` keeps it."""
+
+    def __init__(self) -> None:
+        self._table: _Table[str, Credential] = _Table("credentials")
+
+    def add(self, credential: Credential) -> None:
+        if any(c.id == credential.id for c in self._table.rows.values()):
+            raise DuplicateKey(f"credentials: id {credential.id!r} already exists")
+        self._table.insert(credential.request_id, credential)
+
+    def for_request(self, request_id: str) -> Credential | None:
+        return self._table.load(request_id)
+
+    def saved(self, request_id: str) -> Credential | None:
+        return self._table.rows.get(request_id)
+
+    def __len__(self) -> int:
+        return len(self._table.rows)
+
+
+class FakeNotificationRepository:
+    """At most one notification per (request, kind), with ids assigned on insert like a serial column."""
+
+    def __init__(self) -> None:
+        self._table: _Table[tuple[str, NotificationKind], Notification] = _Table("notifications")
+        self._next_id = 1
+
+    def get(
+        self, request_id: str, kind: NotificationKind, *, for_update: bool = False
+    ) -> Notification | None:
+        return self._table.load((request_id, kind))
+
+    def add(self, notification: Notification) -> None:
+        self._table.insert((notification.request_id, notification.kind), notification)
+        notification.id = self._next_id
+        self._next_id += 1
+
+    def saved(self, request_id: str, kind: NotificationKind) -> Notification | None:
+        return self._table.rows.get((request_id, kind))
+
+    def __len__(self) -> int:
+        return len(self._table.rows)
+
+
+class FakeOutbox:
+    """Records queued commands; they become ``published`` only when the transaction commits."""
+
+    def __init__(self) -> None:
+        self.pending: list[Command] = []
+        self.published: list[Command] = []
+
+    def put(self, command: Command) -> None:
+        self.pending.append(command)
+
+    def commit(self) -> None:
+        self.published.extend(self.pending)
+        self.pending = []
+
+    def rollback(self) -> None:
+        self.pending = []
+
+
+class FakeUnitOfWork:
+    """An in-memory transaction: ``commit()`` keeps changes and publishes the outbox, leaving rolls back."""
+
+    def __init__(self, catalogue: FakeCatalogueRepository | None = None) -> None:
+        self.requests = FakeRequestRepository()
+        self.catalogue = catalogue if catalogue is not None else build_catalogue()
+        self.decisions = FakeDecisionRepository()
+        self.credentials = FakeCredentialRepository()
+        self.notifications = FakeNotificationRepository()
+        self.outbox = FakeOutbox()
+        self.committed = False
+        self.commits = 0
+        self._in_transaction = False
+
+    @property
+    def published(self) -> list[Command]:
+        """Every command a committed transaction released, oldest first."""
+        return self.outbox.published
+
+    def __enter__(self) -> Self:
+        assert not self._in_transaction, "unit of work entered twice"
+        self._in_transaction = True
+        self.rollback()
+        return self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.rollback()
+        self._in_transaction = False
+
+    def commit(self) -> None:
+        assert self._in_transaction, "commit outside a with block"
+        for table in self._tables():
+            table.commit()
+        self.outbox.commit()
+        self.committed = True
+        self.commits += 1
+
+    def rollback(self) -> None:
+        for table in self._tables():
+            table.rollback()
+        self.outbox.rollback()
+
+    def _tables(self) -> tuple[_Transactional, ...]:
+        return (
+            self.requests._table,
+            self.catalogue,
+            self.decisions._table,
+            self.credentials._table,
+            self.notifications._table,
+        )
+
+
+class FakeIssuer:
+    """Issues predictable credentials: secrets ``secret-1``, ``secret-2``, ...; public ids ``key-1``, ..."""
+
+    def __init__(self) -> None:
+        self.issued: list[IssuedSecret] = []
+
+    def issue(self, kind: AuthMethod) -> IssuedSecret:
+        n = len(self.issued) + 1
+        prefix = "key" if kind is AuthMethod.API_KEY else "client"
+        secret = f"secret-{n}"
+        issued = IssuedSecret(
+            public_id=f"{prefix}-{n}",
+            secret=secret,
+            secret_hash=hashlib.sha256(secret.encode()).hexdigest(),
+        )
+        self.issued.append(issued)
+        return issued
+
+    @property
+    def secrets(self) -> list[str]:
+        return [i.secret for i in self.issued]
+
+
+class FakeSealer:
+    """Reversible and obviously fake: ``b"sealed:"`` plus the reversed secret, so no plaintext shows."""
+
+    PREFIX = b"sealed:"
+
+    def seal(self, secret: str) -> bytes:
+        return self.PREFIX + secret.encode()[::-1]
+
+    def unseal(self, sealed: bytes) -> str:
+        assert sealed.startswith(self.PREFIX), f"not sealed by FakeSealer: {sealed!r}"
+        return sealed[len(self.PREFIX) :][::-1].decode()
+
+
+class FakeMailer:
+    """Records every email it accepts; ``fail_next`` makes the next sends raise instead."""
+
+    def __init__(self) -> None:
+        self.sent: list[Email] = []
+        self.attempts = 0
+        self._failures: list[tuple[type[AccessflowError], str]] = []
+
+    def fail_next(self, error: type[AccessflowError], message: str = "refused", *, times: int = 1) -> None:
+        self._failures.extend([(error, message)] * times)
+
+    def send(self, email: Email) -> None:
+        self.attempts += 1
+        if self._failures:
+            error, message = self._failures.pop(0)
+            raise error(message)
+        self.sent.append(email)
+
+
+# --- the standard catalogue ----------------------------------------------------------------
+
+PAYMENTS = Product(id="payments", name="Payments API", auth_method=AuthMethod.API_KEY)
+LEDGER = Product(id="ledger", name="Ledger API", auth_method=AuthMethod.API_KEY)
+IDENTITY = Product(id="identity", name="Identity API", auth_method=AuthMethod.OAUTH2_CLIENT_CREDENTIALS)
+#: Auto-approved; API-key products only, so ``identity`` is "not offered" under it.
+FREE = Plan(
+    id="free",
+    name="Free",
+    auto_approve=True,
+    rate_limit_per_minute=60,
+    monthly_quota=10_000,
+    product_ids=["payments", "ledger"],
+)
+#: Needs an admin; offers everything, so mixing auth methods is possible to ask for.
+PARTNER = Plan(
+    id="partner",
+    name="Partner",
+    auto_approve=False,
+    rate_limit_per_minute=600,
+    monthly_quota=None,
+    product_ids=["payments", "ledger", "identity"],
+)
+ACME = Consumer(id="acme", email=ACME_EMAIL, name="Acme Developers")
+GLOBEX = Consumer(id="globex", email=GLOBEX_EMAIL, name="Globex API Team")
+ACME_WEB = App(id="acme-web", consumer_id="acme", name="Acme Web", description="The Acme web shop.")
+GLOBEX_APP = App(id="globex-app", consumer_id="globex", name="Globex App")
+
+
+def build_catalogue() -> FakeCatalogueRepository:
+    """Products payments/ledger (api_key) and identity (oauth2), plans free (auto) and partner (manual),
+    consumers acme and globex, apps acme-web (acme's) and globex-app (globex's)."""
+    return FakeCatalogueRepository(
+        products=copy.deepcopy([PAYMENTS, LEDGER, IDENTITY]),
+        plans=copy.deepcopy([FREE, PARTNER]),
+        consumers=copy.deepcopy([ACME, GLOBEX]),
+        apps=copy.deepcopy([ACME_WEB, GLOBEX_APP]),
+    )
+
+
+def build_catalogue_slice(
+    *,
+    plan_id: str = "free",
+    product_ids: Sequence[str] = ("payments",),
+    consumer_id: str = "acme",
+    app_id: str | None = "acme-web",
+) -> Catalogue:
+    """The :class:`Catalogue` the router would load for such a request, from the standard catalogue."""
+    return build_catalogue().slice_for(
+        plan_id=plan_id, product_ids=product_ids, consumer_id=consumer_id, app_id=app_id
+    )
+
+
+# --- commands --------------------------------------------------------------------------------
+
+
+def make_route_request(
+    *,
+    request_id: str | None = None,
+    consumer_id: str = "acme",
+    consumer_email: str = ACME_EMAIL,
+    consumer_name: str = "Acme Developers",
+    plan_id: str = "free",
+    product_ids: Sequence[str] = ("payments",),
+    app_id: str | None = "acme-web",
+    new_app_name: str | None = None,
+    new_app_description: str | None = None,
+    justification: str | None = None,
+    submitted_at: datetime = SUBMITTED_AT,
+) -> RouteRequest:
+    """A portal submission; a fresh random request id unless one is given."""
+    return RouteRequest(
+        request_id=request_id or str(uuid.uuid4()),
+        consumer_id=consumer_id,
+        consumer_email=consumer_email,
+        consumer_name=consumer_name,
+        plan_id=plan_id,
+        product_ids=tuple(product_ids),
+        app_id=app_id,
+        new_app_name=new_app_name,
+        new_app_description=new_app_description,
+        justification=justification,
+        submitted_at=submitted_at,
+    )
+
+
+def make_decision(
+    request_id: str,
+    *,
+    approve: bool = True,
+    decision_id: str | None = None,
+    admin_email: str = ADMIN_EMAIL,
+    admin_id: str = "admin",
+    reason: str = "looks fine",
+    decided_at: datetime = SUBMITTED_AT,
+) -> DecideRequest:
+    """An admin's decision; a fresh random decision id unless one is given."""
+    return DecideRequest(
+        decision_id=decision_id or str(uuid.uuid4()),
+        request_id=request_id,
+        approve=approve,
+        admin_id=admin_id,
+        admin_email=admin_email,
+        reason=reason,
+        decided_at=decided_at,
+    )
+
+
+if TYPE_CHECKING:
+    from domain import ports
+
+    # The unit of work itself cannot be checked this way: mypy compares settable protocol
+    # attributes invariantly, and the tests need the fake repositories' extra ``saved`` methods.
+    _requests: ports.RequestRepository = FakeRequestRepository()
+    _catalogue: ports.CatalogueRepository = FakeCatalogueRepository()
+    _decisions: ports.DecisionRepository = FakeDecisionRepository()
+    _credentials: ports.CredentialRepository = FakeCredentialRepository()
+    _notifications: ports.NotificationRepository = FakeNotificationRepository()
+    _outbox: ports.Outbox = FakeOutbox()
+    _issuer: ports.CredentialIssuer = FakeIssuer()
+    _sealer: ports.SecretSealer = FakeSealer()
+    _mailer: ports.Mailer = FakeMailer()
