@@ -48,7 +48,9 @@ class SqlUnitOfWork:
     def __exit__(
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> None:
-        self.rollback()
+        # close() rolls back whatever was not committed; unlike rollback() it leaves loaded
+        # objects readable, so a handler can return what it loaded.
+        self.outbox.added = []
         self.session.close()
 
     def commit(self) -> None:

@@ -1,0 +1,120 @@
+"""The outbox relay against real PostgreSQL and RabbitMQ."""
+
+from __future__ import annotations
+
+import json
+import uuid
+
+import pika
+import pytest
+import sqlalchemy as sa
+
+from domain import commands
+from domain.model import NotificationKind
+from infra import orm
+from infra.bootstrap import Services
+from infra.broker import DramatiqPublisher, make_broker
+from infra.outbox import OutboxRelay
+from infra.settings import Settings
+from messages.routes import NOTIFY
+from tests import services as svc
+
+pytestmark = pytest.mark.integration
+
+
+def unsent(services: Services, row_ids: list[str]) -> int:
+    with services.engine.connect() as connection:
+        return int(connection.execute(
+            sa.select(sa.func.count()).select_from(orm.outbox)
+            .where(orm.outbox.c.id.in_(row_ids), orm.outbox.c.sent_at.is_(None))
+        ).scalar_one())
+
+
+def take_all(broker_url: str, queue_name: str) -> list[dict[str, object]]:
+    connection = pika.BlockingConnection(pika.URLParameters(broker_url))
+    try:
+        channel = connection.channel()
+        bodies = []
+        while True:
+            method, _, body = channel.basic_get(queue_name, auto_ack=True)
+            if method is None:
+                return bodies
+            bodies.append(json.loads(body))
+    finally:
+        connection.close()
+
+
+@pytest.fixture
+def private_queue(settings: Settings, broker_url: str):  # type: ignore[no-untyped-def]
+    """A queue prefix of this test's own, so that no worker consumes what it publishes."""
+    prefix = f"{settings.queue_prefix}-outbox-{uuid.uuid4().hex[:6]}"
+    yield prefix
+    svc.delete_queues(broker_url, prefix, [NOTIFY.queue])
+
+
+class TestTheRelay:
+    def test_publishes_committed_rows_with_confirms_and_marks_them_sent(
+        self, settings: Settings, private_queue: str
+    ) -> None:
+        # Given a unit of work whose relay publishes to RabbitMQ (built without the usual auto-publish)
+        from infra.bootstrap import build
+
+        services = build(settings.model_copy(update={"queue_prefix": private_queue}))
+        try:
+            request_id = str(uuid.uuid4())
+            uow = services.uow()
+            with uow:
+                uow.outbox.put(commands.SendNotification(request_id, NotificationKind.REVIEW))
+                row_ids = list(uow.outbox.added)
+                uow.commit()  # publishes right after the commit
+
+            # Then the row is marked sent and the message sits on its queue, in dramatiq's envelope
+            assert unsent(services, row_ids) == 0
+            [message] = take_all(settings.broker_url, NOTIFY.queue_name(private_queue))
+            assert message["message_id"] == row_ids[0]
+            assert message["actor_name"] == NOTIFY.actor_name
+            assert message["args"] == [{"version": 1, "type": "notification.send", "request_id": request_id,
+                                        "kind": "review"}]
+        finally:
+            services.broker.close()
+            services.close()
+
+    def test_publishes_nothing_for_a_rolled_back_transaction(self, services: Services) -> None:
+        with services.uow() as uow:
+            uow.outbox.put(commands.IssueCredentials(str(uuid.uuid4())))
+            row_ids = list(uow.outbox.added)
+            # no commit
+
+        with services.engine.connect() as connection:
+            found = connection.execute(sa.select(orm.outbox.c.id).where(orm.outbox.c.id.in_(row_ids))).all()
+        assert found == []
+
+    def test_leaves_rows_unsent_while_the_broker_is_down_and_sends_them_later(
+        self, settings: Settings, private_queue: str
+    ) -> None:
+        from infra.bootstrap import build
+
+        # Given a relay whose broker cannot be reached
+        down = settings.model_copy(update={"queue_prefix": private_queue,
+                                           "broker_url": f"amqp://guest:guest@127.0.0.1:{svc.free_port()}/%2F"})
+        services = build(down)
+        try:
+            with services.uow() as uow:
+                uow.outbox.put(commands.SendNotification(str(uuid.uuid4()), NotificationKind.APPROVE))
+                row_ids = list(uow.outbox.added)
+                uow.commit()  # the publish fails quietly; the commit stands
+
+            assert unsent(services, row_ids) == 1
+
+            # When a relay with a working broker sweeps
+            broker = make_broker(settings)
+            try:
+                OutboxRelay(services.session_factory, DramatiqPublisher(broker)).publish(row_ids)
+            finally:
+                broker.close()
+
+            # Then the row is sent, once
+            assert unsent(services, row_ids) == 0
+            assert len(take_all(settings.broker_url, NOTIFY.queue_name(private_queue))) == 1
+        finally:
+            services.close()
