@@ -76,12 +76,24 @@ class Outbox(Protocol):
 class UnitOfWork(Protocol):
     """One transaction. Leaving the ``with`` block without ``commit()`` rolls everything back."""
 
-    requests: RequestRepository
-    catalogue: CatalogueRepository
-    decisions: DecisionRepository
-    credentials: CredentialRepository
-    notifications: NotificationRepository
-    outbox: Outbox
+    # Read-only properties, so that an implementation may hold more specific repositories.
+    @property
+    def requests(self) -> RequestRepository: ...
+
+    @property
+    def catalogue(self) -> CatalogueRepository: ...
+
+    @property
+    def decisions(self) -> DecisionRepository: ...
+
+    @property
+    def credentials(self) -> CredentialRepository: ...
+
+    @property
+    def notifications(self) -> NotificationRepository: ...
+
+    @property
+    def outbox(self) -> Outbox: ...
 
     def __enter__(self) -> Self: ...
 

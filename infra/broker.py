@@ -53,7 +53,7 @@ class DramatiqPublisher:
     def publish(
         self, *, queue_name: str, actor_name: str, payload: Mapping[str, Any], message_id: str
     ) -> None:
-        message = dramatiq.Message(
+        message: dramatiq.Message[Any] = dramatiq.Message(
             queue_name=queue_name,
             actor_name=actor_name,
             args=(dict(payload),),

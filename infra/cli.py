@@ -419,7 +419,7 @@ def workers(queues: tuple[str, ...], processes: int, threads: int) -> None:
         *names,
     ]
     sys.stdout.flush()
-    os.execv(sys.executable, argv)
+    os.execv(sys.executable, argv)  # noqa: S606 - become the dramatiq process, so signals reach it
 
 
 @main.command()

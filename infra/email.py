@@ -43,8 +43,8 @@ class EmailRenderer:
         # Plain text and subjects are not HTML: escaping them would show &amp; to the reader.
         self.text = Environment(
             loader=PackageLoader("infra", "templates"),
-            autoescape=False,
-            undefined=StrictUndefined,  # noqa: S701
+            autoescape=False,  # noqa: S701 - text/plain and headers, never HTML
+            undefined=StrictUndefined,
         )
         self.subjects = {
             NotificationKind.APPROVE: self.text.from_string(settings.subject_approve),

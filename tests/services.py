@@ -82,7 +82,9 @@ def postgres_server() -> Iterator[str]:
         with PostgresContainer("postgres:16", driver="psycopg") as container:
             yield container.get_connection_url()
     else:
-        unavailable("no PostgreSQL: set ACCESSFLOW_TEST_DATABASE_URL, start one on 127.0.0.1:5432, or run Docker")
+        unavailable(
+            "no PostgreSQL: set ACCESSFLOW_TEST_DATABASE_URL, start one on 127.0.0.1:5432, or run Docker"
+        )
         yield ""  # unreachable: unavailable() raises
 
 
@@ -163,7 +165,7 @@ class SmtpSink:
     fail_next: list[str] = field(default_factory=list)
     lock: threading.Lock = field(default_factory=threading.Lock)
 
-    async def handle_DATA(self, server: Any, session: Any, envelope: Any) -> str:  # noqa: N802 - aiosmtpd's hook
+    async def handle_DATA(self, server: Any, session: Any, envelope: Any) -> str:
         with self.lock:
             if self.fail_next:
                 return self.fail_next.pop(0)
@@ -193,7 +195,9 @@ def smtp_sink() -> Iterator[SmtpSink]:
         controller.stop()
 
 
-def wait_until(condition: Callable[[], Any], *, timeout: float = 30.0, interval: float = 0.1, what: str = "") -> Any:
+def wait_until(
+    condition: Callable[[], Any], *, timeout: float = 30.0, interval: float = 0.1, what: str = ""
+) -> Any:
     """Poll ``condition`` until it returns something truthy; fail with ``what`` after ``timeout`` seconds."""
     import time
 

@@ -7,7 +7,6 @@ acknowledged: retrying cannot fix it, and it must not block the messages behind 
 
 from __future__ import annotations
 
-import functools
 import json
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, TypeVar
@@ -74,7 +73,6 @@ def register_all(services: Services) -> None:
 def _register(route: Route, fn: ActorFunction, services: Services) -> None:
     queue_name = route.queue_name(services.settings.queue_prefix)
 
-    @functools.wraps(fn)
     def consume(*args: Any, **kwargs: Any) -> None:
         try:
             message = decode(route, args, kwargs)
@@ -96,4 +94,5 @@ def _register(route: Route, fn: ActorFunction, services: Services) -> None:
             structlog.contextvars.bind_contextvars(request_id=request_id)
         fn(message, services)
 
-    dramatiq.actor(consume, actor_name=route.actor_name, queue_name=queue_name, broker=services.broker)
+    consume.__qualname__ = consume.__name__ = fn.__name__
+    dramatiq.actor(actor_name=route.actor_name, queue_name=queue_name, broker=services.broker)(consume)

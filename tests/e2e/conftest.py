@@ -59,7 +59,9 @@ def env(settings: Settings) -> dict[str, str]:
 
 
 @pytest.fixture(scope="session")
-def worker_pools(env: dict[str, str], settings: Settings, tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
+def worker_pools(
+    env: dict[str, str], settings: Settings, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[None]:
     """Two pools, as ops would run them: one for routing and decisions, one for credentials and email."""
     logs = tmp_path_factory.mktemp("worker-logs")
     pools = [("requests", "decisions"), ("credentials", "notifications")]
@@ -69,12 +71,17 @@ def worker_pools(env: dict[str, str], settings: Settings, tmp_path_factory: pyte
         for q in queues:
             argv += ["--queues", q]
         log_file = (logs / f"{'-'.join(queues)}.log").open("w")
-        processes.append((subprocess.Popen(argv, env=env, stdout=log_file, stderr=subprocess.STDOUT), log_file))
+        processes.append(
+            (subprocess.Popen(argv, env=env, stdout=log_file, stderr=subprocess.STDOUT), log_file)
+        )
     try:
         for route in ROUTES:
             name = route.queue_name(settings.queue_prefix)
-            svc.wait_until(lambda n=name: consumers_on(settings.broker_url, n) > 0, timeout=60,
-                           what=f"a consumer on {name}")
+            svc.wait_until(
+                lambda n=name: consumers_on(settings.broker_url, n) > 0,
+                timeout=60,
+                what=f"a consumer on {name}",
+            )
         yield
     finally:
         for process, _ in processes:
@@ -87,8 +94,12 @@ def worker_pools(env: dict[str, str], settings: Settings, tmp_path_factory: pyte
             log_file.close()
 
 
-def cli(env: dict[str, str], *args: str, stdin: str | None = None, check: bool = True) -> subprocess.CompletedProcess[str]:
-    result = subprocess.run([ACCESSFLOW, *args], env=env, capture_output=True, text=True, input=stdin, timeout=60)
+def cli(
+    env: dict[str, str], *args: str, stdin: str | None = None, check: bool = True
+) -> subprocess.CompletedProcess[str]:
+    result = subprocess.run(
+        [ACCESSFLOW, *args], env=env, capture_output=True, text=True, input=stdin, timeout=60
+    )
     if check and result.returncode != 0:
         pytest.fail(f"accessflow {' '.join(args)} exited {result.returncode}: {result.stderr}", pytrace=False)
     return result

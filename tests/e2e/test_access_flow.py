@@ -37,7 +37,9 @@ def submit_file(env: dict[str, str], tmp_path: Path, payload: dict[str, object])
 
 def credentials_of(services: Services, request_id: str) -> list[sa.Row[tuple[object, ...]]]:
     with services.engine.connect() as connection:
-        return list(connection.execute(sa.select(orm.credentials).where(orm.credentials.c.request_id == request_id)))
+        return list(
+            connection.execute(sa.select(orm.credentials).where(orm.credentials.c.request_id == request_id))
+        )
 
 
 def audit_of(services: Services, request_id: str) -> list[tuple[str | None, str]]:
@@ -79,7 +81,9 @@ class TestAutoApprovePlan:
         assert mail["Message-ID"] == f"<approve.{request_id}@accessflow.local>"
         # And the audit trail has every step, with the system as actor
         assert audit_of(services, request_id) == [
-            (None, "submitted"), ("submitted", "approved"), ("approved", "provisioned")
+            (None, "submitted"),
+            ("submitted", "approved"),
+            ("approved", "provisioned"),
         ]
 
 
@@ -119,8 +123,10 @@ class TestManualPlan:
         subjects = sorted(m["Subject"] for m in smtp.about(request_id))
         assert len(subjects) == 2 and "approved" in subjects[1] and "review" in subjects[0]
         assert audit_of(services, request_id) == [
-            (None, "submitted"), ("submitted", "pending_review"),
-            ("pending_review", "approved"), ("approved", "provisioned"),
+            (None, "submitted"),
+            ("submitted", "pending_review"),
+            ("pending_review", "approved"),
+            ("approved", "provisioned"),
         ]
 
     def test_rejected_by_an_admin_gives_one_email_with_the_reason(
@@ -129,7 +135,16 @@ class TestManualPlan:
         request_id = submit_file(env, tmp_path, request_payload(plan_id="partner"))
         wait_for_status(services, request_id, Status.PENDING_REVIEW)
 
-        cli(env, "decide", request_id, "reject", "--reason", "Partner plan is <contracted> only", "--admin", ADMIN)
+        cli(
+            env,
+            "decide",
+            request_id,
+            "reject",
+            "--reason",
+            "Partner plan is <contracted> only",
+            "--admin",
+            ADMIN,
+        )
 
         wait_for_status(services, request_id, Status.REJECTED)
         wait_for_email(smtp, request_id, "declined")
@@ -227,15 +242,14 @@ class TestDuplicates:
 
 
 class TestMalformedMessages:
-    def test_neither_crash_nor_stall_the_workers(
-        self, settings: Settings, services: Services
-    ) -> None:
+    def test_neither_crash_nor_stall_the_workers(self, settings: Settings, services: Services) -> None:
         # Given garbage, a message with wrong fields, and a request for an unknown plan, in that order
         queue = SUBMIT.queue_name(settings.queue_prefix)
         wrong_fields_id = str(uuid.uuid4())
         publish_raw(settings.broker_url, queue, b"\x00this is not json{")
         publish_raw(
-            settings.broker_url, queue,
+            settings.broker_url,
+            queue,
             envelope(queue, SUBMIT.actor_name, {"request_id": "nope", "plan": 3}, message_id=wrong_fields_id),
         )
         unknown_plan = request_payload(plan_id="ghost")

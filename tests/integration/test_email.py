@@ -23,8 +23,14 @@ def reject_email(reason: str = "Not <b>now</b> & not here") -> Email:
         kind=NotificationKind.REJECT,
         to=("dev@acme.example",),
         message_id=f"<reject.{request_id}@accessflow.local>",
-        context=RejectContext(request_id=request_id, consumer_name="Acme <Devs>", app_name="Shop",
-                              plan_name="Partner", products=(ProductLine("payments", "Payments API"),), reason=reason),
+        context=RejectContext(
+            request_id=request_id,
+            consumer_name="Acme <Devs>",
+            app_name="Shop",
+            plan_name="Partner",
+            products=(ProductLine("payments", "Payments API"),),
+            reason=reason,
+        ),
     )
 
 
@@ -70,12 +76,21 @@ class TestSmtpDelivery:
 class TestTheApproveEmail:
     def test_names_the_credential_but_never_carries_a_secret(self, settings: Settings) -> None:
         context = ApproveContext(
-            request_id=str(uuid.uuid4()), consumer_name="Acme", app_id="acme-checkout", app_name="Checkout",
-            plan_name="Starter", products=(ProductLine("payments", "Payments API"),), rate_limit_per_minute=60,
-            monthly_quota=None, credential_kind="api_key", credential_public_id="af_0123abcd",
+            request_id=str(uuid.uuid4()),
+            consumer_name="Acme",
+            app_id="acme-checkout",
+            app_name="Checkout",
+            plan_name="Starter",
+            products=(ProductLine("payments", "Payments API"),),
+            rate_limit_per_minute=60,
+            monthly_quota=None,
+            credential_kind="api_key",
+            credential_public_id="af_0123abcd",
         )
         rendered = EmailRenderer(settings).render(
-            Email(kind=NotificationKind.APPROVE, to=("dev@acme.example",), message_id="<m@x>", context=context)
+            Email(
+                kind=NotificationKind.APPROVE, to=("dev@acme.example",), message_id="<m@x>", context=context
+            )
         )
         body = rendered.get_body(("plain",)).get_content()
         assert "af_0123abcd" in body and "unlimited" in body and "60 requests per minute" in body

@@ -24,10 +24,13 @@ pytestmark = pytest.mark.integration
 
 def unsent(services: Services, row_ids: list[str]) -> int:
     with services.engine.connect() as connection:
-        return int(connection.execute(
-            sa.select(sa.func.count()).select_from(orm.outbox)
-            .where(orm.outbox.c.id.in_(row_ids), orm.outbox.c.sent_at.is_(None))
-        ).scalar_one())
+        return int(
+            connection.execute(
+                sa.select(sa.func.count())
+                .select_from(orm.outbox)
+                .where(orm.outbox.c.id.in_(row_ids), orm.outbox.c.sent_at.is_(None))
+            ).scalar_one()
+        )
 
 
 def take_all(broker_url: str, queue_name: str) -> list[dict[str, object]]:
@@ -73,8 +76,9 @@ class TestTheRelay:
             [message] = take_all(settings.broker_url, NOTIFY.queue_name(private_queue))
             assert message["message_id"] == row_ids[0]
             assert message["actor_name"] == NOTIFY.actor_name
-            assert message["args"] == [{"version": 1, "type": "notification.send", "request_id": request_id,
-                                        "kind": "review"}]
+            assert message["args"] == [
+                {"version": 1, "type": "notification.send", "request_id": request_id, "kind": "review"}
+            ]
         finally:
             services.broker.close()
             services.close()
@@ -95,8 +99,12 @@ class TestTheRelay:
         from infra.bootstrap import build
 
         # Given a relay whose broker cannot be reached
-        down = settings.model_copy(update={"queue_prefix": private_queue,
-                                           "broker_url": f"amqp://guest:guest@127.0.0.1:{svc.free_port()}/%2F"})
+        down = settings.model_copy(
+            update={
+                "queue_prefix": private_queue,
+                "broker_url": f"amqp://guest:guest@127.0.0.1:{svc.free_port()}/%2F",
+            }
+        )
         services = build(down)
         try:
             with services.uow() as uow:

@@ -16,8 +16,10 @@ from domain.model import (
     Credential,
     Decision,
     DecisionOutcome,
-    DecisionOutcome as Outcome,
     Status,
+)
+from domain.model import (
+    DecisionOutcome as Outcome,
 )
 from infra import orm
 from infra.bootstrap import Services
@@ -30,9 +32,17 @@ def routed(services: Services, plan_id: str = "partner") -> str:
     request_id = str(uuid.uuid4())
     handlers.route_request(
         commands.RouteRequest(
-            request_id=request_id, consumer_id="acme", consumer_email="dev@acme.example",
-            consumer_name="Acme", plan_id=plan_id, product_ids=("payments",), app_id="acme-checkout",
-            new_app_name=None, new_app_description=None, justification=None, submitted_at=datetime.now(UTC),
+            request_id=request_id,
+            consumer_id="acme",
+            consumer_email="dev@acme.example",
+            consumer_name="Acme",
+            plan_id=plan_id,
+            product_ids=("payments",),
+            app_id="acme-checkout",
+            new_app_name=None,
+            new_app_description=None,
+            justification=None,
+            submitted_at=datetime.now(UTC),
         ),
         uow=services.uow(),
     )
@@ -41,8 +51,13 @@ def routed(services: Services, plan_id: str = "partner") -> str:
 
 def decision(request_id: str, *, approve: bool) -> commands.DecideRequest:
     return commands.DecideRequest(
-        decision_id=str(uuid.uuid4()), request_id=request_id, approve=approve, admin_id="admin",
-        admin_email=ADMIN, reason="because", decided_at=datetime.now(UTC),
+        decision_id=str(uuid.uuid4()),
+        request_id=request_id,
+        approve=approve,
+        admin_id="admin",
+        admin_email=ADMIN,
+        reason="because",
+        decided_at=datetime.now(UTC),
     )
 
 
@@ -64,8 +79,14 @@ class TestTheMapping:
         request_id = str(uuid.uuid4())
         with services.uow() as uow:
             uow.requests.add(
-                AccessRequest(id=request_id, consumer_id="acme", plan_id="starter", product_ids=["payments"],
-                              app_id="acme-checkout", submitted_at=datetime.now(UTC))
+                AccessRequest(
+                    id=request_id,
+                    consumer_id="acme",
+                    plan_id="starter",
+                    product_ids=["payments"],
+                    app_id="acme-checkout",
+                    submitted_at=datetime.now(UTC),
+                )
             )
             # no commit
 
@@ -81,7 +102,10 @@ class TestTheAuditLog:
             orm.audit_log.update().where(orm.audit_log.c.request_id == request_id).values(reason="edited"),
             orm.audit_log.delete().where(orm.audit_log.c.request_id == request_id),
         ):
-            with services.engine.connect() as connection, pytest.raises(sa.exc.DBAPIError, match="append-only"):
+            with (
+                services.engine.connect() as connection,
+                pytest.raises(sa.exc.DBAPIError, match="append-only"),
+            ):
                 connection.execute(statement)
 
 
@@ -89,14 +113,26 @@ class TestTheConstraints:
     def test_forbid_a_second_credential_for_a_request(self, services: Services) -> None:
         request_id = routed(services, plan_id="starter")
         handlers.issue_credentials(
-            commands.IssueCredentials(request_id), uow=services.uow(), issuer=services.issuer, sealer=services.sealer()
+            commands.IssueCredentials(request_id),
+            uow=services.uow(),
+            issuer=services.issuer,
+            sealer=services.sealer(),
         )
 
         with services.uow() as uow, pytest.raises(sa.exc.IntegrityError):
             uow.credentials.add(
-                Credential(id=str(uuid.uuid4()), request_id=request_id, app_id="acme-checkout",
-                           kind=AuthMethod.API_KEY, public_id="af_deadbeef", secret_hash="x", sealed_secret=None,
-                           product_ids=["payments"], rate_limit_per_minute=1, monthly_quota=None)
+                Credential(
+                    id=str(uuid.uuid4()),
+                    request_id=request_id,
+                    app_id="acme-checkout",
+                    kind=AuthMethod.API_KEY,
+                    public_id="af_deadbeef",
+                    secret_hash="x",
+                    sealed_secret=None,
+                    product_ids=["payments"],
+                    rate_limit_per_minute=1,
+                    monthly_quota=None,
+                )
             )
             uow.commit()
 
@@ -106,8 +142,16 @@ class TestTheConstraints:
 
         with services.uow() as uow, pytest.raises(sa.exc.IntegrityError):
             uow.decisions.add(
-                Decision(id=str(uuid.uuid4()), request_id=request_id, approve=True, admin_id="a", admin_email=ADMIN,
-                         reason="r", decided_at=datetime.now(UTC), outcome=DecisionOutcome.APPLIED)
+                Decision(
+                    id=str(uuid.uuid4()),
+                    request_id=request_id,
+                    approve=True,
+                    admin_id="a",
+                    admin_email=ADMIN,
+                    reason="r",
+                    decided_at=datetime.now(UTC),
+                    outcome=DecisionOutcome.APPLIED,
+                )
             )
             uow.commit()
 
@@ -122,8 +166,9 @@ class TestRacingDecisions:
         def decide_all(approve: bool) -> None:
             barrier.wait()
             for request_id in request_ids:
-                outcome = handlers.decide(decision(request_id, approve=approve), uow=services.uow(),
-                                          admin_emails=[ADMIN])
+                outcome = handlers.decide(
+                    decision(request_id, approve=approve), uow=services.uow(), admin_emails=[ADMIN]
+                )
                 outcomes.append((request_id, approve, outcome))
 
         threads = [threading.Thread(target=decide_all, args=(approve,)) for approve in (True, False)]
