@@ -12,7 +12,7 @@ import uuid
 from collections.abc import Iterable
 
 from domain import commands, events
-from domain.errors import PermanentDeliveryError
+from domain.errors import NotFound, PermanentDeliveryError
 from domain.model import (
     AccessRequest,
     App,
@@ -154,7 +154,9 @@ def issue_credentials(
             log.info("no credentials to issue for %s (%s)", command.request_id, request and request.status)
             return None
         plan = uow.catalogue.plan(request.plan_id)
-        assert plan is not None and request.app_id is not None and request.auth_method is not None
+        if plan is None:  # removed from the catalogue after approval: retries, then the dead-letter queue
+            raise NotFound(f"plan {request.plan_id!r} of approved request {request.id} no longer exists")
+        assert request.app_id is not None and request.auth_method is not None  # set by routing
         existing = uow.credentials.for_request(request.id)
         if existing is not None:  # issued before a crash, state not yet moved
             credential = existing
@@ -216,12 +218,13 @@ def send_notification(
             uow.notifications.add(notification)
         notification.attempts += 1
         uow.commit()
+    if not email.to:  # e.g. no ACCESSFLOW_ADMIN_EMAILS: a gap the operator must see, not a success
+        return _record_delivery(uow, command, DeliveryStatus.FAILED, "no recipients configured")
     try:
-        if email.to:
-            mailer.send(email)
+        mailer.send(email)
     except PermanentDeliveryError as refused:
         return _record_delivery(uow, command, DeliveryStatus.FAILED, str(refused))
-    return _record_delivery(uow, command, DeliveryStatus.SENT, "" if email.to else "no recipients configured")
+    return _record_delivery(uow, command, DeliveryStatus.SENT, "")
 
 
 def _record_delivery(

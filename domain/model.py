@@ -258,8 +258,10 @@ class AccessRequest:
         The auto-approve flag comes from ``catalogue.plan``, which the caller loaded
         from the database; nothing in the message can set it.
         """
+        if self.status is not Status.SUBMITTED:
+            raise IllegalTransition(f"request {self.id} was routed already; it is {self.status}")
         try:
-            self.auth_method = check_rules(
+            auth_method = check_rules(
                 plan_id=self.plan_id,
                 product_ids=self.product_ids,
                 consumer_id=self.consumer_id,
@@ -269,6 +271,7 @@ class AccessRequest:
         except RuleViolation as violation:
             self.invalidate(violation.reason)
             return
+        self.auth_method = auth_method
         assert catalogue.plan is not None  # check_rules guarantees it
         if catalogue.plan.auto_approve:
             self._move(

@@ -11,6 +11,7 @@ from typing import Any
 
 import sqlalchemy as sa
 from sqlalchemy import event
+from sqlalchemy import orm as sa_orm
 from sqlalchemy.orm import registry, relationship
 
 from domain.model import (
@@ -224,9 +225,16 @@ def start_mappers() -> None:
     mapper_registry.map_imperatively(Decision, decisions)
     mapper_registry.map_imperatively(Credential, credentials)
     mapper_registry.map_imperatively(Notification, notifications)
+    event.listen(AccessRequest, "load", _receive_load)
 
 
-@event.listens_for(AccessRequest, "load")
+def clear_mappers() -> None:
+    """Undo :func:`start_mappers`, so the domain classes are plain again (for the unit tests)."""
+    global _mapped
+    sa_orm.clear_mappers()
+    _mapped = False
+
+
 def _receive_load(request: AccessRequest, _: Any) -> None:
     # SQLAlchemy does not call __init__ on load; the aggregate still needs its event list.
     request.events = []

@@ -484,8 +484,7 @@ def make_decision(
 if TYPE_CHECKING:
     from domain import ports
 
-    # The unit of work itself cannot be checked this way: mypy compares settable protocol
-    # attributes invariantly, and the tests need the fake repositories' extra ``saved`` methods.
+    _uow: ports.UnitOfWork = FakeUnitOfWork()
     _requests: ports.RequestRepository = FakeRequestRepository()
     _catalogue: ports.CatalogueRepository = FakeCatalogueRepository()
     _decisions: ports.DecisionRepository = FakeDecisionRepository()

@@ -1,0 +1,868 @@
+"""The use cases in domain.handlers, driven through hand-written fakes of their ports."""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Callable
+
+import pytest
+
+from domain import events
+from domain.commands import IssueCredentials, SendNotification
+from domain.errors import PermanentDeliveryError, TransientError
+from domain.handlers import (
+    decide,
+    derived_id,
+    follow_ups,
+    issue_credentials,
+    route_request,
+    send_notification,
+)
+from domain.model import (
+    AccessRequest,
+    ActorKind,
+    AuthMethod,
+    Credential,
+    DecisionOutcome,
+    DeliveryStatus,
+    NotificationKind,
+    Status,
+)
+from domain.notifications import ApproveContext, ProductLine, RejectContext, ReviewContext
+from tests.unit.fakes import (
+    ACME_EMAIL,
+    ADMIN_EMAIL,
+    ADMIN_EMAILS,
+    SUBMITTED_AT,
+    FakeIssuer,
+    FakeMailer,
+    FakeSealer,
+    FakeUnitOfWork,
+    make_decision,
+    make_route_request,
+)
+
+
+@pytest.fixture
+def uow() -> FakeUnitOfWork:
+    return FakeUnitOfWork()
+
+
+@pytest.fixture
+def issuer() -> FakeIssuer:
+    return FakeIssuer()
+
+
+@pytest.fixture
+def sealer() -> FakeSealer:
+    return FakeSealer()
+
+
+@pytest.fixture
+def mailer() -> FakeMailer:
+    return FakeMailer()
+
+
+# --- helpers: bring a request to a state through the handlers themselves ---------------------------
+
+
+def submitted(uow: FakeUnitOfWork, **overrides: object) -> str:
+    """Route a fresh submission; return its request id."""
+    command = make_route_request(**overrides)  # type: ignore[arg-type]
+    route_request(command, uow=uow)
+    return command.request_id
+
+
+def pending_review(uow: FakeUnitOfWork, **overrides: object) -> str:
+    return submitted(uow, plan_id="partner", **overrides)
+
+
+def approved(uow: FakeUnitOfWork, *, plan_id: str = "free", **overrides: object) -> str:
+    request_id = submitted(uow, plan_id=plan_id, **overrides)
+    if plan_id != "free":
+        decide(make_decision(request_id, approve=True), uow=uow, admin_emails=ADMIN_EMAILS)
+    return request_id
+
+
+def provisioned(uow: FakeUnitOfWork, issuer: FakeIssuer, sealer: FakeSealer, **overrides: object) -> str:
+    request_id = approved(uow, **overrides)  # type: ignore[arg-type]
+    issue_credentials(IssueCredentials(request_id), uow=uow, issuer=issuer, sealer=sealer)
+    return request_id
+
+
+def rejected(uow: FakeUnitOfWork, reason: str) -> str:
+    request_id = pending_review(uow)
+    decide(make_decision(request_id, approve=False, reason=reason), uow=uow, admin_emails=ADMIN_EMAILS)
+    return request_id
+
+
+def saved(uow: FakeUnitOfWork, request_id: str) -> AccessRequest:
+    request = uow.requests.saved(request_id)
+    assert request is not None, f"request {request_id} was never committed"
+    return request
+
+
+def saved_credential(uow: FakeUnitOfWork, request_id: str) -> Credential:
+    credential = uow.credentials.saved(request_id)
+    assert credential is not None, f"no credential committed for {request_id}"
+    return credential
+
+
+def notify(uow: FakeUnitOfWork, mailer: FakeMailer, request_id: str, kind: NotificationKind) -> object:
+    return send_notification(
+        SendNotification(request_id, kind), uow=uow, mailer=mailer, admin_emails=ADMIN_EMAILS
+    )
+
+
+# --- the fake unit of work itself ------------------------------------------------------------------
+
+
+class TestTheFakeUnitOfWorkOnlyKeepsWhatWasCommitted:
+    def test_work_left_uncommitted_is_neither_stored_nor_published(self, uow: FakeUnitOfWork) -> None:
+        # Given a transaction that stores a request and queues a command, but never commits
+        command = make_route_request()
+        with uow:
+            uow.requests.add(
+                AccessRequest(
+                    id=command.request_id,
+                    consumer_id="acme",
+                    plan_id="free",
+                    product_ids=["payments"],
+                    app_id="acme-web",
+                    submitted_at=SUBMITTED_AT,
+                )
+            )
+            uow.outbox.put(IssueCredentials(command.request_id))
+
+        # Then nothing of it survives
+        assert uow.committed is False
+        assert uow.requests.saved(command.request_id) is None
+        assert uow.published == []
+
+    def test_commands_are_published_only_once_committed(self, uow: FakeUnitOfWork) -> None:
+        # Given a transaction that queued a command
+        with uow:
+            uow.outbox.put(IssueCredentials("req-1"))
+            # Then it is not published yet
+            assert uow.published == []
+
+            # When the transaction commits
+            uow.commit()
+
+        # Then it is published
+        assert uow.committed is True
+        assert uow.published == [IssueCredentials("req-1")]
+
+    def test_changes_to_loaded_objects_are_lost_without_commit(self, uow: FakeUnitOfWork) -> None:
+        # Given a committed request
+        request_id = pending_review(uow)
+
+        # When a transaction changes it but does not commit
+        with uow:
+            request = uow.requests.get(request_id)
+            assert request is not None
+            request.approve(admin_id=ADMIN_EMAIL, reason="forgot to commit")
+
+        # Then the stored request is as it was
+        assert saved(uow, request_id).status is Status.PENDING_REVIEW
+
+
+# --- route_request ---------------------------------------------------------------------------------
+
+
+class TestRoutingUnderAnAutoApprovePlan:
+    def test_approves_and_publishes_issue_credentials_after_commit(self, uow: FakeUnitOfWork) -> None:
+        # Given a submission for payments under the auto-approve "free" plan
+        command = make_route_request(plan_id="free", product_ids=("payments", "ledger"))
+
+        # When it is routed
+        status = route_request(command, uow=uow)
+
+        # Then it is approved, stored, and credentials are ordered once the work is committed
+        assert status is Status.APPROVED
+        request = saved(uow, command.request_id)
+        assert request.status is Status.APPROVED
+        assert request.auth_method is AuthMethod.API_KEY
+        assert uow.committed is True
+        assert uow.published == [IssueCredentials(command.request_id)]
+
+    def test_stores_the_submission_and_the_approval_in_the_history(self, uow: FakeUnitOfWork) -> None:
+        # Given / When an auto-approved submission is routed
+        request_id = submitted(uow, plan_id="free")
+
+        # Then its stored history holds the submission and the router's approval
+        history = saved(uow, request_id).history
+        assert [(e.from_status, e.to_status, e.actor_id) for e in history] == [
+            (None, Status.SUBMITTED, "router"),
+            (Status.SUBMITTED, Status.APPROVED, "router"),
+        ]
+        assert saved(uow, request_id).events == []
+
+
+class TestRoutingUnderAManualPlan:
+    def test_parks_for_review_and_asks_the_admins(self, uow: FakeUnitOfWork) -> None:
+        # Given a submission under the manual "partner" plan
+        command = make_route_request(plan_id="partner", product_ids=("identity",))
+
+        # When it is routed
+        status = route_request(command, uow=uow)
+
+        # Then it waits for review and a review email is ordered
+        assert status is Status.PENDING_REVIEW
+        assert saved(uow, command.request_id).status is Status.PENDING_REVIEW
+        assert uow.published == [SendNotification(command.request_id, NotificationKind.REVIEW)]
+
+
+class TestRoutingAnInvalidRequest:
+    def test_stores_it_as_invalid_with_the_reason_and_orders_nothing(self, uow: FakeUnitOfWork) -> None:
+        # Given a submission mixing an API-key product with an OAuth2 one
+        command = make_route_request(plan_id="partner", product_ids=("payments", "identity"))
+
+        # When it is routed
+        status = route_request(command, uow=uow)
+
+        # Then it is kept as invalid, with the reason, and no command is published
+        assert status is Status.INVALID
+        request = saved(uow, command.request_id)
+        assert request.status is Status.INVALID
+        assert request.status_reason.startswith("products must share one authentication method")
+        assert uow.published == []
+
+
+class TestRoutingARequestForANewApp:
+    def test_creates_the_app_for_the_consumer_with_an_id_derived_from_the_request(
+        self, uow: FakeUnitOfWork
+    ) -> None:
+        # Given a submission that asks for a new app instead of naming one
+        command = make_route_request(
+            app_id=None, new_app_name="Acme Mobile", new_app_description="The iOS app."
+        )
+
+        # When it is routed
+        route_request(command, uow=uow)
+
+        # Then the app exists, owned by the consumer, and the request points at it
+        app_id = derived_id("app", command.request_id)
+        app = uow.catalogue.saved_app(app_id)
+        assert app is not None
+        assert (app.consumer_id, app.name, app.description) == ("acme", "Acme Mobile", "The iOS app.")
+        assert saved(uow, command.request_id).app_id == app_id
+
+    def test_a_redelivery_after_a_rollback_derives_the_same_app_id(self) -> None:
+        # Given one submission for a new app, delivered to two fresh databases
+        # (as a redelivery would find it after the first attempt rolled back)
+        command = make_route_request(app_id=None, new_app_name="Acme Mobile")
+        first, second = FakeUnitOfWork(), FakeUnitOfWork()
+
+        # When both route it
+        route_request(command, uow=first)
+        route_request(command, uow=second)
+
+        # Then both created the same app id, and another request would get another one
+        assert saved(first, command.request_id).app_id == saved(second, command.request_id).app_id
+        assert saved(first, command.request_id).app_id != derived_id("app", "another-request")
+
+    def test_an_invalid_request_creates_no_app(self, uow: FakeUnitOfWork) -> None:
+        # Given a submission for a new app under a plan that does not exist
+        apps_before = uow.catalogue.saved_apps()
+        command = make_route_request(plan_id="gold", app_id=None, new_app_name="Acme Mobile")
+
+        # When it is routed
+        status = route_request(command, uow=uow)
+
+        # Then it is invalid and no app was created
+        assert status is Status.INVALID
+        assert uow.catalogue.saved_apps() == apps_before
+        assert saved(uow, command.request_id).app_id is None
+
+
+class TestRoutingTheSameRequestTwice:
+    def test_changes_nothing_and_publishes_nothing_more(self, uow: FakeUnitOfWork) -> None:
+        # Given a submission that was already routed
+        command = make_route_request(plan_id="free")
+        route_request(command, uow=uow)
+        stored_before = saved(uow, command.request_id)
+        history_before = list(stored_before.history)
+        published_before = list(uow.published)
+
+        # When the same message is delivered again
+        status = route_request(command, uow=uow)
+
+        # Then the current status is reported and nothing else happens
+        assert status is Status.APPROVED
+        assert len(uow.requests) == 1
+        assert saved(uow, command.request_id).history == history_before
+        assert uow.published == published_before
+
+    def test_a_different_body_under_the_same_id_is_ignored_too(self, uow: FakeUnitOfWork) -> None:
+        # Given an approved submission
+        request_id = submitted(uow, plan_id="free")
+
+        # When a message with the same id but another plan arrives
+        status = route_request(make_route_request(request_id=request_id, plan_id="partner"), uow=uow)
+
+        # Then the stored request wins
+        assert status is Status.APPROVED
+        assert saved(uow, request_id).plan_id == "free"
+        assert uow.published == [IssueCredentials(request_id)]
+
+
+# --- decide ----------------------------------------------------------------------------------------
+
+
+class TestAnAdminApprovingAPendingRequest:
+    def test_applies_the_decision_and_orders_credentials(self, uow: FakeUnitOfWork) -> None:
+        # Given a request waiting for review
+        request_id = pending_review(uow)
+        decision = make_decision(request_id, approve=True, reason="known partner")
+
+        # When an admin approves it
+        outcome = decide(decision, uow=uow, admin_emails=ADMIN_EMAILS)
+
+        # Then the decision is applied, recorded, and credentials are ordered
+        assert outcome is DecisionOutcome.APPLIED
+        request = saved(uow, request_id)
+        assert request.status is Status.APPROVED
+        last = request.history[-1]
+        assert (last.actor_kind, last.actor_id, last.reason) == (
+            ActorKind.ADMIN,
+            ADMIN_EMAIL,
+            "known partner",
+        )
+        stored = uow.decisions.saved(decision.decision_id)
+        assert stored is not None
+        assert stored.outcome is DecisionOutcome.APPLIED
+        assert uow.published[-1] == IssueCredentials(request_id)
+
+    def test_recognises_an_admin_whatever_the_case_of_the_email(self, uow: FakeUnitOfWork) -> None:
+        # Given a request waiting for review
+        request_id = pending_review(uow)
+
+        # When an admin approves it with their email in upper case
+        outcome = decide(
+            make_decision(request_id, admin_email=ADMIN_EMAIL.upper()), uow=uow, admin_emails=ADMIN_EMAILS
+        )
+
+        # Then it counts
+        assert outcome is DecisionOutcome.APPLIED
+
+
+class TestAnAdminRejectingAPendingRequest:
+    def test_rejects_keeps_the_reason_and_orders_the_rejection_email(self, uow: FakeUnitOfWork) -> None:
+        # Given a request waiting for review
+        request_id = pending_review(uow)
+
+        # When an admin rejects it with a reason
+        outcome = decide(
+            make_decision(request_id, approve=False, reason="no business case"),
+            uow=uow,
+            admin_emails=ADMIN_EMAILS,
+        )
+
+        # Then it is rejected with that reason and the consumer is to be told
+        assert outcome is DecisionOutcome.APPLIED
+        request = saved(uow, request_id)
+        assert request.status is Status.REJECTED
+        assert request.status_reason == "no business case"
+        assert uow.published[-1] == SendNotification(request_id, NotificationKind.REJECT)
+
+
+class TestASecondDecisionOnTheSameRequest:
+    def test_is_recorded_as_ignored_and_orders_nothing(self, uow: FakeUnitOfWork) -> None:
+        # Given a request an admin already approved
+        request_id = pending_review(uow)
+        decide(make_decision(request_id, approve=True), uow=uow, admin_emails=ADMIN_EMAILS)
+        published_before = list(uow.published)
+
+        # When another admin's rejection arrives
+        second = make_decision(request_id, approve=False, reason="too late")
+        outcome = decide(second, uow=uow, admin_emails=ADMIN_EMAILS)
+
+        # Then it is kept for the record, ignored, and nothing is ordered
+        assert outcome is DecisionOutcome.IGNORED
+        stored = uow.decisions.saved(second.decision_id)
+        assert stored is not None
+        assert stored.outcome is DecisionOutcome.IGNORED
+        assert stored.outcome_reason == "request is approved, not pending review"
+        assert saved(uow, request_id).status is Status.APPROVED
+        assert uow.published == published_before
+
+
+class TestTheSameDecisionDeliveredTwice:
+    def test_stores_one_decision_and_applies_it_once(self, uow: FakeUnitOfWork) -> None:
+        # Given an approval that was already applied
+        request_id = pending_review(uow)
+        decision = make_decision(request_id, approve=True)
+        decide(decision, uow=uow, admin_emails=ADMIN_EMAILS)
+
+        # When the same message is delivered again
+        outcome = decide(decision, uow=uow, admin_emails=ADMIN_EMAILS)
+
+        # Then it is ignored, stored once, and credentials were ordered once
+        assert outcome is DecisionOutcome.IGNORED
+        assert [d.id for d in uow.decisions.saved_all()] == [decision.decision_id]
+        assert uow.decisions.saved_all()[0].outcome is DecisionOutcome.APPLIED
+        assert uow.published.count(IssueCredentials(request_id)) == 1
+
+
+class TestADecisionFromSomeoneWhoIsNotAnAdmin:
+    def test_is_recorded_as_ignored_and_leaves_the_request_pending(self, uow: FakeUnitOfWork) -> None:
+        # Given a request waiting for review
+        request_id = pending_review(uow)
+        published_before = list(uow.published)
+
+        # When someone not configured as an admin approves it
+        decision = make_decision(request_id, approve=True, admin_email="mallory@evil.example")
+        outcome = decide(decision, uow=uow, admin_emails=ADMIN_EMAILS)
+
+        # Then nothing happens to the request, but the attempt is on record
+        assert outcome is DecisionOutcome.IGNORED
+        assert saved(uow, request_id).status is Status.PENDING_REVIEW
+        stored = uow.decisions.saved(decision.decision_id)
+        assert stored is not None
+        assert stored.outcome is DecisionOutcome.IGNORED
+        assert stored.outcome_reason == "mallory@evil.example is not a configured admin"
+        assert uow.published == published_before
+
+
+class TestADecisionAboutAnUnknownRequest:
+    def test_is_recorded_as_ignored(self, uow: FakeUnitOfWork) -> None:
+        # Given no request with this id
+        decision = make_decision("no-such-request")
+
+        # When an admin decides on it
+        outcome = decide(decision, uow=uow, admin_emails=ADMIN_EMAILS)
+
+        # Then it is ignored, recorded, and nothing is ordered
+        assert outcome is DecisionOutcome.IGNORED
+        stored = uow.decisions.saved(decision.decision_id)
+        assert stored is not None
+        assert stored.outcome_reason == "no such request"
+        assert uow.published == []
+
+
+# --- issue_credentials -----------------------------------------------------------------------------
+
+
+class TestIssuingCredentialsForAnApprovedRequest:
+    @pytest.mark.parametrize(
+        ("plan_id", "rate_limit", "quota"), [("free", 60, 10_000), ("partner", 600, None)]
+    )
+    def test_issues_one_credential_with_the_plans_limits(
+        self,
+        uow: FakeUnitOfWork,
+        issuer: FakeIssuer,
+        sealer: FakeSealer,
+        plan_id: str,
+        rate_limit: int,
+        quota: int | None,
+    ) -> None:
+        # Given a request approved under the plan
+        request_id = approved(uow, plan_id=plan_id, product_ids=("payments", "ledger"))
+
+        # When its credentials are issued
+        credential = issue_credentials(IssueCredentials(request_id), uow=uow, issuer=issuer, sealer=sealer)
+
+        # Then one credential carries the plan's limits, for the request's app and products
+        assert credential is not None
+        assert len(issuer.issued) == 1
+        stored = saved_credential(uow, request_id)
+        assert (stored.rate_limit_per_minute, stored.monthly_quota) == (rate_limit, quota)
+        assert stored.id == derived_id("credential", request_id)
+        assert (stored.app_id, stored.kind, stored.public_id) == ("acme-web", AuthMethod.API_KEY, "key-1")
+        assert stored.product_ids == ["payments", "ledger"]
+
+    def test_stores_the_secret_sealed_and_hashed_never_in_plaintext(
+        self, uow: FakeUnitOfWork, issuer: FakeIssuer, sealer: FakeSealer
+    ) -> None:
+        # Given / When an approved request gets its credentials
+        request_id = provisioned(uow, issuer, sealer)
+
+        # Then only the sealed secret and its hash are stored
+        (secret,) = issuer.secrets
+        stored = saved_credential(uow, request_id)
+        assert stored.sealed_secret is not None
+        assert stored.sealed_secret != secret.encode()
+        assert secret.encode() not in stored.sealed_secret
+        assert secret not in repr(stored)
+        assert stored.secret_hash == hashlib.sha256(secret.encode()).hexdigest()
+        # ... and the sealed secret opens to the issued one, exactly once
+        assert stored.reveal(sealer.unseal) == secret
+        assert stored.reveal(sealer.unseal) is None
+
+    def test_provisions_the_request_and_orders_the_approval_email(
+        self, uow: FakeUnitOfWork, issuer: FakeIssuer, sealer: FakeSealer
+    ) -> None:
+        # Given an approved request
+        request_id = approved(uow)
+
+        # When its credentials are issued
+        issue_credentials(IssueCredentials(request_id), uow=uow, issuer=issuer, sealer=sealer)
+
+        # Then it is provisioned and the consumer is to be told
+        request = saved(uow, request_id)
+        assert request.status is Status.PROVISIONED
+        assert request.history[-1].reason == f"credential {derived_id('credential', request_id)} issued"
+        assert uow.published[-1] == SendNotification(request_id, NotificationKind.APPROVE)
+
+    def test_a_new_app_gets_the_credential(
+        self, uow: FakeUnitOfWork, issuer: FakeIssuer, sealer: FakeSealer
+    ) -> None:
+        # Given / When a request for a new app is approved and provisioned
+        request_id = provisioned(uow, issuer, sealer, app_id=None, new_app_name="Acme Mobile")
+
+        # Then the credential belongs to the app created for it
+        assert saved_credential(uow, request_id).app_id == derived_id("app", request_id)
+
+    def test_an_oauth2_product_gets_a_client_credential(
+        self, uow: FakeUnitOfWork, issuer: FakeIssuer, sealer: FakeSealer
+    ) -> None:
+        # Given an approved request for the OAuth2 product
+        request_id = approved(uow, plan_id="partner", product_ids=("identity",))
+
+        # When its credentials are issued
+        issue_credentials(IssueCredentials(request_id), uow=uow, issuer=issuer, sealer=sealer)
+
+        # Then the credential is an OAuth2 client
+        stored = saved_credential(uow, request_id)
+        assert (stored.kind, stored.public_id) == (AuthMethod.OAUTH2_CLIENT_CREDENTIALS, "client-1")
+
+
+class TestIssuingCredentialsTwice:
+    def test_the_second_call_issues_nothing(
+        self, uow: FakeUnitOfWork, issuer: FakeIssuer, sealer: FakeSealer
+    ) -> None:
+        # Given a request whose credentials were issued
+        request_id = provisioned(uow, issuer, sealer)
+        published_before = list(uow.published)
+        credential_before = saved_credential(uow, request_id)
+
+        # When the order is delivered again
+        result = issue_credentials(IssueCredentials(request_id), uow=uow, issuer=issuer, sealer=sealer)
+
+        # Then nothing is issued, stored or ordered
+        assert result is None
+        assert len(issuer.issued) == 1
+        assert len(uow.credentials) == 1
+        assert saved_credential(uow, request_id) == credential_before
+        assert uow.published == published_before
+
+    def test_a_credential_stored_before_a_crash_is_reused(
+        self, uow: FakeUnitOfWork, issuer: FakeIssuer, sealer: FakeSealer
+    ) -> None:
+        # Given an approved request that already has a credential stored
+        request_id = approved(uow)
+        with uow:
+            uow.credentials.add(
+                Credential(
+                    id="cred-from-before",
+                    request_id=request_id,
+                    app_id="acme-web",
+                    kind=AuthMethod.API_KEY,
+                    public_id="key-0",
+                    secret_hash="0" * 64,
+                    sealed_secret=sealer.seal("secret-0"),
+                    product_ids=["payments"],
+                    rate_limit_per_minute=60,
+                    monthly_quota=10_000,
+                )
+            )
+            uow.commit()
+
+        # When its credentials are issued
+        credential = issue_credentials(IssueCredentials(request_id), uow=uow, issuer=issuer, sealer=sealer)
+
+        # Then the stored one is used and no second one is made
+        assert credential is not None
+        assert credential.id == "cred-from-before"
+        assert issuer.issued == []
+        assert saved(uow, request_id).status is Status.PROVISIONED
+
+
+class TestIssuingCredentialsForARequestThatIsNotApproved:
+    @pytest.mark.parametrize(
+        "make", [pending_review, lambda uow: rejected(uow, "no")], ids=["pending", "rejected"]
+    )
+    def test_issues_nothing(
+        self,
+        uow: FakeUnitOfWork,
+        issuer: FakeIssuer,
+        sealer: FakeSealer,
+        make: Callable[[FakeUnitOfWork], str],
+    ) -> None:
+        # Given a request that is not approved
+        request_id = make(uow)
+        status_before = saved(uow, request_id).status
+        published_before = list(uow.published)
+
+        # When credentials are ordered for it
+        result = issue_credentials(IssueCredentials(request_id), uow=uow, issuer=issuer, sealer=sealer)
+
+        # Then nothing is issued, stored, changed or ordered
+        assert result is None
+        assert issuer.issued == []
+        assert uow.credentials.saved(request_id) is None
+        assert saved(uow, request_id).status is status_before
+        assert uow.published == published_before
+
+    def test_an_unknown_request_gets_nothing(
+        self, uow: FakeUnitOfWork, issuer: FakeIssuer, sealer: FakeSealer
+    ) -> None:
+        # Given / When credentials are ordered for a request that does not exist
+        result = issue_credentials(IssueCredentials("no-such-request"), uow=uow, issuer=issuer, sealer=sealer)
+
+        # Then nothing is issued
+        assert result is None
+        assert issuer.issued == []
+
+
+# --- send_notification -----------------------------------------------------------------------------
+
+
+class TestTheApprovalEmail:
+    def test_goes_to_the_consumer_with_the_credentials_public_details(
+        self, uow: FakeUnitOfWork, issuer: FakeIssuer, sealer: FakeSealer, mailer: FakeMailer
+    ) -> None:
+        # Given a provisioned request
+        request_id = provisioned(uow, issuer, sealer, product_ids=("payments", "ledger"))
+
+        # When the approval email is sent
+        status = notify(uow, mailer, request_id, NotificationKind.APPROVE)
+
+        # Then the consumer gets it, with the app, plan, limits and public id
+        assert status is DeliveryStatus.SENT
+        (email,) = mailer.sent
+        assert email.kind is NotificationKind.APPROVE
+        assert email.to == (ACME_EMAIL,)
+        assert email.message_id == f"<approve.{request_id}@accessflow>"
+        assert email.context == ApproveContext(
+            request_id=request_id,
+            consumer_name="Acme Developers",
+            app_id="acme-web",
+            app_name="Acme Web",
+            plan_name="Free",
+            products=(ProductLine("payments", "Payments API"), ProductLine("ledger", "Ledger API")),
+            rate_limit_per_minute=60,
+            monthly_quota=10_000,
+            credential_kind="api_key",
+            credential_public_id="key-1",
+        )
+
+    def test_holds_no_secret(
+        self, uow: FakeUnitOfWork, issuer: FakeIssuer, sealer: FakeSealer, mailer: FakeMailer
+    ) -> None:
+        # Given a provisioned request
+        request_id = provisioned(uow, issuer, sealer)
+
+        # When the approval email is sent
+        notify(uow, mailer, request_id, NotificationKind.APPROVE)
+
+        # Then neither the secret nor its sealed form appears anywhere in it
+        (secret,) = issuer.secrets
+        (email,) = mailer.sent
+        assert secret not in repr(email)
+        assert repr(sealer.seal(secret)) not in repr(email)
+        assert saved_credential(uow, request_id).secret_hash not in repr(email)
+
+    def test_is_recorded_as_sent(
+        self, uow: FakeUnitOfWork, issuer: FakeIssuer, sealer: FakeSealer, mailer: FakeMailer
+    ) -> None:
+        # Given a provisioned request
+        request_id = provisioned(uow, issuer, sealer)
+
+        # When the approval email is sent
+        notify(uow, mailer, request_id, NotificationKind.APPROVE)
+
+        # Then the notification is stored as sent after one attempt
+        notification = uow.notifications.saved(request_id, NotificationKind.APPROVE)
+        assert notification is not None
+        assert (notification.status, notification.attempts, notification.last_error) == (
+            DeliveryStatus.SENT,
+            1,
+            "",
+        )
+        assert notification.sent_at is not None
+        assert notification.message_id == f"<approve.{request_id}@accessflow>"
+
+
+class TestTheRejectionEmail:
+    def test_goes_to_the_consumer_with_the_admins_reason(
+        self, uow: FakeUnitOfWork, mailer: FakeMailer
+    ) -> None:
+        # Given a request an admin rejected with a reason
+        request_id = rejected(uow, "please use the sandbox first")
+
+        # When the rejection email is sent
+        notify(uow, mailer, request_id, NotificationKind.REJECT)
+
+        # Then the consumer gets it with that reason
+        (email,) = mailer.sent
+        assert email.to == (ACME_EMAIL,)
+        assert isinstance(email.context, RejectContext)
+        assert email.context.reason == "please use the sandbox first"
+        assert email.context.plan_name == "Partner"
+
+
+class TestTheReviewEmail:
+    def test_goes_to_the_configured_admins_with_the_justification(
+        self, uow: FakeUnitOfWork, mailer: FakeMailer
+    ) -> None:
+        # Given a request for a new app waiting for review, with a justification
+        request_id = pending_review(
+            uow, app_id=None, new_app_name="Acme Mobile", justification="launching in May"
+        )
+
+        # When the review email is sent
+        notify(uow, mailer, request_id, NotificationKind.REVIEW)
+
+        # Then every configured admin gets it, with who asks for what and why
+        (email,) = mailer.sent
+        assert email.to == ADMIN_EMAILS
+        assert email.context == ReviewContext(
+            request_id=request_id,
+            consumer_id="acme",
+            consumer_name="Acme Developers",
+            consumer_email=ACME_EMAIL,
+            app_name="Acme Mobile",
+            plan_name="Partner",
+            products=(ProductLine("payments", "Payments API"),),
+            justification="launching in May",
+        )
+
+    def test_with_no_admins_configured_nothing_is_sent_and_the_gap_is_recorded(
+        self, uow: FakeUnitOfWork, mailer: FakeMailer
+    ) -> None:
+        # Given a request waiting for review and no admins configured
+        request_id = pending_review(uow)
+
+        # When the review email is sent
+        status = send_notification(
+            SendNotification(request_id, NotificationKind.REVIEW), uow=uow, mailer=mailer, admin_emails=()
+        )
+
+        # Then no email goes out, and the notification is failed with the reason, for an operator to see
+        assert status is DeliveryStatus.FAILED
+        assert mailer.attempts == 0
+        notification = uow.notifications.saved(request_id, NotificationKind.REVIEW)
+        assert notification is not None
+        assert notification.last_error == "no recipients configured"
+
+
+class TestANotificationAlreadySent:
+    def test_is_not_sent_again(self, uow: FakeUnitOfWork, mailer: FakeMailer) -> None:
+        # Given a rejection email that was sent
+        request_id = rejected(uow, "no")
+        notify(uow, mailer, request_id, NotificationKind.REJECT)
+
+        # When the order to send it is delivered again
+        status = notify(uow, mailer, request_id, NotificationKind.REJECT)
+
+        # Then nothing more is sent or counted
+        assert status is DeliveryStatus.SENT
+        assert len(mailer.sent) == 1
+        notification = uow.notifications.saved(request_id, NotificationKind.REJECT)
+        assert notification is not None
+        assert notification.attempts == 1
+        assert len(uow.notifications) == 1
+
+
+class TestATransientMailFailure:
+    def test_propagates_and_leaves_the_notification_sending_with_the_attempt_counted(
+        self, uow: FakeUnitOfWork, mailer: FakeMailer
+    ) -> None:
+        # Given a rejected request and a mail server that will say "try later" once
+        request_id = rejected(uow, "no")
+        mailer.fail_next(TransientError, "421 try again later")
+
+        # When the rejection email is sent
+        with pytest.raises(TransientError, match="421"):
+            notify(uow, mailer, request_id, NotificationKind.REJECT)
+
+        # Then it is still to be sent, and the attempt was counted
+        notification = uow.notifications.saved(request_id, NotificationKind.REJECT)
+        assert notification is not None
+        assert (notification.status, notification.attempts) == (DeliveryStatus.SENDING, 1)
+        assert mailer.sent == []
+
+    def test_a_retry_sends_it_and_marks_it_sent(self, uow: FakeUnitOfWork, mailer: FakeMailer) -> None:
+        # Given a rejection email whose first attempt failed for now
+        request_id = rejected(uow, "no")
+        mailer.fail_next(TransientError, "421 try again later")
+        with pytest.raises(TransientError):
+            notify(uow, mailer, request_id, NotificationKind.REJECT)
+
+        # When it is retried
+        status = notify(uow, mailer, request_id, NotificationKind.REJECT)
+
+        # Then it is sent once, after two attempts, with the same Message-ID
+        assert status is DeliveryStatus.SENT
+        (email,) = mailer.sent
+        assert email.message_id == f"<reject.{request_id}@accessflow>"
+        notification = uow.notifications.saved(request_id, NotificationKind.REJECT)
+        assert notification is not None
+        assert (notification.status, notification.attempts) == (DeliveryStatus.SENT, 2)
+        assert notification.sent_at is not None
+
+
+class TestAPermanentMailFailure:
+    def test_marks_the_notification_failed_without_raising(
+        self, uow: FakeUnitOfWork, mailer: FakeMailer
+    ) -> None:
+        # Given a rejected request and a mail server that refuses the recipient for good
+        request_id = rejected(uow, "no")
+        mailer.fail_next(PermanentDeliveryError, "550 no such user")
+
+        # When the rejection email is sent
+        status = notify(uow, mailer, request_id, NotificationKind.REJECT)
+
+        # Then the failure is recorded, not raised
+        assert status is DeliveryStatus.FAILED
+        notification = uow.notifications.saved(request_id, NotificationKind.REJECT)
+        assert notification is not None
+        assert (notification.status, notification.last_error) == (DeliveryStatus.FAILED, "550 no such user")
+        assert notification.sent_at is None
+
+    def test_is_never_retried(self, uow: FakeUnitOfWork, mailer: FakeMailer) -> None:
+        # Given a rejection email the server refused for good
+        request_id = rejected(uow, "no")
+        mailer.fail_next(PermanentDeliveryError, "550 no such user")
+        notify(uow, mailer, request_id, NotificationKind.REJECT)
+
+        # When the order to send it is delivered again
+        status = notify(uow, mailer, request_id, NotificationKind.REJECT)
+
+        # Then the server is not asked again
+        assert status is DeliveryStatus.FAILED
+        assert mailer.attempts == 1
+
+
+class TestANotificationForAnUnknownRequest:
+    def test_is_dropped(self, uow: FakeUnitOfWork, mailer: FakeMailer) -> None:
+        # Given / When an email is ordered about a request that does not exist
+        status = notify(uow, mailer, "no-such-request", NotificationKind.APPROVE)
+
+        # Then nothing is sent or stored
+        assert status is None
+        assert mailer.attempts == 0
+        assert len(uow.notifications) == 0
+
+
+# --- follow-ups ------------------------------------------------------------------------------------
+
+
+class TestEachEventCallsForItsFollowUp:
+    @pytest.mark.parametrize(
+        ("event", "expected"),
+        [
+            (events.RequestApproved("r", automatically=True), [IssueCredentials("r")]),
+            (events.RequestApproved("r", automatically=False), [IssueCredentials("r")]),
+            (events.RequestParkedForReview("r"), [SendNotification("r", NotificationKind.REVIEW)]),
+            (events.RequestRejected("r", "no"), [SendNotification("r", NotificationKind.REJECT)]),
+            (events.CredentialsProvisioned("r", "c"), [SendNotification("r", NotificationKind.APPROVE)]),
+            (events.RequestInvalidated("r", "bad"), []),
+        ],
+        ids=["auto-approved", "approved-by-admin", "parked", "rejected", "provisioned", "invalidated"],
+    )
+    def test_maps_the_event_to_commands(self, event: events.Event, expected: list[object]) -> None:
+        # Given an event / When its follow-ups are asked for / Then they are the expected commands
+        assert follow_ups(event) == expected
