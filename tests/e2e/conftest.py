@@ -61,7 +61,7 @@ def env(settings: Settings) -> dict[str, str]:
 @pytest.fixture(scope="session")
 def worker_pools(
     env: dict[str, str], settings: Settings, tmp_path_factory: pytest.TempPathFactory
-) -> Iterator[None]:
+) -> Iterator[Path]:
     """Two pools, as ops would run them: one for routing and decisions, one for credentials and email."""
     logs = tmp_path_factory.mktemp("worker-logs")
     pools = [("requests", "decisions"), ("credentials", "notifications")]
@@ -82,7 +82,7 @@ def worker_pools(
                 timeout=60,
                 what=f"a consumer on {name}",
             )
-        yield
+        yield logs
     finally:
         for process, _ in processes:
             process.send_signal(signal.SIGTERM)

@@ -298,3 +298,32 @@ class TestCredentials:
         assert row.sealed_secret is None and secret not in row.secret_hash
         assert cli(env, "credentials", "verify", stdin=secret + "\n").stdout.strip() == "valid"
         assert cli(env, "credentials", "verify", stdin=secret[:-2] + "xx\n", check=False).returncode == 1
+
+
+class TestWorkerLogs:
+    def test_are_json_with_ids_bound_and_no_secret(
+        self, env: dict[str, str], services: Services, worker_pools: Path, tmp_path: Path
+    ) -> None:
+        # Given a provisioned request whose secret has been revealed
+        request_id = submit_file(env, tmp_path, request_payload(app_id=None, new_app={"name": "Log Check"}))
+        wait_for_status(services, request_id, Status.PROVISIONED)
+        with services.uow() as uow:
+            request = uow.requests.get(request_id)
+            assert request is not None and request.app_id is not None
+        [shown] = json.loads(cli(env, "credentials", "show", request.app_id, "--json").stdout)
+        secret = shown["secret"]
+
+        # Then every pool's log is JSON lines, the lines about this request carry its id and the message id
+        def lines_about_request() -> list[dict[str, object]]:
+            found = []
+            for log_file in worker_pools.glob("*.log"):
+                for line in log_file.read_text().splitlines():
+                    if line.startswith("{") and request_id in line:
+                        found.append(json.loads(line))
+            return found
+
+        lines = svc.wait_until(lambda: len(found := lines_about_request()) > 0 and found, what="log lines")
+        assert all(line.get("request_id") == request_id and line.get("message_id") for line in lines)
+        # And the secret appears in no log
+        for log_file in worker_pools.glob("*.log"):
+            assert secret not in log_file.read_text()

@@ -1,0 +1,123 @@
+"""The CLI as an operator meets it: a fresh database, clear errors, non-zero exits."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from infra.settings import Settings
+from tests import services as svc
+from tests.conftest import EXAMPLES
+from tests.e2e.conftest import cli, settings_env
+
+pytestmark = pytest.mark.e2e
+
+
+@pytest.fixture(scope="module")
+def fresh_env(postgres_server: str, settings: Settings) -> Iterator[dict[str, str]]:
+    """The environment of an operator who has just created an empty database."""
+    with svc.fresh_database(postgres_server) as url:
+        yield settings_env(settings.model_copy(update={"database_url": url}))
+
+
+class TestSettingUp:
+    def test_db_upgrade_then_catalog_load_on_an_empty_database(self, fresh_env: dict[str, str]) -> None:
+        upgraded = cli(fresh_env, "db", "upgrade")
+        assert "database at revision 0001" in upgraded.stdout
+
+        loaded = cli(fresh_env, "catalog", "load", str(EXAMPLES / "catalog.yaml"), "--json")
+
+        assert json.loads(loaded.stdout) == {"products": 3, "plans": 2, "consumers": 2, "apps": 2}
+        assert json.loads(cli(fresh_env, "requests", "list", "--json").stdout) == []
+
+    def test_upgrading_twice_changes_nothing(self, fresh_env: dict[str, str]) -> None:
+        cli(fresh_env, "db", "upgrade")
+        assert "database at revision 0001" in cli(fresh_env, "db", "upgrade").stdout
+
+
+class TestErrors:
+    def test_a_catalogue_with_a_dangling_reference_is_refused_with_the_reason(
+        self, fresh_env: dict[str, str], tmp_path: Path
+    ) -> None:
+        bad = tmp_path / "catalog.yaml"
+        bad.write_text(
+            "products: []\nplans:\n  - {id: p, name: P, auto_approve: true, rate_limit_per_minute: 1, products: [ghost]}\n"
+        )
+
+        result = cli(fresh_env, "catalog", "load", str(bad), check=False)
+
+        assert result.returncode == 1
+        assert "offers products not in this file: ghost" in result.stderr
+
+    def test_a_request_file_that_breaks_the_contract_is_not_published(
+        self, fresh_env: dict[str, str], tmp_path: Path
+    ) -> None:
+        bad = tmp_path / "request.json"
+        bad.write_text(
+            json.dumps(
+                {
+                    "consumer": {"id": "acme", "email": "not-an-email", "name": "A"},
+                    "app_id": "x",
+                    "product_ids": [],
+                    "plan_id": "starter",
+                }
+            )
+        )
+
+        result = cli(fresh_env, "submit", str(bad), check=False)
+
+        assert result.returncode == 1
+        assert "consumer.email" in result.stderr and "product_ids" in result.stderr
+
+    def test_an_unknown_request_is_an_error(self, fresh_env: dict[str, str]) -> None:
+        cli(fresh_env, "db", "upgrade")
+        result = cli(fresh_env, "requests", "show", "00000000-0000-0000-0000-000000000000", check=False)
+        assert result.returncode == 1 and "no request" in result.stderr
+
+    def test_a_rejection_needs_a_reason(self, fresh_env: dict[str, str]) -> None:
+        result = cli(
+            fresh_env,
+            "decide",
+            "00000000-0000-0000-0000-000000000000",
+            "reject",
+            "--admin",
+            "a@b.example",
+            check=False,
+        )
+        assert result.returncode == 2 and "--reason" in result.stderr
+
+    def test_an_unreachable_broker_is_an_error_not_a_hang(self, fresh_env: dict[str, str]) -> None:
+        env = {**fresh_env, "ACCESSFLOW_BROKER_URL": f"amqp://guest:guest@127.0.0.1:{svc.free_port()}/%2F"}
+        result = cli(env, "submit", str(EXAMPLES / "requests" / "01-auto-approve.json"), check=False)
+        assert result.returncode == 1 and "could not publish" in result.stderr
+
+
+class TestTheDemo:
+    def test_plays_the_four_scenarios_and_writes_the_emails(self, tmp_path: Path) -> None:
+        # The demo needs no service: run it with an environment that points at none.
+        result = cli(
+            {"PATH": "/usr/bin:/bin", "HOME": str(tmp_path)},
+            "demo",
+            "--workdir",
+            str(tmp_path / "demo"),
+            "--examples",
+            str(EXAMPLES),
+        )
+
+        out = result.stdout
+        for expected in (
+            "01-auto-approve.json",
+            "provisioned",
+            "02-manual-approve.json",
+            "03-manual-reject.json",
+            "rejected",
+            "04-invalid-mixed-auth.json",
+            "one authentication method",
+            "secret is gone",
+            "5 emails written",
+        ):
+            assert expected in out, f"{expected!r} not in the demo's output:\n{out}"
+        assert len(list((tmp_path / "demo" / "mail").glob("*.eml"))) == 5
