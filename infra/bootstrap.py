@@ -167,4 +167,7 @@ def boot_workers() -> None:
     """Entry point for the ``dramatiq`` command line: runs in every worker process after it starts."""
     settings = Settings()
     accessflow_logging.configure(settings.log_level, settings.log_format)
-    wire(build(settings))
+    services = build(settings)
+    # Fail at boot, not on the first approved request: without the key no credential can be sealed.
+    services.sealer()
+    wire(services)
