@@ -15,7 +15,7 @@ from typing import Any
 import dramatiq
 import sqlalchemy as sa
 import structlog
-from dramatiq.middleware import Middleware
+from dramatiq.middleware import Middleware, Retries
 from sqlalchemy.engine import Engine
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -25,6 +25,7 @@ from infra import logging as accessflow_logging
 from infra import orm
 from infra.broker import DramatiqPublisher, PeriodicTask, make_broker
 from infra.credentials import FernetSealer, LocalCredentialIssuer
+from infra.delivery import DeliveryGuard
 from infra.email import EmailRenderer, FileMailer, SmtpMailer
 from infra.outbox import OutboxRelay
 from infra.settings import Settings
@@ -158,6 +159,9 @@ def wire(services: Services) -> dramatiq.Broker:
     from workers.registry import register_all
 
     services.broker.add_middleware(WorkerLifecycle(services))
+    services.broker.add_middleware(
+        DeliveryGuard(services.session_factory, services.settings.max_deliveries), before=Retries
+    )
     register_all(services)
     dramatiq.set_broker(services.broker)
     return services.broker

@@ -11,11 +11,13 @@ import threading
 import time
 from collections.abc import Mapping
 from typing import Any, Protocol
+from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 import dramatiq
 import structlog
 from dramatiq.brokers.rabbitmq import RabbitmqBroker
 from dramatiq.brokers.stub import StubBroker
+from dramatiq.common import xq_name
 from dramatiq.middleware import (
     CurrentMessage,
     Middleware,
@@ -87,6 +89,50 @@ def middleware_for(settings: Settings) -> list[Middleware]:
     ]
 
 
+class QuorumRabbitmqBroker(RabbitmqBroker):
+    """dramatiq's RabbitMQ broker, declaring quorum queues.
+
+    Why quorum and not classic: a quorum queue replicates every confirmed message to a
+    majority of nodes, and counts redeliveries, dead-lettering a message after
+    ``x-delivery-limit`` of them, so even a message that kills every worker it reaches
+    cannot loop forever. Dead-lettering is at-least-once, so nothing is lost on the way
+    to ``<queue>.XQ``. A queue's type cannot change once declared, hence this choice on
+    day one. The delivery limit here is a backstop: :mod:`infra.delivery` bounds deliveries
+    more tightly, and more precisely, in the database.
+    """
+
+    def __init__(self, *, delivery_limit: int, dead_letter_ttl_ms: int | None, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.delivery_limit = delivery_limit
+        self.dead_letter_ttl_ms = dead_letter_ttl_ms
+
+    def _build_queue_arguments(self, queue_name: str) -> dict[str, Any]:
+        return {
+            "x-queue-type": "quorum",
+            "x-delivery-limit": self.delivery_limit,
+            "x-dead-letter-exchange": "",
+            "x-dead-letter-routing-key": xq_name(queue_name),
+            "x-dead-letter-strategy": "at-least-once",
+            "x-overflow": "reject-publish",  # required by at-least-once dead-lettering
+        }
+
+    def _declare_xq_queue(self, queue_name: str) -> Any:
+        # dramatiq's dead-letter queue drops messages after 7 days, silently; ours keeps them
+        # until an operator replays or purges them, unless ACCESSFLOW_DEAD_LETTER_TTL_DAYS says otherwise.
+        arguments: dict[str, Any] = {"x-queue-type": "quorum"}
+        if self.dead_letter_ttl_ms:
+            arguments["x-message-ttl"] = self.dead_letter_ttl_ms
+        return self.channel.queue_declare(queue=xq_name(queue_name), durable=True, arguments=arguments)
+
+
+def amqp_url_with_timeouts(url: str) -> str:
+    """Add heartbeat and timeouts to an AMQP URL that does not set them, so a dead peer is noticed."""
+    defaults = {"heartbeat": "30", "blocked_connection_timeout": "60", "socket_timeout": "10"}
+    parts = urlsplit(url)
+    query = dict(parse_qsl(parts.query))
+    return urlunsplit(parts._replace(query=urlencode({**defaults, **query})))
+
+
 def make_broker(settings: Settings) -> dramatiq.Broker:
     """Build the broker ``settings.broker_url`` names: RabbitMQ, or ``stub://`` in memory."""
     broker: dramatiq.Broker
@@ -94,8 +140,13 @@ def make_broker(settings: Settings) -> dramatiq.Broker:
         broker = StubBroker(middleware=middleware_for(settings))
         broker.emit_after("process_boot")
     else:
-        broker = RabbitmqBroker(
-            url=settings.broker_url, confirm_delivery=True, middleware=middleware_for(settings)
+        ttl_days = settings.dead_letter_ttl_days
+        broker = QuorumRabbitmqBroker(
+            url=amqp_url_with_timeouts(settings.broker_url),
+            confirm_delivery=True,
+            middleware=middleware_for(settings),
+            delivery_limit=settings.max_deliveries * 4,
+            dead_letter_ttl_ms=ttl_days * 86_400_000 if ttl_days else None,
         )
     return broker
 

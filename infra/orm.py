@@ -199,6 +199,32 @@ malformed_messages = sa.Table(
     sa.Column("received_at", Timestamp, nullable=False),
 )
 
+# How often each message started processing without finishing. A message that kills its
+# worker never reaches the end of its run, so only this counter (committed before the run)
+# can bound its deliveries. Rows are deleted when a run ends, whatever its outcome.
+deliveries = sa.Table(
+    "deliveries",
+    metadata,
+    sa.Column("message_id", sa.String(200), primary_key=True),
+    sa.Column("actor_name", sa.String(200), nullable=False),
+    sa.Column("attempts", sa.Integer, nullable=False),
+    sa.Column("first_started_at", Timestamp, nullable=False),
+    sa.Column("last_started_at", Timestamp, nullable=False),
+)
+
+# Why each message in a dead-letter queue is there; the message itself stays in <queue>.XQ.
+dead_letters = sa.Table(
+    "dead_letters",
+    metadata,
+    sa.Column("id", sa.BigInteger().with_variant(sa.Integer, "sqlite"), primary_key=True, autoincrement=True),
+    sa.Column("message_id", sa.String(200), nullable=False, index=True),
+    sa.Column("queue_name", sa.String(200), nullable=False),
+    sa.Column("actor_name", sa.String(200), nullable=False),
+    sa.Column("reason", sa.Text, nullable=False),
+    sa.Column("dead_lettered_at", Timestamp, nullable=False),
+    sa.Column("replayed_at", Timestamp, nullable=True),
+)
+
 _mapped = False
 
 

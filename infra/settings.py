@@ -68,6 +68,19 @@ class Settings(BaseSettings):
     max_retries: int = Field(5, ge=0, description="Retries of a failing message before it is dead-lettered.")
     min_backoff_ms: int = Field(1_000, ge=0, description="First retry delay; doubles each retry.")
     max_backoff_ms: int = Field(60_000, ge=0, description="Longest retry delay.")
+    max_deliveries: int = Field(
+        5,
+        ge=1,
+        description="A message that starts this many runs without finishing one (it kills its worker) is dead-lettered.",
+    )
+    dead_letter_ttl_days: int = Field(
+        0, ge=0, description="Drop dead letters after this many days; 0 keeps them until replayed or purged."
+    )
+    shutdown_timeout_seconds: int = Field(
+        60,
+        ge=1,
+        description="On SIGTERM, how long workers may finish in-flight messages before they are requeued.",
+    )
     actor_time_limit_ms: int = Field(
         120_000,
         ge=1_000,
