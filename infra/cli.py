@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import re
@@ -15,13 +16,15 @@ import click
 from pydantic import ValidationError
 
 from domain.errors import AccessflowError
-from domain.model import Status
+from domain.model import DeliveryStatus, Status
 from infra import catalogue_file, producer
 from infra.bootstrap import Services, build
 from infra.broker import DramatiqPublisher, make_broker
 from infra.logging import configure as configure_logging
 from infra.settings import Settings
 from messages.routes import ROUTES
+
+QUEUE_CHOICES = [route.queue for route in ROUTES]
 
 
 def _settings() -> Settings:
@@ -369,6 +372,110 @@ def credentials_verify(client_id: str | None) -> None:
 
 
 @main.group()
+def notifications() -> None:
+    """Emails owed, sent and failed."""
+
+
+@notifications.command("list")
+@click.option(
+    "--status", type=click.Choice([s.value for s in DeliveryStatus]), default=None, help="Only this status."
+)
+@click.option("--limit", default=100, show_default=True, help="At most this many, newest first.")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+def notifications_list(status: str | None, limit: int, as_json: bool) -> None:
+    """List emails; `--status failed` shows those the SMTP server refused for good."""
+    with _services() as services, services.uow() as uow:
+        rows = [
+            {
+                "request_id": n.request_id,
+                "kind": n.kind.value,
+                "status": n.status.value,
+                "attempts": n.attempts,
+                "last_error": n.last_error,
+                "message_id": n.message_id,
+                "created_at": n.created_at.isoformat(),
+            }
+            for n in uow.notifications.recent(status=DeliveryStatus(status) if status else None, limit=limit)
+        ]
+    if as_json:
+        _echo_json(rows)
+        return
+    for r in rows:
+        click.echo(
+            f"{r['request_id']}  {r['kind']:<8} {r['status']:<8} {r['attempts']} attempt(s)  {r['last_error']}"
+        )
+    if not rows:
+        click.echo("no emails")
+
+
+# --- dead letters -----------------------------------------------------------------------------------
+
+
+@main.group()
+def dlq() -> None:
+    """Dead-letter queues: what failed for good, why, and replaying it."""
+
+
+def _xq_names(settings: Settings, queue: str | None) -> list[str]:
+    return [f"{r.queue_name(settings.queue_prefix)}.XQ" for r in ROUTES if queue in (None, r.queue)]
+
+
+@dlq.command("list")
+@click.option("--queue", "-Q", type=click.Choice(QUEUE_CHOICES), default=None, help="Only this queue's DLQ.")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+def dlq_list(queue: str | None, as_json: bool) -> None:
+    """Show every dead-lettered message with its reason, leaving the queues untouched."""
+    from infra import dead_letters
+
+    with _services() as services:
+        letters = [
+            letter
+            for xq in _xq_names(services.settings, queue)
+            for letter in dead_letters.peek(services.settings.broker_url, services.session_factory, xq)
+        ]
+    if as_json:
+        _echo_json([dataclasses.asdict(letter) for letter in letters])
+        return
+    ttl = _settings().dead_letter_ttl_days
+    click.echo(
+        f"{len(letters)} dead letter(s); kept {'until replayed or purged' if not ttl else f'{ttl} days'}"
+    )
+    for letter in letters:
+        click.echo(
+            f"{letter.queue_name}  {letter.message_id or '(not a message)'}  {letter.actor_name or ''}"
+        )
+        click.echo(f"    {letter.reason}")
+
+
+@dlq.command("replay")
+@click.option("--queue", "-Q", type=click.Choice(QUEUE_CHOICES), default=None, help="Only this queue's DLQ.")
+@click.option("--limit", type=click.IntRange(1), default=None, help="Replay at most this many per queue.")
+@click.option("--dry-run", is_flag=True, help="Count what would be replayed; move nothing.")
+def dlq_replay(queue: str | None, limit: int | None, dry_run: bool) -> None:
+    """Put dead-lettered messages back on their queues, with fresh retries."""
+    from infra import dead_letters
+
+    with _services() as services:
+        url = services.settings.broker_url
+        for xq in _xq_names(services.settings, queue):
+            total = min(dead_letters.depth(url, xq), limit or 10**9)
+            if total == 0:
+                continue
+            with click.progressbar(length=total, label=xq, file=sys.stderr) as bar:
+                result = dead_letters.replay(
+                    url,
+                    services.session_factory,
+                    xq,
+                    limit=limit,
+                    dry_run=dry_run,
+                    on_each=lambda: bar.update(1),
+                )
+            verb = "would replay" if dry_run else "replayed"
+            kept = f", kept {result.kept} that are not messages" if result.kept else ""
+            click.echo(f"{xq}: {verb} {result.replayed}{kept}")
+
+
+@main.group()
 def keys() -> None:
     """Keys accessflow needs."""
 
@@ -382,9 +489,6 @@ def keys_generate() -> None:
 
 
 # --- workers ----------------------------------------------------------------------------------------
-
-
-QUEUE_CHOICES = [route.queue for route in ROUTES]
 
 
 @main.command()
@@ -401,23 +505,32 @@ QUEUE_CHOICES = [route.queue for route in ROUTES]
 @click.option(
     "--threads", "-t", default=4, show_default=True, type=click.IntRange(1), help="Threads per process."
 )
-def workers(queues: tuple[str, ...], processes: int, threads: int) -> None:
-    """Run a dramatiq worker pool; run one pool per queue to scale each on its own."""
+@click.option(
+    "--supervise/--no-supervise",
+    default=True,
+    show_default=True,
+    help="Restart the pool when a worker process dies. Turn off under a supervisor that restarts it.",
+)
+def workers(queues: tuple[str, ...], processes: int, threads: int, supervise: bool) -> None:
+    """Run a dramatiq worker pool; run one pool per queue to scale each on its own.
+
+    SIGTERM stops it gracefully: in-flight messages get ACCESSFLOW_SHUTDOWN_TIMEOUT_SECONDS
+    to finish, and anything unfinished goes back to its queue.
+    """
+    from infra.supervisor import supervise as run_supervised
+
     settings = _settings()
     chosen = queues or tuple(QUEUE_CHOICES)
     names = [f"{settings.queue_prefix}.{q}" for q in chosen]
     argv = [
-        sys.executable,
-        "-m",
-        "dramatiq",
-        "infra.bootstrap:boot_workers",
-        "--processes",
-        str(processes),
-        "--threads",
-        str(threads),
-        "--queues",
-        *names,
-    ]
+        sys.executable, "-m", "dramatiq", "infra.bootstrap:boot_workers",
+        "--processes", str(processes), "--threads", str(threads),
+        "--worker-shutdown-timeout", str(settings.shutdown_timeout_seconds * 1000),
+        "--queues", *names,
+    ]  # fmt: skip
+    if supervise:
+        # A little longer than dramatiq's own timeout, so that dramatiq requeues before we kill.
+        sys.exit(run_supervised(argv, shutdown_timeout=settings.shutdown_timeout_seconds + 10))
     sys.stdout.flush()
     os.execv(sys.executable, argv)  # noqa: S606 - become the dramatiq process, so signals reach it
 

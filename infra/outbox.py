@@ -22,6 +22,7 @@ from domain.commands import Command
 from domain.model import utcnow
 from infra import orm
 from infra.broker import Publisher
+from infra.faults import crash_point
 from messages.routes import route_for_command
 
 log = structlog.get_logger()
@@ -95,6 +96,7 @@ class OutboxRelay:
                             message_id=row.id,
                         )
                         sent.append(row.id)
+                    crash_point("relay_after_publish")  # confirmed but not yet marked: resent later
                 finally:
                     # Mark what the broker confirmed, even if a later row failed.
                     if sent:

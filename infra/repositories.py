@@ -14,6 +14,7 @@ from domain.model import (
     Consumer,
     Credential,
     Decision,
+    DeliveryStatus,
     Notification,
     NotificationKind,
     Plan,
@@ -147,6 +148,12 @@ class SqlNotificationRepository:
 
     def add(self, notification: Notification) -> None:
         self.session.add(notification)
+
+    def recent(self, *, status: DeliveryStatus | None = None, limit: int = 100) -> list[Notification]:
+        query = sa.select(Notification).order_by(orm.notifications.c.id.desc()).limit(limit)
+        if status is not None:
+            query = query.where(orm.notifications.c.status == status)
+        return list(self.session.scalars(query))
 
     def for_request(self, request_id: str) -> list[Notification]:
         query = sa.select(Notification).where(orm.notifications.c.request_id == request_id)

@@ -7,6 +7,7 @@ from typing import Self
 
 from sqlalchemy.orm import Session, sessionmaker
 
+from infra.faults import crash_point
 from infra.outbox import OutboxRelay, SqlOutbox
 from infra.repositories import (
     SqlCatalogueRepository,
@@ -55,6 +56,7 @@ class SqlUnitOfWork:
 
     def commit(self) -> None:
         self.session.commit()
+        crash_point("after_commit")  # the fault suite's "crash after commit, before ack"
         committed, self.outbox.added = self.outbox.added, []
         if committed and self.relay is not None:
             self.relay.publish_quietly(committed)

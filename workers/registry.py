@@ -16,6 +16,7 @@ import structlog
 from dramatiq.middleware import CurrentMessage
 from pydantic import BaseModel, ValidationError
 
+from infra.faults import poison_check
 from messages.routes import Route
 from messages.v1 import MAX_MESSAGE_BYTES
 
@@ -92,6 +93,7 @@ def _register(route: Route, fn: ActorFunction, services: Services) -> None:
         request_id = getattr(message, "request_id", None)
         if request_id is not None:
             structlog.contextvars.bind_contextvars(request_id=request_id)
+        poison_check(request_id)
         fn(message, services)
 
     consume.__qualname__ = consume.__name__ = fn.__name__

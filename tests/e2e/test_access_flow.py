@@ -242,7 +242,9 @@ class TestDuplicates:
 
 
 class TestMalformedMessages:
-    def test_neither_crash_nor_stall_the_workers(self, settings: Settings, services: Services) -> None:
+    def test_neither_crash_nor_stall_the_workers(
+        self, env: dict[str, str], settings: Settings, services: Services
+    ) -> None:
         # Given garbage, a message with wrong fields, and a request for an unknown plan, in that order
         queue = SUBMIT.queue_name(settings.queue_prefix)
         wrong_fields_id = str(uuid.uuid4())
@@ -271,6 +273,13 @@ class TestMalformedMessages:
         assert "request_id" in reason and "consumer: Field required" in reason
         # And the bytes that are not JSON were dead-lettered where an operator can see them
         svc.wait_until(lambda: svc.queue_depth(settings.broker_url, f"{queue}.XQ") >= 1, what="the XQ")
+        letters = json.loads(cli(env, "dlq", "list", "--queue", "requests", "--json").stdout)
+        garbage = [letter for letter in letters if letter["message_id"] is None]
+        assert garbage and "rejected" in garbage[0]["reason"]
+        # And a replay leaves what is not a message where a human can look at it
+        replayed = cli(env, "dlq", "replay", "--queue", "requests")
+        assert "kept" in replayed.stdout
+        assert svc.queue_depth(settings.broker_url, f"{queue}.XQ") >= 1
 
 
 class TestCredentials:
