@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo test test-unit lint typecheck bench schemas services clean
+.PHONY: install demo test test-faults test-unit lint typecheck bench schemas services clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -20,7 +20,11 @@ demo: $(STAMP)
 
 ## make test: lint, types, then every test against real PostgreSQL, RabbitMQ and SMTP.
 test: $(STAMP) services lint typecheck
-	$(BIN)/python -m pytest
+	$(BIN)/python -m pytest -m "not faults"
+
+## make test-faults: the fault suite, on private PostgreSQL and RabbitMQ instances it may kill.
+test-faults: $(STAMP) services
+	$(BIN)/python -m pytest -m faults -p no:logging -s tests/faults
 
 test-unit: $(STAMP)
 	$(BIN)/python -m pytest tests/unit

@@ -530,7 +530,13 @@ def workers(queues: tuple[str, ...], processes: int, threads: int, supervise: bo
     ]  # fmt: skip
     if supervise:
         # A little longer than dramatiq's own timeout, so that dramatiq requeues before we kill.
-        sys.exit(run_supervised(argv, shutdown_timeout=settings.shutdown_timeout_seconds + 10))
+        sys.exit(
+            run_supervised(
+                argv,
+                shutdown_timeout=settings.shutdown_timeout_seconds + 10,
+                max_pause=settings.restart_pause_max_seconds,
+            )
+        )
     sys.stdout.flush()
     os.execv(sys.executable, argv)  # noqa: S606 - become the dramatiq process, so signals reach it
 

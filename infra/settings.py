@@ -81,6 +81,9 @@ class Settings(BaseSettings):
         ge=1,
         description="On SIGTERM, how long workers may finish in-flight messages before they are requeued.",
     )
+    restart_pause_max_seconds: float = Field(
+        30.0, gt=0, description="Longest pause before a worker pool that keeps dying is started again."
+    )
     actor_time_limit_ms: int = Field(
         120_000,
         ge=1_000,

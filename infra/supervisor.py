@@ -23,15 +23,15 @@ log = structlog.get_logger()
 
 #: A run shorter than this counts as a quick failure, and doubles the pause before the next start.
 HEALTHY_RUN_SECONDS = 30.0
-MAX_PAUSE_SECONDS = 30.0
 
 
-def supervise(argv: Sequence[str], *, shutdown_timeout: float) -> int:
+def supervise(argv: Sequence[str], *, shutdown_timeout: float, max_pause: float = 30.0) -> int:
     """Run ``argv`` until asked to stop; return its last exit status.
 
     Parameters:
       argv: the command that runs the pool.
       shutdown_timeout: seconds the pool gets to stop after a signal before it is killed.
+      max_pause: the longest pause, in seconds, between restarts of a pool that keeps dying.
     """
     stopping = threading.Event()
     child: subprocess.Popen[bytes] | None = None
@@ -42,7 +42,7 @@ def supervise(argv: Sequence[str], *, shutdown_timeout: float) -> int:
             child.send_signal(signum)
 
     previous = {s: signal.signal(s, forward) for s in (signal.SIGTERM, signal.SIGINT)}
-    pause = 1.0
+    pause = min(0.5, max_pause)  # doubled before the first restart
     try:
         while True:
             started = time.monotonic()
@@ -52,7 +52,7 @@ def supervise(argv: Sequence[str], *, shutdown_timeout: float) -> int:
                 log.info("workers.stopped", exit_code=code)
                 return code
             ran = time.monotonic() - started
-            pause = 1.0 if ran > HEALTHY_RUN_SECONDS else min(pause * 2, MAX_PAUSE_SECONDS)
+            pause = min(1.0, max_pause) if ran > HEALTHY_RUN_SECONDS else min(pause * 2, max_pause)
             log.warning("workers.died", exit_code=code, ran_seconds=round(ran, 1), restart_in_seconds=pause)
             if stopping.wait(pause):
                 return code

@@ -15,6 +15,7 @@ from typing import Annotated, Literal
 from pydantic import (
     AfterValidator,
     BaseModel,
+    BeforeValidator,
     ConfigDict,
     EmailStr,
     Field,
@@ -55,7 +56,24 @@ def _uuid_string(value: str) -> str:
 def _aware(value: datetime) -> datetime:
     if value.tzinfo is None:
         raise ValueError("must carry a timezone offset, e.g. 2026-11-26T10:00:00Z")
-    return value.astimezone(UTC)
+    try:
+        return value.astimezone(UTC)
+    except OverflowError:  # 0001-01-01T00:30+01:00 has no UTC equivalent
+        raise ValueError("is out of range") from None
+
+
+def _not_a_bool(value: object) -> object:
+    # JSON true would pass as 1: a version is an integer, not a flag.
+    if isinstance(value, bool):
+        raise ValueError("must be an integer")
+    return value
+
+
+def _not_a_number(value: object) -> object:
+    # pydantic would read a JSON number as Unix time; the contract says an ISO 8601 string.
+    if isinstance(value, int | float):
+        raise ValueError("must be an ISO 8601 date-time string, not a number")
+    return value
 
 
 Identifier = Annotated[
@@ -70,13 +88,15 @@ Name = Annotated[
 ]
 Text = Annotated[str, StringConstraints(max_length=2000), AfterValidator(_printable_text)]
 Email = Annotated[EmailStr, StringConstraints(max_length=254), AfterValidator(_no_control_characters)]
-Timestamp = Annotated[datetime, AfterValidator(_aware)]
+Timestamp = Annotated[datetime, BeforeValidator(_not_a_number), AfterValidator(_aware)]
 
 
 class Contract(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True, str_strip_whitespace=False)
 
-    version: Literal[1] = Field(1, description="Contract version; bump means a new module.")
+    version: Annotated[Literal[1], BeforeValidator(_not_a_bool)] = Field(
+        1, description="Contract version; bump means a new module."
+    )
 
 
 class ConsumerRef(BaseModel):

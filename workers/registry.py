@@ -44,10 +44,12 @@ def actor(route: Route) -> Callable[[Callable[[C, Services], None]], Callable[[C
 
 def explain(error: ValidationError) -> str:
     """One line per problem, naming the field, without echoing the (possibly huge) input."""
-    return "; ".join(
-        f"{'.'.join(str(p) for p in problem['loc']) or 'message'}: {problem['msg']}"
-        for problem in error.errors()
-    )
+    return "; ".join(f"{_location(problem['loc'])}: {problem['msg']}" for problem in error.errors())
+
+
+def _location(loc: tuple[int | str, ...]) -> str:
+    # A field name can come from the input: escape it, so a crafted key cannot break a line.
+    return ".".join(str(part).encode("unicode_escape").decode() for part in loc) or "message"
 
 
 def decode(route: Route, args: tuple[Any, ...], kwargs: dict[str, Any]) -> BaseModel:

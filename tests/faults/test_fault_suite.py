@@ -1,0 +1,252 @@
+"""Nothing lost, nothing doubled: a batch of requests through accessflow while things break.
+
+Each case runs a batch of 1,000 requests (auto-approved, manual and invalid; the manual
+ones decided by a concurrent stream of admin decisions) on a private PostgreSQL and a
+private RabbitMQ that the case may kill, and checks the invariants in
+:func:`tests.faults.batch.check_invariants`. Each prints one ``FAULT CASE`` line with its
+figures; ``make test-faults`` shows them.
+"""
+
+from __future__ import annotations
+
+import random
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import sqlalchemy as sa
+
+from infra import orm
+from tests import services as svc
+from tests.faults.batch import Batch, Figures, World, check_invariants, make_payloads, world
+from tests.faults.private_services import PrivatePostgres, PrivateRabbitMQ
+
+pytestmark = pytest.mark.faults
+
+BATCH = 1000
+#: Threads per worker process, as batch.Pool runs them.
+THREADS = 4
+
+
+@pytest.fixture(scope="module")
+def private_postgres() -> Iterator[PrivatePostgres]:
+    if reason := PrivatePostgres.available():
+        svc.unavailable(f"cannot run a private PostgreSQL: {reason}")
+    with PrivatePostgres() as postgres:
+        yield postgres
+
+
+@pytest.fixture(scope="module")
+def private_rabbitmq() -> Iterator[PrivateRabbitMQ]:
+    if reason := PrivateRabbitMQ.available():
+        svc.unavailable(f"cannot run a private RabbitMQ: {reason}")
+    with PrivateRabbitMQ() as rabbitmq:
+        yield rabbitmq
+
+
+def report(figures: Figures) -> None:
+    # Printed, so that `pytest -s` and the CI log carry the table of figures.
+    print(f"\n{figures.line()}")
+
+
+def wait_for_progress(batch: Batch, done: int) -> None:
+    svc.wait_until(
+        lambda: batch.final_count() >= done, timeout=300, interval=0.2, what=f"{done} requests final"
+    )
+
+
+def run(case: str, w: World, batch: Batch, *, faults_at: list[float] | None = None, **expect: int) -> Figures:
+    """Wait for the batch, check the invariants, and report the case's figures."""
+    seconds = batch.wait_until_final()
+    lost, duplicated = check_invariants(batch, **expect)
+    last_fault = max(faults_at) if faults_at else None
+    figures = Figures(
+        case=case,
+        requests=batch.size,
+        lost=lost,
+        duplicated=duplicated,
+        seconds=seconds,
+        recovery_seconds=(batch.started + seconds - last_fault) if last_fault else None,
+        notes=f"emails={len(w.smtp.received())}",
+    )
+    report(figures)
+    return figures
+
+
+class TestWorkerCrashes:
+    def test_kill_9_of_worker_processes_three_times(
+        self, private_postgres: PrivatePostgres, private_rabbitmq: PrivateRabbitMQ, tmp_path: Path
+    ) -> None:
+        with world(private_postgres.url, private_rabbitmq.url, tmp_path) as w:
+            batch = Batch(w, size=BATCH)
+            batch.start()
+            faults = []
+            for i, pool in enumerate([w.pools[0], w.pools[1], w.pools[0]]):
+                wait_for_progress(batch, (i + 1) * BATCH // 5)
+                assert pool.kill_workers() > 0
+                faults.append(time.monotonic())
+            # A kill between the SMTP server's 250 and our record of it resends that email: at most
+            # one duplicate per sending thread per kill (issue: "a crash in between may produce one").
+            run("1 kill -9 workers x3", w, batch, faults_at=faults, allowed_duplicate_emails=3 * THREADS)
+
+    def test_a_crash_after_the_commit_and_before_the_ack(
+        self, private_postgres: PrivatePostgres, private_rabbitmq: PrivateRabbitMQ, tmp_path: Path
+    ) -> None:
+        with world(private_postgres.url, private_rabbitmq.url, tmp_path, faults="after_commit=0.002") as w:
+            batch = Batch(w, size=BATCH, seed=2)
+            batch.start()
+            run("2 crash after commit", w, batch)
+            crashes = sum(p.log_path.read_text().count('"workers.died"') for p in w.pools)
+            assert crashes > 0, "the fault point never fired: the case tested nothing"
+
+    def test_sigterm_during_the_batch_then_a_restart(
+        self, private_postgres: PrivatePostgres, private_rabbitmq: PrivateRabbitMQ, tmp_path: Path
+    ) -> None:
+        with world(private_postgres.url, private_rabbitmq.url, tmp_path) as w:
+            batch = Batch(w, size=BATCH, seed=3)
+            batch.start()
+            wait_for_progress(batch, BATCH // 3)
+            for pool in w.pools:
+                assert pool.stop() == 0, "a graceful stop exits 0"
+            stopped_at = time.monotonic()
+            for pool in w.pools:
+                pool.start()
+            run("3 SIGTERM and restart", w, batch, faults_at=[stopped_at])
+
+
+class TestBrokerFaults:
+    def test_dropped_connections_a_stopped_app_and_a_killed_node(
+        self, private_postgres: PrivatePostgres, private_rabbitmq: PrivateRabbitMQ, tmp_path: Path
+    ) -> None:
+        with world(private_postgres.url, private_rabbitmq.url, tmp_path) as w:
+            batch = Batch(w, size=BATCH, seed=4)
+            batch.start()
+            faults = []
+            for i in range(3):
+                wait_for_progress(batch, (i + 1) * BATCH // 10)
+                private_rabbitmq.close_all_connections()
+                faults.append(time.monotonic())
+            wait_for_progress(batch, BATCH // 2)
+            private_rabbitmq.stop_app()
+            faults.append(time.monotonic())
+            private_rabbitmq.start_app()
+            wait_for_progress(batch, 2 * BATCH // 3)
+            private_rabbitmq.kill9()
+            faults.append(time.monotonic())
+            private_rabbitmq.start()
+            run("4 broker faults", w, batch, faults_at=faults)
+
+
+class TestDatabaseFaults:
+    def test_an_immediate_restart_then_an_outage_longer_than_the_retries(
+        self, private_postgres: PrivatePostgres, private_rabbitmq: PrivateRabbitMQ, tmp_path: Path
+    ) -> None:
+        with world(private_postgres.url, private_rabbitmq.url, tmp_path) as w:
+            batch = Batch(w, size=BATCH, seed=5)
+            batch.start()
+            wait_for_progress(batch, BATCH // 4)
+            private_postgres.restart_immediate()
+            wait_for_progress(batch, BATCH // 2)
+            # Given an outage longer than a message's whole retry window (about 8 s here)
+            private_postgres.stop(mode="immediate")
+            outage_started = time.monotonic()
+            svc.wait_until(lambda: time.monotonic() - outage_started > 20, interval=0.5, what="a 20 s outage")
+            private_postgres.start()
+            back_at = time.monotonic()
+            # When the queues have settled, the operator replays the dead letters until the batch is done
+            replays = 0
+            while batch.final_count() < BATCH:
+                svc.wait_until(lambda: _settled(w), timeout=180, interval=1, what="the queues to settle")
+                if batch.final_count() >= BATCH:
+                    break
+                w.dlq("replay")
+                replays += 1
+                assert replays <= 5, "the dead-letter replay does not complete the batch"
+            figures = run("5 database restart and outage", w, batch, faults_at=[back_at])
+            assert figures.lost == 0
+
+
+def _settled(w: World) -> bool:
+    from tests.faults.batch import queue_depth
+
+    prefix = w.settings.queue_prefix
+    from messages.routes import ROUTES
+
+    busy = sum(
+        queue_depth(w.broker_url, name)
+        for route in ROUTES
+        for name in (route.queue_name(prefix), route.queue_name(prefix) + ".DQ")
+    )
+    return busy == 0
+
+
+class TestMailFaults:
+    def test_temporary_failures_and_dropped_connections(
+        self, private_postgres: PrivatePostgres, private_rabbitmq: PrivateRabbitMQ, tmp_path: Path
+    ) -> None:
+        rates = {"temporary_failure_rate": 0.2, "drop_before_data_rate": 0.05, "drop_after_data_rate": 0.05}
+        with world(
+            private_postgres.url, private_rabbitmq.url, tmp_path, smtp_rates=rates, max_retries=14
+        ) as w:
+            batch = Batch(w, size=BATCH, seed=6)
+            batch.start()
+            batch.wait_until_final()
+            run("6 SMTP 4xx and drops", w, batch, allowed_duplicate_emails=w.smtp.drops_after_data)
+            assert w.smtp.drops_after_data > 0
+
+
+class TestDuplicatesAndRaces:
+    def test_every_request_three_times_and_approve_racing_reject(
+        self, private_postgres: PrivatePostgres, private_rabbitmq: PrivateRabbitMQ, tmp_path: Path
+    ) -> None:
+        with world(private_postgres.url, private_rabbitmq.url, tmp_path) as w:
+            batch = Batch(w, size=BATCH, copies=3, racing_decisions=100, seed=7)
+            batch.start()
+            run("7 triplicates and racing decisions", w, batch)
+            raced = [r for r, d in batch.decided.items() if "+" in d]
+            assert len(raced) == 100
+            engine = w.engine()
+            with engine.connect() as connection:
+                applied = connection.execute(
+                    sa.select(orm.decisions.c.request_id, sa.func.count())
+                    .where(orm.decisions.c.request_id.in_(raced), orm.decisions.c.outcome == "applied")
+                    .group_by(orm.decisions.c.request_id)
+                ).all()
+            engine.dispose()
+            assert sorted(n for _, n in applied) == [1] * 100
+
+
+class TestRelayCrashes:
+    def test_between_the_confirm_and_the_mark(
+        self, private_postgres: PrivatePostgres, private_rabbitmq: PrivateRabbitMQ, tmp_path: Path
+    ) -> None:
+        with world(
+            private_postgres.url, private_rabbitmq.url, tmp_path, faults="relay_after_publish=0.002"
+        ) as w:
+            batch = Batch(w, size=BATCH, seed=8)
+            batch.start()
+            run("8 relay crash after confirm", w, batch)
+            crashes = sum(p.log_path.read_text().count('"workers.died"') for p in w.pools)
+            assert crashes > 0, "the fault point never fired: the case tested nothing"
+
+
+class TestPoisonMessages:
+    def test_one_that_raises_and_one_that_kills_end_in_the_dead_letter_queue(
+        self, private_postgres: PrivatePostgres, private_rabbitmq: PrivateRabbitMQ, tmp_path: Path
+    ) -> None:
+        # Given a batch with two poison requests, marked in the workers' environment before they start
+        payloads = make_payloads(BATCH, seed=9)
+        killer, raiser = (p["request_id"] for p in random.Random(9).sample(payloads, 2))
+        faults = f"kill_request={killer},raise_request={raiser}"
+        with world(private_postgres.url, private_rabbitmq.url, tmp_path, faults=faults) as w:
+            batch = Batch(w, payloads=payloads, poison={killer: "kill", raiser: "raise"})
+            batch.start()
+            # Then the rest of the batch flows, and exactly the two poison messages are dead letters
+            run("9 poison messages", w, batch, expected_dead_letters=2)
+            engine = w.engine()
+            with engine.connect() as connection:
+                reasons = connection.execute(sa.select(orm.dead_letters.c.reason)).scalars().all()
+            engine.dispose()
+            assert any("without finishing" in r for r in reasons), reasons
+            assert any("InjectedFault" in r for r in reasons), reasons

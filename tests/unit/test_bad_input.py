@@ -1,0 +1,1049 @@
+"""Bad input, from the wire to the router.
+
+``workers.registry.decode`` is the only door into the workers: whatever it lets through
+reaches a handler, and whatever it refuses is recorded with ``explain``'s text. These
+tests throw generated and mutated messages at it, then send requests that are well
+formed but break a catalogue rule through the real ``route_request`` with the fakes.
+
+``TestFormerFindings`` keeps the edge cases these tests first found, now fixed, so they stay fixed.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import re
+from collections.abc import Iterator
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta, timezone
+from pathlib import Path
+from typing import Any
+
+import pytest
+from hypothesis import HealthCheck, Phase, assume, given, settings
+from hypothesis import strategies as st
+from hypothesis_jsonschema import from_schema
+from pydantic import BaseModel, ValidationError
+
+import messages
+from domain.handlers import route_request
+from domain.model import Status
+from messages import routes, v1
+from messages.routes import Route
+from messages.v1 import MAX_MESSAGE_BYTES
+from tests.unit.fakes import ACME, GLOBEX, FakeUnitOfWork
+from workers.registry import decode, explain
+
+QUICK = settings(
+    max_examples=100,
+    deadline=None,
+    database=None,
+    suppress_health_check=[HealthCheck.too_slow],
+)
+FEW = settings(QUICK, max_examples=50)
+
+#: What must never reach a log line or a header unescaped: C0, DEL, C1, and the Unicode line breaks.
+CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029]")
+
+JsonPath = tuple[str | int, ...]
+
+
+# --- the JSON Schemas ------------------------------------------------------------------------------
+
+SCHEMA_DIR = Path(messages.__file__).resolve().parent / "schemas"
+
+
+def _schema(name: str) -> dict[str, Any]:
+    loaded: dict[str, Any] = json.loads((SCHEMA_DIR / name).read_text(encoding="utf-8"))
+    return loaded
+
+
+SUBMITTED_SCHEMA = _schema("access_request.submitted.v1.json")
+DECIDED_SCHEMA = _schema("access_request.decided.v1.json")
+ENVELOPE_SCHEMA = _schema("envelope.json")
+SCHEMA_OF: dict[str, dict[str, Any]] = {
+    routes.SUBMIT.actor_name: SUBMITTED_SCHEMA,
+    routes.DECIDE.actor_name: DECIDED_SCHEMA,
+}
+
+#: Offsets as far as RFC 3339 goes: -23:59 to +23:59.
+OFFSETS = st.integers(-(23 * 60 + 59), 23 * 60 + 59).map(lambda minutes: timezone(timedelta(minutes=minutes)))
+#: Aware times, kept clear of the ends of the calendar (see TestOpenFindings for why).
+AWARE_TIMES = st.datetimes(
+    min_value=datetime(1970, 1, 1), max_value=datetime(2200, 12, 31), timezones=OFFSETS
+)
+UUIDS = st.one_of(
+    st.uuids().map(str),
+    st.uuids().map(lambda u: u.hex),
+    st.uuids().map(lambda u: str(u).upper()),
+)
+#: What the schemas cannot say themselves, stated as formats of our own.
+CUSTOM_FORMATS = {
+    "accessflow-uuid": UUIDS,
+    "accessflow-date-time": AWARE_TIMES.map(datetime.isoformat),
+}
+
+
+def _nodes(node: object) -> Iterator[dict[str, Any]]:
+    if isinstance(node, dict):
+        yield node
+        for child in node.values():
+            yield from _nodes(child)
+    elif isinstance(node, list):
+        for child in node:
+            yield from _nodes(child)
+
+
+def constrained(schema: dict[str, Any]) -> dict[str, Any]:
+    """The schema plus two things it leaves unsaid: ids are UUIDs, and times stay in 1970-2200."""
+    schema = copy.deepcopy(schema)
+    for name in ("request_id", "decision_id"):
+        if name in schema["properties"]:
+            schema["properties"][name]["format"] = "accessflow-uuid"
+    for node in _nodes(schema):
+        if node.get("format") == "date-time":
+            node["format"] = "accessflow-date-time"
+    return schema
+
+
+def _resolve(node: dict[str, Any], root: dict[str, Any]) -> dict[str, Any]:
+    while "$ref" in node:
+        node = root["$defs"][node["$ref"].removeprefix("#/$defs/")]
+    return node
+
+
+def from_contract_schema(node: dict[str, Any], root: dict[str, Any]) -> st.SearchStrategy[Any]:
+    """Payloads the schema allows.
+
+    hypothesis-jsonschema 0.23.1 cannot draw objects with the hypothesis installed here (6.170: its
+    ``from_object_schema`` calls the removed ``many.more()``), so objects are assembled here,
+    property by property, and every leaf comes from ``from_schema``.
+    """
+    node = _resolve(node, root)
+    if node.get("type") == "object":
+        properties: dict[str, dict[str, Any]] = node["properties"]
+        required = node.get("required", [])
+        return st.fixed_dictionaries(
+            {name: from_contract_schema(properties[name], root) for name in required},
+            optional={
+                name: from_contract_schema(sub, root)
+                for name, sub in properties.items()
+                if name not in required
+            },
+        )
+    branches = node.get("anyOf", [])
+    if any(_resolve(branch, root).get("type") == "object" for branch in branches):
+        return st.one_of([from_contract_schema(branch, root) for branch in branches])
+    return from_schema(node, custom_formats=CUSTOM_FORMATS)
+
+
+#: Patterns for the strings a contract checks for control characters, which the schemas leave unsaid.
+ONE_LINE = "^[^\\x00-\\x1f\\x7f-\\x9f\\u2028\\u2029]*$"
+FREE_TEXT = "^[^\\x00-\\x08\\x0b\\x0c\\x0e-\\x1f\\x7f-\\x9f\\u2028\\u2029]*$"
+PATTERN_OF_PROPERTY = {
+    "name": ONE_LINE,
+    "description": FREE_TEXT,
+    "justification": FREE_TEXT,
+    "reason": FREE_TEXT,
+}
+
+
+def stricter(schema: dict[str, Any], *, app: str | None = None) -> dict[str, Any]:
+    """``constrained``, and also free of control characters where the contract wants that, and,
+    given ``app`` ("app_id" or "new_app"), with exactly that one of the two."""
+    schema = constrained(schema)
+    for node in _nodes(schema):
+        for name, prop in node.get("properties", {}).items():
+            for branch in (prop, *prop.get("anyOf", [])):
+                if name in PATTERN_OF_PROPERTY and branch.get("type") == "string":
+                    branch["pattern"] = PATTERN_OF_PROPERTY[name]
+    if app is not None:
+        properties = schema["properties"]
+        del properties["new_app" if app == "app_id" else "app_id"]
+        properties[app] = next(b for b in properties[app]["anyOf"] if b.get("type") != "null")
+        schema["required"] = [*schema["required"], app]
+    return schema
+
+
+def _from(schema: dict[str, Any]) -> st.SearchStrategy[Any]:
+    return from_contract_schema(schema, schema)
+
+
+#: As the schemas allow, and some narrowed to what the contract checks too, so that both refusals
+#: and acceptances are common.
+SUBMISSIONS = st.one_of(
+    _from(constrained(SUBMITTED_SCHEMA)),
+    _from(stricter(SUBMITTED_SCHEMA, app="app_id")),
+    _from(stricter(SUBMITTED_SCHEMA, app="new_app")),
+)
+DECISIONS = st.one_of(_from(constrained(DECIDED_SCHEMA)), _from(stricter(DECIDED_SCHEMA)))
+
+
+# --- decode's answer -------------------------------------------------------------------------------
+
+
+def outcome(route: Route, args: tuple[Any, ...], kwargs: dict[str, Any]) -> BaseModel | ValueError:
+    """The contract, or the refusal. Any other exception escapes and fails the test."""
+    try:
+        return decode(route, args, kwargs)
+    except ValueError as refusal:  # pydantic's ValidationError is a ValueError too
+        return refusal
+
+
+def refusal(route: Route, payload: dict[str, Any]) -> ValidationError:
+    answer = outcome(route, (payload,), {})
+    assert isinstance(answer, ValidationError), f"expected a ValidationError, got {answer!r}"
+    return answer
+
+
+def assert_explained(error: ValidationError) -> str:
+    """explain() says something, on one line, and names where each problem is."""
+    text = explain(error)
+    assert text, "a refusal must say why"
+    assert not CONTROL.search(text), f"explain() lets a control character through: {text!r}"
+    for problem in error.errors():
+        where = ".".join(str(part) for part in problem["loc"])
+        if CONTROL.search(where):
+            continue  # an unknown field's name: how to spell it safely is explain()'s business
+        if where:
+            assert where in text
+        else:
+            assert text.startswith("message: ") or "; message: " in text
+    return text
+
+
+def locations(error: ValidationError) -> list[JsonPath]:
+    return [tuple(problem["loc"]) for problem in error.errors()]
+
+
+def assert_decoded_or_explained(route: Route, payload: dict[str, Any]) -> BaseModel | None:
+    answer = outcome(route, (payload,), {})
+    if isinstance(answer, ValidationError):
+        assert_explained(answer)
+        fields = set(SCHEMA_OF[route.actor_name]["properties"])
+        for problem in answer.errors():
+            if problem["loc"]:
+                assert problem["loc"][0] in fields, problem
+            else:  # a rule across fields names them in its message
+                assert any(name in problem["msg"] for name in fields), problem
+        return None
+    if isinstance(answer, ValueError):
+        assert str(answer)
+        return None
+    assert isinstance(answer, route.contract)
+    return answer
+
+
+# --- valid examples and ways to break them ---------------------------------------------------------
+
+REQUEST_FOR_AN_EXISTING_APP: dict[str, Any] = {
+    "version": 1,
+    "type": "access_request.submitted",
+    "request_id": "6f1c2b9e-4d3a-4e8f-9b21-7a5c0d3e8f14",
+    "consumer": {"id": "acme", "email": "dev@acme.example", "name": "Acme Developers"},
+    "app_id": "acme-web",
+    "product_ids": ["payments", "ledger"],
+    "plan_id": "free",
+    "justification": "Card payments for the new checkout.",
+    "submitted_at": "2026-11-26T10:00:00Z",
+}
+REQUEST_FOR_A_NEW_APP: dict[str, Any] = {
+    "version": 1,
+    "type": "access_request.submitted",
+    "request_id": "0b7f4a2e-1c3d-4e5f-8a9b-0c1d2e3f4a5b",
+    "consumer": {"id": "globex", "email": "api@globex.example", "name": "Globex API Team"},
+    "new_app": {"name": "Globex Identity Bridge", "description": "Single sign-on."},
+    "product_ids": ["identity"],
+    "plan_id": "partner",
+    "submitted_at": "2026-11-26T11:15:00+01:00",
+}
+DECISION: dict[str, Any] = {
+    "version": 1,
+    "type": "access_request.decided",
+    "decision_id": "5e3b8a2c-6d14-4f70-9a1e-3c8b7d2f6a05",
+    "request_id": "0b7f4a2e-1c3d-4e5f-8a9b-0c1d2e3f4a5b",
+    "decision": "approve",
+    "admin": {"id": "dana", "email": "dana@accessflow.example"},
+    "reason": "Partner contract signed.",
+    "decided_at": "2026-11-26T14:30:00+01:00",
+}
+EXAMPLES: list[tuple[Route, dict[str, Any]]] = [
+    (routes.SUBMIT, REQUEST_FOR_AN_EXISTING_APP),
+    (routes.SUBMIT, REQUEST_FOR_A_NEW_APP),
+    (routes.DECIDE, DECISION),
+]
+
+
+def get(payload: Any, path: JsonPath) -> Any:
+    for part in path:
+        payload = payload[part]
+    return payload
+
+
+def replaced(payload: dict[str, Any], path: JsonPath, value: Any) -> dict[str, Any]:
+    changed = copy.deepcopy(payload)
+    get(changed, path[:-1])[path[-1]] = value
+    return changed
+
+
+def dropped(payload: dict[str, Any], path: JsonPath) -> dict[str, Any]:
+    changed = copy.deepcopy(payload)
+    del get(changed, path[:-1])[path[-1]]
+    return changed
+
+
+def json_type(value: object) -> str:
+    """The JSON Schema type of a decoded JSON value (1.0 is an integer there)."""
+    match value:
+        case None:
+            return "null"
+        case bool():
+            return "boolean"
+        case int():
+            return "integer"
+        case float():
+            return "integer" if value.is_integer() else "number"
+        case str():
+            return "string"
+        case list():
+            return "array"
+    return "object"
+
+
+def branch_for(node: dict[str, Any], value: object, root: dict[str, Any]) -> dict[str, Any]:
+    node = _resolve(node, root)
+    for branch in node.get("anyOf", []):
+        branch = _resolve(branch, root)
+        if json_type(value) in allowed_types(branch, root):
+            return branch
+    return node
+
+
+def allowed_types(node: dict[str, Any], root: dict[str, Any]) -> set[str]:
+    node = _resolve(node, root)
+    if "anyOf" in node:
+        return set().union(*(allowed_types(branch, root) for branch in node["anyOf"]))
+    declared = node["type"]
+    types = {declared} if isinstance(declared, str) else set(declared)
+    return types | ({"integer"} if "number" in types else set())
+
+
+@dataclass(frozen=True)
+class Spot:
+    """One value present in an example payload, with the schema node that describes it."""
+
+    route: Route
+    payload: dict[str, Any]
+    path: JsonPath
+    #: The schema node as declared (a union stays a union) ...
+    declared: dict[str, Any]
+    #: ... and the branch of it that describes this value.
+    node: dict[str, Any]
+    value: Any
+
+    def __repr__(self) -> str:  # hypothesis prints this for a failing example
+        return f"Spot({self.route.actor_name}, {'.'.join(map(str, self.path)) or '<root>'})"
+
+
+def spots(route: Route, payload: dict[str, Any]) -> Iterator[Spot]:
+    root = SCHEMA_OF[route.actor_name]
+
+    def walk(declared: dict[str, Any], value: Any, path: JsonPath) -> Iterator[Spot]:
+        node = branch_for(declared, value, root)
+        yield Spot(route, payload, path, declared, node, value)
+        if isinstance(value, dict):
+            for key, item in value.items():
+                yield from walk(node["properties"][key], item, (*path, key))
+        elif isinstance(value, list):
+            for index, item in enumerate(value):
+                yield from walk(node["items"], item, (*path, index))
+
+    yield from walk(root, payload, ())
+
+
+ALL_SPOTS = [spot for route, payload in EXAMPLES for spot in spots(route, payload)]
+OBJECT_SPOTS = [spot for spot in ALL_SPOTS if spot.node.get("type") == "object"]
+REQUIRED = [
+    (spot, (*spot.path, name))
+    for spot in OBJECT_SPOTS
+    for name in spot.node.get("required", [])
+    if name in spot.value
+]
+
+JSON_TYPES = ("null", "boolean", "integer", "number", "string", "array", "object")
+SCALARS = st.one_of(st.none(), st.booleans(), st.integers(), st.floats(), st.text(max_size=10))
+VALUES_OF_TYPE: dict[str, st.SearchStrategy[Any]] = {
+    "null": st.none(),
+    "boolean": st.booleans(),
+    "integer": st.integers(),
+    "number": st.floats().filter(lambda f: not f.is_integer()),
+    "string": st.text(max_size=20),
+    "array": st.lists(SCALARS, max_size=3),
+    "object": st.dictionaries(st.text(max_size=5), SCALARS, max_size=3),
+}
+JSON_VALUES = st.one_of(list(VALUES_OF_TYPE.values()))
+
+
+def known_lax(spot: Spot) -> set[str]:
+    """Wrong JSON types pydantic's lax mode accepts today; pinned in TestOpenFindings."""
+    if spot.node.get("format") == "date-time":
+        return {"integer", "number"}  # read as Unix time
+    if spot.path == ("version",):
+        return {"boolean"}  # true == 1
+    return set()
+
+
+@st.composite
+def wrong_types(draw: st.DrawFn) -> tuple[Spot, Any]:
+    spot = draw(st.sampled_from([spot for spot in ALL_SPOTS if spot.path]))
+    root = SCHEMA_OF[spot.route.actor_name]
+    wrong = [t for t in JSON_TYPES if t not in allowed_types(spot.declared, root) | known_lax(spot)]
+    value = draw(VALUES_OF_TYPE[draw(st.sampled_from(wrong))])
+    return spot, value
+
+
+IDENTIFIERS = st.from_regex(r"[A-Za-z0-9][A-Za-z0-9._:-]{0,24}", fullmatch=True)
+FIELD_NAMES = st.from_regex(r"[A-Za-z_][A-Za-z0-9_.-]{0,30}", fullmatch=True)
+
+#: Line breaks in every spelling, and the classic header and terminal injections.
+LINE_BREAKS = ("\r\n", "\n", "\r", "\x85", "\u2028", "\u2029")
+INJECTIONS = (
+    "x\r\nBcc: evil@example.com",
+    "\r\nBcc: evil@example.com",
+    "\nX-Injected: 1",
+    "\r\n\r\n<h1>a body of my own</h1>",
+    "\x1b[2J\x1b[H",
+    "\x00",
+)
+CONTROL_CHARACTERS = st.one_of(st.characters(categories=["Cc"]), st.sampled_from(["\u2028", "\u2029"]))
+INJECTED = st.one_of(
+    st.sampled_from(INJECTIONS + LINE_BREAKS),
+    st.builds(lambda a, c, b: a + c + b, st.text(max_size=5), CONTROL_CHARACTERS, st.text(max_size=5)),
+)
+
+CONTROL_BUT_LINE_BREAK_CHARACTERS = st.one_of(
+    st.characters(categories=["Cc"]).filter(lambda c: c not in "\t\n\r"),
+    st.sampled_from(["\u2028", "\u2029"]),
+)
+MULTI_LINE_TEXT = st.text(
+    alphabet=st.one_of(
+        st.characters(exclude_categories=["Cc", "Cs", "Zl", "Zp"]), st.sampled_from(["\t", "\r", "\n"])
+    ),
+    max_size=200,
+)
+
+#: Fields that may end up in an email header, a log line or a URL: one line, no control characters.
+ONE_LINE_FIELDS: list[tuple[Route, dict[str, Any], JsonPath]] = [
+    (routes.SUBMIT, REQUEST_FOR_AN_EXISTING_APP, ("consumer", "name")),
+    (routes.SUBMIT, REQUEST_FOR_A_NEW_APP, ("consumer", "name")),
+    (routes.SUBMIT, REQUEST_FOR_A_NEW_APP, ("new_app", "name")),
+    (routes.SUBMIT, REQUEST_FOR_AN_EXISTING_APP, ("consumer", "email")),
+    (routes.SUBMIT, REQUEST_FOR_A_NEW_APP, ("consumer", "email")),
+    (routes.DECIDE, DECISION, ("admin", "email")),
+    (routes.SUBMIT, REQUEST_FOR_AN_EXISTING_APP, ("consumer", "id")),
+    (routes.SUBMIT, REQUEST_FOR_AN_EXISTING_APP, ("app_id",)),
+    (routes.SUBMIT, REQUEST_FOR_AN_EXISTING_APP, ("plan_id",)),
+    (routes.SUBMIT, REQUEST_FOR_AN_EXISTING_APP, ("product_ids", 1)),
+    (routes.SUBMIT, REQUEST_FOR_AN_EXISTING_APP, ("request_id",)),
+    (routes.DECIDE, DECISION, ("admin", "id")),
+]
+#: Free text for email bodies: it may span lines, but holds no other control character.
+FREE_TEXT_FIELDS: list[tuple[Route, dict[str, Any], JsonPath]] = [
+    (routes.SUBMIT, REQUEST_FOR_AN_EXISTING_APP, ("justification",)),
+    (routes.SUBMIT, REQUEST_FOR_A_NEW_APP, ("new_app", "description")),
+    (routes.DECIDE, DECISION, ("reason",)),
+]
+
+
+@st.composite
+def injected_inside(draw: st.DrawFn, fields: list[tuple[Route, dict[str, Any], JsonPath]]) -> tuple:
+    """A field with an injection strictly inside its value, where whitespace stripping cannot reach."""
+    route, payload, path = draw(st.sampled_from(fields))
+    original: str = get(payload, path)
+    cut = draw(st.integers(1, len(original) - 1))
+    injection = draw(INJECTED)
+    return route, replaced(payload, path, original[:cut] + injection + original[cut:]), path
+
+
+# --- 1. messages generated from the schemas -------------------------------------------------------
+
+
+class TestMessagesGeneratedFromTheSchemasAreDecodedOrRefusedInWords:
+    """The schemas cannot say everything the contracts check (exactly one of app_id and new_app,
+    UUIDs, no control characters), so a schema-valid message may be refused, but only in words."""
+
+    @QUICK
+    @given(payload=SUBMISSIONS)
+    def test_a_submission(self, payload: dict[str, Any]) -> None:
+        # Given a submission the JSON Schema allows
+        # When a worker decodes it
+        message = assert_decoded_or_explained(routes.SUBMIT, payload)
+
+        # Then it is the contract, or a ValueError/ValidationError whose explanation names a field
+        if message is not None:
+            assert isinstance(message, v1.AccessRequestSubmitted)
+            assert decode(routes.SUBMIT, (message.model_dump(mode="json"),), {}) == message
+            for text in (
+                message.consumer.name,
+                message.consumer.email,
+                message.new_app and message.new_app.name,
+            ):
+                assert not CONTROL.search(text or ""), text
+
+    @QUICK
+    @given(payload=DECISIONS)
+    def test_a_decision(self, payload: dict[str, Any]) -> None:
+        # Given a decision the JSON Schema allows
+        # When a worker decodes it
+        message = assert_decoded_or_explained(routes.DECIDE, payload)
+
+        # Then it is the contract, or a ValueError/ValidationError whose explanation names a field
+        if message is not None:
+            assert isinstance(message, v1.AdminDecision)
+            assert decode(routes.DECIDE, (message.model_dump(mode="json"),), {}) == message
+            assert not CONTROL.search(message.admin.email)
+
+    @pytest.mark.parametrize(
+        ("route", "strategy"),
+        [(routes.SUBMIT, SUBMISSIONS), (routes.DECIDE, DECISIONS)],
+        ids=["submission", "decision"],
+    )
+    def test_the_generators_reach_both_acceptance_and_refusal(
+        self, route: Route, strategy: st.SearchStrategy[dict[str, Any]]
+    ) -> None:
+        # Given the schema-driven generator
+        accepted: list[bool] = []
+
+        @settings(QUICK, max_examples=50, phases=[Phase.generate])
+        @given(payload=strategy)
+        def decode_one(payload: dict[str, Any]) -> None:
+            accepted.append(isinstance(outcome(route, (payload,), {}), route.contract))
+
+        # When fifty of its messages are decoded
+        decode_one()
+
+        # Then some are accepted and some refused: the properties above are about both
+        assert any(accepted), "no generated message was accepted"
+        assert not all(accepted), "no generated message was refused"
+
+
+# --- 2. malformed messages -------------------------------------------------------------------------
+
+
+class TestTheValidExamplesAreAccepted:
+    @pytest.mark.parametrize(("route", "payload"), EXAMPLES, ids=["existing-app", "new-app", "decision"])
+    def test_each_example_decodes(self, route: Route, payload: dict[str, Any]) -> None:
+        # Given / When an example every mutation below starts from is decoded
+        message = decode(route, (copy.deepcopy(payload),), {})
+
+        # Then it is accepted, so any refusal below is the mutation's doing
+        assert isinstance(message, route.contract)
+
+
+class TestAMissingRequiredFieldIsRefused:
+    @QUICK
+    @given(case=st.sampled_from(REQUIRED))
+    def test_dropping_any_required_field(self, case: tuple[Spot, JsonPath]) -> None:
+        # Given a valid example without one of its required fields
+        spot, path = case
+        payload = dropped(spot.payload, path)
+
+        # When it is decoded
+        error = refusal(spot.route, payload)
+
+        # Then it is refused, and the explanation names the missing field
+        assert path in locations(error)
+        assert ".".join(map(str, path)) in assert_explained(error)
+
+
+class TestAValueOfTheWrongJsonTypeIsRefused:
+    @QUICK
+    @given(case=wrong_types())
+    def test_any_field_or_list_item(self, case: tuple[Spot, Any]) -> None:
+        # Given a valid example with one value replaced by a value of a JSON type its schema forbids
+        spot, value = case
+        payload = replaced(spot.payload, spot.path, value)
+
+        # When it is decoded
+        error = refusal(spot.route, payload)
+
+        # Then it is refused at that field
+        assert any(where[: len(spot.path)] == spot.path for where in locations(error)), locations(error)
+        assert_explained(error)
+
+
+class TestAnUnknownFieldIsRefused:
+    @QUICK
+    @given(spot=st.sampled_from(OBJECT_SPOTS), name=FIELD_NAMES, value=JSON_VALUES)
+    def test_at_the_top_or_in_a_nested_object(self, spot: Spot, name: str, value: Any) -> None:
+        # Given a valid example with a field its contract does not know
+        assume(name not in spot.node["properties"])
+        payload = copy.deepcopy(spot.payload)
+        get(payload, spot.path)[name] = value
+
+        # When it is decoded
+        error = refusal(spot.route, payload)
+
+        # Then it is refused, naming the field
+        assert (*spot.path, name) in locations(error)
+        assert_explained(error)
+
+
+class TestAnotherVersionIsRefused:
+    @QUICK
+    @given(example=st.sampled_from(EXAMPLES), version=st.integers().filter(lambda v: v != 1))
+    def test_any_integer_but_1(self, example: tuple[Route, dict[str, Any]], version: int) -> None:
+        # Given a valid example claiming another contract version
+        route, payload = example
+
+        # When it is decoded
+        error = refusal(route, replaced(payload, ("version",), version))
+
+        # Then it is refused at version
+        assert locations(error) == [("version",)]
+        assert_explained(error)
+
+
+class TestInjectionIntoAOneLineFieldIsRefused:
+    @QUICK
+    @given(case=injected_inside(ONE_LINE_FIELDS))
+    def test_line_breaks_and_control_characters_anywhere_inside(self, case: tuple) -> None:
+        # Given a name, email or id with a line break, a header injection or a control character inside
+        route, payload, path = case
+
+        # When it is decoded
+        error = refusal(route, payload)
+
+        # Then it is refused at that field, and the explanation does not carry the injection along
+        assert path in locations(error)
+        assert_explained(error)
+
+    @QUICK
+    @given(
+        case=st.sampled_from(ONE_LINE_FIELDS[:3]),
+        before=st.text(alphabet=CONTROL_CHARACTERS | st.just(" "), max_size=4),
+        after=st.text(alphabet=CONTROL_CHARACTERS | st.just(" "), max_size=4),
+    )
+    def test_a_name_padded_with_line_breaks_is_stripped_or_refused_never_kept(
+        self, case: tuple, before: str, after: str
+    ) -> None:
+        # Given a name padded with spaces, line breaks or other control characters
+        route, payload, path = case
+        name = get(payload, path)
+
+        # When it is decoded
+        answer = outcome(route, (replaced(payload, path, before + name + after),), {})
+
+        # Then either the padding is stripped (what is whitespace to Unicode) or the name is refused
+        if isinstance(answer, ValidationError):
+            assert locations(answer) == [path]
+            assert_explained(answer)
+        else:
+            assert isinstance(answer, route.contract)
+            assert get(answer.model_dump(), path) == name
+
+
+class TestFreeTextSpansLinesButHoldsNoOtherControlCharacter:
+    """justification, new_app.description and reason go into email bodies, where a line break is
+    content; infra.email._header strips control characters from anything that becomes a header."""
+
+    @QUICK
+    @given(
+        case=st.sampled_from(FREE_TEXT_FIELDS),
+        before=st.text(max_size=10),
+        bad=CONTROL_BUT_LINE_BREAK_CHARACTERS,
+        after=st.text(max_size=10),
+    )
+    def test_a_control_character_other_than_tab_cr_lf_is_refused(
+        self, case: tuple, before: str, bad: str, after: str
+    ) -> None:
+        # Given free text holding a control character that is not a line break
+        route, payload, path = case
+
+        # When it is decoded
+        error = refusal(route, replaced(payload, path, before + bad + after))
+
+        # Then it is refused at that field
+        assert path in locations(error)
+        assert_explained(error)
+
+    @QUICK
+    @given(case=st.sampled_from(FREE_TEXT_FIELDS), text=MULTI_LINE_TEXT | st.sampled_from(INJECTIONS[:4]))
+    def test_line_breaks_are_kept_verbatim_as_body_text(self, case: tuple, text: str) -> None:
+        # Given free text spanning lines, "x\r\nBcc: evil@example.com" included
+        route, payload, path = case
+        assume(text or path != ("reason",))  # a reason may not be empty
+
+        # When it is decoded
+        message = decode(route, (replaced(payload, path, text),), {})
+
+        # Then it is kept as it was sent: text for an email body, not a header
+        assert get(message.model_dump(), path) == text
+
+
+class TestAnOversizedPayloadIsRefusedBeforeItIsParsed:
+    def test_a_70_kb_justification(self) -> None:
+        # Given a request whose justification alone is 70 KB
+        payload = replaced(REQUEST_FOR_AN_EXISTING_APP, ("justification",), "x" * 70_000)
+
+        # When it is decoded
+        answer = outcome(routes.SUBMIT, (payload,), {})
+
+        # Then the size check refuses it, briefly, without echoing the body
+        assert type(answer) is ValueError
+        assert str(answer) == f"payload is larger than {MAX_MESSAGE_BYTES} bytes"
+
+    @FEW
+    @given(
+        spot=st.sampled_from([spot for spot in ALL_SPOTS if isinstance(spot.value, str)]),
+        character=st.sampled_from(["x", "\u00e9", "\n", "\u2028", "\U0001f600", "\x00"]),
+        extra=st.integers(1, 20_000),
+        as_unknown_field=st.booleans(),
+    )
+    def test_any_field_or_an_unknown_one_blown_up(
+        self, spot: Spot, character: str, extra: int, as_unknown_field: bool
+    ) -> None:
+        # Given a valid example with a string longer than the whole limit, in a field or a new one
+        huge = character * (MAX_MESSAGE_BYTES + extra)
+        if as_unknown_field:
+            payload = copy.deepcopy(spot.payload)
+            payload["padding"] = huge
+        else:
+            payload = replaced(spot.payload, spot.path, huge)
+
+        # When it is decoded
+        answer = outcome(spot.route, (payload,), {})
+
+        # Then it is refused as too large, not as invalid: the body is never parsed
+        assert type(answer) is ValueError
+        assert str(answer) == f"payload is larger than {MAX_MESSAGE_BYTES} bytes"
+
+    @FEW
+    @given(example=st.sampled_from(EXAMPLES[:2]), count=st.integers(7_000, 12_000))
+    def test_a_list_of_thousands_of_product_ids(
+        self, example: tuple[Route, dict[str, Any]], count: int
+    ) -> None:
+        # Given a request asking for thousands of products
+        route, payload = example
+
+        # When it is decoded
+        answer = outcome(route, (replaced(payload, ("product_ids",), ["payments"] * count),), {})
+
+        # Then it is refused by size before the list is validated
+        assert type(answer) is ValueError
+
+
+NON_OBJECTS = st.one_of(
+    st.none(), st.booleans(), st.integers(), st.floats(), st.text(), st.lists(SCALARS, max_size=3)
+)
+
+
+@st.composite
+def bad_arguments(draw: st.DrawFn) -> tuple[Route, tuple[Any, ...], dict[str, Any]]:
+    route, payload = draw(st.sampled_from(EXAMPLES))
+    payload = copy.deepcopy(payload)
+    shape = draw(st.sampled_from(["not an object", "no argument", "more arguments", "keyword arguments"]))
+    if shape == "not an object":
+        return route, (draw(NON_OBJECTS),), {}
+    if shape == "no argument":
+        return route, (), {}
+    if shape == "more arguments":
+        return route, (payload, *draw(st.lists(JSON_VALUES | st.just(payload), min_size=1, max_size=3))), {}
+    kwargs = draw(st.dictionaries(st.text(min_size=1, max_size=10), JSON_VALUES, min_size=1, max_size=3))
+    extra_args = draw(st.sampled_from([(payload,), ()]))
+    return route, extra_args, kwargs
+
+
+class TestArgumentsOtherThanOneJsonObjectAreRefused:
+    def test_the_envelope_schema_promises_what_decode_enforces(self) -> None:
+        # Given / When the published envelope schema is read
+        args, kwargs = ENVELOPE_SCHEMA["properties"]["args"], ENVELOPE_SCHEMA["properties"]["kwargs"]
+
+        # Then it asks for exactly one object and no keyword arguments, as decode does
+        assert (args["minItems"], args["maxItems"], args["items"]["type"]) == (1, 1, "object")
+        assert kwargs["maxProperties"] == 0
+
+    @QUICK
+    @given(case=bad_arguments())
+    def test_non_objects_missing_or_extra_arguments_and_keyword_arguments(
+        self, case: tuple[Route, tuple[Any, ...], dict[str, Any]]
+    ) -> None:
+        # Given arguments that are not exactly one JSON object
+        route, args, kwargs = case
+
+        # When they are decoded
+        answer = outcome(route, args, kwargs)
+
+        # Then the envelope check refuses them before any field is looked at
+        assert type(answer) is ValueError
+        assert "exactly one positional argument" in str(answer)
+
+
+# --- former findings, now fixed ---------------------------------------------------------------------------
+
+
+class TestFormerFindings:
+    """Inputs that once slipped through or crashed decode."""
+
+    @pytest.mark.parametrize(
+        ("route", "payload", "field", "when"),
+        [
+            (routes.SUBMIT, REQUEST_FOR_AN_EXISTING_APP, "submitted_at", "0001-01-01T00:30:00+01:00"),
+            (routes.SUBMIT, REQUEST_FOR_AN_EXISTING_APP, "submitted_at", "9999-12-31T23:30:00-01:00"),
+            (routes.DECIDE, DECISION, "decided_at", "0001-01-01T00:00:00+00:01"),
+            (routes.DECIDE, DECISION, "decided_at", "9999-12-31T23:59:59-23:59"),
+        ],
+        ids=["submitted-year-1", "submitted-year-9999", "decided-year-1", "decided-year-9999"],
+    )
+    def test_a_time_at_the_end_of_the_calendar_is_refused(
+        self, route: Route, payload: dict[str, Any], field: str, when: str
+    ) -> None:
+        # Given a valid example whose time, in UTC, falls outside years 1-9999
+        # When it is decoded
+        error = refusal(route, replaced(payload, (field,), when))
+
+        # Then it is refused at that field, not crashed on
+        assert locations(error) == [(field,)]
+
+    def test_an_unknown_field_named_like_a_header_injection_is_explained_on_one_line(self) -> None:
+        # Given a request with an unknown field whose name carries a header injection
+        payload = copy.deepcopy(REQUEST_FOR_AN_EXISTING_APP)
+        payload["x\r\nBcc: evil@example.com"] = 1
+
+        # When it is decoded
+        error = refusal(routes.SUBMIT, payload)
+
+        # Then it is refused and the explanation stays on one line
+        assert_explained(error)
+
+    @pytest.mark.parametrize("when", [0, 1_764_151_200, 1.5])
+    def test_a_time_sent_as_a_number_is_refused(self, when: float) -> None:
+        # Given a request whose submitted_at is a number
+        payload = replaced(REQUEST_FOR_AN_EXISTING_APP, ("submitted_at",), when)
+
+        # When it is decoded
+        answer = outcome(routes.SUBMIT, (payload,), {})
+
+        # Then it is refused
+        assert isinstance(answer, ValidationError), answer
+
+    def test_version_true_is_refused(self) -> None:
+        # Given a request whose version is the boolean true
+        payload = replaced(REQUEST_FOR_AN_EXISTING_APP, ("version",), True)
+
+        # When it is decoded
+        answer = outcome(routes.SUBMIT, (payload,), {})
+
+        # Then it is refused
+        assert isinstance(answer, ValidationError), answer
+
+
+# --- 3. well-formed requests that break a catalogue rule -------------------------------------------
+
+KNOWN_IDS = frozenset(
+    {"free", "partner", "payments", "ledger", "identity", "acme", "globex", "acme-web", "globex-app"}
+)
+UNKNOWN_IDS = IDENTIFIERS.filter(lambda i: i not in KNOWN_IDS)
+OWN_APP = {"acme": "acme-web", "globex": "globex-app"}
+OTHERS_APP = {"acme": "globex-app", "globex": "acme-web"}
+CONSUMERS = {"acme": ACME, "globex": GLOBEX}
+#: Plans with products that pass every rule under them.
+FINE_ORDERS = [
+    ("free", ["payments"]),
+    ("free", ["ledger", "payments"]),
+    ("partner", ["identity"]),
+    ("partner", ["ledger"]),
+]
+RULES = (
+    "unknown plan",
+    "unknown product",
+    "unknown app",
+    "unknown consumer",
+    "mixed auth methods",
+    "app of another consumer",
+    "product not offered under the plan",
+)
+
+
+@dataclass(frozen=True)
+class Violation:
+    rule: str
+    payload: dict[str, Any]
+    #: What the reason must name, each as it appears there.
+    named: tuple[str, ...]
+
+
+@st.composite
+def violations(draw: st.DrawFn) -> Violation:
+    rule = draw(st.sampled_from(RULES))
+    consumer_id = draw(st.sampled_from(sorted(CONSUMERS)))
+    plan_id, product_ids = draw(st.sampled_from(FINE_ORDERS))
+    for_new_app = draw(st.booleans())
+    app_id: str | None = None if for_new_app else OWN_APP[consumer_id]
+    named: tuple[str, ...]
+    match rule:
+        case "unknown plan":
+            plan_id = draw(UNKNOWN_IDS)
+            named = (repr(plan_id),)
+        case "unknown product":
+            unknown = draw(st.lists(UNKNOWN_IDS, min_size=1, max_size=3, unique=True))
+            product_ids = draw(st.permutations([*product_ids, *unknown]))
+            named = tuple(unknown)
+        case "unknown app":
+            app_id = draw(UNKNOWN_IDS)
+            named = (repr(app_id),)
+        case "unknown consumer":
+            consumer_id = draw(UNKNOWN_IDS)
+            named = (repr(consumer_id),)
+        case "mixed auth methods":
+            plan_id = "partner"
+            api_key = draw(
+                st.lists(st.sampled_from(["payments", "ledger"]), min_size=1, max_size=2, unique=True)
+            )
+            product_ids = draw(st.permutations(["identity", *api_key]))
+            named = ("identity", *api_key)
+        case "app of another consumer":
+            app_id = OTHERS_APP[consumer_id]
+            named = (repr(app_id), repr(consumer_id))
+        case _:  # product not offered under the plan
+            plan_id = "free"
+            product_ids = draw(st.permutations(["identity", *draw(st.sampled_from([[], ["payments"]]))]))
+            named = ("identity", repr("free"))
+    consumer = CONSUMERS.get(consumer_id)
+    payload: dict[str, Any] = {
+        "request_id": str(draw(st.uuids())),
+        "consumer": {
+            "id": consumer_id,
+            "email": consumer.email if consumer else "someone@example.com",
+            "name": consumer.name if consumer else "Someone",
+        },
+        "product_ids": product_ids,
+        "plan_id": plan_id,
+        "submitted_at": draw(AWARE_TIMES).isoformat(),
+    }
+    if app_id is not None:
+        payload["app_id"] = app_id
+    else:
+        payload["new_app"] = {"name": draw(st.sampled_from(["Mobile", "Batch jobs", "CI"]))}
+    return Violation(rule, payload, named)
+
+
+def listed_after(reason: str, marker: str, before: str = "") -> set[str]:
+    """The comma-separated ids in ``reason`` between ``marker`` and ``before``."""
+    tail = reason.split(marker, 1)[1]
+    if before:
+        tail = tail.split(before, 1)[0]
+    return {item.strip().split("=")[0] for item in tail.split(",")}
+
+
+class TestARequestBreakingACatalogueRuleIsKeptAsInvalid:
+    @QUICK
+    @given(violation=violations())
+    def test_with_the_reason_and_nothing_else(self, violation: Violation) -> None:
+        # Given a well-formed submission that breaks one catalogue rule, decoded as a worker would
+        message = decode(routes.SUBMIT, (violation.payload,), {})
+        assert isinstance(message, v1.AccessRequestSubmitted)
+        command = message.to_command()
+        uow = FakeUnitOfWork()
+        apps_before = uow.catalogue.saved_apps()
+
+        # When the router handles it
+        status = route_request(command, uow=uow)
+
+        # Then the request is kept as invalid, with a reason that names what is wrong
+        assert status is Status.INVALID
+        request = uow.requests.saved(command.request_id)
+        assert request is not None
+        assert request.status is Status.INVALID
+        reason = request.status_reason
+        match violation.rule:
+            case "unknown product":
+                assert reason.startswith("unknown product")
+                assert listed_after(reason, ": ") == set(violation.named)
+            case "mixed auth methods":
+                assert "authentication method" in reason
+                assert listed_after(reason, ", got ") == set(violation.named)
+            case "product not offered under the plan":
+                assert listed_after(reason, "product(s) ", " not offered") == {"identity"}
+                assert reason.endswith("not offered under plan 'free'")
+            case rule:
+                assert rule.split()[-1] in reason, reason
+                for thing in violation.named:
+                    assert thing in reason, reason
+        assert request.history[-1].to_status is Status.INVALID
+        assert request.history[-1].reason == reason
+        # ... and nothing else came of it: no app, no credential, no decision, no email, no command
+        assert uow.catalogue.saved_apps() == apps_before
+        assert request.app_id == command.app_id
+        assert len(uow.credentials) == 0
+        assert uow.decisions.saved_all() == []
+        assert len(uow.notifications) == 0
+        assert uow.published == []
+        assert uow.outbox.pending == []
+
+
+# --- 4. what to_command makes of an accepted submission --------------------------------------------
+
+
+@st.composite
+def repetitive_submissions(draw: st.DrawFn) -> dict[str, Any]:
+    """Valid submissions whose product ids repeat, at any offset, written in any of a few ways."""
+    item_schema = SUBMITTED_SCHEMA["properties"]["product_ids"]["items"]
+    pool = draw(st.lists(from_schema(item_schema), min_size=1, max_size=6, unique=True))
+    when = draw(AWARE_TIMES)
+    spelled = draw(
+        st.sampled_from(
+            [
+                when.isoformat(),
+                when.isoformat(timespec="seconds"),
+                when.astimezone(UTC).isoformat().replace("+00:00", "Z"),
+            ]
+        )
+    )
+    payload = copy.deepcopy(REQUEST_FOR_AN_EXISTING_APP)
+    payload["product_ids"] = draw(st.lists(st.sampled_from(pool), min_size=1, max_size=50))
+    payload["submitted_at"] = spelled
+    return payload
+
+
+class TestToCommandOfAnAcceptedSubmission:
+    @QUICK
+    @given(payload=st.one_of(repetitive_submissions(), SUBMISSIONS))
+    def test_keeps_each_product_once_in_order_of_first_appearance_and_the_time_in_utc(
+        self, payload: dict[str, Any]
+    ) -> None:
+        # Given any submission the contract accepts
+        message = outcome(routes.SUBMIT, (payload,), {})
+        assume(isinstance(message, v1.AccessRequestSubmitted))
+        assert isinstance(message, v1.AccessRequestSubmitted)
+
+        # When it becomes a command
+        command = message.to_command()
+
+        # Then each product appears once, in the order it first appeared in the message
+        sent = payload["product_ids"]
+        first_appearances = [p for i, p in enumerate(sent) if p not in sent[:i]]
+        assert isinstance(command.product_ids, tuple)
+        assert list(command.product_ids) == first_appearances
+        assert len(set(command.product_ids)) == len(command.product_ids)
+
+        # ... and the time is the same instant, timezone-aware, in UTC
+        submitted_at = command.submitted_at
+        assert submitted_at.tzinfo is UTC
+        assert submitted_at.utcoffset() == timedelta(0)
+        assert submitted_at == datetime.fromisoformat(payload["submitted_at"])
+
+    @QUICK
+    @given(payload=DECISIONS)
+    def test_a_decisions_time_is_utc_too(self, payload: dict[str, Any]) -> None:
+        # Given any decision the contract accepts
+        message = outcome(routes.DECIDE, (payload,), {})
+        assume(isinstance(message, v1.AdminDecision))
+        assert isinstance(message, v1.AdminDecision)
+
+        # When it becomes a command
+        command = message.to_command()
+
+        # Then its time is the same instant, in UTC
+        assert command.decided_at.tzinfo is UTC
+        assert command.decided_at == datetime.fromisoformat(payload["decided_at"])
