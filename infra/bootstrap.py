@@ -15,6 +15,7 @@ from typing import Any
 import dramatiq
 import sqlalchemy as sa
 import structlog
+from dramatiq.brokers.rabbitmq import RabbitmqBroker
 from dramatiq.middleware import Middleware, Retries
 from sqlalchemy.engine import Engine
 from sqlalchemy.orm import Session, sessionmaker
@@ -23,7 +24,7 @@ from domain.model import utcnow
 from domain.ports import Mailer
 from infra import logging as accessflow_logging
 from infra import orm
-from infra.broker import DramatiqPublisher, PeriodicTask, make_broker
+from infra.broker import BatchConfirmPublisher, DramatiqPublisher, PeriodicTask, Publisher, make_broker
 from infra.credentials import FernetSealer, LocalCredentialIssuer
 from infra.delivery import DeliveryGuard
 from infra.email import EmailRenderer, FileMailer, SmtpMailer
@@ -95,6 +96,7 @@ class Services:
                 )
 
     def close(self) -> None:
+        self.relay.publisher.close()
         self.engine.dispose()
 
 
@@ -112,7 +114,14 @@ def build(
             if settings.mail_transport == "file"
             else SmtpMailer(settings, renderer)
         )
-    relay = OutboxRelay(session_factory, DramatiqPublisher(broker))
+    publisher: Publisher = (
+        BatchConfirmPublisher(
+            settings.broker_url, declare=lambda queue: broker.declare_queue(queue, ensure=True)
+        )
+        if isinstance(broker, RabbitmqBroker)
+        else DramatiqPublisher(broker)
+    )
+    relay = OutboxRelay(session_factory, publisher)
     return Services(settings, engine, session_factory, broker, relay, mailer)
 
 

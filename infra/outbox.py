@@ -21,7 +21,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from domain.commands import Command
 from domain.model import utcnow
 from infra import orm
-from infra.broker import Publisher
+from infra.broker import Outgoing, Publisher
 from infra.faults import crash_point
 from messages.routes import route_for_command
 
@@ -29,6 +29,10 @@ log = structlog.get_logger()
 
 #: Rows published per transaction by one sweep.
 BATCH_SIZE = 200
+
+
+class UnconfirmedPublish(Exception):
+    """The broker did not confirm every message of a batch; the rest stay in the outbox for the sweep."""
 
 
 class SqlOutbox:
@@ -86,24 +90,25 @@ class OutboxRelay:
                 rows = session.execute(query).all()
                 if not rows:
                     return published
-                sent: list[str] = []
-                try:
-                    for row in rows:
-                        self.publisher.publish(
-                            queue_name=row.queue_name,
-                            actor_name=row.actor_name,
-                            payload=row.payload,
-                            message_id=row.id,
-                        )
-                        sent.append(row.id)
-                    crash_point("relay_after_publish")  # confirmed but not yet marked: resent later
-                finally:
-                    # Mark what the broker confirmed, even if a later row failed.
-                    if sent:
-                        session.execute(
-                            orm.outbox.update().where(orm.outbox.c.id.in_(sent)).values(sent_at=utcnow())
-                        )
-                    session.commit()
+                confirmed = self.publisher.publish_batch(
+                    [Outgoing(row.queue_name, row.actor_name, row.payload, row.id) for row in rows]
+                )
+                crash_point("relay_after_publish")  # confirmed but not yet marked: resent later
+                sent = [row.id for row in rows if row.id in confirmed]
+                session.execute(
+                    orm.outbox.update()
+                    .where(orm.outbox.c.id.in_([row.id for row in rows]))
+                    .values(attempts=orm.outbox.c.attempts + 1)
+                )
+                if sent:
+                    session.execute(
+                        orm.outbox.update().where(orm.outbox.c.id.in_(sent)).values(sent_at=utcnow())
+                    )
+                session.commit()
+                if len(sent) < len(rows):
+                    raise UnconfirmedPublish(
+                        f"{len(rows) - len(sent)} of {len(rows)} outbox rows not confirmed"
+                    )
                 published += len(sent)
                 if ids is not None or len(rows) < BATCH_SIZE:
                     return published

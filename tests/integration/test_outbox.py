@@ -126,3 +126,39 @@ class TestTheRelay:
             assert len(take_all(settings.broker_url, NOTIFY.queue_name(private_queue))) == 1
         finally:
             services.close()
+
+
+class TestTheBatchPublisher:
+    def test_confirms_a_whole_batch_and_nothing_that_could_not_be_routed(
+        self, settings: Settings, private_queue: str
+    ) -> None:
+        from infra.broker import BatchConfirmPublisher, Outgoing
+
+        # Given a publisher whose queue exists, and a second queue that does not
+        broker = make_broker(settings)
+        routed = NOTIFY.queue_name(private_queue)
+        nowhere = f"{private_queue}.nowhere"
+        declared: list[str] = []
+
+        def declare(queue: str) -> None:
+            declared.append(queue)
+            if queue == routed:
+                broker.declare_queue(queue, ensure=True)
+
+        publisher = BatchConfirmPublisher(settings.broker_url, declare=declare)
+        try:
+            batch = [Outgoing(routed, NOTIFY.actor_name, {"n": i}, str(uuid.uuid4())) for i in range(50)]
+            lost = Outgoing(nowhere, NOTIFY.actor_name, {"n": -1}, str(uuid.uuid4()))
+
+            # When both go out in one batch
+            confirmed = publisher.publish_batch([*batch, lost])
+
+            # Then exactly the routable ones are confirmed, and they are on the queue in order
+            assert confirmed == {m.message_id for m in batch}
+            assert [m["message_id"] for m in take_all(settings.broker_url, routed)] == [
+                m.message_id for m in batch
+            ]
+            assert sorted(declared) == sorted({routed, nowhere})
+        finally:
+            publisher.close()
+            broker.close()
