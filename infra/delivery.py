@@ -13,6 +13,7 @@ backstop above this limit, for when the database itself is unreachable.
 
 from __future__ import annotations
 
+import threading
 from typing import Any
 
 import dramatiq
@@ -86,6 +87,11 @@ class DeliveryGuard(Middleware):
     def __init__(self, session_factory: sessionmaker[Session], max_deliveries: int) -> None:
         self.session_factory = session_factory
         self.max_deliveries = max_deliveries
+        # Messages that were running when their process died are suspects, and run one at a
+        # time: after a crash the poison and its innocent neighbours come back together, and
+        # if they kept running side by side the innocents would reach the limit with it.
+        self.suspects = threading.Lock()
+        self.local = threading.local()
 
     def before_process_message(self, broker: dramatiq.Broker, message: dramatiq.MessageProxy) -> None:
         attempts = count_start(self.session_factory, message.message_id, message.actor_name)
@@ -98,6 +104,12 @@ class DeliveryGuard(Middleware):
             forget(self.session_factory, message.message_id)
             message.fail()  # the consumer nacks it, and RabbitMQ moves it to <queue>.XQ
             raise SkipMessage(reason)
+        if attempts > 1:
+            self.suspects.acquire()
+            self.local.holds_suspect_lock = True
+
+    def after_skip_message(self, broker: dramatiq.Broker, message: dramatiq.MessageProxy) -> None:
+        self._release()
 
     def after_process_message(
         self,
@@ -107,10 +119,18 @@ class DeliveryGuard(Middleware):
         result: Any = None,
         exception: BaseException | None = None,
     ) -> None:
-        if exception is not None and message.failed:
-            retries = message.options.get("retries", 0)
-            self._dead_letter(message, f"failed after {retries} retries: {describe(exception)}")
-        forget(self.session_factory, message.message_id)
+        try:
+            if exception is not None and message.failed:
+                retries = message.options.get("retries", 0)
+                self._dead_letter(message, f"failed after {retries} retries: {describe(exception)}")
+            forget(self.session_factory, message.message_id)
+        finally:
+            self._release()
+
+    def _release(self) -> None:
+        if getattr(self.local, "holds_suspect_lock", False):
+            self.local.holds_suspect_lock = False
+            self.suspects.release()
 
     def _dead_letter(self, message: dramatiq.MessageProxy, reason: str) -> None:
         log.error("message.dead_lettered", queue=message.queue_name, actor=message.actor_name, reason=reason)

@@ -112,7 +112,8 @@ def rabbitmq_server() -> Iterator[str]:
 def fresh_database(server_url: str) -> Iterator[str]:
     """Create a database of our own on the server, and drop it afterwards."""
     name = f"accessflow_test_{uuid.uuid4().hex[:12]}"
-    admin = sa.create_engine(server_url, isolation_level="AUTOCOMMIT")
+    # No pool: the fault suite restarts the server in between, which would break a pooled connection.
+    admin = sa.create_engine(server_url, isolation_level="AUTOCOMMIT", poolclass=sa.pool.NullPool)
     with admin.connect() as connection:
         connection.execute(sa.text(f'CREATE DATABASE "{name}"'))
     try:

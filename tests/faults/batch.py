@@ -613,14 +613,23 @@ def check_invariants(
         assert all(a[1] == b[0] for a, b in itertools.pairwise(chain)), f"{request_id}: broken chain {chain}"
         assert applied[request_id] <= 1
 
+    # A decision email may still be on its way (a retry waiting out its backoff): wait for it, with a
+    # deadline, before counting. One that never comes fails the wait, and so the case.
+    def decision_kind(request_id: str) -> str | None:
+        return {Status.PROVISIONED: "approve", Status.REJECTED: "reject"}.get(Status(statuses[request_id]))
+
+    def missing_emails() -> list[str]:
+        sent = {(m["X-Accessflow-Request-Id"], email_kind(m)) for m in w.smtp.received()}
+        return [r for r in healthy if decision_kind(r) and (r, decision_kind(r)) not in sent]
+
+    svc.wait_until(lambda: not missing_emails(), timeout=180, interval=0.5, what="every decision email")
     emails = Counter((m["X-Accessflow-Request-Id"], email_kind(m)) for m in w.smtp.received())
     duplicates = sum(n - 1 for n in emails.values() if n > 1)
     for request_id in healthy:
         status = Status(statuses[request_id])
-        decision_kind = {Status.PROVISIONED: "approve", Status.REJECTED: "reject"}.get(status)
         for kind in ("approve", "reject"):
             got = emails[(request_id, kind)]
-            if kind == decision_kind:
+            if kind == decision_kind(request_id):
                 assert got >= 1, f"{request_id} ({status}) got no {kind} email"
             else:
                 assert got == 0, f"{request_id} ({status}) got {got} {kind} emails"
@@ -634,6 +643,8 @@ def check_invariants(
         assert copies <= recorded, f"{copies} {kind} emails for {request_id}, {recorded} recorded attempts"
 
     dead = sum(queue_depth(w.broker_url, route.queue_name(prefix) + ".XQ") for route in ROUTES)
-    assert dead == expected_dead_letters, f"{dead} dead letters, expected {expected_dead_letters}"
+    assert dead == expected_dead_letters, (
+        f"{dead} dead letters, expected {expected_dead_letters}:\n{w.dlq('list').stdout}"
+    )
     extra_credentials = sum(max(0, n - 1) for n in credential_counts.values())
     return len(lost), duplicates + extra_credentials
