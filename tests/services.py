@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import email
 import email.policy
+import json
 import os
 import socket
 import threading
@@ -17,6 +18,7 @@ import uuid
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from email.message import EmailMessage
 from typing import Any
 
@@ -145,6 +147,32 @@ def queue_depth(broker_url: str, queue_name: str) -> int:
             return 0
     finally:
         connection.close()
+
+
+def consumers_on(broker_url: str, queue_name: str) -> int:
+    connection = pika.BlockingConnection(pika.URLParameters(broker_url))
+    try:
+        return int(connection.channel().queue_declare(queue=queue_name, passive=True).method.consumer_count)
+    except pika.exceptions.ChannelClosedByBroker:
+        return 0
+    finally:
+        if connection.is_open:
+            connection.close()
+
+
+def envelope(queue_name: str, actor_name: str, payload: Any, message_id: str | None = None) -> bytes:
+    """Dramatiq's envelope, built by hand the way a portal in another language would."""
+    return json.dumps(
+        {
+            "queue_name": queue_name,
+            "actor_name": actor_name,
+            "args": [payload],
+            "kwargs": {},
+            "options": {},
+            "message_id": message_id or str(uuid.uuid4()),
+            "message_timestamp": int(datetime.now(UTC).timestamp() * 1000),
+        }
+    ).encode()
 
 
 def free_port() -> int:

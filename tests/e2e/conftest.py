@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import subprocess
@@ -23,6 +22,7 @@ from infra.bootstrap import Services
 from infra.settings import Settings
 from messages.routes import ROUTES
 from tests import services as svc
+from tests.services import consumers_on
 
 ACCESSFLOW = str(Path(sys.executable).with_name("accessflow"))
 
@@ -40,17 +40,6 @@ def settings_env(settings: Settings) -> dict[str, str]:
         env[f"ACCESSFLOW_{name.upper()}"] = str(value)
     env["ACCESSFLOW_LOG_FORMAT"] = "json"
     return env
-
-
-def consumers_on(broker_url: str, queue_name: str) -> int:
-    connection = pika.BlockingConnection(pika.URLParameters(broker_url))
-    try:
-        return int(connection.channel().queue_declare(queue=queue_name, passive=True).method.consumer_count)
-    except pika.exceptions.ChannelClosedByBroker:
-        return 0
-    finally:
-        if connection.is_open:
-            connection.close()
 
 
 @pytest.fixture(scope="session")
@@ -117,21 +106,6 @@ def request_payload(**overrides: Any) -> dict[str, Any]:
     }
     payload.update(overrides)
     return payload
-
-
-def envelope(queue_name: str, actor_name: str, payload: Any, message_id: str | None = None) -> bytes:
-    """Dramatiq's envelope, built by hand the way a portal in another language would."""
-    return json.dumps(
-        {
-            "queue_name": queue_name,
-            "actor_name": actor_name,
-            "args": [payload],
-            "kwargs": {},
-            "options": {},
-            "message_id": message_id or str(uuid.uuid4()),
-            "message_timestamp": int(datetime.now(UTC).timestamp() * 1000),
-        }
-    ).encode()
 
 
 def publish_raw(broker_url: str, queue_name: str, body: bytes) -> None:

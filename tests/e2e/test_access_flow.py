@@ -18,13 +18,13 @@ from tests import services as svc
 from tests.conftest import ADMIN
 from tests.e2e.conftest import (
     cli,
-    envelope,
     outbox_drained,
     publish_raw,
     request_payload,
     status_of,
     wait_for_status,
 )
+from tests.services import envelope
 
 pytestmark = [pytest.mark.e2e, pytest.mark.usefixtures("worker_pools")]
 

@@ -9,7 +9,6 @@ every case shares with :func:`check_invariants`.
 from __future__ import annotations
 
 import itertools
-import json
 import os
 import random
 import signal
@@ -40,6 +39,7 @@ from messages.routes import DECIDE, ROUTES, SUBMIT
 from tests import services as svc
 from tests.conftest import ADMIN, TEST_CATALOGUE
 from tests.e2e.conftest import settings_env
+from tests.services import consumers_on, envelope, queue_depth
 
 ACCESSFLOW = str(Path(sys.executable).with_name("accessflow"))
 
@@ -227,20 +227,6 @@ class World:
         )
 
 
-def consumers_on(broker_url: str, queue_name: str) -> int:
-    try:
-        connection = pika.BlockingConnection(pika.URLParameters(broker_url))
-    except pika.exceptions.AMQPError:
-        return 0
-    try:
-        return int(connection.channel().queue_declare(queue=queue_name, passive=True).method.consumer_count)
-    except pika.exceptions.ChannelClosedByBroker:
-        return 0
-    finally:
-        if connection.is_open:
-            connection.close()
-
-
 @contextmanager
 def world(
     postgres_url: str,
@@ -322,20 +308,6 @@ def make_payloads(size: int, seed: int) -> list[dict[str, Any]]:
             }
         )
     return payloads
-
-
-def envelope(queue_name: str, actor_name: str, payload: dict[str, Any]) -> bytes:
-    return json.dumps(
-        {
-            "queue_name": queue_name,
-            "actor_name": actor_name,
-            "args": [payload],
-            "kwargs": {},
-            "options": {},
-            "message_id": str(uuid.uuid4()),
-            "message_timestamp": int(time.time() * 1000),
-        }
-    ).encode()
 
 
 class ResilientPublisher:
@@ -528,17 +500,6 @@ class Figures:
             f"FAULT CASE {self.case}: requests={self.requests} lost={self.lost} duplicated={self.duplicated} "
             f"time={self.seconds:.1f}s recovery={recovery} {self.notes}"
         )
-
-
-def queue_depth(broker_url: str, queue_name: str) -> int:
-    connection = pika.BlockingConnection(pika.URLParameters(broker_url))
-    try:
-        return int(connection.channel().queue_declare(queue=queue_name, passive=True).method.message_count)
-    except pika.exceptions.ChannelClosedByBroker:
-        return 0
-    finally:
-        if connection.is_open:
-            connection.close()
 
 
 def check_invariants(

@@ -183,7 +183,7 @@ class TestDatabaseFaults:
 
 
 def _settled(w: World) -> bool:
-    from tests.faults.batch import queue_depth
+    from tests.services import queue_depth
 
     prefix = w.settings.queue_prefix
     from messages.routes import ROUTES
