@@ -10,9 +10,10 @@ from __future__ import annotations
 import logging
 import uuid
 from collections.abc import Iterable
+from datetime import timedelta
 
 from domain import commands, events
-from domain.errors import NotFound, PermanentDeliveryError
+from domain.errors import NotFound, PermanentDeliveryError, TransientError
 from domain.model import (
     AccessRequest,
     App,
@@ -192,16 +193,27 @@ def send_notification(
     mailer: Mailer,
     admin_emails: Iterable[str],
     message_id_domain: str = "accessflow",
+    lease_seconds: float = 60.0,
 ) -> DeliveryStatus | None:
     """Send one email about a request, at least once and, short of a crash mid-send, at most once.
 
     The attempt is committed before SMTP is spoken to and the result after, so a
     crash in between gives at most one duplicate, which shares the same Message-ID.
+    The attempt also takes a lease of ``lease_seconds``: a redelivery of the same
+    command that arrives while the first is still talking SMTP (the broker redelivers
+    when a connection drops) backs off instead of sending a second copy.
+
+    Raises:
+      TransientError: the server may take it later, or another worker holds the lease.
     """
     with uow:
         notification = uow.notifications.get(command.request_id, command.kind, for_update=True)
         if notification is not None and notification.status is not DeliveryStatus.SENDING:
             return notification.status
+        if notification is not None and notification.leased_by_another(utcnow()):
+            raise TransientError(
+                f"{command.kind.value} email for {command.request_id} is being sent by another worker"
+            )
         request = uow.requests.get(command.request_id)
         if request is None:
             log.warning("notification for unknown request %s dropped", command.request_id)
@@ -217,6 +229,7 @@ def send_notification(
             notification = Notification(request_id=request.id, kind=command.kind, message_id=email.message_id)
             uow.notifications.add(notification)
         notification.attempts += 1
+        notification.lease_expires_at = utcnow() + timedelta(seconds=lease_seconds)
         uow.commit()
     if not email.to:  # e.g. no ACCESSFLOW_ADMIN_EMAILS: a gap the operator must see, not a success
         return _record_delivery(uow, command, DeliveryStatus.FAILED, "no recipients configured")
@@ -224,6 +237,9 @@ def send_notification(
         mailer.send(email)
     except PermanentDeliveryError as refused:
         return _record_delivery(uow, command, DeliveryStatus.FAILED, str(refused))
+    except TransientError as failure:
+        _record_delivery(uow, command, DeliveryStatus.SENDING, str(failure))  # frees the lease for the retry
+        raise
     return _record_delivery(uow, command, DeliveryStatus.SENT, "")
 
 
@@ -235,6 +251,7 @@ def _record_delivery(
         assert notification is not None
         notification.status = status
         notification.last_error = error[:500]
+        notification.lease_expires_at = None
         if status is DeliveryStatus.SENT:
             notification.sent_at = utcnow()
         uow.commit()

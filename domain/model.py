@@ -394,4 +394,14 @@ class Notification:
     last_error: str = ""
     created_at: datetime = field(default_factory=utcnow)
     sent_at: datetime | None = None
+    #: While a worker is talking SMTP for this email, others leave it alone until this time.
+    lease_expires_at: datetime | None = None
     id: int | None = None
+
+    def leased_by_another(self, now: datetime) -> bool:
+        lease = self.lease_expires_at
+        if lease is None:
+            return False
+        if lease.tzinfo is None:  # SQLite hands back naive datetimes; they were written in UTC
+            lease = lease.replace(tzinfo=UTC)
+        return lease > now

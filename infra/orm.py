@@ -169,6 +169,7 @@ notifications = sa.Table(
     sa.Column("last_error", sa.Text, nullable=False, server_default=""),
     sa.Column("created_at", Timestamp, nullable=False),
     sa.Column("sent_at", Timestamp, nullable=True),
+    sa.Column("lease_expires_at", Timestamp, nullable=True),
     sa.UniqueConstraint("request_id", "kind", name="uq_notifications_request_kind"),
 )
 

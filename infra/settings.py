@@ -65,7 +65,7 @@ class Settings(BaseSettings):
     message_id_domain: str = Field(
         "accessflow.local", description="Right-hand side of each email's Message-ID."
     )
-    max_retries: int = Field(5, ge=0, description="Retries of a failing message before it is dead-lettered.")
+    max_retries: int = Field(8, ge=0, description="Retries of a failing message before it is dead-lettered.")
     min_backoff_ms: int = Field(1_000, ge=0, description="First retry delay; doubles each retry.")
     max_backoff_ms: int = Field(60_000, ge=0, description="Longest retry delay.")
     max_deliveries: int = Field(

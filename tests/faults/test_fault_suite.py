@@ -73,7 +73,7 @@ def run(case: str, w: World, batch: Batch, *, faults_at: list[float] | None = No
         duplicated=duplicated,
         seconds=seconds,
         recovery_seconds=(batch.started + seconds - last_fault) if last_fault else None,
-        notes=f"emails={len(w.smtp.received())}",
+        notes=f"emails={len(w.smtp.received())} smtp_drops_after_data={w.smtp.drops_after_data}",
     )
     report(figures)
     return figures
@@ -150,6 +150,7 @@ class TestDatabaseFaults:
         self, private_postgres: PrivatePostgres, private_rabbitmq: PrivateRabbitMQ, tmp_path: Path
     ) -> None:
         # Three retries over about 9 s (backoff plus 2 s connect timeouts), so a 15 s outage outlasts them.
+        # (An email cut off by the restart may wait out its 11 s lease in the dead-letter queue: replayed.)
         with world(private_postgres.url, private_rabbitmq.url, tmp_path, max_retries=3) as w:
             batch = Batch(w, size=BATCH, seed=5)
             batch.start()
@@ -163,14 +164,14 @@ class TestDatabaseFaults:
             private_postgres.start()
             back_at = time.monotonic()
             # When the queues have settled, the operator replays the dead letters until the batch is done
-            replays = 0
-            while batch.final_count() < BATCH:
+            for _ in range(6):
                 svc.wait_until(lambda: _settled(w), timeout=180, interval=1, what="the queues to settle")
-                if batch.final_count() >= BATCH:
+                if batch.final_count() >= BATCH and _dead_letters(w) == 0:
                     break
-                w.dlq("replay")
-                replays += 1
-                assert replays <= 5, "the dead-letter replay does not complete the batch"
+                if _dead_letters(w):
+                    w.dlq("replay")
+            else:
+                pytest.fail("replaying the dead letters did not complete the batch")
             # Two database faults, each of which can cut off sends in flight on every thread.
             figures = run(
                 "5 database restart and outage",
@@ -196,18 +197,29 @@ def _settled(w: World) -> bool:
     return busy == 0
 
 
+def _dead_letters(w: World) -> int:
+    from messages.routes import ROUTES
+    from tests.services import queue_depth
+
+    return sum(
+        queue_depth(w.broker_url, route.queue_name(w.settings.queue_prefix) + ".XQ") for route in ROUTES
+    )
+
+
 class TestMailFaults:
     def test_temporary_failures_and_dropped_connections(
         self, private_postgres: PrivatePostgres, private_rabbitmq: PrivateRabbitMQ, tmp_path: Path
     ) -> None:
         rates = {"temporary_failure_rate": 0.2, "drop_before_data_rate": 0.05, "drop_after_data_rate": 0.05}
-        with world(
-            private_postgres.url, private_rabbitmq.url, tmp_path, smtp_rates=rates, max_retries=14
-        ) as w:
+        # A generous client timeout: on this loaded 2-core machine the in-process sink can be slow to
+        # answer, and a client that gave up after the sink stored the email would add a duplicate the
+        # sink cannot count. The drops are the faults under test here, not timeouts.
+        slow_ok = {"max_retries": 20, "smtp_timeout_seconds": 30}
+        with world(private_postgres.url, private_rabbitmq.url, tmp_path, smtp_rates=rates, **slow_ok) as w:
             batch = Batch(w, size=BATCH, seed=6)
             batch.start()
             batch.wait_until_final()
-            run("6 SMTP 4xx and drops", w, batch, allowed_duplicate_emails=w.smtp.drops_after_data)
+            run("6 SMTP 4xx and drops", w, batch)  # duplicates allowed: the sink's drops after DATA
             assert w.smtp.drops_after_data > 0
 
 

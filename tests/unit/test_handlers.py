@@ -29,6 +29,7 @@ from domain.model import (
     Status,
 )
 from domain.notifications import ApproveContext, ProductLine, RejectContext, ReviewContext
+from domain.ports import Email
 from tests.unit.fakes import (
     ACME_EMAIL,
     ADMIN_EMAIL,
@@ -802,6 +803,58 @@ class TestATransientMailFailure:
         assert notification is not None
         assert (notification.status, notification.attempts) == (DeliveryStatus.SENT, 2)
         assert notification.sent_at is not None
+
+
+class TestARedeliveryWhileTheFirstDeliveryIsStillSending:
+    def test_backs_off_instead_of_sending_a_second_copy(self, uow: FakeUnitOfWork) -> None:
+        # Given a mail server that, while it takes the first email, sees the same command redelivered
+        request_id = rejected(uow, "no")
+        redelivery: list[BaseException] = []
+
+        class SlowMailer(FakeMailer):
+            def send(self, email: Email) -> None:
+                try:
+                    notify(uow, self, request_id, NotificationKind.REJECT)
+                except TransientError as busy:
+                    redelivery.append(busy)
+                super().send(email)
+
+        mailer = SlowMailer()
+
+        # When the first delivery completes
+        status = notify(uow, mailer, request_id, NotificationKind.REJECT)
+
+        # Then the redelivery stood back, and exactly one email went out
+        assert status is DeliveryStatus.SENT
+        assert len(mailer.sent) == 1
+        assert [str(e) for e in redelivery] == [
+            f"reject email for {request_id} is being sent by another worker"
+        ]
+
+    def test_a_crashed_sender_is_taken_over_once_its_lease_has_run_out(self, uow: FakeUnitOfWork) -> None:
+        # Given an attempt whose sender died mid-send, with a lease of no length
+        request_id = rejected(uow, "no")
+
+        class DyingMailer(FakeMailer):
+            def send(self, email: Email) -> None:
+                raise SystemExit("the worker died")
+
+        with pytest.raises(SystemExit):
+            send_notification(
+                SendNotification(request_id, NotificationKind.REJECT),
+                uow=uow,
+                mailer=DyingMailer(),
+                admin_emails=ADMIN_EMAILS,
+                lease_seconds=0,
+            )
+
+        # When the command is redelivered
+        mailer = FakeMailer()
+        status = notify(uow, mailer, request_id, NotificationKind.REJECT)
+
+        # Then the email goes out: at least once, even when the first sender vanished
+        assert status is DeliveryStatus.SENT
+        assert len(mailer.sent) == 1
 
 
 class TestAPermanentMailFailure:
