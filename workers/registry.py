@@ -13,9 +13,11 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 import dramatiq
 import structlog
+from dramatiq.errors import Retry
 from dramatiq.middleware import CurrentMessage
 from pydantic import BaseModel, ValidationError
 
+from domain.errors import TransientError
 from infra.faults import poison_check
 from messages.routes import Route
 from messages.v1 import MAX_MESSAGE_BYTES
@@ -96,7 +98,11 @@ def _register(route: Route, fn: ActorFunction, services: Services) -> None:
         if request_id is not None:
             structlog.contextvars.bind_contextvars(request_id=request_id)
         poison_check(request_id)
-        fn(message, services)
+        try:
+            fn(message, services)
+        except TransientError as error:
+            # Expected, and retried with backoff: one line in the log, not an ERROR with a traceback.
+            raise Retry(str(error)) from None
 
     consume.__qualname__ = consume.__name__ = fn.__name__
     dramatiq.actor(actor_name=route.actor_name, queue_name=queue_name, broker=services.broker)(consume)

@@ -373,7 +373,33 @@ def epmd_names(port: int = EPMD_PORT) -> dict[str, int]:
 # RabbitMQ
 
 
-class PrivateRabbitMQ:
+class _PrivateService:
+    """Started on entering a ``with`` block, closed (stopped and removed) on leaving it."""
+
+    def start(self, timeout: float | None = None) -> None:
+        raise NotImplementedError
+
+    def close(self) -> None:
+        raise NotImplementedError
+
+    def __enter__(self) -> Self:
+        try:
+            self.start()
+        except BaseException:
+            self.close()
+            raise
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+
+class PrivateRabbitMQ(_PrivateService):
     """A RabbitMQ node of our own that tests may kill, stop and restart.
 
     Its data (mnesia, message store) lives in a temporary directory that survives
@@ -574,22 +600,6 @@ class PrivateRabbitMQ:
             self.workdir = None
             self.pid = None
 
-    def __enter__(self) -> Self:
-        try:
-            self.start()
-        except BaseException:
-            self.close()
-            raise
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()
-
     # ---- internals
 
     @property
@@ -714,7 +724,7 @@ class PrivateRabbitMQ:
 # PostgreSQL
 
 
-class PrivatePostgres:
+class PrivatePostgres(_PrivateService):
     """A PostgreSQL 15 cluster of our own that tests may crash and restart.
 
     ``initdb`` and ``pg_ctl`` refuse to run as root, so they run as ``postgres`` and the
@@ -864,22 +874,6 @@ class PrivatePostgres:
         finally:
             shutil.rmtree(self.workdir, ignore_errors=True)
             self.workdir = None
-
-    def __enter__(self) -> Self:
-        try:
-            self.start()
-        except BaseException:
-            self.close()
-            raise
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()
 
     # ---- internals
 
