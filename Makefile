@@ -39,6 +39,10 @@ lint: $(STAMP)
 typecheck: $(STAMP)
 	$(BIN)/mypy
 
+## make bench: the outbox relay's batched confirms against one confirm per message, same run.
+bench: $(STAMP) services
+	$(BIN)/python -m bench.relay
+
 schemas: $(STAMP)
 	$(BIN)/python -m messages.export
 
