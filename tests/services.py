@@ -14,13 +14,14 @@ import json
 import os
 import socket
 import threading
+import time
 import uuid
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from email.message import EmailMessage
-from typing import Any
+from typing import Any, TypeVar
 
 import pika
 import pytest
@@ -28,6 +29,8 @@ import sqlalchemy as sa
 
 LOCAL_POSTGRES = "postgresql+psycopg://postgres@127.0.0.1:5432/postgres"
 LOCAL_RABBITMQ = "amqp://guest:guest@127.0.0.1:5672/%2F"
+T = TypeVar("T")
+
 IN_CI = os.environ.get("CI", "").lower() == "true"
 
 
@@ -224,17 +227,23 @@ def smtp_sink() -> Iterator[SmtpSink]:
         controller.stop()
 
 
+def poll_until(check: Callable[[], T], *, timeout: float, what: str, interval: float = 0.25) -> T:
+    """Call ``check`` until it returns something truthy and return that; TimeoutError after ``timeout`` s."""
+    deadline = time.monotonic() + timeout
+    while True:
+        result = check()
+        if result:
+            return result
+        if time.monotonic() >= deadline:
+            raise TimeoutError(f"timed out after {timeout:.0f}s waiting for {what}")
+        time.sleep(interval)  # the poll interval of a wait with a deadline
+
+
 def wait_until(
     condition: Callable[[], Any], *, timeout: float = 30.0, interval: float = 0.1, what: str = ""
 ) -> Any:
-    """Poll ``condition`` until it returns something truthy; fail with ``what`` after ``timeout`` seconds."""
-    import time
-
-    deadline = time.monotonic() + timeout
-    while True:
-        value = condition()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            pytest.fail(f"timed out after {timeout}s waiting for {what or condition}", pytrace=False)
-        time.sleep(interval)  # the poll interval of a wait with a deadline
+    """Poll ``condition`` until it returns something truthy; fail the test with ``what`` after ``timeout`` s."""
+    try:
+        return poll_until(condition, timeout=timeout, what=what or str(condition), interval=interval)
+    except TimeoutError as timed_out:
+        pytest.fail(str(timed_out), pytrace=False)

@@ -39,18 +39,19 @@ import socket
 import subprocess
 import tempfile
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
-from typing import Self, TypeVar
+from typing import Self
 
 import pika
 import pika.exceptions
 
+from tests.services import poll_until
+
 log = logging.getLogger(__name__)
 
-T = TypeVar("T")
 
 RABBITMQ_SCRIPTS = Path("/usr/lib/rabbitmq/bin")
 POSTGRES_BIN = Path("/usr/lib/postgresql/15/bin")
@@ -99,18 +100,6 @@ def port_is_listening(port: int, host: str = "127.0.0.1") -> bool:
             return True
     except OSError:
         return False
-
-
-def poll_until(check: Callable[[], T], *, timeout: float, what: str, interval: float = 0.25) -> T:
-    """Call ``check`` until it returns something truthy and return that; TimeoutError after ``timeout`` s."""
-    deadline = time.monotonic() + timeout
-    while True:
-        result = check()
-        if result:
-            return result
-        if time.monotonic() >= deadline:
-            raise TimeoutError(f"timed out after {timeout:.0f}s waiting for {what}")
-        time.sleep(interval)  # the poll interval of a wait with a deadline
 
 
 @dataclass(frozen=True)
