@@ -99,6 +99,10 @@ access_requests = sa.Table(
     sa.Column("auth_method", _enum(AuthMethod), nullable=True),
     sa.Column("status_reason", sa.Text, nullable=False, server_default=""),
     sa.Column("updated_at", Timestamp, nullable=False),
+    # The portal that submitted the request, which hears every change of it; None for v1 submissions.
+    sa.Column("portal_id", sa.String(64), nullable=True),
+    # The sequence number of the last event sent to the portal about this request.
+    sa.Column("event_seq", sa.Integer, nullable=False, server_default="0"),
 )
 
 # Append-only: PostgreSQL refuses UPDATE and DELETE here (see the first migration).
@@ -128,6 +132,8 @@ decisions = sa.Table(
     sa.Column("outcome", _enum(DecisionOutcome), nullable=False),
     sa.Column("outcome_reason", sa.Text, nullable=False, server_default=""),
     sa.Column("received_at", Timestamp, nullable=False),
+    # The admin key whose signature was checked; None when the decision was refused before that.
+    sa.Column("key_id", sa.String(64), nullable=True),
     # At most one decision per request is ever applied, whatever races.
     sa.Index(
         "uq_decisions_one_applied_per_request",
@@ -184,6 +190,10 @@ outbox = sa.Table(
     sa.Column("created_at", Timestamp, nullable=False),
     sa.Column("sent_at", Timestamp, nullable=True),
     sa.Column("attempts", sa.Integer, nullable=False, server_default="0"),
+    # Set for events to portals: published to this exchange with this routing key, as plain JSON.
+    # Empty for internal commands, which go to ``queue_name`` through the default exchange.
+    sa.Column("exchange", sa.String(200), nullable=False, server_default=""),
+    sa.Column("routing_key", sa.String(200), nullable=True),
     sa.Index("ix_outbox_unsent", "created_at", postgresql_where=sa.text("sent_at IS NULL")),
 )
 
@@ -198,6 +208,46 @@ malformed_messages = sa.Table(
     sa.Column("reason", sa.Text, nullable=False),
     sa.Column("body_excerpt", sa.Text, nullable=False),
     sa.Column("received_at", Timestamp, nullable=False),
+    # The AMQP user that published it (RabbitMQ's validated user_id), when it said.
+    sa.Column("sender", sa.String(200), nullable=True),
+    # malformed: unreadable; forged: readable, but from a party not allowed to say it.
+    sa.Column("kind", sa.String(20), nullable=False, server_default="malformed"),
+)
+
+# Developer portals: who may submit for which consumers, and the key their secrets are sealed to.
+portals = sa.Table(
+    "portals",
+    metadata,
+    sa.Column("id", sa.String(64), primary_key=True),
+    sa.Column("name", sa.String(200), nullable=False),
+    sa.Column("broker_user", sa.String(200), nullable=False, unique=True),
+    sa.Column("public_key", sa.String(100), nullable=False),
+    sa.Column("url", sa.String(500), nullable=False, server_default=""),
+)
+
+portal_consumers = sa.Table(
+    "portal_consumers",
+    metadata,
+    sa.Column("portal_id", sa.String(64), sa.ForeignKey("portals.id"), primary_key=True),
+    sa.Column("consumer_id", sa.String(64), sa.ForeignKey("consumers.id"), primary_key=True),
+)
+
+# Admins, and the Ed25519 public keys their decisions are verified with. Workers hold no private key.
+admins = sa.Table(
+    "admins",
+    metadata,
+    sa.Column("id", sa.String(64), primary_key=True),
+    sa.Column("email", sa.String(254), nullable=False),
+)
+
+admin_keys = sa.Table(
+    "admin_keys",
+    metadata,
+    sa.Column("key_id", sa.String(64), primary_key=True),
+    sa.Column("admin_id", sa.String(64), sa.ForeignKey("admins.id"), nullable=False, index=True),
+    sa.Column("public_key", sa.String(100), nullable=False),
+    sa.Column("created_at", Timestamp, nullable=False),
+    sa.Column("revoked_at", Timestamp, nullable=True),
 )
 
 # How often each message started processing without finishing. A message that kills its
