@@ -40,6 +40,24 @@ def _no_control_characters(value: str) -> str:
     return value
 
 
+def _no_control_characters_before_stripping(value: object) -> object:
+    # strip_whitespace would quietly drop a leading or trailing "\r\n": refuse it like one inside.
+    if isinstance(value, str):
+        _no_control_characters(value)
+    return value
+
+
+def _no_encoded_words(value: str) -> str:
+    # Python 3.11.7's email package decodes an RFC 2047 encoded word in a header value, and a
+    # CR LF inside one ("=?utf-8?q?x=0D=0ABcc:_evil@x?=") becomes a real header line (cpython
+    # #121650). No name or address needs "=?", so any is refused, well formed or not.
+    if "=?" in value:
+        raise ValueError(
+            "must not contain '=?': it starts an RFC 2047 encoded word, which can inject email headers"
+        )
+    return value
+
+
 def _printable_text(value: str) -> str:
     if _CONTROL_EXCEPT_NEWLINES.search(value):
         raise ValueError("must not contain control characters")
@@ -85,9 +103,16 @@ Name = Annotated[
     str,
     StringConstraints(min_length=1, max_length=200, strip_whitespace=True),
     AfterValidator(_no_control_characters),
+    AfterValidator(_no_encoded_words),
+    BeforeValidator(_no_control_characters_before_stripping),  # last, so it runs first
 ]
 Text = Annotated[str, StringConstraints(max_length=2000), AfterValidator(_printable_text)]
-Email = Annotated[EmailStr, StringConstraints(max_length=254), AfterValidator(_no_control_characters)]
+Email = Annotated[
+    EmailStr,
+    StringConstraints(max_length=254),
+    AfterValidator(_no_control_characters),
+    AfterValidator(_no_encoded_words),
+]
 Timestamp = Annotated[datetime, BeforeValidator(_not_a_number), AfterValidator(_aware)]
 
 

@@ -196,6 +196,10 @@ class SmtpSink:
     messages: list[EmailMessage] = field(default_factory=list)
     fail_next: list[str] = field(default_factory=list)
     lock: threading.Lock = field(default_factory=threading.Lock)
+    #: The bytes of each message in ``messages`` exactly as the client sent them after DATA.
+    raw: list[bytes] = field(default_factory=list)
+    #: The envelope's RCPT TO addresses of each message in ``messages``, in the same order.
+    envelope_recipients: list[list[str]] = field(default_factory=list)
 
     async def handle_DATA(self, server: Any, session: Any, envelope: Any) -> str:
         with self.lock:
@@ -204,6 +208,9 @@ class SmtpSink:
             parsed = email.message_from_bytes(envelope.content, policy=email.policy.default)
             assert isinstance(parsed, EmailMessage)
             self.messages.append(parsed)
+            # Kept beside the parsed message: what a header check must read is the bytes, not a reparse.
+            self.raw.append(envelope.original_content)
+            self.envelope_recipients.append(list(envelope.rcpt_tos))
         return "250 OK"
 
     def received(self, predicate: Callable[[EmailMessage], bool] = lambda m: True) -> list[EmailMessage]:
@@ -212,6 +219,17 @@ class SmtpSink:
 
     def about(self, request_id: str) -> list[EmailMessage]:
         return self.received(lambda m: m["X-Accessflow-Request-Id"] == request_id)
+
+    def raw_about(self, request_id: str) -> list[tuple[bytes, list[str]]]:
+        """The raw bytes and the RCPT TO list of each message whose X-Accessflow-Request-Id is ``request_id``."""
+        with self.lock:
+            return [
+                (raw, recipients)
+                for message, raw, recipients in zip(
+                    self.messages, self.raw, self.envelope_recipients, strict=True
+                )
+                if message["X-Accessflow-Request-Id"] == request_id
+            ]
 
 
 @contextmanager

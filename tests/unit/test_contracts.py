@@ -351,3 +351,48 @@ def test_a_valid_decision_passes() -> None:
 def test_a_decision_with_an_empty_reason_fails() -> None:
     failures = _failures(v1.AdminDecision, _decision(reason=""))
     assert [loc for loc, _ in failures] == ["reason"]
+
+
+# --- header injection through names (issue 6, point 6) --------------------------------------------
+
+#: A name that would add ``Bcc: evil@x`` to an email, literally or as an RFC 2047 encoded word.
+HEADER_INJECTIONS = {
+    "crlf": "\r\nBcc: evil@x",
+    "q-encoded-word": "=?utf-8?q?x=0D=0ABcc:_evil@x?=",
+    "b-encoded-word": "=?UTF-8?B?eA0KQmNjOiBldmlsQHg=?=",  # base64 of "x\r\nBcc: evil@x"
+    "encoded-word-inside": "Shop =?utf-8?q?x=0D=0ABcc:_evil@x?= Pro",
+}
+
+
+@pytest.mark.parametrize("name", HEADER_INJECTIONS.values(), ids=HEADER_INJECTIONS.keys())
+def test_a_header_injection_in_the_consumer_name_fails(name: str) -> None:
+    consumer = {"id": "acme", "email": "dev@acme.example", "name": name}
+    failures = _failures(v1.AccessRequestSubmitted, _request(consumer=consumer))
+    assert [loc for loc, _ in failures] == ["consumer.name"]
+    assert re.search(r"line breaks|encoded word", failures[0][1])
+
+
+@pytest.mark.parametrize("name", HEADER_INJECTIONS.values(), ids=HEADER_INJECTIONS.keys())
+def test_a_header_injection_in_a_new_app_name_fails(name: str) -> None:
+    failures = _failures(v1.AccessRequestSubmitted, _request(app_id=_DROP, new_app={"name": name}))
+    assert [loc for loc, _ in failures] == ["new_app.name"]
+    assert re.search(r"line breaks|encoded word", failures[0][1])
+
+
+def test_an_encoded_word_in_a_name_is_refused_with_the_reason() -> None:
+    consumer = {"id": "acme", "email": "dev@acme.example", "name": HEADER_INJECTIONS["q-encoded-word"]}
+    [(_, message)] = _failures(v1.AccessRequestSubmitted, _request(consumer=consumer))
+    assert "must not contain '=?'" in message and "RFC 2047 encoded word" in message
+
+
+def test_an_encoded_word_in_an_email_address_fails() -> None:
+    consumer = {"id": "acme", "email": "=?utf-8?q?x?=@acme.example", "name": "Acme"}
+    failures = _failures(v1.AccessRequestSubmitted, _request(consumer=consumer))
+    assert [loc for loc, _ in failures] == ["consumer.email"]
+    assert "encoded word" in failures[0][1]
+
+
+def test_markup_in_a_name_passes_because_the_html_part_escapes_it() -> None:
+    consumer = {"id": "acme", "email": "dev@acme.example", "name": "<script>alert(1)</script>"}
+    message = v1.AccessRequestSubmitted.model_validate(_request(consumer=consumer))
+    assert message.consumer.name == "<script>alert(1)</script>"
