@@ -5,7 +5,7 @@ They are what the wire messages in ``messages`` decode into; the domain never se
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime
 
 from domain.model import NotificationKind
@@ -29,6 +29,22 @@ class RouteRequest(Command):
     new_app_description: str | None
     justification: str | None
     submitted_at: datetime
+    #: The portal the message names (contract v2); ``None`` for a v1 submission, which names none.
+    portal_id: str | None = None
+    #: The AMQP user that published the message, as RabbitMQ validated it; ``None`` if unknown.
+    sender: str | None = None
+
+
+@dataclass(frozen=True)
+class Signature:
+    """An admin's signature over a decision's canonical bytes (``messages/asyncapi.yaml``)."""
+
+    key_id: str
+    value: str
+    #: The exact bytes the signature covers, rebuilt from the message.
+    signed_bytes: bytes = field(repr=False)
+    #: The deployment the signer meant; a decision signed for staging must not count in production.
+    audience: str
 
 
 @dataclass(frozen=True)
@@ -40,6 +56,9 @@ class DecideRequest(Command):
     admin_email: str
     reason: str
     decided_at: datetime
+    #: ``None`` for an unsigned (v1) decision, which is refused.
+    signature: Signature | None = None
+    sender: str | None = None
 
 
 @dataclass(frozen=True)

@@ -8,6 +8,7 @@
      +-- NotFound               a referenced row does not exist
      +-- TransientError         a dependency failed; retrying may succeed
      +-- PermanentDeliveryError a dependency refused for good; never retried
+ +-- Unauthorized           a party said something it may not say; recorded, never retried
 """
 
 from __future__ import annotations
@@ -39,3 +40,14 @@ class TransientError(AccessflowError):
 
 class PermanentDeliveryError(AccessflowError):
     """A dependency refused in a way no retry can fix (SMTP 5xx); recorded, never retried."""
+
+
+class Unauthorized(AccessflowError):
+    """A message from a party that may not send it (a portal speaking for another's consumer).
+
+    It changes nothing; the worker records it, with ``reason``, as a forged message.
+    """
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason

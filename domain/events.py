@@ -2,12 +2,19 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from datetime import datetime
 
 
 @dataclass(frozen=True)
 class Event:
     request_id: str
+
+
+@dataclass(frozen=True)
+class RequestSubmitted(Event):
+    pass
 
 
 @dataclass(frozen=True)
@@ -33,3 +40,24 @@ class RequestInvalidated(Event):
 @dataclass(frozen=True)
 class CredentialsProvisioned(Event):
     credential_id: str
+
+
+@dataclass(frozen=True)
+class PortalEvent:
+    """What the owning portal is told about its request, in order, through the outbox.
+
+    ``sequence`` counts 1, 2, 3... per request, so a portal can drop duplicates (the
+    broker delivers at least once) and put events in order. ``details`` holds what the
+    event adds: the credential's public part and its secret sealed to the portal's key.
+    """
+
+    portal_id: str
+    request_id: str
+    sequence: int
+    #: access_request.submitted, .pending_review, .approved, .rejected, .invalid, .provisioned,
+    #: or credentials.issued
+    name: str
+    status: str
+    reason: str
+    occurred_at: datetime
+    details: Mapping[str, object] = field(default_factory=dict)

@@ -9,11 +9,11 @@ from __future__ import annotations
 
 import logging
 import uuid
-from collections.abc import Iterable
-from datetime import timedelta
+from collections.abc import Callable, Iterable, Mapping
+from datetime import datetime, timedelta
 
 from domain import commands, events
-from domain.errors import NotFound, PermanentDeliveryError, TransientError
+from domain.errors import NotFound, PermanentDeliveryError, TransientError, Unauthorized
 from domain.model import (
     AccessRequest,
     App,
@@ -27,7 +27,15 @@ from domain.model import (
     utcnow,
 )
 from domain.notifications import ApproveContext, ProductLine, RejectContext, ReviewContext
-from domain.ports import CredentialIssuer, Email, Mailer, SecretSealer, UnitOfWork
+from domain.ports import (
+    CredentialIssuer,
+    Email,
+    Mailer,
+    PortalSealer,
+    SecretSealer,
+    SignatureVerifier,
+    UnitOfWork,
+)
 
 log = logging.getLogger(__name__)
 
@@ -54,19 +62,89 @@ def follow_ups(event: events.Event) -> list[commands.Command]:
             return []
 
 
+#: What the portal hears for each domain event: the event's name and the status it reports.
+PORTAL_EVENTS: dict[type[events.Event], tuple[str, Status]] = {
+    events.RequestSubmitted: ("access_request.submitted", Status.SUBMITTED),
+    events.RequestParkedForReview: ("access_request.pending_review", Status.PENDING_REVIEW),
+    events.RequestApproved: ("access_request.approved", Status.APPROVED),
+    events.RequestRejected: ("access_request.rejected", Status.REJECTED),
+    events.RequestInvalidated: ("access_request.invalid", Status.INVALID),
+    events.CredentialsProvisioned: ("access_request.provisioned", Status.PROVISIONED),
+}
+
+
+def _announce(
+    uow: UnitOfWork,
+    request: AccessRequest,
+    name: str,
+    status: Status,
+    details: Mapping[str, object],
+    reason: str | None = None,
+) -> None:
+    if request.portal_id is None:  # a v1 submission names no portal to tell
+        return
+    if reason is None:  # the reason of the transition into this status, from the audit trail
+        reason = next((e.reason for e in reversed(request.history) if e.to_status is status), "")
+    uow.outbox.announce(
+        events.PortalEvent(
+            portal_id=request.portal_id,
+            request_id=request.id,
+            sequence=request.next_event_sequence(),
+            name=name,
+            status=status.value,
+            reason=reason,
+            occurred_at=utcnow(),
+            details=details,
+        )
+    )
+
+
 def _queue_follow_ups(uow: UnitOfWork, request: AccessRequest) -> None:
+    """Queue each recorded event's commands, and tell the portal, in the order they happened."""
     while request.events:
-        for command in follow_ups(request.events.pop(0)):
+        event = request.events.pop(0)
+        if type(event) in PORTAL_EVENTS:
+            name, status = PORTAL_EVENTS[type(event)]
+            _announce(uow, request, name, status, {})
+        for command in follow_ups(event):
             uow.outbox.put(command)
 
 
-def route_request(command: commands.RouteRequest, *, uow: UnitOfWork) -> Status:
+def _authenticate_submission(
+    command: commands.RouteRequest, uow: UnitOfWork, *, accept_v1_submissions: bool
+) -> None:
+    if command.portal_id is None:
+        if not accept_v1_submissions:
+            raise Unauthorized(
+                "contract v1 names no portal, and v1 submissions are switched off "
+                "(ACCESSFLOW_ACCEPT_V1_SUBMISSIONS): publish contract v2 with your portal_id"
+            )
+        return
+    portal = uow.portals.get(command.portal_id)
+    if portal is None:
+        raise Unauthorized(f"unknown portal {command.portal_id!r}")
+    why = portal.refuses_submission(consumer_id=command.consumer_id, sender=command.sender)
+    if why is not None:
+        raise Unauthorized(why)
+
+
+def route_request(
+    command: commands.RouteRequest, *, uow: UnitOfWork, accept_v1_submissions: bool = False
+) -> Status:
     """Validate a submitted request and approve it or park it for review.
+
+    The sending portal is checked first: a portal submits only for its own consumers,
+    as its own AMQP user. A v1 submission names no portal and is refused unless
+    ``accept_v1_submissions``.
 
     Returns:
       The request's status after routing (its current one if this is a redelivery).
+
+    Raises:
+      Unauthorized: the sender may not submit this request; nothing was written.
     """
     with uow:
+        _authenticate_submission(command, uow, accept_v1_submissions=accept_v1_submissions)
         existing = uow.requests.get(command.request_id)
         if existing is not None:
             log.info("duplicate submission of %s ignored", command.request_id)
@@ -81,6 +159,7 @@ def route_request(command: commands.RouteRequest, *, uow: UnitOfWork) -> Status:
             new_app_description=command.new_app_description,
             justification=command.justification,
             submitted_at=command.submitted_at,
+            portal_id=command.portal_id,
         )
         request.record_submission()
         catalogue = uow.catalogue.slice_for(
@@ -105,50 +184,113 @@ def route_request(command: commands.RouteRequest, *, uow: UnitOfWork) -> Status:
         return request.status
 
 
+def _refusal(
+    command: commands.DecideRequest,
+    uow: UnitOfWork,
+    *,
+    verify: SignatureVerifier,
+    audience: str,
+    max_skew: timedelta,
+    now: datetime,
+) -> str | None:
+    """Why this decision is not shown to come from an admin, or ``None`` if it is.
+
+    The signature is checked before anything else is believed, and before any side effect.
+    """
+    if command.sender is not None and uow.portals.by_broker_user(command.sender) is not None:
+        return f"rejected_auth: decisions are not accepted from portal user {command.sender!r}"
+    signature = command.signature
+    if signature is None:
+        return "rejected_auth: missing signature (an unsigned v1 decision)"
+    key = uow.admin_keys.key(signature.key_id)
+    if key is None:
+        return f"rejected_auth: unknown key {signature.key_id!r}"
+    if key.revoked_at is not None:
+        return f"rejected_auth: key {signature.key_id!r} was revoked"
+    if key.admin_id != command.admin_id:
+        return f"rejected_auth: key {signature.key_id!r} is not admin {command.admin_id!r}'s"
+    if not verify(key.public_key, signature.value, signature.signed_bytes):
+        return "rejected_auth: bad signature"
+    if signature.audience != audience:
+        return f"rejected_auth: signed for {signature.audience!r}, not this deployment ({audience!r})"
+    age = now - command.decided_at
+    if abs(age) > max_skew:
+        return (
+            f"rejected_auth: stale decision: decided_at is {age.total_seconds():.0f}s off this "
+            f"worker's clock, more than the {max_skew.total_seconds():.0f}s allowed"
+        )
+    return None
+
+
 def decide(
-    command: commands.DecideRequest, *, uow: UnitOfWork, admin_emails: Iterable[str]
+    command: commands.DecideRequest,
+    *,
+    uow: UnitOfWork,
+    verify: SignatureVerifier,
+    audience: str,
+    max_skew: timedelta = timedelta(minutes=5),
+    now: Callable[[], datetime] = utcnow,
 ) -> DecisionOutcome:
-    """Apply an admin's decision to a pending request; record, and ignore, any other decision."""
-    admins = {a.lower() for a in admin_emails}
+    """Apply a signed admin decision to a pending request; record, and ignore, any other decision.
+
+    A decision that is not signed by an active key of the admin it names, was signed for
+    another deployment, or is older (or newer) than ``max_skew`` is recorded as refused
+    and changes nothing. Its id is recorded either way, so a replay of it changes nothing.
+    """
     with uow:
         if uow.decisions.get(command.decision_id) is not None:
             log.info("duplicate decision message %s ignored", command.decision_id)
             return DecisionOutcome.IGNORED
-        request = uow.requests.get(command.request_id, for_update=True)
+        refusal = _refusal(command, uow, verify=verify, audience=audience, max_skew=max_skew, now=now())
+        request = None if refusal else uow.requests.get(command.request_id, for_update=True)
         outcome, why = DecisionOutcome.APPLIED, ""
-        if command.admin_email.lower() not in admins:
-            outcome, why = DecisionOutcome.IGNORED, f"{command.admin_email} is not a configured admin"
+        if refusal is not None:
+            outcome, why = DecisionOutcome.REFUSED, refusal
         elif request is None:
             outcome, why = DecisionOutcome.IGNORED, "no such request"
         elif request.status is not Status.PENDING_REVIEW:
             outcome, why = DecisionOutcome.IGNORED, f"request is {request.status.value}, not pending review"
         elif command.approve:
-            request.approve(admin_id=command.admin_email, reason=command.reason)
+            request.approve(admin_id=command.admin_id, reason=command.reason)
         else:
-            request.reject(admin_id=command.admin_email, reason=command.reason)
+            request.reject(admin_id=command.admin_id, reason=command.reason)
+        admin_email = command.admin_email or (uow.admin_keys.admin_email(command.admin_id) or "")
         uow.decisions.add(
             Decision(
                 id=command.decision_id,
                 request_id=command.request_id,
                 approve=command.approve,
                 admin_id=command.admin_id,
-                admin_email=command.admin_email,
+                admin_email=admin_email,
                 reason=command.reason,
                 decided_at=command.decided_at,
                 outcome=outcome,
                 outcome_reason=why,
+                key_id=command.signature.key_id if command.signature and not refusal else None,
             )
         )
         if request is not None:
             _queue_follow_ups(uow, request)
         uow.commit()
+        if refusal is not None:
+            log.warning("decision %s refused: %s", command.decision_id, refusal)
         return outcome
 
 
 def issue_credentials(
-    command: commands.IssueCredentials, *, uow: UnitOfWork, issuer: CredentialIssuer, sealer: SecretSealer
+    command: commands.IssueCredentials,
+    *,
+    uow: UnitOfWork,
+    issuer: CredentialIssuer,
+    sealer: SecretSealer,
+    portal_sealer: PortalSealer,
 ) -> Credential | None:
-    """Issue the app's credential for an approved request, with the plan's limits, exactly once."""
+    """Issue the app's credential for an approved request, with the plan's limits, exactly once.
+
+    A request from a portal gets its secret sealed to that portal's public key, in the
+    ``credentials.issued`` event, and nowhere else: no copy is kept for an operator to
+    reveal. A v1 request keeps the old way, a copy sealed at rest for one reveal.
+    """
     with uow:
         request = uow.requests.get(command.request_id, for_update=True)
         if request is None or request.status is not Status.APPROVED:
@@ -158,11 +300,15 @@ def issue_credentials(
         if plan is None:  # removed from the catalogue after approval: retries, then the dead-letter queue
             raise NotFound(f"plan {request.plan_id!r} of approved request {request.id} no longer exists")
         assert request.app_id is not None and request.auth_method is not None  # set by routing
+        portal = uow.portals.get(request.portal_id) if request.portal_id else None
         existing = uow.credentials.for_request(request.id)
+        delivery: Mapping[str, str] | None = None
         if existing is not None:  # issued before a crash, state not yet moved
             credential = existing
         else:
             issued = issuer.issue(request.auth_method)
+            if portal is not None:
+                delivery = portal_sealer.seal_to(portal.public_key, issued.secret)
             credential = Credential(
                 id=derived_id("credential", request.id),
                 request_id=request.id,
@@ -170,16 +316,35 @@ def issue_credentials(
                 kind=request.auth_method,
                 public_id=issued.public_id,
                 secret_hash=issued.secret_hash,
-                sealed_secret=sealer.seal(issued.secret),
+                sealed_secret=None if portal is not None else sealer.seal(issued.secret),
                 product_ids=list(request.product_ids),
                 rate_limit_per_minute=plan.rate_limit_per_minute,
                 monthly_quota=plan.monthly_quota,
             )
             uow.credentials.add(credential)
+        if delivery is not None:
+            _announce(
+                uow, request, "credentials.issued", Status.APPROVED, _issued_details(credential, delivery)
+            )
         request.mark_provisioned(credential.id)
         _queue_follow_ups(uow, request)
         uow.commit()
         return credential
+
+
+def _issued_details(credential: Credential, sealed_secret: Mapping[str, str]) -> dict[str, object]:
+    return {
+        "credential": {
+            "id": credential.id,
+            "kind": credential.kind.value,
+            "public_id": credential.public_id,
+            "app_id": credential.app_id,
+            "product_ids": list(credential.product_ids),
+            "rate_limit_per_minute": credential.rate_limit_per_minute,
+            "monthly_quota": credential.monthly_quota,
+        },
+        "sealed_secret": dict(sealed_secret),
+    }
 
 
 def email_message_id(request_id: str, kind: NotificationKind, domain: str) -> str:
@@ -276,6 +441,7 @@ def _compose(
     if kind is NotificationKind.APPROVE:
         credential = uow.credentials.for_request(request.id)
         assert credential is not None and app is not None, "approve email follows provisioning"
+        portal = uow.portals.get(request.portal_id) if request.portal_id else None
         context = ApproveContext(
             request_id=request.id,
             consumer_name=consumer.name,
@@ -287,6 +453,8 @@ def _compose(
             monthly_quota=credential.monthly_quota,
             credential_kind=credential.kind.value,
             credential_public_id=credential.public_id,
+            portal_name=portal.name if portal else "",
+            portal_url=portal.url if portal else "",
         )
         to: tuple[str, ...] = (consumer.email,)
     elif kind is NotificationKind.REJECT:

@@ -101,6 +101,47 @@ class App:
     description: str = ""
 
 
+@dataclass(frozen=True)
+class Portal:
+    """A developer portal: it submits requests for its own consumers and hears back about them.
+
+    ``broker_user`` is the AMQP user it publishes as; RabbitMQ stamps that user on every
+    message (validated ``user_id``), so a submission proves which portal sent it.
+    ``public_key`` is the X25519 key that credential secrets are sealed to, so only the
+    portal can open them.
+    """
+
+    id: str
+    name: str
+    broker_user: str
+    public_key: str
+    consumer_ids: frozenset[str]
+    #: Where consumers sign in to see their credentials; named in the approve email.
+    url: str = ""
+
+    def refuses_submission(self, *, consumer_id: str, sender: str | None) -> str | None:
+        """Why this portal may not submit this request, or ``None`` if it may."""
+        if sender != self.broker_user:
+            return (
+                f"portal {self.id!r} publishes as AMQP user {self.broker_user!r}, "
+                f"but this came from {sender!r}"
+            )
+        if consumer_id not in self.consumer_ids:
+            return f"portal {self.id!r} may not submit for consumer {consumer_id!r}"
+        return None
+
+
+@dataclass(frozen=True)
+class AdminKey:
+    """An Ed25519 public key an admin signs decisions with; an admin may hold several."""
+
+    key_id: str
+    admin_id: str
+    public_key: str
+    created_at: datetime
+    revoked_at: datetime | None = None
+
+
 @dataclass
 class NewApp:
     """An app the consumer asked us to create along with the request."""
@@ -199,6 +240,7 @@ class AccessRequest:
         auth_method: AuthMethod | None = None,
         status_reason: str = "",
         updated_at: datetime | None = None,
+        portal_id: str | None = None,
     ) -> None:
         self.id = id
         self.consumer_id = consumer_id
@@ -214,6 +256,9 @@ class AccessRequest:
         self.auth_method = auth_method
         self.status_reason = status_reason
         self.updated_at = updated_at or self.received_at
+        self.portal_id = portal_id
+        #: The sequence number of the last event the portal was sent about this request.
+        self.event_seq = 0
         self.history: list[AuditEntry] = []
         self.events: list[events.Event] = []
 
@@ -247,10 +292,16 @@ class AccessRequest:
                 to_status=Status.SUBMITTED,
                 actor_kind=ActorKind.SYSTEM,
                 actor_id="router",
-                reason="received from portal",
+                reason=f"received from portal {self.portal_id}" if self.portal_id else "received from portal",
                 at=self.received_at,
             )
         )
+        self.events.append(events.RequestSubmitted(self.id))
+
+    def next_event_sequence(self) -> int:
+        """Number the next event the portal hears about this request: 1, 2, 3, ..."""
+        self.event_seq += 1
+        return self.event_seq
 
     def route(self, catalogue: Catalogue) -> None:
         """Validate against the catalogue, then approve at once or park for review.
@@ -317,7 +368,10 @@ class AccessRequest:
 
 class DecisionOutcome(enum.StrEnum):
     APPLIED = "applied"
+    #: Authentic, but moot: a second decision, or one about a request not pending review.
     IGNORED = "ignored"
+    #: Not shown to come from an admin: unsigned, badly signed, stale, or an unknown or revoked key.
+    REFUSED = "refused"
 
 
 @dataclass
@@ -334,6 +388,8 @@ class Decision:
     outcome: DecisionOutcome
     outcome_reason: str = ""
     received_at: datetime = field(default_factory=utcnow)
+    #: The admin key whose signature was verified; ``None`` when none was.
+    key_id: str | None = None
 
 
 @dataclass

@@ -24,6 +24,10 @@ class ApproveContext:
     credential_kind: str
     #: The API key prefix or the OAuth2 client id; never the secret.
     credential_public_id: str
+    #: Where the consumer finds the secret: the portal it was sealed to. Empty for a v1
+    #: request, whose secret an operator reveals once (``accessflow credentials show``).
+    portal_name: str = ""
+    portal_url: str = ""
 
 
 @dataclass(frozen=True)

@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from types import TracebackType
 from typing import Protocol, Self
 
 from domain.commands import Command
+from domain.events import PortalEvent
 from domain.model import (
     AccessRequest,
+    AdminKey,
     App,
     AuthMethod,
     Catalogue,
@@ -19,6 +21,7 @@ from domain.model import (
     Notification,
     NotificationKind,
     Plan,
+    Portal,
     Product,
 )
 
@@ -67,9 +70,33 @@ class NotificationRepository(Protocol):
     def add(self, notification: Notification) -> None: ...
 
 
+class PortalRepository(Protocol):
+    def get(self, portal_id: str) -> Portal | None: ...
+
+    def by_broker_user(self, broker_user: str) -> Portal | None: ...
+
+    def upsert(self, portal: Portal) -> None: ...
+
+
+class AdminKeyRepository(Protocol):
+    def key(self, key_id: str) -> AdminKey | None: ...
+
+    def admin_email(self, admin_id: str) -> str | None: ...
+
+    def upsert_admin(self, admin_id: str, email: str) -> None: ...
+
+    def add_key(self, key: AdminKey) -> None:
+        """Register a key; the same key again changes nothing, another key under its id raises ValueError."""
+        ...
+
+
 class Outbox(Protocol):
     def put(self, command: Command) -> None:
         """Queue a command to be published once, and only once, the transaction commits."""
+        ...
+
+    def announce(self, event: PortalEvent) -> None:
+        """Queue an event for its portal, published once the transaction commits."""
         ...
 
 
@@ -91,6 +118,12 @@ class UnitOfWork(Protocol):
 
     @property
     def notifications(self) -> NotificationRepository: ...
+
+    @property
+    def portals(self) -> PortalRepository: ...
+
+    @property
+    def admin_keys(self) -> AdminKeyRepository: ...
 
     @property
     def outbox(self) -> Outbox: ...
@@ -127,6 +160,20 @@ class SecretSealer(Protocol):
     def seal(self, secret: str) -> bytes: ...
 
     def unseal(self, sealed: bytes) -> str: ...
+
+
+class SignatureVerifier(Protocol):
+    """Checks an Ed25519 signature with a public key; never raises on hostile input."""
+
+    def __call__(self, public_key: str, signature: str, data: bytes) -> bool: ...
+
+
+class PortalSealer(Protocol):
+    """Encrypts a secret to a portal's public key, so only that portal can read it."""
+
+    def seal_to(self, public_key: str, secret: str) -> Mapping[str, str]:
+        """The sealed secret as the event carries it: algorithm, recipient key and value."""
+        ...
 
 
 @dataclass(frozen=True)

@@ -17,17 +17,27 @@ import sqlalchemy as sa
 import structlog
 from dramatiq.brokers.rabbitmq import RabbitmqBroker
 from dramatiq.middleware import Middleware, Retries
+from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Engine
 from sqlalchemy.orm import Session, sessionmaker
 
 from domain.model import utcnow
 from domain.ports import Mailer
 from infra import logging as accessflow_logging
-from infra import orm
-from infra.broker import BatchConfirmPublisher, DramatiqPublisher, PeriodicTask, Publisher, make_broker
-from infra.credentials import FernetSealer, LocalCredentialIssuer
+from infra import orm, signing, topology
+from infra.broker import (
+    BatchConfirmPublisher,
+    DramatiqPublisher,
+    PeriodicTask,
+    Publisher,
+    QuorumRabbitmqBroker,
+    make_broker,
+    record_refusals_with,
+)
+from infra.credentials import FernetSealer, LocalCredentialIssuer, PortalSealedBox
 from infra.delivery import DeliveryGuard
 from infra.email import EmailRenderer, FileMailer, SmtpMailer
+from infra.envelope import safe_text
 from infra.outbox import OutboxRelay
 from infra.settings import Settings
 from infra.unit_of_work import SqlUnitOfWork
@@ -64,6 +74,11 @@ class Services:
     relay: OutboxRelay
     mailer: Mailer
     issuer: LocalCredentialIssuer = field(default_factory=LocalCredentialIssuer)
+    portal_sealer: PortalSealedBox = field(default_factory=PortalSealedBox)
+
+    @staticmethod
+    def verify_signature(public_key: str, signature: str, data: bytes) -> bool:
+        return signing.verify(public_key, signature, data)
 
     def uow(self) -> SqlUnitOfWork:
         return SqlUnitOfWork(self.session_factory, queue_prefix=self.settings.queue_prefix, relay=self.relay)
@@ -73,27 +88,48 @@ class Services:
         return FernetSealer([k.strip() for k in keys if k.strip()])
 
     def record_malformed(
-        self, *, message_id: str, queue_name: str, actor_name: str, reason: str, body: Any
+        self,
+        *,
+        message_id: str,
+        queue_name: str,
+        actor_name: str,
+        reason: str,
+        body: Any,
+        sender: str | None = None,
+        kind: str = "malformed",
     ) -> None:
-        """Keep an unreadable message with its reason; a redelivery of it is recorded once."""
-        excerpt = body if isinstance(body, str) else json.dumps(body, default=str, ensure_ascii=False)
+        """Keep a message that cannot be processed, with its reason; a redelivery of it is recorded once.
+
+        Any body can be recorded: what JSON cannot show is named by its type, and text
+        PostgreSQL refuses (lone surrogates, NUL) is written as escapes. ``sender`` is the
+        AMQP user that published it; ``kind`` is ``malformed`` or ``forged``.
+        """
+        if isinstance(body, str):
+            text = body
+        else:
+            try:
+                text = json.dumps(body, default=lambda value: f"<{type(value).__name__}>", ensure_ascii=False)
+            except (ValueError, TypeError, RecursionError):  # a cycle, or an int too long to print
+                text = f"<{type(body).__name__} that JSON cannot show>"
+        values = {
+            "message_id": safe_text(message_id)[:200],
+            "queue_name": safe_text(queue_name)[:200],
+            "actor_name": safe_text(actor_name)[:200],
+            "reason": safe_text(reason)[:4000],
+            "body_excerpt": safe_text(text[: BODY_EXCERPT_CHARS * 2])[:BODY_EXCERPT_CHARS],
+            "received_at": utcnow(),
+            "sender": safe_text(sender)[:200] if sender is not None else None,
+            "kind": kind,
+        }
         with self.session_factory() as session, session.begin():
-            exists = session.execute(
-                sa.select(orm.malformed_messages.c.id).where(
-                    orm.malformed_messages.c.message_id == message_id
+            dialect = session.get_bind().dialect.name
+            insert = (postgresql.insert if dialect == "postgresql" else sqlite.insert)(orm.malformed_messages)
+            # One statement, so two workers handed the same redelivery cannot both insert it.
+            session.execute(
+                insert.values(**values).on_conflict_do_nothing(
+                    index_elements=[orm.malformed_messages.c.message_id]
                 )
-            ).first()
-            if exists is None:
-                session.execute(
-                    orm.malformed_messages.insert().values(
-                        message_id=message_id,
-                        queue_name=queue_name,
-                        actor_name=actor_name,
-                        reason=reason[:4000],
-                        body_excerpt=excerpt[:BODY_EXCERPT_CHARS],
-                        received_at=utcnow(),
-                    )
-                )
+            )
 
     def close(self) -> None:
         self.relay.publisher.close()
@@ -172,6 +208,7 @@ def wire(services: Services) -> dramatiq.Broker:
         DeliveryGuard(services.session_factory, services.settings.max_deliveries), before=Retries
     )
     register_all(services)
+    record_refusals_with(services.broker, services.record_malformed)
     dramatiq.set_broker(services.broker)
     return services.broker
 
@@ -184,3 +221,19 @@ def boot_workers() -> None:
     # Fail at boot, not on the first approved request: without the key no credential can be sealed.
     services.sealer()
     wire(services)
+    declare_topology(services)
+
+
+def declare_topology(services: Services) -> None:
+    """Declare the exchanges portals and admin tools publish to, and their bindings; idempotent.
+
+    In production ``accessflow broker setup`` has made them already; declaring again lets
+    a development broker (one user, no setup) work as it is.
+    """
+    broker = services.broker
+    if isinstance(broker, QuorumRabbitmqBroker):
+        topology.declare(
+            broker.channel,
+            topology.Topology(services.settings.queue_prefix),
+            queue_arguments=topology.QueueArguments.from_broker(broker),
+        )

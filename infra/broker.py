@@ -2,15 +2,21 @@
 
 Only the middleware we want is installed: no Callbacks, Pipelines or GroupCallbacks,
 because their options would let a producer on the wire enqueue arbitrary follow-up
-messages (RELIABILITY.md, pitfall 9). Options a producer sets are stripped too.
+messages (RELIABILITY.md, pitfall 9). Every delivery is read by :mod:`infra.envelope`
+in the consumer, before dramatiq sees it: options are cleaned there, where they
+arrive, because dramatiq's consumer thread acts on ``eta`` before any middleware runs
+(pitfall 11). A body that cannot be processed is recorded and acknowledged there too,
+so it never reaches an actor nor stops a pool. Every publish of ours carries the AMQP
+``user_id``, which RabbitMQ validates, so consumers can tell our messages from others'.
 """
 
 from __future__ import annotations
 
 import contextlib
+import json
 import threading
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
@@ -20,9 +26,15 @@ import pika
 import pika.exceptions
 import pika.spec
 import structlog
-from dramatiq.brokers.rabbitmq import RabbitmqBroker
+from dramatiq.brokers.rabbitmq import (
+    MAX_ENQUEUE_ATTEMPTS,
+    RabbitmqBroker,
+    _RabbitmqConsumer,
+    _RabbitmqMessage,
+)
 from dramatiq.brokers.stub import StubBroker
-from dramatiq.common import xq_name
+from dramatiq.common import current_millis, dq_name, q_name, xq_name
+from dramatiq.errors import ConnectionClosed
 from dramatiq.middleware import (
     CurrentMessage,
     Middleware,
@@ -31,22 +43,55 @@ from dramatiq.middleware import (
     TimeLimit,
 )
 
+from infra.envelope import Accepted, Refused, body_id, excerpt, read_envelope
 from infra.settings import Settings
+from messages.routes import DECIDE, SUBMIT
 
 log = structlog.get_logger()
 
-#: Options set by our own middleware; everything else a producer put in ``options`` is dropped.
-TRUSTED_OPTIONS = frozenset({"retries", "traceback", "requeue_timestamp"})
+#: Options accessflow itself puts on the wire: retry count, delay-queue eta, first publisher.
+#: Retries also writes ``traceback`` and ``requeue_timestamp``; they stay in the process.
+WIRE_OPTIONS = ("retries", "eta", "origin")
+#: Actors outside parties publish to; every other queue, and every delay queue, is internal.
+EXTERNAL_ACTORS = frozenset({SUBMIT.actor_name, DECIDE.actor_name})
+#: Milliseconds added to the longest backoff before an eta is clamped: clocks of two workers differ.
+ETA_MARGIN_MS = 5_000
+
+#: Records a refused delivery: (queue it came on, the refusal, its AMQP user_id or None).
+RefusalRecorder = Callable[[str, Refused, str | None], None]
 
 
 @dataclass(frozen=True)
 class Outgoing:
-    """One message to publish: a contract payload, its queue and actor, and its id."""
+    """One message to publish: a contract payload, its queue and actor, and its id.
+
+    With ``exchange`` set it is an event for portals instead: the payload itself, as
+    JSON, goes to that exchange with ``routing_key`` (default: ``queue_name``), not a
+    dramatiq envelope to a queue.
+    """
 
     queue_name: str
     actor_name: str
     payload: Mapping[str, Any]
     message_id: str
+    exchange: str = ""
+    routing_key: str | None = None
+
+    def event_properties(self, user_id: str | None) -> pika.BasicProperties:
+        event = self.payload.get("event")
+        return pika.BasicProperties(
+            content_type="application/json",
+            delivery_mode=2,
+            message_id=self.message_id,
+            user_id=user_id,
+            type=event if isinstance(event, str) else None,
+        )
+
+    def event_routing_key(self) -> str:
+        return self.routing_key if self.routing_key is not None else self.queue_name
+
+    def event_body(self) -> bytes:
+        return json.dumps(dict(self.payload)).encode()
 
     def envelope(self) -> dramatiq.Message[Any]:
         return dramatiq.Message(
@@ -86,6 +131,8 @@ class DramatiqPublisher:
 
     def __init__(self, broker: dramatiq.Broker) -> None:
         self.broker = broker
+        #: Events for portals, kept here when the broker is in memory: no portal listens there.
+        self.events: list[Outgoing] = []
 
     def publish(
         self, *, queue_name: str, actor_name: str, payload: Mapping[str, Any], message_id: str
@@ -96,12 +143,35 @@ class DramatiqPublisher:
         confirmed: set[str] = set()
         for message in messages:
             try:
-                self.broker.enqueue(message.envelope())
+                if message.exchange:
+                    self._publish_event(message)
+                else:
+                    self.broker.enqueue(message.envelope())
             except Exception as error:
                 log.warning("publish.failed", message_id=message.message_id, error=type(error).__name__)
                 break
             confirmed.add(message.message_id)
         return confirmed
+
+    def _publish_event(self, message: Outgoing) -> None:
+        if not isinstance(self.broker, RabbitmqBroker):
+            # The in-memory broker has exchanges for nobody: the demo and unit tests read them here.
+            self.events.append(message)
+            return
+        if not self.broker.confirm_delivery:
+            raise RuntimeError("events are published only with publisher confirms")
+        try:
+            # With confirms on, pika raises if the event is nacked or returned (mandatory).
+            self.broker.channel.basic_publish(
+                exchange=message.exchange,
+                routing_key=message.event_routing_key(),
+                body=message.event_body(),
+                properties=message.event_properties(getattr(self.broker, "user_id", None)),
+                mandatory=True,
+            )
+        except (pika.exceptions.AMQPConnectionError, pika.exceptions.AMQPChannelError):
+            del self.broker.connection  # the next publish opens a fresh connection and channel
+            raise
 
     def close(self) -> None:
         pass  # the broker, and its connections, belong to whoever built it
@@ -123,6 +193,7 @@ class BatchConfirmPublisher:
 
     def __init__(self, url: str, declare: Callable[[str], None]) -> None:
         self.parameters = pika.URLParameters(amqp_url_with_timeouts(url))
+        self.user_id = broker_user(self.parameters)
         self.declare = declare
         self.declared: set[str] = set()
         self.local = threading.local()
@@ -135,7 +206,7 @@ class BatchConfirmPublisher:
             raise RuntimeError(f"message {message_id} was not confirmed by the broker")
 
     def publish_batch(self, messages: Sequence[Outgoing]) -> set[str]:
-        for queue_name in {m.queue_name for m in messages} - self.declared:
+        for queue_name in {m.queue_name for m in messages if not m.exchange} - self.declared:
             self.declare(queue_name)  # with accessflow's queue arguments, before anything is routed there
             self.declared.add(queue_name)
         try:
@@ -182,15 +253,27 @@ class BatchConfirmPublisher:
         state = self.local
         by_tag: dict[int, str] = {}
         for message in messages:
-            core.basic_publish(
-                exchange="",
-                routing_key=message.queue_name,
-                body=message.envelope().encode(),
-                properties=pika.BasicProperties(
-                    delivery_mode=2, content_type="application/json", message_id=message.message_id
-                ),
-                mandatory=True,
-            )
+            if message.exchange:
+                core.basic_publish(
+                    exchange=message.exchange,
+                    routing_key=message.event_routing_key(),
+                    body=message.event_body(),
+                    properties=message.event_properties(self.user_id),
+                    mandatory=True,  # the events exchange has an alternate exchange: confirmed anyway
+                )
+            else:
+                core.basic_publish(
+                    exchange="",
+                    routing_key=message.queue_name,
+                    body=message.envelope().encode(),
+                    properties=pika.BasicProperties(
+                        delivery_mode=2,
+                        content_type="application/json",
+                        message_id=message.message_id,
+                        user_id=self.user_id,  # validated by RabbitMQ: marks it as accessflow's own
+                    ),
+                    mandatory=True,
+                )
             by_tag[state.next_tag] = message.message_id
             state.next_tag += 1
         deadline = time.monotonic() + self.CONFIRM_TIMEOUT
@@ -223,17 +306,10 @@ class BatchConfirmPublisher:
                 connection.close()
 
 
-class StripUntrustedOptions(Middleware):
-    """Drop message options a producer set, so the wire cannot raise retries or time limits."""
-
-    def before_process_message(self, broker: dramatiq.Broker, message: dramatiq.MessageProxy) -> None:
-        for key in [k for k in message.options if k not in TRUSTED_OPTIONS]:
-            del message.options[key]
-
-
 def middleware_for(settings: Settings) -> list[Middleware]:
+    # No middleware cleans options: EnvelopeConsumer does, as each delivery arrives, which is
+    # the only point early enough for eta. The in-memory broker gets no message from a wire.
     return [
-        StripUntrustedOptions(),
         TimeLimit(time_limit=settings.actor_time_limit_ms),
         ShutdownNotifications(),
         Retries(
@@ -257,10 +333,99 @@ class QuorumRabbitmqBroker(RabbitmqBroker):
     more tightly, and more precisely, in the database.
     """
 
-    def __init__(self, *, delivery_limit: int, dead_letter_ttl_ms: int | None, **kwargs: Any) -> None:
+    def __init__(
+        self,
+        *,
+        delivery_limit: int,
+        dead_letter_ttl_ms: int | None,
+        internal_senders: Iterable[str] | None = None,
+        external_queues: Iterable[str] | None = None,
+        max_delay_ms: int = 60_000 + ETA_MARGIN_MS,
+        **kwargs: Any,
+    ) -> None:
+        """Parameters beyond dramatiq's:
+
+        delivery_limit: the quorum queues' ``x-delivery-limit``.
+        dead_letter_ttl_ms: how long ``.XQ`` keeps a dead letter; None keeps it.
+        internal_senders: AMQP users whose messages are accessflow's own; default the URL's user.
+        external_queues: queues outside parties publish to; default those of the submit and
+            decide actors, as registered when a consumer starts.
+        max_delay_ms: the longest a message may wait in a delay queue, in milliseconds.
+        """
         super().__init__(**kwargs)
         self.delivery_limit = delivery_limit
         self.dead_letter_ttl_ms = dead_letter_ttl_ms
+        #: The user_id every publish of ours carries; RabbitMQ refuses it from any other user.
+        self.user_id = broker_user(self.parameters)
+        self.internal_senders = frozenset(internal_senders or {self.user_id})
+        self.external_queues = frozenset(external_queues) if external_queues is not None else None
+        self.max_delay_ms = max_delay_ms
+        #: Set by the composition root in worker processes; without it a refusal is dead-lettered.
+        self.on_refused: RefusalRecorder | None = None
+
+    @property
+    def consumer_class(self) -> type[EnvelopeConsumer]:
+        return EnvelopeConsumer
+
+    def external_queues_among(self, actors: Mapping[str, str]) -> frozenset[str]:
+        if self.external_queues is not None:
+            return self.external_queues
+        return frozenset(queue for name, queue in actors.items() if name in EXTERNAL_ACTORS)
+
+    def record_refusal(self, queue_name: str, refused: Refused, sender: str | None) -> None:
+        if self.on_refused is None:
+            raise RuntimeError("nothing records refused messages in this process")
+        self.on_refused(queue_name, refused, sender)
+
+    def enqueue(self, message: dramatiq.Message[Any], *, delay: int | None = None) -> dramatiq.Message[Any]:
+        """dramatiq's enqueue, publishing with our ``user_id`` and only our own options.
+
+        ``delay`` sends the message to the delay queue with an ``eta``; the consumer thread
+        re-enqueues it onto its canonical queue when that time comes. Retries' ``traceback``
+        never leaves the process: it may hold values (pitfall 10), and the consumer drops it.
+        """
+        canonical_queue_name = message.queue_name
+        queue_name = canonical_queue_name
+        if delay is not None:
+            queue_name = dq_name(queue_name)
+            message = message.copy(queue_name=queue_name, options={"eta": current_millis() + delay})
+        # Built field by field: Retries hands over a MessageProxy, which dataclasses.replace refuses.
+        wire: dramatiq.Message[Any] = dramatiq.Message(
+            queue_name=queue_name,
+            actor_name=message.actor_name,
+            args=message.args,
+            kwargs=message.kwargs,
+            options={k: message.options[k] for k in WIRE_OPTIONS if k in message.options},
+            message_id=message.message_id,
+            message_timestamp=message.message_timestamp,
+        )
+        attempts = 0
+        while True:
+            try:
+                self.declare_queue(canonical_queue_name, ensure=True)
+                self.emit_before("enqueue", message, delay)
+                self.channel.basic_publish(
+                    exchange="",
+                    routing_key=queue_name,
+                    body=wire.encode(),
+                    properties=pika.BasicProperties(
+                        delivery_mode=2,
+                        content_type="application/json",
+                        message_id=message.message_id,
+                        user_id=self.user_id,
+                    ),
+                    # With confirms on, mandatory makes an unroutable message an error, not a loss.
+                    mandatory=self.confirm_delivery,
+                )
+                self.emit_after("enqueue", message, delay)
+                return message
+            except (pika.exceptions.AMQPConnectionError, pika.exceptions.AMQPChannelError) as error:
+                del self.connection  # the next attempt opens a fresh connection and channel
+                if isinstance(error, pika.exceptions.UnroutableError):
+                    self.queues_pending.add(q_name(queue_name))  # redeclared on the next attempt
+                attempts += 1
+                if attempts >= MAX_ENQUEUE_ATTEMPTS:
+                    raise _closed(error) from None
 
     def _build_queue_arguments(self, queue_name: str) -> dict[str, Any]:
         return {
@@ -279,6 +444,123 @@ class QuorumRabbitmqBroker(RabbitmqBroker):
         if self.dead_letter_ttl_ms:
             arguments["x-message-ttl"] = self.dead_letter_ttl_ms
         return self.channel.queue_declare(queue=xq_name(queue_name), durable=True, arguments=arguments)
+
+
+class EnvelopeConsumer(_RabbitmqConsumer):
+    """dramatiq's RabbitMQ consumer, reading each delivery with :func:`infra.envelope.read_envelope`.
+
+    An accepted delivery goes on to dramatiq as before, with a message built only from
+    checked fields and cleaned options. A refused one is recorded through the broker's
+    ``on_refused`` and acknowledged here; if recording fails it is nacked without requeue,
+    and RabbitMQ dead-letters it into ``<queue>.XQ``. Either way dramatiq never sees it.
+    Acking here is safe: ``__next__`` runs on the consumer thread, which owns the channel.
+    """
+
+    broker: QuorumRabbitmqBroker
+
+    def __init__(self, broker: QuorumRabbitmqBroker, queue_name: str, prefetch: int, timeout: int) -> None:
+        super().__init__(broker, queue_name, prefetch, timeout)  # type: ignore[no-untyped-call]
+        # Actors are registered before a worker starts consuming; a consumer restart reads them again.
+        self.actors = {name: actor.queue_name for name, actor in broker.actors.items()}
+        self.external_queues = broker.external_queues_among(self.actors)
+
+    def __next__(self) -> _RabbitmqMessage | None:
+        try:
+            method, properties, body = next(self.iterator)
+            if method is None:
+                return None
+        except (
+            AssertionError,
+            pika.exceptions.AMQPConnectionError,
+            pika.exceptions.AMQPChannelError,
+        ) as error:
+            if getattr(error, "reply_code", None) == 404:  # the queue is gone: redeclare on restart
+                self.broker.queues_pending.add(q_name(self.queue_name))
+            raise _closed(error) from None
+        # pika hands a property that is not UTF-8 over as bytes: such a user_id is nobody we trust.
+        user_id = properties.user_id if isinstance(properties.user_id, str) else None
+        verdict = self._read(body, user_id, properties.message_id)
+        if isinstance(verdict, Accepted):
+            self.known_tags.add(method.delivery_tag)
+            return _RabbitmqMessage(method.redelivered, method.delivery_tag, verdict.message)  # type: ignore[no-untyped-call]
+        self._refuse(method.delivery_tag, verdict, user_id)
+        return None
+
+    def _read(self, body: bytes, user_id: str | None, amqp_message_id: object) -> Accepted | Refused:
+        try:
+            return read_envelope(
+                body,
+                delivered_on=self.queue_name,
+                actors=self.actors,
+                user_id=user_id,
+                internal_senders=self.broker.internal_senders,
+                external_queues=self.external_queues,
+                now_ms=current_millis(),
+                max_delay_ms=self.broker.max_delay_ms,
+                amqp_message_id=amqp_message_id if isinstance(amqp_message_id, str) else None,
+            )
+        except Exception as error:  # a bug in reading must cost one message, not the consumer
+            log.error("message.unreadable", queue=self.queue_name, error=type(error).__name__)
+            return Refused(
+                message_id=body_id(body),
+                actor_name="",
+                reason=f"could not be read ({type(error).__name__})",
+                kind="malformed",
+                body_excerpt=excerpt(body),
+            )
+
+    def _refuse(self, tag: int, refused: Refused, sender: str | None) -> None:
+        log.warning(
+            "message.refused",
+            queue=self.queue_name,
+            message_id=refused.message_id,
+            kind=refused.kind,
+            sender=sender,
+            reason=refused.reason,
+        )
+        try:
+            self.broker.record_refusal(self.queue_name, refused, sender)
+            recorded = True
+        except Exception as error:
+            # One line, no traceback: its frames would hold the body's values.
+            log.warning(
+                "message.refusal_unrecorded",
+                queue=self.queue_name,
+                message_id=refused.message_id,
+                error=type(error).__name__,
+            )
+            recorded = False
+        try:
+            if recorded:
+                self.channel.basic_ack(tag)
+            else:
+                self.channel.basic_nack(tag, requeue=False)  # RabbitMQ moves it to <queue>.XQ
+        except (pika.exceptions.AMQPConnectionError, pika.exceptions.AMQPChannelError) as error:
+            raise _closed(error) from None
+
+
+def _closed(error: Exception) -> ConnectionClosed:
+    return ConnectionClosed(error)  # type: ignore[no-untyped-call]
+
+
+def broker_user(parameters: pika.connection.Parameters | Sequence[pika.connection.Parameters]) -> str:
+    """The AMQP user of these connection parameters: the user_id our publishes carry."""
+    first = parameters[0] if isinstance(parameters, Sequence) else parameters
+    return str(first.credentials.username)
+
+
+def record_refusals_with(broker: dramatiq.Broker, record_malformed: Callable[..., None]) -> None:
+    """Have ``broker``'s consumers record refused deliveries with ``Services.record_malformed``."""
+    if isinstance(broker, QuorumRabbitmqBroker):
+        broker.on_refused = lambda queue_name, refused, sender: record_malformed(
+            message_id=refused.message_id,
+            queue_name=queue_name,
+            actor_name=refused.actor_name,
+            reason=refused.reason,
+            body=refused.body_excerpt,
+            sender=sender,
+            kind=refused.kind,
+        )
 
 
 def amqp_url_with_timeouts(url: str) -> str:
@@ -303,6 +585,10 @@ def make_broker(settings: Settings) -> dramatiq.Broker:
             middleware=middleware_for(settings),
             delivery_limit=settings.max_deliveries * 4,
             dead_letter_ttl_ms=ttl_days * 86_400_000 if ttl_days else None,
+            # Until settings name them, the workers' own user is the only internal one.
+            internal_senders=getattr(settings, "broker_internal_users", None) or None,
+            external_queues=[route.queue_name(settings.queue_prefix) for route in (SUBMIT, DECIDE)],
+            max_delay_ms=settings.max_backoff_ms + ETA_MARGIN_MS,
         )
     return broker
 

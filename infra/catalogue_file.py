@@ -4,18 +4,27 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from domain.model import App, AuthMethod, Consumer, Plan, Product
+from domain.model import AdminKey, App, AuthMethod, Consumer, Plan, Portal, Product, utcnow
 from domain.ports import UnitOfWork
+from infra import signing
+from infra.credentials import portal_public_key
 from messages.v1 import Email, Identifier, Name, Text
 
 
-class _Entry(BaseModel):
+class Entry(BaseModel):
     model_config = ConfigDict(extra="forbid")
+
+
+_Entry = Entry
+
+
+def _ed25519_public_key(text: str) -> str:
+    return signing.public_key_text(signing.parse_public_key(text))
 
 
 class ProductEntry(_Entry):
@@ -46,11 +55,46 @@ class AppEntry(_Entry):
     description: Text = ""
 
 
+class PortalEntry(_Entry):
+    id: Identifier
+    name: Name
+    #: The AMQP user it publishes as; RabbitMQ stamps it on each message as the validated user_id.
+    broker_user: Identifier
+    #: X25519, base64: credential secrets are sealed to it.
+    public_key: Annotated[str, AfterValidator(portal_public_key)]
+    url: Annotated[str, Field(max_length=500, pattern=r"^(https?://[^\s<>\"]*)?$")] = ""
+    consumers: list[Identifier] = []
+
+    def to_portal(self) -> Portal:
+        return Portal(
+            id=self.id,
+            name=self.name,
+            broker_user=self.broker_user,
+            public_key=self.public_key,
+            consumer_ids=frozenset(self.consumers),
+            url=self.url,
+        )
+
+
+class AdminKeyEntry(_Entry):
+    key_id: Identifier
+    #: Ed25519: ``ed25519:<base64>`` or a PEM public key.
+    public_key: Annotated[str, AfterValidator(_ed25519_public_key)]
+
+
+class AdminEntry(_Entry):
+    id: Identifier
+    email: Email
+    keys: list[AdminKeyEntry] = []
+
+
 class CatalogueFile(_Entry):
     products: list[ProductEntry] = []
     plans: list[PlanEntry] = []
     consumers: list[ConsumerEntry] = []
     apps: list[AppEntry] = []
+    portals: list[PortalEntry] = []
+    admins: list[AdminEntry] = []
 
     @model_validator(mode="after")
     def _references_resolve(self) -> CatalogueFile:
@@ -64,6 +108,12 @@ class CatalogueFile(_Entry):
             if app.consumer not in consumer_ids:
                 raise ValueError(
                     f"app {app.id!r} belongs to consumer {app.consumer!r}, who is not in this file"
+                )
+        for portal in self.portals:
+            unknown = sorted(set(portal.consumers) - consumer_ids)
+            if unknown:
+                raise ValueError(
+                    f"portal {portal.id!r} speaks for consumers not in this file: {', '.join(unknown)}"
                 )
         return self
 
@@ -103,10 +153,18 @@ def load(catalogue: CatalogueFile, uow: UnitOfWork) -> dict[str, int]:
             )
         for a in catalogue.apps:
             uow.catalogue.upsert(App(id=a.id, consumer_id=a.consumer, name=a.name, description=a.description))
+        for portal in catalogue.portals:
+            uow.portals.upsert(portal.to_portal())
+        for admin in catalogue.admins:
+            uow.admin_keys.upsert_admin(admin.id, str(admin.email))
+            for key in admin.keys:
+                uow.admin_keys.add_key(AdminKey(key.key_id, admin.id, key.public_key, utcnow()))
         uow.commit()
     return {
         "products": len(catalogue.products),
         "plans": len(catalogue.plans),
         "consumers": len(catalogue.consumers),
         "apps": len(catalogue.apps),
+        "portals": len(catalogue.portals),
+        "admins": len(catalogue.admins),
     }

@@ -5,7 +5,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import re
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -16,13 +15,14 @@ import click
 from pydantic import ValidationError
 
 from domain.errors import AccessflowError
-from domain.model import DeliveryStatus, Status
-from infra import catalogue_file, producer
+from domain.model import AdminKey, DeliveryStatus, Status, utcnow
+from infra import catalogue_file, cli_broker, producer, signing
 from infra.bootstrap import Services, build
-from infra.broker import DramatiqPublisher, make_broker
 from infra.logging import configure as configure_logging
 from infra.settings import Settings
+from infra.topology import Topology
 from messages.routes import ROUTES
+from workers.registry import explain
 
 QUEUE_CHOICES = [route.queue for route in ROUTES]
 
@@ -111,67 +111,257 @@ def catalog_load(file: Path, as_json: bool) -> None:
 
 
 @contextmanager
-def _publisher() -> Iterator[tuple[DramatiqPublisher, Settings]]:
+def _wire() -> Iterator[tuple[producer.AmqpWire, Settings]]:
     settings = _settings()
-    broker = make_broker(settings)
     try:
-        yield DramatiqPublisher(broker), settings
+        yield producer.AmqpWire(settings.broker_url, Topology(settings.queue_prefix)), settings
     except producer.InvalidMessage as error:
         raise click.ClickException(str(error)) from None
     except Exception as error:  # the broker is unreachable or refused the message
         raise click.ClickException(f"could not publish: {type(error).__name__}: {error}") from None
-    finally:
-        broker.close()
 
 
 @main.command()
 @click.argument("file", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.option(
+    "--portal", "portal_id", default=None, help="The sending portal's id, if FILE has no portal_id."
+)
 @click.option("--json", "as_json", is_flag=True, help="Print the published message as JSON.")
-def submit(file: Path, as_json: bool) -> None:
-    """Publish the access request in FILE and print its id.
+def submit(file: Path, portal_id: str | None, as_json: bool) -> None:
+    """Publish the access request in FILE as a portal does, and print its id.
 
-    FILE holds an access_request.submitted message (messages/schemas); request_id and
-    submitted_at are filled in when missing.
+    FILE holds an access_request.submitted message (messages/schemas); it is sent as
+    contract v2, with request_id and submitted_at filled in when missing. Publish as
+    the portal's own AMQP user: ACCESSFLOW_BROKER_URL names it.
     """
-    with _publisher() as (publisher, settings):
-        message = producer.submit(publisher, settings.queue_prefix, producer.read_request_file(file))
+    with _wire() as (wire, _):
+        message = producer.submit(wire, producer.read_request_file(file), portal_id=portal_id)
     if as_json:
         _echo_json(message.model_dump(mode="json"))
     else:
         click.echo(message.request_id)
 
 
-def _admin_id(email: str) -> str:
-    return re.sub(r"[^A-Za-z0-9._:-]", "-", email.split("@", 1)[0]) or "admin"
-
-
 @main.command()
 @click.argument("request_id")
 @click.argument("decision", type=click.Choice(["approve", "reject"]))
 @click.option("--reason", default=None, help="Why; required to reject, and sent to the consumer.")
-@click.option("--admin", "admin_email", required=True, help="The deciding admin's email address.")
-@click.option("--admin-id", default=None, help="The admin's id; defaults to the address's local part.")
+@click.option("--admin", "admin_id", required=True, help="The deciding admin's id (accessflow admins list).")
+@click.option(
+    "--key-file",
+    required=True,
+    envvar="ACCESSFLOW_ADMIN_KEY_FILE",
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    help="The admin's Ed25519 private key (accessflow keys admin-generate); env ACCESSFLOW_ADMIN_KEY_FILE.",
+)
+@click.option(
+    "--key-id",
+    required=True,
+    envvar="ACCESSFLOW_ADMIN_KEY_ID",
+    help="The id the key's public half is registered under; env ACCESSFLOW_ADMIN_KEY_ID.",
+)
 @click.option("--json", "as_json", is_flag=True, help="Print the published decision as JSON.")
 def decide(
-    request_id: str, decision: str, reason: str | None, admin_email: str, admin_id: str | None, as_json: bool
+    request_id: str,
+    decision: str,
+    reason: str | None,
+    admin_id: str,
+    key_file: Path,
+    key_id: str,
+    as_json: bool,
 ) -> None:
-    """Publish an admin's decision on a pending request, as an admin portal would."""
+    """Sign an admin's decision on a pending request with the admin's key, and publish it."""
     if decision == "reject" and not reason:
         raise click.UsageError("a rejection needs --reason: the consumer reads it")
-    with _publisher() as (publisher, settings):
+    try:
+        private_key = signing.load_private_key(key_file)
+    except (ValueError, AccessflowError) as error:
+        raise click.ClickException(str(error)) from None
+    with _wire() as (wire, settings):
         message = producer.decide(
-            publisher,
-            settings.queue_prefix,
-            request_id=request_id,
-            approve=decision == "approve",
-            admin_email=admin_email,
-            admin_id=admin_id or _admin_id(admin_email),
-            reason=reason or "approved",
+            wire,
+            producer.signed_decision(
+                request_id=request_id,
+                approve=decision == "approve",
+                admin_id=admin_id,
+                reason=reason or "approved",
+                audience=settings.queue_prefix,
+                key_id=key_id,
+                private_key=private_key,
+            ),
         )
     if as_json:
         _echo_json(message.model_dump(mode="json"))
     else:
         click.echo(f"decision {message.decision_id} published: {decision} {request_id}")
+
+
+# --- parties: admins and portals ---------------------------------------------------------------------
+
+
+@main.group()
+def admins() -> None:
+    """Admins, and the public keys their signed decisions are checked with."""
+
+
+@admins.command("add")
+@click.argument("admin_id")
+@click.option("--email", required=True, help="The admin's address, shown with their decisions.")
+def admins_add(admin_id: str, email: str) -> None:
+    """Register an admin, or change their address."""
+    entry = _validated_entry(catalogue_file.AdminEntry, {"id": admin_id, "email": email})
+    with _services() as services, services.uow() as uow:
+        uow.admin_keys.upsert_admin(entry.id, str(entry.email))
+        uow.commit()
+    click.echo(f"admin {entry.id} registered")
+
+
+@admins.command("list")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+def admins_list(as_json: bool) -> None:
+    """Every admin and their keys, revoked ones marked."""
+    with _services() as services, services.uow() as uow:
+        rows: list[dict[str, Any]] = [
+            {
+                "id": admin_id,
+                "email": email,
+                "keys": [
+                    {
+                        "key_id": k.key_id,
+                        "public_key": k.public_key,
+                        "created_at": k.created_at.isoformat(),
+                        "revoked_at": k.revoked_at.isoformat() if k.revoked_at else None,
+                    }
+                    for k in keys
+                ],
+            }
+            for admin_id, email, keys in uow.admin_keys.admins()
+        ]
+    if as_json:
+        _echo_json(rows)
+        return
+    for row in rows:
+        click.echo(f"{row['id']}  {row['email']}")
+        for k in row["keys"]:
+            state = f"revoked {k['revoked_at']}" if k["revoked_at"] else "active"
+            click.echo(f"    key {k['key_id']}  {state}")
+    if not rows:
+        click.echo("no admins")
+
+
+@admins.group("keys")
+def admin_keys() -> None:
+    """An admin's signing keys: several may be active at once, so keys can rotate."""
+
+
+@admin_keys.command("add")
+@click.argument("admin_id")
+@click.option("--key-id", required=True, help="A name for the key, unique across admins.")
+@click.option(
+    "--public-key",
+    required=True,
+    help="'ed25519:<base64>' as keys admin-generate prints it, a PEM public key, or @FILE to read one.",
+)
+def admin_keys_add(admin_id: str, key_id: str, public_key: str) -> None:
+    """Register a public key of ADMIN_ID; decisions signed with its private half then count."""
+    text = Path(public_key[1:]).read_text() if public_key.startswith("@") else public_key
+    try:
+        normalised = signing.public_key_text(signing.parse_public_key(text))
+    except ValueError as error:
+        raise click.ClickException(str(error)) from None
+    entry = _validated_entry(catalogue_file.AdminKeyEntry, {"key_id": key_id, "public_key": normalised})
+    with _services() as services, services.uow() as uow:
+        if uow.admin_keys.admin_email(admin_id) is None:
+            raise click.ClickException(f"no admin {admin_id}: add them first with `accessflow admins add`")
+        try:
+            uow.admin_keys.add_key(AdminKey(entry.key_id, admin_id, entry.public_key, utcnow()))
+        except ValueError as error:
+            raise click.ClickException(str(error)) from None
+        uow.commit()
+    click.echo(f"key {entry.key_id} of {admin_id} registered")
+
+
+@admin_keys.command("revoke")
+@click.argument("key_id")
+def admin_keys_revoke(key_id: str) -> None:
+    """Revoke a key for good: decisions signed with it are refused from now on."""
+    with _services() as services, services.uow() as uow:
+        if not uow.admin_keys.revoke(key_id):
+            raise click.ClickException(f"no key {key_id}")
+        uow.commit()
+    click.echo(f"key {key_id} revoked")
+
+
+@main.group()
+def portals() -> None:
+    """Developer portals: who may submit for which consumers, and where their events go."""
+
+
+@portals.command("add")
+@click.argument("portal_id")
+@click.option("--name", required=True, help="The portal's name, as the approve email shows it.")
+@click.option("--broker-user", required=True, help="The AMQP user the portal publishes as.")
+@click.option(
+    "--public-key", required=True, help="The portal's X25519 public key, base64 (keys portal-generate)."
+)
+@click.option("--url", default="", help="Where consumers sign in to the portal; shown in the approve email.")
+@click.option("--consumer", "consumers", multiple=True, help="A consumer the portal speaks for (repeatable).")
+def portals_add(
+    portal_id: str, name: str, broker_user: str, public_key: str, url: str, consumers: tuple[str, ...]
+) -> None:
+    """Register a portal, or replace its registration (its consumers included)."""
+    entry = _validated_entry(
+        catalogue_file.PortalEntry,
+        {
+            "id": portal_id,
+            "name": name,
+            "broker_user": broker_user,
+            "public_key": public_key,
+            "url": url,
+            "consumers": list(consumers),
+        },
+    )
+    with _services() as services, services.uow() as uow:
+        unknown = [c for c in entry.consumers if uow.catalogue.consumer(c) is None]
+        if unknown:
+            raise click.ClickException(f"unknown consumer(s): {', '.join(unknown)}")
+        uow.portals.upsert(entry.to_portal())
+        uow.commit()
+    click.echo(f"portal {entry.id} registered for {len(entry.consumers)} consumer(s)")
+
+
+@portals.command("list")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+def portals_list(as_json: bool) -> None:
+    """Every registered portal."""
+    with _services() as services, services.uow() as uow:
+        rows = [
+            {
+                "id": p.id,
+                "name": p.name,
+                "broker_user": p.broker_user,
+                "public_key": p.public_key,
+                "url": p.url,
+                "consumers": sorted(p.consumer_ids),
+            }
+            for p in uow.portals.list()
+        ]
+    if as_json:
+        _echo_json(rows)
+        return
+    for row in rows:
+        click.echo(
+            f"{row['id']}  {row['name']}  as {row['broker_user']}  consumers {','.join(row['consumers'])}"
+        )
+    if not rows:
+        click.echo("no portals")
+
+
+def _validated_entry(entry: type[catalogue_file.Entry], values: dict[str, Any]) -> Any:
+    try:
+        return entry.model_validate(values)
+    except ValidationError as error:
+        raise click.ClickException(explain(error)) from None
 
 
 # --- reading --------------------------------------------------------------------------------------
@@ -486,6 +676,57 @@ def keys_generate() -> None:
     from infra.credentials import generate_seal_key
 
     click.echo(generate_seal_key())
+
+
+@keys.command("admin-generate")
+@click.argument("path", type=click.Path(dir_okay=False, path_type=Path))
+def keys_admin_generate(path: Path) -> None:
+    """Write an admin's Ed25519 signing keypair: PATH (private, mode 0600) and PATH.pub.
+
+    Existing files are never overwritten. The private key stays with the admin portal;
+    accessflow's workers get only the public key, once it is registered.
+    """
+    from infra.signing import generate_keypair
+
+    try:
+        public_key = generate_keypair(path)
+    except OSError as error:
+        raise click.ClickException(str(error)) from None
+    click.echo(f"private key: {path} (mode 0600; keep it on the admin portal, never on a worker)")
+    click.echo(f"public key:  {path}.pub")
+    click.echo(public_key)
+    click.echo("")
+    click.echo("Next: register the public key under a key id of your choosing (e.g. dana-2026-11):")
+    click.echo(f"  accessflow admins keys add ADMIN_ID --key-id KEY_ID --public-key '{public_key}'")
+    click.echo("then sign decisions with the private key and that key id (messages/asyncapi.yaml:")
+    click.echo('"Signing admin decisions"). Rotate by registering a new key before revoking the old one.')
+
+
+@keys.command("portal-generate")
+def keys_portal_generate() -> None:
+    """Print a new X25519 keypair for a portal: the portal keeps the private key and opens its secrets with it.
+
+    A real portal makes its own keypair and registers only the public half; this is for
+    trying accessflow out, and for tests.
+    """
+    from infra.credentials import generate_portal_keypair
+
+    private, public = generate_portal_keypair()
+    click.echo(f"private: {private}")
+    click.echo(f"public:  {public}")
+
+
+def _registered_portals(settings: Settings) -> list[tuple[str, str]]:
+    """Every registered portal's id and AMQP user, for ``broker setup``."""
+    services = build(settings)
+    try:
+        with services.uow() as uow:
+            return [(p.id, p.broker_user) for p in uow.portals.list()]
+    finally:
+        services.close()
+
+
+main.add_command(cli_broker.make_group(portal_source=_registered_portals))
 
 
 # --- workers ----------------------------------------------------------------------------------------

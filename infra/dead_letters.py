@@ -3,15 +3,25 @@
 Every accessflow queue ``Q`` dead-letters into ``Q.XQ``. The message stays in RabbitMQ;
 why it is there is in the ``dead_letters`` table (for messages that failed their
 retries or kept killing their worker) or in RabbitMQ's ``x-death`` header (for
-bodies that were not even a message). Replaying moves a message back to ``Q`` with
-its original id and fresh retries; consumers are idempotent, so a replay of
-something already applied changes nothing.
+deliveries the consumer refused but could not record). Replaying moves a message back
+to ``Q`` with its original id and fresh retries; consumers are idempotent, so a replay
+of something already applied changes nothing.
+
+Any body may sit in an XQ, so both read it the way the consumer does
+(:func:`infra.envelope.parse_json`: bounded in size and depth), and never let it raise.
+
+A replay must not launder a message. It is published by the operator's AMQP user, which
+is internal, so the consumer would keep its bookkeeping options. Dead-lettering keeps
+the original AMQP properties, so the original publisher is known: if it was not one of
+accessflow's own users, the replay sets ``origin`` to that user (or none, if it did not
+say), exactly as the consumer did on the first delivery; and such a message bound for an
+internal queue, where only accessflow's own messages may go, stays in the XQ.
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime
@@ -24,8 +34,10 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from domain.model import utcnow
 from infra import orm
-from infra.broker import amqp_url_with_timeouts
+from infra.broker import amqp_url_with_timeouts, broker_user
 from infra.delivery import forget
+from infra.envelope import MAX_ORIGIN_CHARS, Unreadable, excerpt, is_message_id, parse_json, safe_text
+from messages.routes import DECIDE, SUBMIT
 
 
 @dataclass(frozen=True)
@@ -39,21 +51,32 @@ class DeadLetter:
 
 
 def _decode(body: bytes) -> dict[str, Any] | None:
+    """The envelope in ``body``, if it is a JSON object with a usable message id; never raises."""
     try:
-        decoded = json.loads(body)
-    except ValueError:
+        decoded = parse_json(body)
+    except Unreadable:
         return None
-    return decoded if isinstance(decoded, dict) and "message_id" in decoded else None
+    if isinstance(decoded, dict) and is_message_id(decoded.get("message_id")):
+        return decoded
+    return None
+
+
+def _sender(properties: pika.BasicProperties) -> str | None:
+    user_id = properties.user_id
+    return user_id if isinstance(user_id, str) else None
 
 
 def _x_death_reason(properties: pika.BasicProperties) -> str:
-    deaths = (properties.headers or {}).get("x-death") or []
-    if not deaths:
+    # A publisher can set any header, x-death included: read it as untrusted data.
+    headers = properties.headers if isinstance(properties.headers, dict) else {}
+    deaths = headers.get("x-death")
+    first = deaths[0] if isinstance(deaths, list) and deaths else None
+    reason = first.get("reason") if isinstance(first, dict) else None
+    if isinstance(reason, bytes):
+        reason = reason.decode("utf-8", errors="backslashreplace")
+    if not isinstance(reason, str) or not reason:
         return "unknown"
-    first = deaths[0]
-    reason = first.get("reason", b"")
-    reason = reason.decode() if isinstance(reason, bytes) else str(reason)
-    return f"rejected by the broker ({reason})" if reason else "unknown"
+    return f"rejected by the broker ({safe_text(' '.join(reason.split()))[:100]})"
 
 
 @contextmanager
@@ -108,15 +131,18 @@ def peek(broker_url: str, session_factory: sessionmaker[Session], xq_name: str) 
     letters = []
     for message, body, properties in decoded:
         message_id = message["message_id"] if message else None
+        if message_id is None and is_message_id(properties.message_id):
+            message_id = properties.message_id  # a body we cannot read, published with an id
+        actor_name = message.get("actor_name") if message else None
         reason, at = reasons.get(message_id or "", (_x_death_reason(properties), None))
         letters.append(
             DeadLetter(
                 queue_name=xq_name,
                 message_id=message_id,
-                actor_name=message.get("actor_name") if message else None,
+                actor_name=safe_text(actor_name[:200]) if isinstance(actor_name, str) else None,
                 reason=reason,
                 dead_lettered_at=at,
-                body_excerpt=body[:200].decode("utf-8", errors="replace"),
+                body_excerpt=excerpt(body, 200),
             )
         )
     return letters
@@ -125,7 +151,8 @@ def peek(broker_url: str, session_factory: sessionmaker[Session], xq_name: str) 
 @dataclass
 class ReplayResult:
     replayed: int = 0
-    kept: int = 0  # not a message at all: left in the XQ for a human
+    kept: int = 0  # left in the XQ for a human: not a message, or an outsider's for an internal queue
+    untrusted: int = 0  # of those kept: published by an outsider to an internal queue
 
 
 def replay(
@@ -136,41 +163,74 @@ def replay(
     limit: int | None = None,
     dry_run: bool = False,
     on_each: Callable[[], None] = lambda: None,
+    internal_senders: Iterable[str] | None = None,
+    external_queues: Iterable[str] | None = None,
 ) -> ReplayResult:
     """Move up to ``limit`` messages from ``xq_name`` back to their queue.
 
     Each is published with publisher confirms before it is acknowledged in the XQ, so a
     crash mid-replay duplicates at most one message, never loses one.
+
+    Parameters:
+      internal_senders: AMQP users whose messages are accessflow's own; default the
+        user of ``broker_url``, which also publishes the replays.
+      external_queues: queues outside parties may publish to; default the requests and
+        decisions queues, recognised by name.
     """
     result = ReplayResult()
     target = xq_name.removesuffix(".XQ")
+    replayer = broker_user(pika.URLParameters(broker_url))
+    internal = frozenset(internal_senders or {replayer})
+    if external_queues is not None:
+        target_is_external = target in frozenset(external_queues)
+    else:
+        target_is_external = target.rsplit(".", 1)[-1] in (SUBMIT.queue, DECIDE.queue)
     total = min(depth(broker_url, xq_name), limit if limit is not None else 10**9)
     with _channel(broker_url) as source, _channel(broker_url) as sink:
         sink.confirm_delivery()
         unreplayable: list[int] = []
         for _ in range(total):
-            method, _properties, body = source.basic_get(xq_name, auto_ack=False)
+            method, properties, body = source.basic_get(xq_name, auto_ack=False)
             if method is None:
                 break
             message = _decode(body)
+            sender = _sender(properties)
+            trusted = sender is not None and sender in internal
+            if message is not None and not trusted and not target_is_external:
+                message = None  # it was refused as forged the first time; a replay must not admit it
+                result.untrusted += 1
             if message is None or dry_run:
                 unreplayable.append(method.delivery_tag)
                 result.kept += message is None
                 result.replayed += message is not None
                 on_each()
                 continue
-            # Fresh retries; nothing a producer or an earlier failure put in options survives.
-            message["options"] = {}
+            message_id = str(message["message_id"])
+            # Fresh retries; nothing a producer or an earlier failure put in options survives,
+            # but who first published it does: the actor reads it from ``origin``.
+            if trusted:
+                options = message.get("options")
+                origin = options.get("origin") if isinstance(options, dict) else None
+            else:
+                origin = sender
+            message["options"] = (
+                {"origin": origin} if isinstance(origin, str) and 0 < len(origin) <= MAX_ORIGIN_CHARS else {}
+            )
             message["queue_name"] = target
             sink.basic_publish(
                 exchange="",
                 routing_key=target,
                 body=json.dumps(message).encode(),
-                properties=pika.BasicProperties(delivery_mode=2, content_type="application/json"),
+                properties=pika.BasicProperties(
+                    delivery_mode=2,
+                    content_type="application/json",
+                    message_id=message_id,
+                    user_id=replayer,  # validated by RabbitMQ: the operator's user, an internal one
+                ),
                 mandatory=True,
             )
-            forget(session_factory, message["message_id"])
-            _mark_replayed(session_factory, message["message_id"])
+            forget(session_factory, message_id)
+            _mark_replayed(session_factory, message_id)
             source.basic_ack(method.delivery_tag)
             result.replayed += 1
             on_each()

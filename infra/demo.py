@@ -17,15 +17,22 @@ import yaml
 from dramatiq.brokers.stub import StubBroker
 from pydantic import SecretStr
 
-from infra import catalogue_file, migrate, producer
+from domain.model import AdminKey, Portal, utcnow
+from infra import catalogue_file, credentials, migrate, producer, signing
 from infra.bootstrap import Services, build, wire
 from infra.broker import DramatiqPublisher
-from infra.credentials import generate_seal_key
 from infra.logging import configure as configure_logging
 from infra.settings import Settings
+from messages import routes
 from messages.routes import ROUTES
 
 ADMIN = "admin@accessflow.example"
+ADMIN_ID = "dana"
+ADMIN_KEY_ID = "dana-demo"
+PORTAL_ID = "demo-portal"
+#: The AMQP users the demo's portal and admin tool would publish as on RabbitMQ.
+PORTAL_USER = "demo-portal"
+ADMIN_TOOL_USER = "demo-admin-tool"
 
 
 def drain(broker: StubBroker, worker: dramatiq.Worker, prefix: str) -> None:
@@ -48,7 +55,7 @@ def run(*, workdir: Path, examples: Path, echo: Callable[[str], Any]) -> None:
         queue_prefix="demo",
         mail_transport="file",
         mail_dir=str(workdir / "mail"),
-        seal_key=SecretStr(generate_seal_key()),
+        seal_key=SecretStr(credentials.generate_seal_key()),
         admin_emails=[ADMIN],
         max_retries=0,
     )
@@ -61,7 +68,7 @@ def run(*, workdir: Path, examples: Path, echo: Callable[[str], Any]) -> None:
     worker = dramatiq.Worker(broker, worker_threads=1)
     worker.start()
     try:
-        _play(services, broker, worker, examples, echo)
+        _play(services, broker, worker, examples, workdir, echo)
     finally:
         worker.stop()
         services.close()
@@ -72,46 +79,90 @@ def _play(
     broker: StubBroker,
     worker: dramatiq.Worker,
     examples: Path,
+    workdir: Path,
     echo: Callable[[str], Any],
 ) -> None:
-    from infra.cli import request_details, reveal_credentials
+    from infra.cli import request_details
 
     prefix = services.settings.queue_prefix
-    publisher = DramatiqPublisher(broker)
+    portal_wire = producer.StubWire(broker, prefix, sender=PORTAL_USER)
+    admin_wire = producer.StubWire(broker, prefix, sender=ADMIN_TOOL_USER)
 
     counts = catalogue_file.load(catalogue_file.read(examples / "catalog.yaml"), services.uow())
-    echo("1. catalogue loaded: " + ", ".join(f"{n} {kind}" for kind, n in counts.items()))
+    echo("1. catalogue loaded: " + ", ".join(f"{n} {kind}" for kind, n in counts.items() if n))
 
-    echo("2. a portal submits four requests:")
+    # The portal makes its own X25519 keypair and registers only the public half; the admin
+    # likewise keeps the Ed25519 private key and registers the public one.
+    portal_private, portal_public = credentials.generate_portal_keypair()
+    admin_public = signing.generate_keypair(workdir / "admin-key.pem")
+    admin_key = signing.load_private_key(workdir / "admin-key.pem")
+    with services.uow() as uow:
+        uow.portals.upsert(
+            Portal(
+                id=PORTAL_ID,
+                name="Demo Portal",
+                broker_user=PORTAL_USER,
+                public_key=portal_public,
+                consumer_ids=frozenset({"acme", "globex"}),
+                url="https://portal.example",
+            )
+        )
+        uow.admin_keys.upsert_admin(ADMIN_ID, ADMIN)
+        uow.admin_keys.add_key(AdminKey(ADMIN_KEY_ID, ADMIN_ID, admin_public, utcnow()))
+        uow.commit()
+    echo(
+        f"2. registered portal {PORTAL_ID} (X25519 key {portal_public[:12]}...) for consumers acme and globex,"
+    )
+    echo(f"   and admin {ADMIN_ID} with signing key {ADMIN_KEY_ID} ({admin_public[:20]}...)")
+
+    echo(f"3. the portal submits four requests (contract v2, as AMQP user {PORTAL_USER}):")
     submitted: dict[str, str] = {}
     for path in sorted((examples / "requests").glob("*.json")):
-        message = producer.submit(publisher, prefix, producer.read_request_file(path))
+        message = producer.submit(portal_wire, producer.read_request_file(path), portal_id=PORTAL_ID)
         submitted[path.name] = message.request_id
         echo(f"   {path.name:<28} -> request {message.request_id}")
     drain(broker, worker, prefix)
 
-    echo("3. after routing:")
+    echo("4. after routing:")
     for name, request_id in submitted.items():
         details = request_details(services, request_id)
         assert details is not None
         echo(f"   {name:<28} {details['status']:<15} {details['reason']}")
 
-    echo(f"4. the admin ({ADMIN}) decides:")
+    echo(f"5. the admin ({ADMIN_ID}) signs decisions with key {ADMIN_KEY_ID}; a forged one is refused:")
     for entry in yaml.safe_load((examples / "decisions.yaml").read_text()):
-        request_id = submitted[entry["request"]]
-        producer.decide(
-            publisher,
-            prefix,
-            request_id=request_id,
+        decision = producer.signed_decision(
+            request_id=submitted[entry["request"]],
             approve=entry["decision"] == "approve",
-            admin_email=ADMIN,
-            admin_id="demo-admin",
+            admin_id=ADMIN_ID,
             reason=entry["reason"],
+            audience=prefix,
+            key_id=ADMIN_KEY_ID,
+            private_key=admin_key,
         )
-        echo(f"   {entry['decision']:<7} {entry['request']:<28} reason: {entry['reason']}")
+        producer.decide(admin_wire, decision)
+        echo(f"   {entry['decision']:<7} {entry['request']:<28} signature {decision.signature.value[:16]}...")
     drain(broker, worker, prefix)
+    # Someone turns the rejection into an approval and keeps the admin's signature.
+    rejected_id = submitted["03-manual-reject.json"]
+    forged = producer.signed_decision(
+        request_id=rejected_id,
+        approve=False,
+        admin_id=ADMIN_ID,
+        reason="tampered",
+        audience=prefix,
+        key_id=ADMIN_KEY_ID,
+        private_key=admin_key,
+    )
+    forged_payload = {**forged.model_dump(mode="json"), "decision": "approve"}
+    admin_wire.send(routes.DECIDE, routing_key=ADMIN_ID, payload=forged_payload)
+    drain(broker, worker, prefix)
+    refused = request_details(services, rejected_id)
+    assert refused is not None
+    for d in refused["decisions"]:
+        echo(f"   decision {d['decision']:<7} on 03: {d['outcome']:<8} {d['outcome_reason']}")
 
-    echo("5. timeline of every request (the audit trail):")
+    echo("6. timeline of every request (the audit trail):")
     for name, request_id in submitted.items():
         details = request_details(services, request_id)
         assert details is not None
@@ -123,20 +174,29 @@ def _play(
         for n in details["notifications"]:
             echo(f"     email {n['kind']:<8} {n['status']}")
 
-    first_app = request_details(services, submitted[min(submitted)])
-    assert first_app is not None and first_app["app_id"]
-    echo(f"6. the consumer reveals the credentials of app {first_app['app_id']} (shown once):")
-    for c in reveal_credentials(services, first_app["app_id"]):
-        secret = c["secret"] or ""
-        echo(f"   {c['kind']} {c['public_id']}  secret {secret[:12]}... ({len(secret)} chars)")
-    again = reveal_credentials(services, first_app["app_id"])
-    echo(
-        f"   asked again: secret is {'gone' if all(c['secret'] is None for c in again) else 'STILL THERE'}"
-        " - only its hash remains"
-    )
+    publisher = services.relay.publisher
+    assert isinstance(publisher, DramatiqPublisher)
+    echo(f"7. what the portal heard ({len(publisher.events)} events, routing key <portal>.<event>):")
+    for name, request_id in submitted.items():
+        echo(f"   {name}")
+        for event in sorted(
+            (e.payload for e in publisher.events if e.payload["request_id"] == request_id),
+            key=lambda p: int(p["sequence"]),
+        ):
+            echo(f"     #{event['sequence']} {event['event']:<30} {event['reason']}")
+            sealed = event.get("sealed_secret")
+            if isinstance(sealed, dict):
+                secret = credentials.open_sealed_secret(portal_private, str(sealed["value"]))
+                with services.uow() as uow:
+                    credential = uow.credentials.for_request(request_id)
+                    valid = credentials.verify(secret, credential)
+                echo(
+                    f"        sealed secret opened with the portal's key: {secret[:12]}... "
+                    f"({len(secret)} chars), {'matches' if valid else 'DOES NOT MATCH'} the stored hash"
+                )
 
     mail_dir = Path(services.settings.mail_dir)
     emails = sorted(mail_dir.glob("*.eml"))
-    echo(f"7. {len(emails)} emails written to {mail_dir}/ - open them in any mail client:")
+    echo(f"8. {len(emails)} emails written to {mail_dir}/ - open them in any mail client:")
     for path in emails:
         echo(f"   {path}")

@@ -19,10 +19,13 @@ import structlog
 from sqlalchemy.orm import Session, sessionmaker
 
 from domain.commands import Command
+from domain.events import PortalEvent
 from domain.model import utcnow
 from infra import orm
 from infra.broker import Outgoing, Publisher
 from infra.faults import crash_point
+from infra.topology import Topology
+from messages.events import RequestEvent
 from messages.routes import route_for_command
 
 log = structlog.get_logger()
@@ -56,6 +59,21 @@ class SqlOutbox:
             )
         )
         self.added.append(row_id)
+
+    def announce(self, event: PortalEvent) -> None:
+        message = RequestEvent.of(event)
+        self.session.execute(
+            orm.outbox.insert().values(
+                id=message.event_id,
+                queue_name="",
+                actor_name="",
+                payload=message.model_dump(mode="json", exclude_none=True),
+                created_at=utcnow(),
+                exchange=Topology(self.queue_prefix).events_exchange,
+                routing_key=message.routing_key(),
+            )
+        )
+        self.added.append(message.event_id)
 
 
 class OutboxRelay:
@@ -91,7 +109,17 @@ class OutboxRelay:
                 if not rows:
                     return published
                 confirmed = self.publisher.publish_batch(
-                    [Outgoing(row.queue_name, row.actor_name, row.payload, row.id) for row in rows]
+                    [
+                        Outgoing(
+                            row.queue_name,
+                            row.actor_name,
+                            row.payload,
+                            row.id,
+                            exchange=row.exchange,
+                            routing_key=row.routing_key,
+                        )
+                        for row in rows
+                    ]
                 )
                 crash_point("relay_after_publish")  # confirmed but not yet marked: resent later
                 sent = [row.id for row in rows if row.id in confirmed]

@@ -1,23 +1,105 @@
-"""Publishing requests and decisions the way a portal does; used by the CLI and the demo."""
+"""Publishing requests and decisions the way a portal and an admin tool do; used by the CLI and the demo.
+
+A portal publishes a v2 submission to the submissions exchange with its portal id as
+the routing key; an admin tool publishes a signed v2 decision to the decisions
+exchange. Both go over plain AMQP (:class:`AmqpWire`), stamped with the connection's
+user in ``user_id``, which RabbitMQ validates. The in-memory demo has no broker to
+validate anything, so :class:`StubWire` hands the sender to the workers itself.
+"""
 
 from __future__ import annotations
 
 import json
 import uuid
+from collections.abc import Mapping
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
+from urllib.parse import unquote, urlsplit
 
+import dramatiq
+import pika
+import pika.exceptions
 import yaml
-from pydantic import ValidationError
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from pydantic import BaseModel, ValidationError
 
-from infra.broker import Publisher
-from messages import routes, v1
+from infra import signing
+from infra.broker import Outgoing, amqp_url_with_timeouts
+from infra.topology import Topology
+from messages import routes, v2
 from workers.registry import explain
 
 
 class InvalidMessage(ValueError):
     """A request or decision that would be refused by the workers; refused here first."""
+
+
+class Wire(Protocol):
+    def send(self, route: routes.Route, *, routing_key: str, payload: Mapping[str, Any]) -> str:
+        """Publish one contract payload to the route's exchange; return the message id once accepted."""
+        ...
+
+
+class AmqpWire:
+    """Publishes as a portal or admin tool does: to accessflow's exchanges, with confirms.
+
+    The body is dramatiq's envelope around the payload; ``user_id`` is the connection's
+    user, so RabbitMQ refuses the message if it is anyone else's.
+    """
+
+    def __init__(self, broker_url: str, topology: Topology) -> None:
+        self.url = amqp_url_with_timeouts(broker_url)
+        self.user = unquote(urlsplit(broker_url).username or "guest")
+        self.topology = topology
+
+    def send(self, route: routes.Route, *, routing_key: str, payload: Mapping[str, Any]) -> str:
+        exchange = _exchange_of(self.topology, route)
+        message_id = str(uuid.uuid4())
+        body = Outgoing(route.queue_name(self.topology.prefix), route.actor_name, payload, message_id)
+        connection = pika.BlockingConnection(pika.URLParameters(self.url))
+        try:
+            channel = connection.channel()
+            channel.confirm_delivery()
+            channel.basic_publish(
+                exchange=exchange,
+                routing_key=routing_key,
+                body=body.envelope().encode(),
+                properties=pika.BasicProperties(
+                    delivery_mode=2,
+                    content_type="application/json",
+                    message_id=message_id,
+                    user_id=self.user,
+                ),
+                mandatory=True,
+            )
+        finally:
+            if connection.is_open:
+                connection.close()
+        return message_id
+
+
+class StubWire:
+    """The demo's wire: dramatiq's in-memory broker, with the sender passed as RabbitMQ would stamp it."""
+
+    def __init__(self, broker: dramatiq.Broker, prefix: str, sender: str) -> None:
+        self.broker = broker
+        self.prefix = prefix
+        self.sender = sender
+
+    def send(self, route: routes.Route, *, routing_key: str, payload: Mapping[str, Any]) -> str:
+        message = Outgoing(route.queue_name(self.prefix), route.actor_name, payload, str(uuid.uuid4()))
+        envelope = message.envelope()
+        self.broker.enqueue(envelope.copy(options={"origin": self.sender}))
+        return message.message_id
+
+
+def _exchange_of(topology: Topology, route: routes.Route) -> str:
+    if route.queue == routes.SUBMIT.queue:
+        return topology.submissions_exchange
+    if route.queue == routes.DECIDE.queue:
+        return topology.decisions_exchange
+    raise ValueError(f"outside parties do not publish to {route.queue}")
 
 
 def read_request_file(path: Path) -> dict[str, Any]:
@@ -31,45 +113,65 @@ def read_request_file(path: Path) -> dict[str, Any]:
     return data
 
 
-def submit(publisher: Publisher, queue_prefix: str, payload: dict[str, Any]) -> v1.AccessRequestSubmitted:
-    """Validate and publish an access request; fill in request_id and submitted_at if missing."""
-    payload = {"request_id": str(uuid.uuid4()), "submitted_at": datetime.now(UTC).isoformat(), **payload}
+def _validated(contract: type[BaseModel], payload: Mapping[str, Any]) -> Any:
     try:
-        message = v1.AccessRequestSubmitted.model_validate(payload)
+        return contract.model_validate(payload)
     except ValidationError as error:
         raise InvalidMessage(explain(error)) from None
-    _publish(publisher, queue_prefix, routes.SUBMIT, message)
+
+
+def submit(
+    wire: Wire, payload: Mapping[str, Any], *, portal_id: str | None = None
+) -> v2.AccessRequestSubmitted:
+    """Validate and publish an access request as a v2 submission of ``portal_id``.
+
+    request_id and submitted_at are filled in when missing, and the version set to 2.
+    """
+    payload = {
+        "request_id": str(uuid.uuid4()),
+        "submitted_at": datetime.now(UTC).isoformat(),
+        **payload,
+        "version": 2,
+    }
+    if portal_id is not None:
+        payload["portal_id"] = portal_id
+    message: v2.AccessRequestSubmitted = _validated(v2.AccessRequestSubmitted, payload)
+    wire.send(routes.SUBMIT, routing_key=message.portal_id, payload=message.model_dump(mode="json"))
     return message
 
 
-def decide(
-    publisher: Publisher,
-    queue_prefix: str,
+def signed_decision(
     *,
     request_id: str,
     approve: bool,
-    admin_email: str,
-    admin_id: str | None,
+    admin_id: str,
     reason: str,
-) -> v1.AdminDecision:
+    audience: str,
+    key_id: str,
+    private_key: Ed25519PrivateKey,
+    decided_at: datetime | None = None,
+) -> v2.AdminDecision:
+    """Build and sign a v2 decision, as an admin tool does."""
+    fields: dict[str, Any] = {
+        "version": 2,
+        "type": "access_request.decided",
+        "decision_id": str(uuid.uuid4()),
+        "request_id": request_id.lower(),
+        "decision": "approve" if approve else "reject",
+        "admin_id": admin_id,
+        "reason": reason,
+        "decided_at": (decided_at or datetime.now(UTC)).astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ"),
+        "audience": audience,
+    }
     try:
-        message = v1.AdminDecision(
-            request_id=request_id,
-            decision="approve" if approve else "reject",
-            admin=v1.AdminRef(id=admin_id or admin_email.split("@")[0], email=admin_email),
-            reason=reason,
-            decided_at=datetime.now(UTC),
-        )
-    except ValidationError as error:
-        raise InvalidMessage(explain(error)) from None
-    _publish(publisher, queue_prefix, routes.DECIDE, message)
-    return message
+        fields["signature"] = signing.sign(private_key, fields, key_id=key_id)
+    except ValueError as error:
+        raise InvalidMessage(str(error)) from None
+    decision: v2.AdminDecision = _validated(v2.AdminDecision, fields)
+    return decision
 
 
-def _publish(publisher: Publisher, queue_prefix: str, route: routes.Route, message: Any) -> None:
-    publisher.publish(
-        queue_name=route.queue_name(queue_prefix),
-        actor_name=route.actor_name,
-        payload=message.model_dump(mode="json"),
-        message_id=str(uuid.uuid4()),
-    )
+def decide(wire: Wire, decision: v2.AdminDecision) -> v2.AdminDecision:
+    """Publish a signed decision; the routing key is the admin's id."""
+    wire.send(routes.DECIDE, routing_key=decision.admin_id, payload=decision.model_dump(mode="json"))
+    return decision

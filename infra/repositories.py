@@ -9,6 +9,7 @@ from sqlalchemy.orm import Session
 
 from domain.model import (
     AccessRequest,
+    AdminKey,
     App,
     Catalogue,
     Consumer,
@@ -18,8 +19,10 @@ from domain.model import (
     Notification,
     NotificationKind,
     Plan,
+    Portal,
     Product,
     Status,
+    utcnow,
 )
 from infra import orm
 
@@ -158,3 +161,125 @@ class SqlNotificationRepository:
     def for_request(self, request_id: str) -> list[Notification]:
         query = sa.select(Notification).where(orm.notifications.c.request_id == request_id)
         return list(self.session.scalars(query.order_by(orm.notifications.c.id)))
+
+
+class SqlPortalRepository:
+    """Registered portals, with the consumers each may speak for."""
+
+    def __init__(self, session: Session) -> None:
+        self.session = session
+
+    def get(self, portal_id: str) -> Portal | None:
+        return self._one(orm.portals.c.id == portal_id)
+
+    def by_broker_user(self, broker_user: str) -> Portal | None:
+        return self._one(orm.portals.c.broker_user == broker_user)
+
+    def list(self) -> list[Portal]:
+        ids = self.session.scalars(sa.select(orm.portals.c.id).order_by(orm.portals.c.id))
+        return [portal for portal_id in ids if (portal := self.get(portal_id)) is not None]
+
+    def _one(self, where: sa.ColumnElement[bool]) -> Portal | None:
+        row = self.session.execute(sa.select(orm.portals).where(where)).first()
+        if row is None:
+            return None
+        consumer_ids = self.session.scalars(
+            sa.select(orm.portal_consumers.c.consumer_id).where(orm.portal_consumers.c.portal_id == row.id)
+        )
+        return Portal(
+            id=row.id,
+            name=row.name,
+            broker_user=row.broker_user,
+            public_key=row.public_key,
+            consumer_ids=frozenset(consumer_ids),
+            url=row.url,
+        )
+
+    def upsert(self, portal: Portal) -> None:
+        """Register a portal, or replace what is registered for it, consumers included."""
+        values = {
+            "name": portal.name,
+            "broker_user": portal.broker_user,
+            "public_key": portal.public_key,
+            "url": portal.url,
+        }
+        if self._exists(portal.id):
+            self.session.execute(orm.portals.update().where(orm.portals.c.id == portal.id).values(**values))
+        else:
+            self.session.execute(orm.portals.insert().values(id=portal.id, **values))
+        self.session.execute(
+            orm.portal_consumers.delete().where(orm.portal_consumers.c.portal_id == portal.id)
+        )
+        if portal.consumer_ids:
+            self.session.execute(
+                orm.portal_consumers.insert(),
+                [{"portal_id": portal.id, "consumer_id": c} for c in sorted(portal.consumer_ids)],
+            )
+
+    def _exists(self, portal_id: str) -> bool:
+        found = self.session.execute(sa.select(orm.portals.c.id).where(orm.portals.c.id == portal_id))
+        return found.first() is not None
+
+
+class SqlAdminKeyRepository:
+    """Admins and the public keys their decisions are verified with."""
+
+    def __init__(self, session: Session) -> None:
+        self.session = session
+
+    def key(self, key_id: str) -> AdminKey | None:
+        row = self.session.execute(sa.select(orm.admin_keys).where(orm.admin_keys.c.key_id == key_id)).first()
+        if row is None:
+            return None
+        return AdminKey(
+            key_id=row.key_id,
+            admin_id=row.admin_id,
+            public_key=row.public_key,
+            created_at=row.created_at,
+            revoked_at=row.revoked_at,
+        )
+
+    def admin_email(self, admin_id: str) -> str | None:
+        query = sa.select(orm.admins.c.email).where(orm.admins.c.id == admin_id)
+        return self.session.execute(query).scalar_one_or_none()
+
+    def admins(self) -> list[tuple[str, str, list[AdminKey]]]:
+        """Every admin with their keys, revoked ones included: (id, email, keys)."""
+        keys: dict[str, list[AdminKey]] = {}
+        for row in self.session.execute(sa.select(orm.admin_keys).order_by(orm.admin_keys.c.created_at)):
+            keys.setdefault(row.admin_id, []).append(
+                AdminKey(row.key_id, row.admin_id, row.public_key, row.created_at, row.revoked_at)
+            )
+        rows = self.session.execute(sa.select(orm.admins).order_by(orm.admins.c.id))
+        return [(row.id, row.email, keys.get(row.id, [])) for row in rows]
+
+    def upsert_admin(self, admin_id: str, email: str) -> None:
+        if self.admin_email(admin_id) is None:
+            self.session.execute(orm.admins.insert().values(id=admin_id, email=email))
+        else:
+            self.session.execute(orm.admins.update().where(orm.admins.c.id == admin_id).values(email=email))
+
+    def add_key(self, key: AdminKey) -> None:
+        """Register a key; adding the same key again changes nothing, another key under its id is refused."""
+        existing = self.key(key.key_id)
+        if existing is None:
+            self.session.execute(
+                orm.admin_keys.insert().values(
+                    key_id=key.key_id,
+                    admin_id=key.admin_id,
+                    public_key=key.public_key,
+                    created_at=key.created_at,
+                    revoked_at=key.revoked_at,
+                )
+            )
+        elif (existing.admin_id, existing.public_key) != (key.admin_id, key.public_key):
+            raise ValueError(f"key id {key.key_id!r} is taken by another key")
+
+    def revoke(self, key_id: str) -> bool:
+        """Revoke a key for good; return False if there is no such key."""
+        result = self.session.execute(
+            orm.admin_keys.update()
+            .where(orm.admin_keys.c.key_id == key_id, orm.admin_keys.c.revoked_at.is_(None))
+            .values(revoked_at=utcnow())
+        )
+        return result.rowcount > 0 or self.key(key_id) is not None  # type: ignore[attr-defined]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from typing import Annotated, Literal
+from urllib.parse import unquote, urlsplit
 
 from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
@@ -38,6 +39,22 @@ class Settings(BaseSettings):
     admin_emails: Annotated[list[str], NoDecode] = Field(
         default_factory=list,
         description="Comma-separated admin addresses: they get review emails, and only their decisions count.",
+    )
+    accept_v1_submissions: bool = Field(
+        False,
+        description="Accept contract v1 submissions, which name no portal: no sender check, no "
+        "events. Only while portals move to v2.",
+    )
+    decision_max_skew_seconds: int = Field(
+        300,
+        ge=1,
+        description="Refuse a signed decision whose decided_at is further than this from the worker's clock.",
+    )
+    broker_internal_users: Annotated[list[str], NoDecode] = Field(
+        default_factory=list,
+        description="Comma-separated AMQP users whose messages count as accessflow's own (workers, ops "
+        "replaying dead letters); only they may write to the internal queues. Default: the user of "
+        "ACCESSFLOW_BROKER_URL.",
     )
     mail_transport: Literal["smtp", "file"] = Field("smtp", description="smtp, or file to write .eml files.")
     mail_dir: str = Field("var/mail", description="Where the file transport writes .eml files.")
@@ -97,9 +114,15 @@ class Settings(BaseSettings):
         "auto", description="auto: console on a terminal, JSON otherwise."
     )
 
-    @field_validator("admin_emails", mode="before")
+    @field_validator("admin_emails", "broker_internal_users", mode="before")
     @classmethod
     def _split_commas(cls, value: object) -> object:
         if isinstance(value, str):
             return [part.strip() for part in value.split(",") if part.strip()]
         return value
+
+    def internal_users(self) -> frozenset[str]:
+        """The AMQP users trusted as accessflow's own: the configured ones, or the broker URL's."""
+        if self.broker_internal_users:
+            return frozenset(self.broker_internal_users)
+        return frozenset({unquote(urlsplit(self.broker_url).username or "guest")})

@@ -10,10 +10,12 @@ from sqlalchemy.orm import Session, sessionmaker
 from infra.faults import crash_point
 from infra.outbox import OutboxRelay, SqlOutbox
 from infra.repositories import (
+    SqlAdminKeyRepository,
     SqlCatalogueRepository,
     SqlCredentialRepository,
     SqlDecisionRepository,
     SqlNotificationRepository,
+    SqlPortalRepository,
     SqlRequestRepository,
 )
 
@@ -27,6 +29,8 @@ class SqlUnitOfWork:
     decisions: SqlDecisionRepository
     credentials: SqlCredentialRepository
     notifications: SqlNotificationRepository
+    portals: SqlPortalRepository
+    admin_keys: SqlAdminKeyRepository
     outbox: SqlOutbox
 
     def __init__(
@@ -43,6 +47,8 @@ class SqlUnitOfWork:
         self.decisions = SqlDecisionRepository(self.session)
         self.credentials = SqlCredentialRepository(self.session)
         self.notifications = SqlNotificationRepository(self.session)
+        self.portals = SqlPortalRepository(self.session)
+        self.admin_keys = SqlAdminKeyRepository(self.session)
         self.outbox = SqlOutbox(self.session, self.queue_prefix)
         return self
 

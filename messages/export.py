@@ -23,10 +23,11 @@ import sys
 import uuid
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, get_args
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from messages.events import RequestEvent
 from messages.routes import ROUTES
 
 #: Where the schema files live, next to ``asyncapi.yaml``.
@@ -74,12 +75,20 @@ class Envelope(BaseModel):
 
 def contract_filename(contract: type[BaseModel]) -> str:
     """``<type>.v<version>.json``, from the defaults of the contract's ``type`` and ``version`` literals."""
-    fields = contract.model_fields
-    type_name = fields["type"].default if "type" in fields else None
-    version = fields["version"].default if "version" in fields else None
+    type_name = _literal(contract, "type")
+    version = _literal(contract, "version")
     if not isinstance(type_name, str) or not isinstance(version, int):
         raise TypeError(f"{contract.__name__} lacks the default of its 'type' or 'version' literal")
     return f"{type_name}.v{version}.json"
+
+
+def _literal(contract: type[BaseModel], name: str) -> object:
+    """The one value of a ``Literal`` field, whether or not it has a default."""
+    field = contract.model_fields.get(name)
+    if field is None:
+        return None
+    values = get_args(field.annotation)
+    return values[0] if len(values) == 1 else field.default
 
 
 def _render(schema: dict[str, Any]) -> str:
@@ -89,7 +98,11 @@ def _render(schema: dict[str, Any]) -> str:
 def render_schemas() -> dict[str, str]:
     """Every schema file's name and text, the contracts of ``ROUTES`` first, then the envelope."""
     rendered: dict[str, str] = {}
-    for contract in dict.fromkeys(route.contract for route in ROUTES):
+    contracts: list[type[BaseModel]] = [
+        c for route in ROUTES for c in (route.contract, *route.legacy.values())
+    ]
+    every: list[type[BaseModel]] = [*contracts, RequestEvent]
+    for contract in dict.fromkeys(every):
         name = contract_filename(contract)
         if name in rendered or name == ENVELOPE_FILE:
             raise ValueError(f"two schemas would be written to {name}")

@@ -6,26 +6,48 @@ Queue names are ``<prefix>.<queue>``; the prefix is ``ACCESSFLOW_QUEUE_PREFIX``
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
 
 from pydantic import BaseModel
 
 from domain import commands
-from messages import v1
+from messages import v1, v2
 
 
 @dataclass(frozen=True)
 class Route:
     actor_name: str
     queue: str
+    #: The current contract.
     contract: type[BaseModel]
+    #: Older contracts still read off the wire, by the payload's ``version``, while producers move over.
+    legacy: Mapping[int, type[BaseModel]] = field(default_factory=dict)
+    #: Outside parties (portals, admin tools) publish here; the other queues take only accessflow's own.
+    external: bool = False
 
     def queue_name(self, prefix: str) -> str:
         return f"{prefix}.{self.queue}"
 
+    def contract_for(self, payload: Mapping[str, Any]) -> type[BaseModel]:
+        """The contract of the payload's version: a legacy one if it names one, else the current one."""
+        version = payload.get("version", 1)
+        if isinstance(version, int) and not isinstance(version, bool) and version in self.legacy:
+            return self.legacy[version]
+        return self.contract
 
-SUBMIT = Route("access_request.route", "requests", v1.AccessRequestSubmitted)
-DECIDE = Route("access_request.decide", "decisions", v1.AdminDecision)
+
+SUBMIT = Route(
+    "access_request.route",
+    "requests",
+    v2.AccessRequestSubmitted,
+    legacy={1: v1.AccessRequestSubmitted},
+    external=True,
+)
+DECIDE = Route(
+    "access_request.decide", "decisions", v2.AdminDecision, legacy={1: v1.AdminDecision}, external=True
+)
 ISSUE = Route("credentials.issue", "credentials", v1.IssueCredentials)
 NOTIFY = Route("notifications.send", "notifications", v1.SendNotification)
 

@@ -158,7 +158,7 @@ class AccessRequestSubmitted(Contract):
             raise ValueError("give exactly one of app_id and new_app")
         return self
 
-    def to_command(self) -> commands.RouteRequest:
+    def to_command(self, sender: str | None = None) -> commands.RouteRequest:
         return commands.RouteRequest(
             request_id=self.request_id,
             consumer_id=self.consumer.id,
@@ -171,6 +171,7 @@ class AccessRequestSubmitted(Contract):
             new_app_description=self.new_app.description if self.new_app else None,
             justification=self.justification,
             submitted_at=self.submitted_at,
+            sender=sender,
         )
 
 
@@ -194,7 +195,8 @@ class AdminDecision(Contract):
     reason: Text = Field(min_length=1)
     decided_at: Timestamp
 
-    def to_command(self) -> commands.DecideRequest:
+    def to_command(self, sender: str | None = None) -> commands.DecideRequest:
+        # Unsigned: the worker records it and refuses it (contract v2 carries the signature).
         return commands.DecideRequest(
             decision_id=self.decision_id,
             request_id=self.request_id,
@@ -203,6 +205,7 @@ class AdminDecision(Contract):
             admin_email=str(self.admin.email),
             reason=self.reason,
             decided_at=self.decided_at,
+            sender=sender,
         )
 
 

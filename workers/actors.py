@@ -1,11 +1,15 @@
-"""The four actors, one per queue. Each decodes (done by the registry), calls a handler, returns."""
+"""The four actors, one per queue. Each decodes (done by the registry), calls a handler, returns.
+
+``sender`` is the AMQP user that first published the message, as RabbitMQ validated it.
+"""
 
 from __future__ import annotations
 
+from datetime import timedelta
 from typing import TYPE_CHECKING
 
 from domain import handlers
-from messages import routes, v1
+from messages import routes, v1, v2
 from workers.registry import actor
 
 if TYPE_CHECKING:
@@ -13,24 +17,42 @@ if TYPE_CHECKING:
 
 
 @actor(routes.SUBMIT)
-def route_request(message: v1.AccessRequestSubmitted, services: Services) -> None:
-    handlers.route_request(message.to_command(), uow=services.uow())
+def route_request(
+    message: v2.AccessRequestSubmitted | v1.AccessRequestSubmitted, services: Services, sender: str | None
+) -> None:
+    handlers.route_request(
+        message.to_command(sender),
+        uow=services.uow(),
+        accept_v1_submissions=services.settings.accept_v1_submissions,
+    )
 
 
 @actor(routes.DECIDE)
-def apply_decision(message: v1.AdminDecision, services: Services) -> None:
-    handlers.decide(message.to_command(), uow=services.uow(), admin_emails=services.settings.admin_emails)
+def apply_decision(
+    message: v2.AdminDecision | v1.AdminDecision, services: Services, sender: str | None
+) -> None:
+    handlers.decide(
+        message.to_command(sender),
+        uow=services.uow(),
+        verify=services.verify_signature,
+        audience=services.settings.queue_prefix,
+        max_skew=timedelta(seconds=services.settings.decision_max_skew_seconds),
+    )
 
 
 @actor(routes.ISSUE)
-def issue_credentials(message: v1.IssueCredentials, services: Services) -> None:
+def issue_credentials(message: v1.IssueCredentials, services: Services, sender: str | None) -> None:
     handlers.issue_credentials(
-        message.to_command(), uow=services.uow(), issuer=services.issuer, sealer=services.sealer()
+        message.to_command(),
+        uow=services.uow(),
+        issuer=services.issuer,
+        sealer=services.sealer(),
+        portal_sealer=services.portal_sealer,
     )
 
 
 @actor(routes.NOTIFY)
-def send_notification(message: v1.SendNotification, services: Services) -> None:
+def send_notification(message: v1.SendNotification, services: Services, sender: str | None) -> None:
     handlers.send_notification(
         message.to_command(),
         uow=services.uow(),

@@ -17,7 +17,7 @@ from dramatiq.errors import Retry
 from dramatiq.middleware import CurrentMessage
 from pydantic import BaseModel, ValidationError
 
-from domain.errors import TransientError
+from domain.errors import TransientError, Unauthorized
 from infra.faults import poison_check
 from messages.routes import Route
 from messages.v1 import MAX_MESSAGE_BYTES
@@ -28,16 +28,18 @@ if TYPE_CHECKING:
 log = structlog.get_logger()
 
 C = TypeVar("C", bound=BaseModel)
-ActorFunction = Callable[[Any, "Services"], None]
+ActorFunction = Callable[[Any, "Services", "str | None"], None]
 
 #: Every actor, filled by the ``@actor`` decorator when ``workers.actors`` is imported.
 ACTORS: list[tuple[Route, ActorFunction]] = []
 
 
-def actor(route: Route) -> Callable[[Callable[[C, Services], None]], Callable[[C, Services], None]]:
+def actor(
+    route: Route,
+) -> Callable[[Callable[[C, Services, str | None], None]], Callable[[C, Services, str | None], None]]:
     """Declare the function that consumes ``route``'s queue."""
 
-    def declare(fn: Callable[[C, Services], None]) -> Callable[[C, Services], None]:
+    def declare(fn: Callable[[C, Services, str | None], None]) -> Callable[[C, Services, str | None], None]:
         ACTORS.append((route, fn))
         return fn
 
@@ -65,7 +67,7 @@ def decode(route: Route, args: tuple[Any, ...], kwargs: dict[str, Any]) -> BaseM
         raise ValueError("the envelope must carry exactly one positional argument, a JSON object")
     if len(json.dumps(args[0], default=str)) > MAX_MESSAGE_BYTES:
         raise ValueError(f"payload is larger than {MAX_MESSAGE_BYTES} bytes")
-    return route.contract.model_validate(args[0])
+    return route.contract_for(args[0]).model_validate(args[0])
 
 
 def register_all(services: Services) -> None:
@@ -79,27 +81,37 @@ def _register(route: Route, fn: ActorFunction, services: Services) -> None:
     queue_name = route.queue_name(services.settings.queue_prefix)
 
     def consume(*args: Any, **kwargs: Any) -> None:
-        try:
-            message = decode(route, args, kwargs)
-        except (ValueError, ValidationError) as error:
-            reason = explain(error) if isinstance(error, ValidationError) else str(error)
-            current = CurrentMessage.get_current_message()
-            message_id = current.message_id if current is not None else "unknown"
-            log.warning("message.malformed", queue=queue_name, reason=reason)
+        current = CurrentMessage.get_current_message()
+        message_id = current.message_id if current is not None else "unknown"
+        # Set where the message was received, from RabbitMQ's validated user_id (infra.envelope).
+        origin = current.options.get("origin") if current is not None else None
+        sender = origin if isinstance(origin, str) else None
+
+        def refuse(kind: str, reason: str) -> None:
+            log.warning(f"message.{kind}", queue=queue_name, reason=reason, sender=sender)
             services.record_malformed(
                 message_id=message_id,
                 queue_name=queue_name,
                 actor_name=route.actor_name,
                 reason=reason,
                 body={"args": args, "kwargs": kwargs},
+                sender=sender,
+                kind=kind,
             )
+
+        try:
+            message = decode(route, args, kwargs)
+        except (ValueError, ValidationError) as error:
+            refuse("malformed", explain(error) if isinstance(error, ValidationError) else str(error))
             return
         request_id = getattr(message, "request_id", None)
         if request_id is not None:
             structlog.contextvars.bind_contextvars(request_id=request_id)
         poison_check(request_id)
         try:
-            fn(message, services)
+            fn(message, services, sender)
+        except Unauthorized as refused:
+            refuse("forged", refused.reason)  # changes nothing, and retrying cannot make it allowed
         except TransientError as error:
             # Expected, and retried with backoff: one line in the log, not an ERROR with a traceback.
             raise Retry(str(error)) from None

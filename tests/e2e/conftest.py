@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -19,9 +20,12 @@ import sqlalchemy as sa
 from domain.model import Status
 from infra import orm
 from infra.bootstrap import Services
+from infra.credentials import open_sealed_secret
 from infra.settings import Settings
-from messages.routes import ROUTES
+from infra.topology import Topology
+from messages.routes import DECIDE, ROUTES, SUBMIT, Route
 from tests import services as svc
+from tests.conftest import Boundary, Parties, PortalParty
 from tests.services import consumers_on
 
 ACCESSFLOW = str(Path(sys.executable).with_name("accessflow"))
@@ -49,7 +53,11 @@ def env(settings: Settings) -> dict[str, str]:
 
 @pytest.fixture(scope="session")
 def worker_pools(
-    env: dict[str, str], settings: Settings, tmp_path_factory: pytest.TempPathFactory
+    env: dict[str, str],
+    settings: Settings,
+    tmp_path_factory: pytest.TempPathFactory,
+    portal: PortalClient,
+    other_portal: PortalClient,
 ) -> Iterator[Path]:
     """Two pools, as ops would run them: one for routing and decisions, one for credentials and email."""
     logs = tmp_path_factory.mktemp("worker-logs")
@@ -83,6 +91,135 @@ def worker_pools(
             log_file.close()
 
 
+def env_as(env: dict[str, str], broker_url: str, **extra: str) -> dict[str, str]:
+    """The same environment, speaking to RabbitMQ as another AMQP user."""
+    return {**env, "ACCESSFLOW_BROKER_URL": broker_url, **extra}
+
+
+@pytest.fixture(scope="session")
+def admin_env(env: dict[str, str], boundary: Boundary, parties: Parties) -> dict[str, str]:
+    """The admin tool: its own AMQP user (it may publish decisions only) and the admin's signing key."""
+    return env_as(
+        env,
+        boundary.url(boundary.accounts.admin_tool),
+        ACCESSFLOW_ADMIN_KEY_FILE=str(parties.admin_key_file),
+        ACCESSFLOW_ADMIN_KEY_ID=parties.admin_key_id,
+    )
+
+
+@pytest.fixture(scope="session")
+def ops_env(env: dict[str, str], boundary: Boundary) -> dict[str, str]:
+    """An operator's CLI: the ops AMQP user, which may read the dead-letter queues and replay them."""
+    return env_as(env, boundary.url(boundary.accounts.ops))
+
+
+class PortalClient:
+    """A developer portal as another team would build it: plain AMQP, its own user and queue.
+
+    It binds its events queue before it submits anything (events nobody is bound for go to
+    the unrouted queue), and keeps every event it receives, by request.
+    """
+
+    def __init__(self, party: PortalParty, boundary: Boundary, prefix: str, env: dict[str, str]) -> None:
+        self.party = party
+        self.user = boundary.accounts.portals[party.id]
+        self.url = boundary.url(self.user)
+        self.topology = Topology(prefix)
+        self.prefix = prefix
+        self.env = env_as(env, self.url)
+        self.queue = self.topology.portal_events_queue(party.id)
+        self.received: list[dict[str, Any]] = []
+        self.connection = pika.BlockingConnection(pika.URLParameters(self.url))
+        channel = self.connection.channel()
+        channel.queue_declare(queue=self.queue, durable=True, arguments={"x-queue-type": "quorum"})
+        channel.queue_bind(
+            queue=self.queue, exchange=self.topology.events_exchange, routing_key=f"{party.id}.#"
+        )
+        self.channel = channel
+
+    def submit(self, payload: dict[str, Any], **publish: Any) -> str:
+        """Publish a v2 submission, as this portal; return its request id."""
+        body = svc.envelope(
+            SUBMIT.queue_name(self.prefix),
+            SUBMIT.actor_name,
+            {"version": 2, "portal_id": self.party.id, **payload},
+        )
+        self.publish(body, **publish)
+        return str(payload["request_id"])
+
+    def publish(
+        self,
+        body: bytes,
+        *,
+        exchange: str | None = None,
+        routing_key: str | None = None,
+        user_id: str | bool | None = True,
+        message_id: str | None = None,
+        **properties: Any,
+    ) -> None:
+        """Publish raw bytes, by default to the submissions exchange under this portal's id and user."""
+        publish_raw(
+            self.url,
+            body,
+            exchange=self.topology.submissions_exchange if exchange is None else exchange,
+            routing_key=self.party.id if routing_key is None else routing_key,
+            user_id=self.user if user_id is True else (user_id or None),
+            message_id=message_id,
+            **properties,
+        )
+
+    def events(self, request_id: str) -> list[dict[str, Any]]:
+        """Every event received so far about ``request_id``, in arrival order (after draining the queue)."""
+        while True:
+            method, properties, body = self.channel.basic_get(self.queue, auto_ack=True)
+            if method is None:
+                break
+            event = json.loads(body)
+            event["_amqp"] = {"routing_key": method.routing_key, "message_id": properties.message_id}
+            self.received.append(event)
+        return [e for e in self.received if e.get("request_id") == request_id]
+
+    def wait_for_events(self, request_id: str, *names: str, timeout: float = 30) -> list[dict[str, Any]]:
+        """Wait until events with each of ``names`` arrived for the request; return them all."""
+
+        def arrived() -> list[dict[str, Any]]:
+            events = self.events(request_id)
+            return events if set(names) <= {e["event"] for e in events} else []
+
+        found: list[dict[str, Any]] = svc.wait_until(
+            arrived, timeout=timeout, what=f"events {', '.join(names)} about {request_id}"
+        )
+        return found
+
+    def open(self, sealed_value: str) -> str:
+        """Open a sealed secret with this portal's private key."""
+        return open_sealed_secret(self.party.private_key, sealed_value)
+
+    def close(self) -> None:
+        if self.connection.is_open:
+            self.connection.close()
+
+
+@pytest.fixture(scope="session")
+def portal(
+    parties: Parties, boundary: Boundary, queue_prefix: str, env: dict[str, str]
+) -> Iterator[PortalClient]:
+    """Acme's portal (speaks for consumer acme)."""
+    client = PortalClient(parties.portal, boundary, queue_prefix, env)
+    yield client
+    client.close()
+
+
+@pytest.fixture(scope="session")
+def other_portal(
+    parties: Parties, boundary: Boundary, queue_prefix: str, env: dict[str, str]
+) -> Iterator[PortalClient]:
+    """Globex's portal (speaks for consumer globex)."""
+    client = PortalClient(parties.other_portal, boundary, queue_prefix, env)
+    yield client
+    client.close()
+
+
 def cli(
     env: dict[str, str], *args: str, stdin: str | None = None, check: bool = True
 ) -> subprocess.CompletedProcess[str]:
@@ -95,6 +232,7 @@ def cli(
 
 
 def request_payload(**overrides: Any) -> dict[str, Any]:
+    """A v1-shaped request body; :meth:`PortalClient.submit` makes it v2, naming the portal."""
     payload: dict[str, Any] = {
         "request_id": str(uuid.uuid4()),
         "consumer": {"id": "acme", "email": "dev@acme.example", "name": "Acme Developers"},
@@ -108,21 +246,70 @@ def request_payload(**overrides: Any) -> dict[str, Any]:
     return payload
 
 
-def publish_raw(broker_url: str, queue_name: str, body: bytes) -> None:
-    """Publish bytes with plain pika: no dramatiq on this side."""
+def publish_raw(
+    broker_url: str,
+    body: bytes,
+    *,
+    exchange: str,
+    routing_key: str,
+    user_id: str | None = None,
+    message_id: str | None = None,
+    **properties: Any,
+) -> None:
+    """Publish bytes with plain pika and publisher confirms: no dramatiq on this side.
+
+    Raises whatever pika raises when the broker refuses (an unroutable message, a channel
+    closed for a permission or a ``user_id`` that is not the connection's).
+    """
     connection = pika.BlockingConnection(pika.URLParameters(broker_url))
     try:
         channel = connection.channel()
         channel.confirm_delivery()
         channel.basic_publish(
-            exchange="",
-            routing_key=queue_name,
+            exchange=exchange,
+            routing_key=routing_key,
             body=body,
-            properties=pika.BasicProperties(content_type="application/json", delivery_mode=2),
+            properties=pika.BasicProperties(
+                content_type="application/json",
+                delivery_mode=2,
+                user_id=user_id,
+                message_id=message_id,
+                **properties,
+            ),
             mandatory=True,
         )
     finally:
-        connection.close()
+        if connection.is_open:
+            connection.close()
+
+
+def publish_decision(
+    boundary: Boundary, prefix: str, decision: dict[str, Any], *, user: str | None = None
+) -> None:
+    """Publish a decision payload as the admin tool does (or as ``user``), to the decisions exchange."""
+    user = user or boundary.accounts.admin_tool
+    body = svc.envelope(DECIDE.queue_name(prefix), DECIDE.actor_name, decision)
+    publish_raw(
+        boundary.url(user),
+        body,
+        exchange=Topology(prefix).decisions_exchange,
+        routing_key=str(decision.get("admin_id", "admin")),
+        user_id=user,
+    )
+
+
+def publish_internal(
+    boundary: Boundary, route: Route, prefix: str, payload: dict[str, Any], *, user: str
+) -> None:
+    """Publish straight to a work queue through the default exchange, as ``user``."""
+    queue = route.queue_name(prefix)
+    publish_raw(
+        boundary.url(user),
+        svc.envelope(queue, route.actor_name, payload),
+        exchange="",
+        routing_key=queue,
+        user_id=user,
+    )
 
 
 def status_of(services: Services, request_id: str) -> Status | None:

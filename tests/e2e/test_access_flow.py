@@ -8,31 +8,33 @@ from pathlib import Path
 
 import pytest
 import sqlalchemy as sa
+from nacl.exceptions import CryptoError
 
 from domain.model import Status
 from infra import orm
 from infra.bootstrap import Services
 from infra.settings import Settings
-from messages.routes import DECIDE, SUBMIT
+from messages.routes import SUBMIT
 from tests import services as svc
-from tests.conftest import ADMIN
+from tests.conftest import ADMIN, ADMIN_ID, Boundary
 from tests.e2e.conftest import (
+    PortalClient,
     cli,
     outbox_drained,
-    publish_raw,
+    publish_decision,
     request_payload,
     status_of,
     wait_for_status,
 )
-from tests.services import envelope
 
 pytestmark = [pytest.mark.e2e, pytest.mark.usefixtures("worker_pools")]
 
 
-def submit_file(env: dict[str, str], tmp_path: Path, payload: dict[str, object]) -> str:
+def submit_file(portal: PortalClient, tmp_path: Path, payload: dict[str, object]) -> str:
+    """Submit with the CLI, as the portal's AMQP user."""
     path = tmp_path / f"{uuid.uuid4().hex}.json"
     path.write_text(json.dumps(payload))
-    return cli(env, "submit", str(path)).stdout.strip()
+    return cli(portal.env, "submit", "--portal", portal.party.id, str(path)).stdout.strip()
 
 
 def credentials_of(services: Services, request_id: str) -> list[sa.Row[tuple[object, ...]]]:
@@ -58,10 +60,10 @@ def wait_for_email(smtp: svc.SmtpSink, request_id: str, subject_part: str) -> No
 
 class TestAutoApprovePlan:
     def test_gives_credentials_and_exactly_one_approve_email(
-        self, env: dict[str, str], services: Services, smtp: svc.SmtpSink, tmp_path: Path
+        self, portal: PortalClient, services: Services, smtp: svc.SmtpSink, tmp_path: Path
     ) -> None:
-        # Given a request for the auto-approve Starter plan, submitted with the CLI
-        request_id = submit_file(env, tmp_path, request_payload(product_ids=["payments", "ledger"]))
+        # Given a request for the auto-approve Starter plan, submitted with the CLI by Acme's portal
+        request_id = submit_file(portal, tmp_path, request_payload(product_ids=["payments", "ledger"]))
 
         # When the workers have handled it
         wait_for_status(services, request_id, Status.PROVISIONED)
@@ -77,7 +79,11 @@ class TestAutoApprovePlan:
         # And exactly one email went to the consumer, with no secret in it
         [mail] = smtp.about(request_id)
         assert mail["To"] == "dev@acme.example"
-        assert credential.public_id in mail.get_body(("plain",)).get_content()
+        text = mail.get_body(("plain",)).get_content()
+        assert credential.public_id in text
+        # ... which sends the consumer to their portal for the key, not to an operator
+        assert "Acme Portal" in text and "https://acme-portal.example" in text
+        assert "administrator" not in text
         assert mail["Message-ID"] == f"<approve.{request_id}@accessflow.local>"
         # And the audit trail has every step, with the system as actor
         assert audit_of(services, request_id) == [
@@ -89,9 +95,9 @@ class TestAutoApprovePlan:
 
 class TestManualPlan:
     def test_is_parked_and_the_admins_get_a_review_email(
-        self, env: dict[str, str], services: Services, smtp: svc.SmtpSink, tmp_path: Path
+        self, portal: PortalClient, services: Services, smtp: svc.SmtpSink, tmp_path: Path
     ) -> None:
-        request_id = submit_file(env, tmp_path, request_payload(plan_id="partner"))
+        request_id = submit_file(portal, tmp_path, request_payload(plan_id="partner"))
 
         wait_for_status(services, request_id, Status.PENDING_REVIEW)
         wait_for_email(smtp, request_id, "awaits review")
@@ -101,17 +107,22 @@ class TestManualPlan:
         assert credentials_of(services, request_id) == []
 
     def test_approved_by_an_admin_gives_credentials_and_one_email(
-        self, env: dict[str, str], services: Services, smtp: svc.SmtpSink, tmp_path: Path
+        self,
+        portal: PortalClient,
+        admin_env: dict[str, str],
+        services: Services,
+        smtp: svc.SmtpSink,
+        tmp_path: Path,
     ) -> None:
         # Given a pending request for an OAuth2 product and a new app
         payload = request_payload(
             plan_id="partner", product_ids=["identity"], app_id=None, new_app={"name": "Acme SSO"}
         )
-        request_id = submit_file(env, tmp_path, payload)
+        request_id = submit_file(portal, tmp_path, payload)
         wait_for_status(services, request_id, Status.PENDING_REVIEW)
 
-        # When an admin approves it with the CLI
-        cli(env, "decide", request_id, "approve", "--reason", "contract signed", "--admin", ADMIN)
+        # When an admin approves it with the CLI, which signs with the admin's key
+        cli(admin_env, "decide", request_id, "approve", "--reason", "contract signed", "--admin", ADMIN_ID)
 
         # Then OAuth2 client credentials are issued with the plan's limits
         wait_for_status(services, request_id, Status.PROVISIONED)
@@ -130,20 +141,26 @@ class TestManualPlan:
         ]
 
     def test_rejected_by_an_admin_gives_one_email_with_the_reason(
-        self, env: dict[str, str], services: Services, smtp: svc.SmtpSink, tmp_path: Path
+        self,
+        env: dict[str, str],
+        portal: PortalClient,
+        admin_env: dict[str, str],
+        services: Services,
+        smtp: svc.SmtpSink,
+        tmp_path: Path,
     ) -> None:
-        request_id = submit_file(env, tmp_path, request_payload(plan_id="partner"))
+        request_id = submit_file(portal, tmp_path, request_payload(plan_id="partner"))
         wait_for_status(services, request_id, Status.PENDING_REVIEW)
 
         cli(
-            env,
+            admin_env,
             "decide",
             request_id,
             "reject",
             "--reason",
             "Partner plan is <contracted> only",
             "--admin",
-            ADMIN,
+            ADMIN_ID,
         )
 
         wait_for_status(services, request_id, Status.REJECTED)
@@ -154,7 +171,8 @@ class TestManualPlan:
         assert "Partner plan is &lt;contracted&gt; only" in reject.get_body(("html",)).get_content()
         assert credentials_of(services, request_id) == []
         shown = json.loads(cli(env, "requests", "show", request_id, "--json").stdout)
-        assert shown["audit"][-1]["actor"] == f"admin:{ADMIN}"
+        assert shown["audit"][-1]["actor"] == f"admin:{ADMIN_ID}"
+        assert shown["decisions"][0]["admin"] == ADMIN
         assert shown["audit"][-1]["reason"] == "Partner plan is <contracted> only"
 
 
@@ -165,23 +183,18 @@ RULE_VIOLATIONS = {
     "product not under plan": ({"product_ids": ["reports"]}, "not offered under plan 'starter'"),
     "app of another consumer": ({"app_id": "globex-backoffice"}, "does not belong to consumer 'acme'"),
     "unknown app": ({"app_id": "no-such-app"}, "unknown app 'no-such-app'"),
-    "unknown consumer": (
-        {"consumer": {"id": "initech", "email": "x@initech.example", "name": "Initech"}},
-        "unknown consumer 'initech'",
-    ),
 }
 
 
 class TestRuleViolations:
     @pytest.mark.parametrize("case", list(RULE_VIOLATIONS))
     def test_make_the_request_invalid_with_its_reason_and_no_credentials(
-        self, case: str, settings: Settings, services: Services, smtp: svc.SmtpSink
+        self, case: str, portal: PortalClient, services: Services, smtp: svc.SmtpSink
     ) -> None:
-        # Given a request that breaks one rule, published as raw bytes with pika
+        # Given a request that breaks one rule, published as raw bytes with pika by the portal
         overrides, reason = RULE_VIOLATIONS[case]
         payload = request_payload(**overrides)
-        queue = SUBMIT.queue_name(settings.queue_prefix)
-        publish_raw(settings.broker_url, queue, envelope(queue, SUBMIT.actor_name, payload))
+        portal.submit(payload)
 
         # Then it is kept as invalid, with a reason naming the rule
         wait_for_status(services, payload["request_id"], Status.INVALID)
@@ -192,16 +205,18 @@ class TestRuleViolations:
             assert [e.to_status for e in request.history] == [Status.SUBMITTED, Status.INVALID]
         assert credentials_of(services, payload["request_id"]) == []
         assert smtp.about(payload["request_id"]) == []
+        # And the portal hears it was invalid, and why
+        [*_, invalid] = portal.wait_for_events(payload["request_id"], "access_request.invalid")
+        assert reason in invalid["reason"]
 
 
 class TestDuplicates:
     def test_a_submission_published_three_times_is_handled_once(
-        self, settings: Settings, services: Services, smtp: svc.SmtpSink
+        self, portal: PortalClient, services: Services, smtp: svc.SmtpSink
     ) -> None:
         payload = request_payload()
-        queue = SUBMIT.queue_name(settings.queue_prefix)
         for _ in range(3):  # three different deliveries of one request
-            publish_raw(settings.broker_url, queue, envelope(queue, SUBMIT.actor_name, payload))
+            portal.submit(payload)
 
         wait_for_status(services, payload["request_id"], Status.PROVISIONED)
         wait_for_email(smtp, payload["request_id"], "approved")
@@ -212,20 +227,29 @@ class TestDuplicates:
         assert len(audit_of(services, payload["request_id"])) == 3
 
     def test_a_repeated_or_second_decision_changes_nothing(
-        self, env: dict[str, str], settings: Settings, services: Services, smtp: svc.SmtpSink, tmp_path: Path
+        self,
+        env: dict[str, str],
+        admin_env: dict[str, str],
+        portal: PortalClient,
+        boundary: Boundary,
+        settings: Settings,
+        services: Services,
+        smtp: svc.SmtpSink,
+        tmp_path: Path,
     ) -> None:
         # Given a request an admin has rejected
-        request_id = submit_file(env, tmp_path, request_payload(plan_id="partner"))
+        request_id = submit_file(portal, tmp_path, request_payload(plan_id="partner"))
         wait_for_status(services, request_id, Status.PENDING_REVIEW)
         decision = json.loads(
-            cli(env, "decide", request_id, "reject", "--reason", "no", "--admin", ADMIN, "--json").stdout
+            cli(
+                admin_env, "decide", request_id, "reject", "--reason", "no", "--admin", ADMIN_ID, "--json"
+            ).stdout
         )
         wait_for_status(services, request_id, Status.REJECTED)
 
-        # When the same decision message arrives again, and then a contrary one
-        queue = DECIDE.queue_name(settings.queue_prefix)
-        publish_raw(settings.broker_url, queue, envelope(queue, DECIDE.actor_name, decision))
-        cli(env, "decide", request_id, "approve", "--reason", "changed my mind", "--admin", ADMIN)
+        # When the same signed decision message arrives again, and then a contrary one
+        publish_decision(boundary, settings.queue_prefix, decision)
+        cli(admin_env, "decide", request_id, "approve", "--reason", "changed my mind", "--admin", ADMIN_ID)
 
         # Then the second decision is recorded as ignored, and nothing else changed
         def decisions() -> list[dict[str, str]]:
@@ -242,85 +266,108 @@ class TestDuplicates:
 
 
 class TestMalformedMessages:
-    def test_neither_crash_nor_stall_the_workers(
-        self, env: dict[str, str], settings: Settings, services: Services
-    ) -> None:
+    def test_neither_crash_nor_stall_the_workers(self, portal: PortalClient, services: Services) -> None:
         # Given garbage, a message with wrong fields, and a request for an unknown plan, in that order
-        queue = SUBMIT.queue_name(settings.queue_prefix)
-        wrong_fields_id = str(uuid.uuid4())
-        publish_raw(settings.broker_url, queue, b"\x00this is not json{")
-        publish_raw(
-            settings.broker_url,
-            queue,
-            envelope(queue, SUBMIT.actor_name, {"request_id": "nope", "plan": 3}, message_id=wrong_fields_id),
+        garbage_id, wrong_fields_id = str(uuid.uuid4()), str(uuid.uuid4())
+        portal.publish(b"\x00this is not json{", message_id=garbage_id)
+        portal.publish(
+            svc.envelope(
+                SUBMIT.queue_name(portal.prefix),
+                SUBMIT.actor_name,
+                {"version": 2, "request_id": "nope", "plan": 3},
+                message_id=wrong_fields_id,
+            ),
+            message_id=wrong_fields_id,
         )
         unknown_plan = request_payload(plan_id="ghost")
-        publish_raw(settings.broker_url, queue, envelope(queue, SUBMIT.actor_name, unknown_plan))
+        portal.submit(unknown_plan)
         # And a good request behind them
         good = request_payload()
-        publish_raw(settings.broker_url, queue, envelope(queue, SUBMIT.actor_name, good))
+        portal.submit(good)
 
         # Then the good one is still provisioned, the unknown plan is invalid with its reason
         wait_for_status(services, good["request_id"], Status.PROVISIONED)
         wait_for_status(services, unknown_plan["request_id"], Status.INVALID)
-        # And the wrong fields are recorded with a reason naming them
+        # And the garbage and the wrong fields are recorded with a reason, and who sent them
+        refused = malformed(services, garbage_id, wrong_fields_id)
+        assert "JSON" in refused[garbage_id].reason
+        assert "request_id" in refused[wrong_fields_id].reason
+        assert "consumer: Field required" in refused[wrong_fields_id].reason
+        assert {row.sender for row in refused.values()} == {portal.user}
+
+
+def malformed(services: Services, *message_ids: str) -> dict[str, sa.Row[tuple[object, ...]]]:
+    """The malformed_messages rows of these messages, once all are recorded."""
+
+    def rows() -> dict[str, sa.Row[tuple[object, ...]]]:
         with services.engine.connect() as connection:
-            reason = connection.execute(
-                sa.select(orm.malformed_messages.c.reason).where(
-                    orm.malformed_messages.c.message_id == wrong_fields_id
-                )
-            ).scalar_one()
-        assert "request_id" in reason and "consumer: Field required" in reason
-        # And the bytes that are not JSON were dead-lettered where an operator can see them
-        svc.wait_until(lambda: svc.queue_depth(settings.broker_url, f"{queue}.XQ") >= 1, what="the XQ")
-        letters = json.loads(cli(env, "dlq", "list", "--queue", "requests", "--json").stdout)
-        garbage = [letter for letter in letters if letter["message_id"] is None]
-        assert garbage and "rejected" in garbage[0]["reason"]
-        # And a replay leaves what is not a message where a human can look at it
-        replayed = cli(env, "dlq", "replay", "--queue", "requests")
-        assert "kept" in replayed.stdout
-        assert svc.queue_depth(settings.broker_url, f"{queue}.XQ") >= 1
+            found = connection.execute(
+                sa.select(orm.malformed_messages).where(orm.malformed_messages.c.message_id.in_(message_ids))
+            ).all()
+        return {str(row.message_id): row for row in found} if len(found) == len(message_ids) else {}
+
+    recorded: dict[str, sa.Row[tuple[object, ...]]] = svc.wait_until(rows, what=f"records of {message_ids}")
+    return recorded
 
 
-class TestCredentials:
-    def test_are_revealed_once_then_only_the_hash_remains(
-        self, env: dict[str, str], services: Services, tmp_path: Path
+class TestThePortal:
+    def test_hears_every_change_in_order_and_alone_can_open_the_secret(
+        self,
+        env: dict[str, str],
+        admin_env: dict[str, str],
+        portal: PortalClient,
+        other_portal: PortalClient,
+        services: Services,
     ) -> None:
-        # Given a provisioned request for a new app
-        payload = request_payload(app_id=None, new_app={"name": "Reveal Once"})
-        request_id = submit_file(env, tmp_path, payload)
-        wait_for_status(services, request_id, Status.PROVISIONED)
-        with services.uow() as uow:
-            request = uow.requests.get(request_id)
-            assert request is not None and request.app_id is not None
-            app_id = request.app_id
+        # Given a request of Acme's portal for a new app under the manual plan, approved by an admin
+        payload = request_payload(plan_id="partner", app_id=None, new_app={"name": "Event Check"})
+        request_id = portal.submit(payload)
+        portal.wait_for_events(request_id, "access_request.pending_review")
+        cli(admin_env, "decide", request_id, "approve", "--reason", "welcome", "--admin", ADMIN_ID)
 
-        # When the consumer's side fetches the credentials twice
-        first = json.loads(cli(env, "credentials", "show", app_id, "--json").stdout)
-        second = json.loads(cli(env, "credentials", "show", app_id, "--json").stdout)
+        # When the portal reads its events queue
+        events = portal.wait_for_events(request_id, "credentials.issued", "access_request.provisioned")
 
-        # Then the secret is there the first time only, and a gateway can still check it
-        secret = first[0]["secret"]
-        assert secret and secret.startswith(first[0]["public_id"] + "_")
-        assert second[0]["secret"] is None
-        [row] = credentials_of(services, request_id)
-        assert row.sealed_secret is None and secret not in row.secret_hash
+        # Then it got each change once, numbered in order, on its own routing keys
+        assert [(e["sequence"], e["event"]) for e in events] == [
+            (1, "access_request.submitted"),
+            (2, "access_request.pending_review"),
+            (3, "access_request.approved"),
+            (4, "credentials.issued"),
+            (5, "access_request.provisioned"),
+        ]
+        assert all(e["_amqp"]["routing_key"] == f"{portal.party.id}.{e['event']}" for e in events)
+        assert len({e["event_id"] for e in events}) == 5
+        assert events[2]["reason"] == "welcome"
+        # And the credentials event carries the secret sealed to this portal's key
+        issued = events[3]
+        sealed = issued["sealed_secret"]
+        assert sealed["algorithm"] == "x25519-xsalsa20-poly1305-sealedbox"
+        secret = portal.open(sealed["value"])
+        assert secret.startswith(issued["credential"]["public_id"] + "_")
+        # Which a gateway accepts, and which no other portal can open
         assert cli(env, "credentials", "verify", stdin=secret + "\n").stdout.strip() == "valid"
-        assert cli(env, "credentials", "verify", stdin=secret[:-2] + "xx\n", check=False).returncode == 1
+        with pytest.raises(CryptoError):
+            other_portal.open(sealed["value"])
+        assert other_portal.events(request_id) == []
+        # And the secret is readable nowhere in accessflow: not in its tables, not in the outbox
+        with services.engine.connect() as connection:
+            for table in (orm.credentials, orm.outbox, orm.malformed_messages, orm.audit_log):
+                rows = connection.execute(sa.select(table)).all()
+                assert secret not in repr(rows), table.name
+        [row] = credentials_of(services, request_id)
+        assert row.sealed_secret is None
 
 
 class TestWorkerLogs:
     def test_are_json_with_ids_bound_and_no_secret(
-        self, env: dict[str, str], services: Services, worker_pools: Path, tmp_path: Path
+        self, portal: PortalClient, services: Services, worker_pools: Path
     ) -> None:
-        # Given a provisioned request whose secret has been revealed
-        request_id = submit_file(env, tmp_path, request_payload(app_id=None, new_app={"name": "Log Check"}))
-        wait_for_status(services, request_id, Status.PROVISIONED)
-        with services.uow() as uow:
-            request = uow.requests.get(request_id)
-            assert request is not None and request.app_id is not None
-        [shown] = json.loads(cli(env, "credentials", "show", request.app_id, "--json").stdout)
-        secret = shown["secret"]
+        # Given a provisioned request whose secret the portal has opened
+        request_id = portal.submit(request_payload(app_id=None, new_app={"name": "Log Check"}))
+        events = portal.wait_for_events(request_id, "credentials.issued")
+        [issued] = [e for e in events if e["event"] == "credentials.issued"]
+        secret = portal.open(issued["sealed_secret"]["value"])
 
         # Then every pool's log is JSON lines, the lines about this request carry its id and the message id
         def lines_about_request() -> list[dict[str, object]]:

@@ -6,23 +6,21 @@ from collections.abc import Iterator
 
 import pytest
 
-from infra.bootstrap import Services, build
+from infra.bootstrap import Services, build, declare_topology
 from infra.settings import Settings
-from messages.routes import ROUTES
-from tests import services as svc
 
 
 @pytest.fixture(scope="session")
-def integration_settings(settings: Settings) -> Iterator[Settings]:
+def integration_settings(settings: Settings) -> Settings:
     # The end-to-end worker pools may be running in this session; they must not act on our rows.
-    prefix = f"{settings.queue_prefix}-integration"
-    yield settings.model_copy(update={"queue_prefix": prefix})
-    svc.delete_queues(settings.broker_url, prefix, [route.queue for route in ROUTES])
+    # Under the run's prefix, where the workers' AMQP user may declare (the vhost goes at the end).
+    return settings.model_copy(update={"queue_prefix": f"{settings.queue_prefix}.integration"})
 
 
 @pytest.fixture
 def services(integration_settings: Settings) -> Iterator[Services]:
     built = build(integration_settings)
+    declare_topology(built)  # the events exchange, for the relay's events to portals
     try:
         yield built
     finally:

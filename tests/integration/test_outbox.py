@@ -50,7 +50,7 @@ def take_all(broker_url: str, queue_name: str) -> list[dict[str, object]]:
 @pytest.fixture
 def private_queue(settings: Settings, broker_url: str):  # type: ignore[no-untyped-def]
     """A queue prefix of this test's own, so that no worker consumes what it publishes."""
-    prefix = f"{settings.queue_prefix}-outbox-{uuid.uuid4().hex[:6]}"
+    prefix = f"{settings.queue_prefix}.outbox-{uuid.uuid4().hex[:6]}"
     yield prefix
     svc.delete_queues(broker_url, prefix, [NOTIFY.queue])
 

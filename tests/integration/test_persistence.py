@@ -21,15 +21,22 @@ from domain.model import (
 from domain.model import (
     DecisionOutcome as Outcome,
 )
-from infra import orm
+from infra import orm, producer
 from infra.bootstrap import Services
-from tests.conftest import ADMIN
+from tests.conftest import PORTAL_ID, Parties
 
 pytestmark = pytest.mark.integration
 
+#: The deployment the test admin signs its decisions for, and the handler checks them against.
+AUDIENCE = "accessflow-integration"
+
 
 def routed(services: Services, plan_id: str = "partner") -> str:
+    """A request from Acme's portal, routed by the real handler; its id."""
     request_id = str(uuid.uuid4())
+    with services.uow() as uow:
+        portal = uow.portals.get(PORTAL_ID)
+        assert portal is not None
     handlers.route_request(
         commands.RouteRequest(
             request_id=request_id,
@@ -43,22 +50,29 @@ def routed(services: Services, plan_id: str = "partner") -> str:
             new_app_description=None,
             justification=None,
             submitted_at=datetime.now(UTC),
+            portal_id=PORTAL_ID,
+            sender=portal.broker_user,
         ),
         uow=services.uow(),
     )
     return request_id
 
 
-def decision(request_id: str, *, approve: bool) -> commands.DecideRequest:
-    return commands.DecideRequest(
-        decision_id=str(uuid.uuid4()),
+def decision(parties: Parties, request_id: str, *, approve: bool) -> commands.DecideRequest:
+    """A decision signed with the test admin's real Ed25519 key, as the admin tool signs it."""
+    return producer.signed_decision(
         request_id=request_id,
         approve=approve,
-        admin_id="admin",
-        admin_email=ADMIN,
+        admin_id=parties.admin_id,
         reason="because",
-        decided_at=datetime.now(UTC),
-    )
+        audience=AUDIENCE,
+        key_id=parties.admin_key_id,
+        private_key=parties.admin_key,
+    ).to_command()
+
+
+def decide(services: Services, command: commands.DecideRequest) -> Outcome:
+    return handlers.decide(command, uow=services.uow(), verify=services.verify_signature, audience=AUDIENCE)
 
 
 class TestTheMapping:
@@ -117,6 +131,7 @@ class TestTheConstraints:
             uow=services.uow(),
             issuer=services.issuer,
             sealer=services.sealer(),
+            portal_sealer=services.portal_sealer,
         )
 
         with services.uow() as uow, pytest.raises(sa.exc.IntegrityError):
@@ -136,9 +151,9 @@ class TestTheConstraints:
             )
             uow.commit()
 
-    def test_forbid_a_second_applied_decision(self, services: Services) -> None:
+    def test_forbid_a_second_applied_decision(self, services: Services, parties: Parties) -> None:
         request_id = routed(services)
-        handlers.decide(decision(request_id, approve=False), uow=services.uow(), admin_emails=[ADMIN])
+        assert decide(services, decision(parties, request_id, approve=False)) is Outcome.APPLIED
 
         with services.uow() as uow, pytest.raises(sa.exc.IntegrityError):
             uow.decisions.add(
@@ -147,7 +162,7 @@ class TestTheConstraints:
                     request_id=request_id,
                     approve=True,
                     admin_id="a",
-                    admin_email=ADMIN,
+                    admin_email="a@accessflow.example",
                     reason="r",
                     decided_at=datetime.now(UTC),
                     outcome=DecisionOutcome.APPLIED,
@@ -157,7 +172,7 @@ class TestTheConstraints:
 
 
 class TestRacingDecisions:
-    def test_exactly_one_of_approve_and_reject_applies(self, services: Services) -> None:
+    def test_exactly_one_of_approve_and_reject_applies(self, services: Services, parties: Parties) -> None:
         # Given pending requests, and for each an approve and a reject arriving at once
         request_ids = [routed(services) for _ in range(10)]
         outcomes: list[tuple[str, bool, Outcome]] = []
@@ -166,9 +181,7 @@ class TestRacingDecisions:
         def decide_all(approve: bool) -> None:
             barrier.wait()
             for request_id in request_ids:
-                outcome = handlers.decide(
-                    decision(request_id, approve=approve), uow=services.uow(), admin_emails=[ADMIN]
-                )
+                outcome = decide(services, decision(parties, request_id, approve=approve))
                 outcomes.append((request_id, approve, outcome))
 
         threads = [threading.Thread(target=decide_all, args=(approve,)) for approve in (True, False)]

@@ -18,10 +18,12 @@ from datetime import UTC, datetime
 from types import TracebackType
 from typing import TYPE_CHECKING, Generic, Protocol, Self, TypeVar
 
-from domain.commands import Command, DecideRequest, RouteRequest
+from domain.commands import Command, DecideRequest, RouteRequest, Signature
 from domain.errors import AccessflowError
+from domain.events import PortalEvent
 from domain.model import (
     AccessRequest,
+    AdminKey,
     App,
     AuthMethod,
     Catalogue,
@@ -31,7 +33,9 @@ from domain.model import (
     Notification,
     NotificationKind,
     Plan,
+    Portal,
     Product,
+    utcnow,
 )
 from domain.ports import Email, IssuedSecret
 
@@ -246,22 +250,83 @@ class FakeNotificationRepository:
         return len(self._table.rows)
 
 
+class FakePortalRepository:
+    def __init__(self, portals: Iterable[Portal] = ()) -> None:
+        self._table: _Table[str, Portal] = _Table("portals")
+        for portal in portals:
+            self._table.upsert(portal.id, portal)
+        self._table.commit()
+
+    def get(self, portal_id: str) -> Portal | None:
+        return self._table.load(portal_id)
+
+    def by_broker_user(self, broker_user: str) -> Portal | None:
+        found = [p for p in self._table.rows.values() if p.broker_user == broker_user]
+        return self._table.load(found[0].id) if found else None
+
+    def upsert(self, portal: Portal) -> None:
+        self._table.upsert(portal.id, portal)
+
+
+class FakeAdminKeyRepository:
+    def __init__(self, admins: Iterable[tuple[str, str]] = (), keys: Iterable[AdminKey] = ()) -> None:
+        self._admins: _Table[str, str] = _Table("admins")
+        self._keys: _Table[str, AdminKey] = _Table("admin_keys")
+        for admin_id, email in admins:
+            self._admins.upsert(admin_id, email)
+        for key in keys:
+            self._keys.upsert(key.key_id, key)
+        self.commit()
+
+    def key(self, key_id: str) -> AdminKey | None:
+        return self._keys.load(key_id)
+
+    def admin_email(self, admin_id: str) -> str | None:
+        return self._admins.load(admin_id)
+
+    def upsert_admin(self, admin_id: str, email: str) -> None:
+        self._admins.upsert(admin_id, email)
+
+    def add_key(self, key: AdminKey) -> None:
+        existing = self._keys.load(key.key_id)
+        if existing is not None and (existing.admin_id, existing.public_key) != (key.admin_id, key.public_key):
+            raise ValueError(f"key id {key.key_id!r} is taken by another key")
+        if existing is None:
+            self._keys.insert(key.key_id, key)
+
+    def commit(self) -> None:
+        self._admins.commit()
+        self._keys.commit()
+
+    def rollback(self) -> None:
+        self._admins.rollback()
+        self._keys.rollback()
+
+
 class FakeOutbox:
-    """Records queued commands; they become ``published`` only when the transaction commits."""
+    """Records queued commands and portal events; they become ``published`` only when the transaction commits."""
 
     def __init__(self) -> None:
         self.pending: list[Command] = []
         self.published: list[Command] = []
+        self.pending_events: list[PortalEvent] = []
+        self.events: list[PortalEvent] = []
 
     def put(self, command: Command) -> None:
         self.pending.append(command)
 
+    def announce(self, event: PortalEvent) -> None:
+        self.pending_events.append(event)
+
     def commit(self) -> None:
         self.published.extend(self.pending)
+        self.events.extend(self.pending_events)
         self.pending = []
+        self.pending_events = []
 
     def rollback(self) -> None:
         self.pending = []
+        self.pending_events = []
 
 
 class FakeUnitOfWork:
@@ -273,6 +338,8 @@ class FakeUnitOfWork:
         self.decisions = FakeDecisionRepository()
         self.credentials = FakeCredentialRepository()
         self.notifications = FakeNotificationRepository()
+        self.portals = FakePortalRepository([ACME_PORTAL, GLOBEX_PORTAL])
+        self.admin_keys = FakeAdminKeyRepository([(ADMIN_ID, ADMIN_EMAIL)], [ADMIN_KEY])
         self.outbox = FakeOutbox()
         self.committed = False
         self.commits = 0
@@ -315,6 +382,8 @@ class FakeUnitOfWork:
             self.decisions._table,
             self.credentials._table,
             self.notifications._table,
+            self.portals._table,
+            self.admin_keys,
         )
 
 
@@ -352,6 +421,22 @@ class FakeSealer:
     def unseal(self, sealed: bytes) -> str:
         assert sealed.startswith(self.PREFIX), f"not sealed by FakeSealer: {sealed!r}"
         return sealed[len(self.PREFIX) :][::-1].decode()
+
+
+class FakePortalSealer:
+    """Obviously fake sealing to a portal's key: the reversed secret, tagged with the key."""
+
+    def seal_to(self, public_key: str, secret: str) -> dict[str, str]:
+        return {"algorithm": "fake-box", "recipient_key": public_key, "value": secret[::-1]}
+
+
+def fake_signature(public_key: str, data: bytes) -> str:
+    """What :func:`fake_verify` accepts: a hash of the key and the bytes; a stand-in for Ed25519."""
+    return hashlib.sha256(public_key.encode() + b"|" + data).hexdigest()
+
+
+def fake_verify(public_key: str, signature: str, data: bytes) -> bool:
+    return signature == fake_signature(public_key, data)
 
 
 class FakeMailer:
@@ -400,6 +485,27 @@ ACME = Consumer(id="acme", email=ACME_EMAIL, name="Acme Developers")
 GLOBEX = Consumer(id="globex", email=GLOBEX_EMAIL, name="Globex API Team")
 ACME_WEB = App(id="acme-web", consumer_id="acme", name="Acme Web", description="The Acme web shop.")
 GLOBEX_APP = App(id="globex-app", consumer_id="globex", name="Globex App")
+ACME_PORTAL = Portal(
+    id="acme-portal",
+    name="Acme Portal",
+    broker_user="portal-acme",
+    public_key="acme-portal-public-key",
+    consumer_ids=frozenset({"acme"}),
+    url="https://portal.acme.example",
+)
+GLOBEX_PORTAL = Portal(
+    id="globex-portal",
+    name="Globex Portal",
+    broker_user="portal-globex",
+    public_key="globex-portal-public-key",
+    consumer_ids=frozenset({"globex"}),
+)
+ADMIN_ID = "admin"
+ADMIN_KEY = AdminKey(
+    key_id="admin-key-1", admin_id=ADMIN_ID, public_key="admin-public-key-1", created_at=SUBMITTED_AT
+)
+#: The deployment decisions are signed for in the unit tests.
+AUDIENCE = "accessflow"
 
 
 def build_catalogue() -> FakeCatalogueRepository:
@@ -442,8 +548,10 @@ def make_route_request(
     new_app_description: str | None = None,
     justification: str | None = None,
     submitted_at: datetime = SUBMITTED_AT,
+    portal_id: str | None = "acme-portal",
+    sender: str | None = "portal-acme",
 ) -> RouteRequest:
-    """A portal submission; a fresh random request id unless one is given."""
+    """A portal submission (by Acme's portal, as its AMQP user); a fresh random request id unless given."""
     return RouteRequest(
         request_id=request_id or str(uuid.uuid4()),
         consumer_id=consumer_id,
@@ -456,6 +564,8 @@ def make_route_request(
         new_app_description=new_app_description,
         justification=justification,
         submitted_at=submitted_at,
+        portal_id=portal_id,
+        sender=sender,
     )
 
 
@@ -464,20 +574,43 @@ def make_decision(
     *,
     approve: bool = True,
     decision_id: str | None = None,
-    admin_email: str = ADMIN_EMAIL,
-    admin_id: str = "admin",
+    admin_email: str = "",
+    admin_id: str = ADMIN_ID,
     reason: str = "looks fine",
-    decided_at: datetime = SUBMITTED_AT,
+    decided_at: datetime | None = None,
+    key: AdminKey | None = ADMIN_KEY,
+    audience: str = AUDIENCE,
+    sender: str | None = None,
 ) -> DecideRequest:
-    """An admin's decision; a fresh random decision id unless one is given."""
+    """An admin's decision, signed (with :func:`fake_signature`) by ``key``, unless ``key`` is None.
+
+    A fresh random decision id unless one is given; decided now unless told when.
+    """
+    decision_id = decision_id or str(uuid.uuid4())
+    decided_at = decided_at or utcnow()
+    signed_bytes = "|".join(
+        [decision_id, request_id, str(approve), admin_id, reason, decided_at.isoformat(), audience]
+    ).encode()
+    signature = (
+        None
+        if key is None
+        else Signature(
+            key_id=key.key_id,
+            value=fake_signature(key.public_key, signed_bytes),
+            signed_bytes=signed_bytes,
+            audience=audience,
+        )
+    )
     return DecideRequest(
-        decision_id=decision_id or str(uuid.uuid4()),
+        decision_id=decision_id,
         request_id=request_id,
         approve=approve,
         admin_id=admin_id,
         admin_email=admin_email,
         reason=reason,
         decided_at=decided_at,
+        signature=signature,
+        sender=sender,
     )
 
 
@@ -491,6 +624,10 @@ if TYPE_CHECKING:
     _credentials: ports.CredentialRepository = FakeCredentialRepository()
     _notifications: ports.NotificationRepository = FakeNotificationRepository()
     _outbox: ports.Outbox = FakeOutbox()
+    _portals: ports.PortalRepository = FakePortalRepository()
+    _admin_keys: ports.AdminKeyRepository = FakeAdminKeyRepository()
+    _verify: ports.SignatureVerifier = fake_verify
+    _portal_sealer: ports.PortalSealer = FakePortalSealer()
     _issuer: ports.CredentialIssuer = FakeIssuer()
     _sealer: ports.SecretSealer = FakeSealer()
     _mailer: ports.Mailer = FakeMailer()

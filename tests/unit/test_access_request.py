@@ -124,6 +124,7 @@ class TestAnAutoApprovePlanTakesARequestToProvisioned:
 
         # Then both events are recorded, in order
         assert request.events == [
+            events.RequestSubmitted("req-1"),
             events.RequestApproved("req-1", automatically=True),
             events.CredentialsProvisioned("req-1", "cred-1"),
         ]
@@ -141,7 +142,7 @@ class TestAManualPlanWaitsForAnAdmin:
         assert request.status is Status.PENDING_REVIEW
         assert request.status_reason == "plan requires manual approval"
         assert request.auth_method is AuthMethod.OAUTH2_CLIENT_CREDENTIALS
-        assert request.events == [events.RequestParkedForReview("req-1")]
+        assert request.events == [events.RequestSubmitted("req-1"), events.RequestParkedForReview("req-1")]
 
     def test_an_admin_approval_leads_to_provisioned(self) -> None:
         # Given a request parked for review
@@ -187,7 +188,10 @@ class TestARequestThatBreaksARuleBecomesInvalid:
         assert request.status.is_final
         assert request.status_reason == "unknown plan 'gold'"
         assert request.auth_method is None
-        assert request.events == [events.RequestInvalidated("req-1", "unknown plan 'gold'")]
+        assert request.events == [
+            events.RequestSubmitted("req-1"),
+            events.RequestInvalidated("req-1", "unknown plan 'gold'"),
+        ]
 
 
 # --- the audit trail -------------------------------------------------------------------------------
@@ -593,7 +597,8 @@ class AccessRequestMachine(RuleBasedStateMachine):
     @invariant()
     def history_has_the_submission_and_one_entry_per_transition(self) -> None:
         assert len(self.request.history) == self.transitions + 1
-        assert len(self.request.events) == self.transitions
+        # One event for the submission, then one per transition.
+        assert len(self.request.events) == self.transitions + 1
 
     @invariant()
     def history_is_a_connected_chain(self) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 from collections.abc import Callable
 
@@ -19,6 +20,7 @@ from domain.handlers import (
     send_notification,
 )
 from domain.model import (
+    AdminKey,
     AccessRequest,
     ActorKind,
     AuthMethod,
@@ -34,6 +36,11 @@ from tests.unit.fakes import (
     ACME_EMAIL,
     ADMIN_EMAIL,
     ADMIN_EMAILS,
+    ADMIN_ID,
+    ADMIN_KEY,
+    AUDIENCE,
+    FakePortalSealer,
+    fake_verify,
     SUBMITTED_AT,
     FakeIssuer,
     FakeMailer,
@@ -42,6 +49,9 @@ from tests.unit.fakes import (
     make_decision,
     make_route_request,
 )
+
+#: What every signed decision in these tests is checked with.
+SIGNED: dict[str, object] = {"verify": fake_verify, "audience": AUDIENCE}
 
 
 @pytest.fixture
@@ -68,10 +78,14 @@ def mailer() -> FakeMailer:
 
 
 def submitted(uow: FakeUnitOfWork, **overrides: object) -> str:
-    """Route a fresh submission; return its request id."""
+    """Route a fresh submission (by default Acme's portal's, v2); return its request id."""
     command = make_route_request(**overrides)  # type: ignore[arg-type]
-    route_request(command, uow=uow)
+    route_request(command, uow=uow, accept_v1_submissions=command.portal_id is None)
     return command.request_id
+
+
+#: A contract v1 submission: it names no portal, so no sender is checked and no event sent.
+V1 = {"portal_id": None, "sender": None}
 
 
 def pending_review(uow: FakeUnitOfWork, **overrides: object) -> str:
@@ -81,19 +95,19 @@ def pending_review(uow: FakeUnitOfWork, **overrides: object) -> str:
 def approved(uow: FakeUnitOfWork, *, plan_id: str = "free", **overrides: object) -> str:
     request_id = submitted(uow, plan_id=plan_id, **overrides)
     if plan_id != "free":
-        decide(make_decision(request_id, approve=True), uow=uow, admin_emails=ADMIN_EMAILS)
+        decide(make_decision(request_id, approve=True), uow=uow, **SIGNED)
     return request_id
 
 
 def provisioned(uow: FakeUnitOfWork, issuer: FakeIssuer, sealer: FakeSealer, **overrides: object) -> str:
     request_id = approved(uow, **overrides)  # type: ignore[arg-type]
-    issue_credentials(IssueCredentials(request_id), uow=uow, issuer=issuer, sealer=sealer)
+    issue_credentials(IssueCredentials(request_id), uow=uow, issuer=issuer, sealer=sealer, portal_sealer=FakePortalSealer())
     return request_id
 
 
 def rejected(uow: FakeUnitOfWork, reason: str) -> str:
     request_id = pending_review(uow)
-    decide(make_decision(request_id, approve=False, reason=reason), uow=uow, admin_emails=ADMIN_EMAILS)
+    decide(make_decision(request_id, approve=False, reason=reason), uow=uow, **SIGNED)
     return request_id
 
 
@@ -318,7 +332,7 @@ class TestAnAdminApprovingAPendingRequest:
         decision = make_decision(request_id, approve=True, reason="known partner")
 
         # When an admin approves it
-        outcome = decide(decision, uow=uow, admin_emails=ADMIN_EMAILS)
+        outcome = decide(decision, uow=uow, **SIGNED)
 
         # Then the decision is applied, recorded, and credentials are ordered
         assert outcome is DecisionOutcome.APPLIED
@@ -327,25 +341,13 @@ class TestAnAdminApprovingAPendingRequest:
         last = request.history[-1]
         assert (last.actor_kind, last.actor_id, last.reason) == (
             ActorKind.ADMIN,
-            ADMIN_EMAIL,
+            ADMIN_ID,
             "known partner",
         )
         stored = uow.decisions.saved(decision.decision_id)
         assert stored is not None
         assert stored.outcome is DecisionOutcome.APPLIED
         assert uow.published[-1] == IssueCredentials(request_id)
-
-    def test_recognises_an_admin_whatever_the_case_of_the_email(self, uow: FakeUnitOfWork) -> None:
-        # Given a request waiting for review
-        request_id = pending_review(uow)
-
-        # When an admin approves it with their email in upper case
-        outcome = decide(
-            make_decision(request_id, admin_email=ADMIN_EMAIL.upper()), uow=uow, admin_emails=ADMIN_EMAILS
-        )
-
-        # Then it counts
-        assert outcome is DecisionOutcome.APPLIED
 
 
 class TestAnAdminRejectingAPendingRequest:
@@ -357,7 +359,7 @@ class TestAnAdminRejectingAPendingRequest:
         outcome = decide(
             make_decision(request_id, approve=False, reason="no business case"),
             uow=uow,
-            admin_emails=ADMIN_EMAILS,
+            **SIGNED,
         )
 
         # Then it is rejected with that reason and the consumer is to be told
@@ -372,12 +374,12 @@ class TestASecondDecisionOnTheSameRequest:
     def test_is_recorded_as_ignored_and_orders_nothing(self, uow: FakeUnitOfWork) -> None:
         # Given a request an admin already approved
         request_id = pending_review(uow)
-        decide(make_decision(request_id, approve=True), uow=uow, admin_emails=ADMIN_EMAILS)
+        decide(make_decision(request_id, approve=True), uow=uow, **SIGNED)
         published_before = list(uow.published)
 
         # When another admin's rejection arrives
         second = make_decision(request_id, approve=False, reason="too late")
-        outcome = decide(second, uow=uow, admin_emails=ADMIN_EMAILS)
+        outcome = decide(second, uow=uow, **SIGNED)
 
         # Then it is kept for the record, ignored, and nothing is ordered
         assert outcome is DecisionOutcome.IGNORED
@@ -394,10 +396,10 @@ class TestTheSameDecisionDeliveredTwice:
         # Given an approval that was already applied
         request_id = pending_review(uow)
         decision = make_decision(request_id, approve=True)
-        decide(decision, uow=uow, admin_emails=ADMIN_EMAILS)
+        decide(decision, uow=uow, **SIGNED)
 
         # When the same message is delivered again
-        outcome = decide(decision, uow=uow, admin_emails=ADMIN_EMAILS)
+        outcome = decide(decision, uow=uow, **SIGNED)
 
         # Then it is ignored, stored once, and credentials were ordered once
         assert outcome is DecisionOutcome.IGNORED
@@ -406,24 +408,92 @@ class TestTheSameDecisionDeliveredTwice:
         assert uow.published.count(IssueCredentials(request_id)) == 1
 
 
-class TestADecisionFromSomeoneWhoIsNotAnAdmin:
-    def test_is_recorded_as_ignored_and_leaves_the_request_pending(self, uow: FakeUnitOfWork) -> None:
-        # Given a request waiting for review
+def _refusal_cases() -> dict[str, tuple[dict[str, object], str]]:
+    later = SUBMITTED_AT.replace(year=2030)
+    revoked = AdminKey("revoked-key", ADMIN_ID, "revoked-public-key", SUBMITTED_AT, revoked_at=SUBMITTED_AT)
+    someone_elses = AdminKey("other-key", "other-admin", "other-public-key", SUBMITTED_AT)
+    return {
+        "unsigned": ({"key": None}, "rejected_auth: missing signature"),
+        "unknown key": (
+            {"key": AdminKey("nobodys-key", ADMIN_ID, "x", SUBMITTED_AT)},
+            "rejected_auth: unknown key 'nobodys-key'",
+        ),
+        "revoked key": ({"key": revoked}, "rejected_auth: key 'revoked-key' was revoked"),
+        "another admin's key": ({"key": someone_elses}, "rejected_auth: key 'other-key' is not admin 'admin'"),
+        "signed for another deployment": ({"audience": "staging"}, "rejected_auth: signed for 'staging'"),
+        "stale": ({"decided_at": SUBMITTED_AT}, "rejected_auth: stale decision"),
+        "from the future": ({"decided_at": later}, "rejected_auth: stale decision"),
+        "from a portal's AMQP user": ({"sender": "portal-acme"}, "rejected_auth: decisions are not accepted"),
+    }
+
+
+class TestADecisionNotShownToComeFromAnAdmin:
+    @pytest.mark.parametrize("case", list(_refusal_cases()))
+    def test_is_refused_recorded_and_changes_nothing(self, uow: FakeUnitOfWork, case: str) -> None:
+        overrides, expected_reason = _refusal_cases()[case]
+        # Given a request waiting for review, and keys of two admins, one revoked
         request_id = pending_review(uow)
+        uow.admin_keys.upsert_admin("other-admin", "other@accessflow.example")
+        for key in (
+            AdminKey("revoked-key", ADMIN_ID, "revoked-public-key", SUBMITTED_AT, revoked_at=SUBMITTED_AT),
+            AdminKey("other-key", "other-admin", "other-public-key", SUBMITTED_AT),
+        ):
+            uow.admin_keys._keys.upsert(key.key_id, key)
+        uow.admin_keys.commit()
         published_before = list(uow.published)
 
-        # When someone not configured as an admin approves it
-        decision = make_decision(request_id, approve=True, admin_email="mallory@evil.example")
-        outcome = decide(decision, uow=uow, admin_emails=ADMIN_EMAILS)
+        # When a decision arrives that is not signed by an active key of the admin it names
+        decision = make_decision(request_id, approve=True, **overrides)  # type: ignore[arg-type]
+        outcome = decide(decision, uow=uow, **SIGNED)
 
-        # Then nothing happens to the request, but the attempt is on record
-        assert outcome is DecisionOutcome.IGNORED
+        # Then the request is untouched, nothing is ordered, and the refusal is on record with why
+        assert outcome is DecisionOutcome.REFUSED
         assert saved(uow, request_id).status is Status.PENDING_REVIEW
+        assert uow.published == published_before
         stored = uow.decisions.saved(decision.decision_id)
         assert stored is not None
-        assert stored.outcome is DecisionOutcome.IGNORED
-        assert stored.outcome_reason == "mallory@evil.example is not a configured admin"
+        assert stored.outcome is DecisionOutcome.REFUSED
+        assert stored.outcome_reason.startswith(expected_reason), stored.outcome_reason
+
+    def test_with_a_tampered_field_has_a_bad_signature(self, uow: FakeUnitOfWork) -> None:
+        # Given an admin's signed rejection
+        request_id = pending_review(uow)
+        signed = make_decision(request_id, approve=False, reason="no")
+        # When someone turns it into an approval, keeping the signature
+        assert signed.signature is not None
+        forged_bytes = signed.signature.signed_bytes.replace(b"False", b"True")
+        forged = dataclasses.replace(
+            signed, approve=True, signature=dataclasses.replace(signed.signature, signed_bytes=forged_bytes)
+        )
+        outcome = decide(forged, uow=uow, **SIGNED)
+
+        # Then it is refused as badly signed
+        assert outcome is DecisionOutcome.REFUSED
+        stored = uow.decisions.saved(forged.decision_id)
+        assert stored is not None and stored.outcome_reason == "rejected_auth: bad signature"
+        assert saved(uow, request_id).status is Status.PENDING_REVIEW
+
+    def test_replayed_after_being_applied_changes_nothing(self, uow: FakeUnitOfWork) -> None:
+        # Given an approval that was applied
+        request_id = pending_review(uow)
+        decision = make_decision(request_id, approve=True)
+        assert decide(decision, uow=uow, **SIGNED) is DecisionOutcome.APPLIED
+        published_before = list(uow.published)
+
+        # When the same signed message is replayed, even well within the allowed skew
+        outcome = decide(decision, uow=uow, **SIGNED)
+
+        # Then the decision id stops it
+        assert outcome is DecisionOutcome.IGNORED
         assert uow.published == published_before
+
+    def test_a_signed_decision_records_the_key_that_verified_it(self, uow: FakeUnitOfWork) -> None:
+        request_id = pending_review(uow)
+        decision = make_decision(request_id, approve=True)
+        decide(decision, uow=uow, **SIGNED)
+        stored = uow.decisions.saved(decision.decision_id)
+        assert stored is not None and stored.key_id == ADMIN_KEY.key_id
+        assert stored.admin_email == ADMIN_EMAIL
 
 
 class TestADecisionAboutAnUnknownRequest:
@@ -432,7 +502,7 @@ class TestADecisionAboutAnUnknownRequest:
         decision = make_decision("no-such-request")
 
         # When an admin decides on it
-        outcome = decide(decision, uow=uow, admin_emails=ADMIN_EMAILS)
+        outcome = decide(decision, uow=uow, **SIGNED)
 
         # Then it is ignored, recorded, and nothing is ordered
         assert outcome is DecisionOutcome.IGNORED
@@ -462,7 +532,7 @@ class TestIssuingCredentialsForAnApprovedRequest:
         request_id = approved(uow, plan_id=plan_id, product_ids=("payments", "ledger"))
 
         # When its credentials are issued
-        credential = issue_credentials(IssueCredentials(request_id), uow=uow, issuer=issuer, sealer=sealer)
+        credential = issue_credentials(IssueCredentials(request_id), uow=uow, issuer=issuer, sealer=sealer, portal_sealer=FakePortalSealer())
 
         # Then one credential carries the plan's limits, for the request's app and products
         assert credential is not None
@@ -473,11 +543,11 @@ class TestIssuingCredentialsForAnApprovedRequest:
         assert (stored.app_id, stored.kind, stored.public_id) == ("acme-web", AuthMethod.API_KEY, "key-1")
         assert stored.product_ids == ["payments", "ledger"]
 
-    def test_stores_the_secret_sealed_and_hashed_never_in_plaintext(
+    def test_of_a_v1_request_stores_the_secret_sealed_and_hashed_never_in_plaintext(
         self, uow: FakeUnitOfWork, issuer: FakeIssuer, sealer: FakeSealer
     ) -> None:
-        # Given / When an approved request gets its credentials
-        request_id = provisioned(uow, issuer, sealer)
+        # Given / When an approved v1 request (no portal) gets its credentials
+        request_id = provisioned(uow, issuer, sealer, **V1)
 
         # Then only the sealed secret and its hash are stored
         (secret,) = issuer.secrets
@@ -491,6 +561,28 @@ class TestIssuingCredentialsForAnApprovedRequest:
         assert stored.reveal(sealer.unseal) == secret
         assert stored.reveal(sealer.unseal) is None
 
+    def test_of_a_portal_request_seals_the_secret_to_the_portal_and_keeps_no_copy(
+        self, uow: FakeUnitOfWork, issuer: FakeIssuer, sealer: FakeSealer
+    ) -> None:
+        # Given / When an approved request from Acme's portal gets its credentials
+        request_id = provisioned(uow, issuer, sealer)
+
+        # Then only the hash is stored: no copy for an operator to reveal
+        (secret,) = issuer.secrets
+        stored = saved_credential(uow, request_id)
+        assert stored.sealed_secret is None
+        assert stored.secret_hash == hashlib.sha256(secret.encode()).hexdigest()
+        # And the portal hears of it, with the secret sealed to its own key
+        issued = [e for e in uow.outbox.events if e.name == "credentials.issued"]
+        assert len(issued) == 1
+        assert issued[0].portal_id == "acme-portal"
+        assert issued[0].details["sealed_secret"] == {
+            "algorithm": "fake-box",
+            "recipient_key": "acme-portal-public-key",
+            "value": secret[::-1],
+        }
+        assert issued[0].details["credential"]["public_id"] == stored.public_id  # type: ignore[index]
+
     def test_provisions_the_request_and_orders_the_approval_email(
         self, uow: FakeUnitOfWork, issuer: FakeIssuer, sealer: FakeSealer
     ) -> None:
@@ -498,7 +590,7 @@ class TestIssuingCredentialsForAnApprovedRequest:
         request_id = approved(uow)
 
         # When its credentials are issued
-        issue_credentials(IssueCredentials(request_id), uow=uow, issuer=issuer, sealer=sealer)
+        issue_credentials(IssueCredentials(request_id), uow=uow, issuer=issuer, sealer=sealer, portal_sealer=FakePortalSealer())
 
         # Then it is provisioned and the consumer is to be told
         request = saved(uow, request_id)
@@ -522,7 +614,7 @@ class TestIssuingCredentialsForAnApprovedRequest:
         request_id = approved(uow, plan_id="partner", product_ids=("identity",))
 
         # When its credentials are issued
-        issue_credentials(IssueCredentials(request_id), uow=uow, issuer=issuer, sealer=sealer)
+        issue_credentials(IssueCredentials(request_id), uow=uow, issuer=issuer, sealer=sealer, portal_sealer=FakePortalSealer())
 
         # Then the credential is an OAuth2 client
         stored = saved_credential(uow, request_id)
@@ -539,7 +631,7 @@ class TestIssuingCredentialsTwice:
         credential_before = saved_credential(uow, request_id)
 
         # When the order is delivered again
-        result = issue_credentials(IssueCredentials(request_id), uow=uow, issuer=issuer, sealer=sealer)
+        result = issue_credentials(IssueCredentials(request_id), uow=uow, issuer=issuer, sealer=sealer, portal_sealer=FakePortalSealer())
 
         # Then nothing is issued, stored or ordered
         assert result is None
@@ -571,7 +663,7 @@ class TestIssuingCredentialsTwice:
             uow.commit()
 
         # When its credentials are issued
-        credential = issue_credentials(IssueCredentials(request_id), uow=uow, issuer=issuer, sealer=sealer)
+        credential = issue_credentials(IssueCredentials(request_id), uow=uow, issuer=issuer, sealer=sealer, portal_sealer=FakePortalSealer())
 
         # Then the stored one is used and no second one is made
         assert credential is not None
@@ -597,7 +689,7 @@ class TestIssuingCredentialsForARequestThatIsNotApproved:
         published_before = list(uow.published)
 
         # When credentials are ordered for it
-        result = issue_credentials(IssueCredentials(request_id), uow=uow, issuer=issuer, sealer=sealer)
+        result = issue_credentials(IssueCredentials(request_id), uow=uow, issuer=issuer, sealer=sealer, portal_sealer=FakePortalSealer())
 
         # Then nothing is issued, stored, changed or ordered
         assert result is None
@@ -610,7 +702,7 @@ class TestIssuingCredentialsForARequestThatIsNotApproved:
         self, uow: FakeUnitOfWork, issuer: FakeIssuer, sealer: FakeSealer
     ) -> None:
         # Given / When credentials are ordered for a request that does not exist
-        result = issue_credentials(IssueCredentials("no-such-request"), uow=uow, issuer=issuer, sealer=sealer)
+        result = issue_credentials(IssueCredentials("no-such-request"), uow=uow, issuer=issuer, sealer=sealer, portal_sealer=FakePortalSealer())
 
         # Then nothing is issued
         assert result is None
@@ -647,6 +739,8 @@ class TestTheApprovalEmail:
             monthly_quota=10_000,
             credential_kind="api_key",
             credential_public_id="key-1",
+            portal_name="Acme Portal",
+            portal_url="https://portal.acme.example",
         )
 
     def test_holds_no_secret(

@@ -1,0 +1,99 @@
+"""Events accessflow sends a portal about its requests: version 1 of the outbound contract.
+
+Published on the events exchange (``<prefix>.out.events``, a topic exchange) with the
+routing key ``<portal_id>.<event>``, e.g. ``acme-portal.access_request.approved``; the
+body is this JSON object itself (no dramatiq envelope), with the AMQP ``message_id``
+equal to ``event_id`` and ``type`` equal to ``event``.
+
+At-least-once: the same event may arrive twice (same ``event_id``). ``sequence`` counts
+1, 2, 3... per request, so a portal drops what it has seen and orders the rest.
+"""
+
+from __future__ import annotations
+
+import uuid
+from datetime import datetime
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from domain.events import PortalEvent
+from messages.v1 import Identifier
+
+#: The namespace of event ids, so the same event always gets the same id.
+EVENT_NAMESPACE = uuid.UUID("4a3c1d1e-2b7f-4f6e-9d55-3c0f1b9e7a21")
+
+EventName = Literal[
+    "access_request.submitted",
+    "access_request.pending_review",
+    "access_request.approved",
+    "access_request.rejected",
+    "access_request.invalid",
+    "access_request.provisioned",
+    "credentials.issued",
+]
+
+
+class IssuedCredential(BaseModel):
+    """The public part of a credential; safe to show and log."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    id: str
+    kind: Literal["api_key", "oauth2_client_credentials"]
+    public_id: str = Field(description="The API key's lookup prefix, or the OAuth2 client id.")
+    app_id: Identifier
+    product_ids: list[Identifier]
+    rate_limit_per_minute: int
+    monthly_quota: int | None
+
+
+class SealedSecret(BaseModel):
+    """The credential's secret, encrypted to the portal's public key: only the portal can open it."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    algorithm: Literal["x25519-xsalsa20-poly1305-sealedbox"] = Field(
+        description="A libsodium sealed box (crypto_box_seal): open it with the portal's X25519 "
+        "private key, e.g. PyNaCl's SealedBox(private_key).decrypt(...)."
+    )
+    recipient_key: str = Field(description="The portal public key it was sealed to, base64.")
+    value: str = Field(description="Standard base64 of the sealed box.")
+
+
+class RequestEvent(BaseModel):
+    """One change of a portal's access request, or the credentials it was issued."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, title="PortalEvent")
+
+    version: Literal[1] = 1
+    type: Literal["portal.event"] = "portal.event"
+    event: EventName
+    event_id: str = Field(description="UUID, the same for every delivery of this event.")
+    portal_id: Identifier
+    request_id: str
+    sequence: int = Field(ge=1, description="1, 2, 3... per request, in the order things happened.")
+    status: str = Field(description="The request's status this event reports.")
+    reason: str = Field(description="Why, in words: the admin's reason, the rule that failed...")
+    occurred_at: datetime
+    credential: IssuedCredential | None = Field(None, description="With credentials.issued only.")
+    sealed_secret: SealedSecret | None = Field(None, description="With credentials.issued only.")
+
+    @classmethod
+    def of(cls, event: PortalEvent) -> RequestEvent:
+        return cls.model_validate(
+            {
+                "event": event.name,
+                "event_id": str(uuid.uuid5(EVENT_NAMESPACE, f"{event.request_id}:{event.sequence}")),
+                "portal_id": event.portal_id,
+                "request_id": event.request_id,
+                "sequence": event.sequence,
+                "status": event.status,
+                "reason": event.reason,
+                "occurred_at": event.occurred_at,
+                **event.details,
+            }
+        )
+
+    def routing_key(self) -> str:
+        return f"{self.portal_id}.{self.event}"

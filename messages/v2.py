@@ -1,0 +1,122 @@
+"""Version 2 of the contracts that outside parties publish: portals and admin tools.
+
+What changed from v1, and why:
+
+* A submission names its ``portal_id``. The portal must publish it as its own AMQP
+  user (RabbitMQ validates the ``user_id`` property) and only for its own consumers;
+  accessflow then sends that portal every change of the request as an event.
+* A decision is signed with Ed25519 by a key of the admin it names, over a canonical
+  form of its fields (:func:`messages.canonical.canonical_bytes`; ``asyncapi.yaml`` has a worked
+  example), and carries the deployment it is meant for (``audience``). Its ids and
+  time are strings exactly as signed: nothing is normalised, so the bytes a worker
+  rebuilds are the bytes the admin signed.
+
+v1 stays readable: a v1 decision is recorded and refused as unsigned; a v1 submission
+is refused unless ``ACCESSFLOW_ACCEPT_V1_SUBMISSIONS`` is on (README: moving from v1).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from datetime import UTC, datetime
+from typing import Annotated, Literal
+
+from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, StringConstraints
+
+from domain import commands
+from messages import v1
+from messages.canonical import canonical_bytes
+from messages.v1 import Identifier, Text, _not_a_bool
+
+#: A UUID in its canonical lower-case form, kept as the string that was signed.
+CanonicalUuid = Annotated[
+    str, StringConstraints(pattern=r"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$")
+]
+
+
+def _utc_instant(value: str) -> str:
+    try:
+        datetime.strptime(value[:19], "%Y-%m-%dT%H:%M:%S")
+    except ValueError:
+        raise ValueError("is not a valid date and time") from None
+    return value
+
+
+#: A UTC time as ``2026-11-27T10:00:00Z`` (up to 6 fraction digits), kept as the string that was signed.
+UtcInstant = Annotated[
+    str,
+    StringConstraints(pattern=r"^\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}(\.\d{1,6})?Z$"),
+    AfterValidator(_utc_instant),
+]
+
+Version2 = Annotated[Literal[2], BeforeValidator(_not_a_bool)]
+
+
+class AccessRequestSubmitted(v1.AccessRequestSubmitted):
+    """A consumer asks for products under a plan for an app, through a registered portal."""
+
+    version: Version2 = Field(2, description="Contract version.")  # type: ignore[assignment]
+    portal_id: Identifier = Field(
+        description="The registered portal that sends this; it must publish as its own AMQP user "
+        "and may speak only for its own consumers."
+    )
+
+    def to_command(self, sender: str | None = None) -> commands.RouteRequest:
+        return dataclasses.replace(super().to_command(sender), portal_id=self.portal_id)
+
+
+class SignatureBlock(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    key_id: Identifier = Field(description="Which of the admin's keys signed; keys rotate.")
+    algorithm: Literal["ed25519"] = "ed25519"
+    value: str = Field(
+        min_length=1,
+        max_length=200,
+        description="Standard base64 (with padding) of the 64-byte Ed25519 signature of the canonical bytes.",
+    )
+
+
+class AdminDecision(BaseModel):
+    """An admin approves or rejects a pending request, signed with the admin's Ed25519 key."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    # Required, not defaulted: both are signed, so both must be in what the admin signed.
+    version: Version2 = Field(description="Contract version: 2.")
+    type: Literal["access_request.decided"]
+    decision_id: CanonicalUuid = Field(description="Lower-case UUID; the idempotency key of the decision.")
+    request_id: CanonicalUuid
+    decision: Literal["approve", "reject"]
+    admin_id: Identifier = Field(description="The admin, as registered with `accessflow admins add`.")
+    reason: Annotated[Text, StringConstraints(min_length=1)]
+    decided_at: UtcInstant = Field(
+        description="When the admin decided, UTC with a Z. Refused when further than the allowed "
+        "skew (5 minutes unless configured) from the worker's clock."
+    )
+    audience: Identifier = Field(
+        description="The deployment this is meant for: its queue prefix (ACCESSFLOW_QUEUE_PREFIX)."
+    )
+    signature: SignatureBlock
+
+    def signed_bytes(self) -> bytes:
+        return canonical_bytes(self.model_dump(mode="json", exclude={"signature"}))
+
+    def to_command(self, sender: str | None = None) -> commands.DecideRequest:
+        decided_at = datetime.fromisoformat(self.decided_at.replace("Z", "+00:00")).astimezone(UTC)
+        return commands.DecideRequest(
+            decision_id=self.decision_id,
+            request_id=self.request_id,
+            approve=self.decision == "approve",
+            admin_id=self.admin_id,
+            admin_email="",
+            reason=self.reason,
+            decided_at=decided_at,
+            signature=commands.Signature(
+                key_id=self.signature.key_id,
+                value=self.signature.value,
+                signed_bytes=self.signed_bytes(),
+                audience=self.audience,
+            ),
+            sender=sender,
+        )
