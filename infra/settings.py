@@ -38,7 +38,8 @@ class Settings(BaseSettings):
     )
     admin_emails: Annotated[list[str], NoDecode] = Field(
         default_factory=list,
-        description="Comma-separated admin addresses: they get review emails, and only their decisions count.",
+        description="Comma-separated addresses that get the review emails. Who may decide is the admins "
+        "registry and their signing keys (`accessflow admins`).",
     )
     accept_v1_submissions: bool = Field(
         False,
