@@ -17,6 +17,12 @@ rabbitmqctl reports an import as "started" and RabbitMQ skips, silently, a bindi
 queue does not exist; so after importing, :func:`apply_definitions` reads back the
 permissions, topic permissions, exchanges, queues and bindings, waiting (with a
 deadline) until they are all there, and fails naming what is missing.
+
+An import also keeps, silently, a queue that exists already, whatever its arguments. A
+queue of ours that someone else declared first (a portal's events queue declared by the
+portal, back when portals could declare, perhaps with an ``x-dead-letter-exchange``)
+would stay as its declarer made it; so :func:`apply_definitions` then compares each
+queue's arguments with the document's and fails, at once, naming the queues that differ.
 """
 
 from __future__ import annotations
@@ -120,7 +126,13 @@ class Rabbitmqctl:
         return self._json("list_exchanges", "-p", vhost, "name", "type")
 
     def list_queues(self, vhost: str) -> list[dict[str, Any]]:
-        return self._json("list_queues", "-p", vhost, "name")
+        """Each queue's ``name`` and ``arguments`` (a mapping; rabbitmqctl's field types dropped)."""
+        rows = self._json("list_queues", "-p", vhost, "name", "arguments")
+        # rabbitmqctl renders arguments as [name, type, value] triples: [["x-queue-type", "longstr", "quorum"]].
+        return [
+            {"name": row["name"], "arguments": {name: value for name, _kind, value in row["arguments"]}}
+            for row in rows
+        ]
 
     def list_bindings(self, vhost: str) -> list[dict[str, Any]]:
         return self._json("list_bindings", "-p", vhost, "source_name", "destination_name", "routing_key")
@@ -179,6 +191,11 @@ def apply_definitions(
 
     Returns:
       Which users got a password, which were created without one, and which were kept as they were.
+
+    Raises:
+      BrokerAdminError: rabbitmqctl failed; the node still lacks part of the document at the
+        deadline; or it holds a queue of the document with other arguments (at once: an
+        import never changes an existing queue).
     """
     vhosts = [v["name"] for v in document.get("vhosts", [])]
     if len(vhosts) != 1:
@@ -254,15 +271,32 @@ def missing_definitions(ctl: Rabbitmqctl, document: Mapping[str, Any], vhost: st
     return missing
 
 
+def differing_queues(ctl: Rabbitmqctl, document: Mapping[str, Any], vhost: str) -> list[str]:
+    """The queues of ``document`` that the node holds with other arguments, each with both sets."""
+    have = {q["name"]: q["arguments"] for q in ctl.list_queues(vhost)}
+    return [
+        f"queue {q['name']} has {json.dumps(have[q['name']], sort_keys=True)}, "
+        f"not {json.dumps(q.get('arguments', {}), sort_keys=True)}"
+        for q in document.get("queues", [])
+        if q["name"] in have and have[q["name"]] != dict(q.get("arguments", {}))
+    ]
+
+
 def _wait_until_applied(ctl: Rabbitmqctl, document: Mapping[str, Any], vhost: str, timeout: float) -> None:
     deadline = time.monotonic() + timeout
     while True:
         missing = missing_definitions(ctl, document, vhost)
         if not missing:
-            return
+            break
         if time.monotonic() >= deadline:
             raise BrokerAdminError(
                 f"after import_definitions the node still lacks: {'; '.join(missing)} "
                 "(RabbitMQ skips a binding whose queue does not exist)"
             )
         time.sleep(0.5)  # polling interval, bounded by the deadline above
+    differing = differing_queues(ctl, document, vhost)  # waiting would not change them
+    if differing:
+        raise BrokerAdminError(
+            f"the node keeps queues declared before with other arguments: {'; '.join(differing)} "
+            "(an import never changes an existing queue: move its messages, delete it, run setup again)"
+        )

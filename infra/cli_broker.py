@@ -7,6 +7,8 @@ read from a file, never from arguments, and never logged or printed.
 
 The portals come from ``--portal ID=USER`` options and, for ``setup``, from a source that
 the composition root may pass to :func:`make_group` (the portals table of the database).
+Each gets its user, its permissions and its events queue, bound to its own events: a
+portal declares and binds nothing itself (:mod:`infra.topology` says why).
 """
 
 from __future__ import annotations
@@ -195,7 +197,7 @@ def make_group(portal_source: PortalSource | None = None) -> click.Group:
         passwords_file: Path | None,
         as_json: bool,
     ) -> None:
-        """Create or update the vhost, users, permissions, exchanges, queues and bindings on a node."""
+        """Create or update the vhost, users, permissions, exchanges, queues (each portal's events queue too) and bindings."""
         settings = _settings()
         pairs = _portal_pairs(portals)
         if portal_source is not None:

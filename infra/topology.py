@@ -8,7 +8,7 @@ authorisation), and the ``user-id`` property it may set (validated user-id)::
     portal P ---rk "P"-----------> <prefix>.in.submissions (topic) --"#"--> <prefix>.requests
     admin tool -rk <admin id>----> <prefix>.in.decisions   (topic) --"#"--> <prefix>.decisions
     workers ----rk "P.<event>"---> <prefix>.out.events     (topic) --"P.#"--> <prefix>.portal.P.events
-                                        | alternate-exchange: no portal queue is bound for it  (P's own)
+                                        | alternate-exchange: no portal queue is bound for it  (P consumes)
                                         v
                                    <prefix>.out.unrouted (fanout) -----> <prefix>.events.unrouted
     workers <--default exchange--> <prefix>.{requests,decisions,credentials,notifications} (+ .XQ, .DQ)
@@ -18,10 +18,24 @@ exchange, which reaches every queue of the vhost: so only they can put a message
 internal queue. A portal can send a submission only under its own portal id and read
 only its own events; the admin tool can only send decisions.
 
+Nobody outside accessflow declares or binds anything: every queue, exchange and binding
+above is accessflow's, made by ``accessflow broker setup`` and again, idempotently, by
+the workers at boot, each portal's events queue included. Whoever declares a queue
+chooses its arguments, ``x-dead-letter-exchange`` and ``x-dead-letter-routing-key``
+among them; RabbitMQ asks the declarer only for read on the queue and write on that
+exchange, checks no topic permission for the dead-letter routing key, and a
+dead-lettered message keeps the properties it was published with. A portal allowed to
+declare (and bind) a queue of its own could bind it to its own events, which the workers
+publish, give it a TTL of 0 and dead-letter them into the submissions exchange under
+another portal's id: they would reach the requests queue with that portal's routing key
+and the workers' validated ``user-id``. So portals have no configure permission at all
+(see :func:`permissions`).
+
 :class:`Topology` names everything; :func:`declare` declares the exchanges, the unrouted
-queue and the bindings on a channel (the workers call it at boot); :func:`definitions`
-builds the RabbitMQ definitions document (users, permissions, topic permissions and the
-same topology) that ``accessflow broker setup`` imports into a node.
+queue, the portals' events queues and the bindings on a channel (the workers call it at
+boot); :func:`definitions` builds the RabbitMQ definitions document (users, permissions,
+topic permissions and the same topology) that ``accessflow broker setup`` imports into a
+node.
 """
 
 from __future__ import annotations
@@ -33,7 +47,7 @@ import json
 import re
 import secrets
 import sys
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -55,6 +69,8 @@ HASHING_ALGORITHM = "rabbit_password_hashing_sha256"
 PORTAL_ID = re.compile(r"^[A-Za-z0-9_-]+$")
 #: A regex that matches no resource name: RabbitMQ's "nothing".
 NOTHING = "^$"
+#: A regex matching the binding key of a portal's events queue, ``<portal id>.#``, and no other key.
+PORTAL_EVENTS_BINDING_KEY = "^" + PORTAL_ID.pattern.removeprefix("^").removesuffix("$") + r"\.#$"
 #: Where the definitions for the default deployment are shipped, and what they are made for.
 SHIPPED_DEFINITIONS = Path(__file__).resolve().parent.parent / "deploy" / "rabbitmq" / "definitions.json"
 SHIPPED_PREFIX = "accessflow"
@@ -107,21 +123,21 @@ class Topology:
         return xq_name(self.queue(name))
 
     def portal_events_queue(self, portal_id: str) -> str:
-        """A portal's own queue for its events; the portal declares and binds it itself."""
+        """A portal's queue for its events: accessflow declares and binds it, the portal only consumes."""
         _check_portal_id(portal_id)
         return f"{self.prefix}.portal.{portal_id}.events"
 
-    def portal_namespace(self, portal_id: str) -> str:
-        """The name prefix of every queue (or exchange) a portal may create: ``<prefix>.portal.<id>.``."""
-        _check_portal_id(portal_id)
-        return f"{self.prefix}.portal.{portal_id}."
+    def portal_events_binding(self, portal_id: str) -> tuple[str, str, str]:
+        """(exchange, queue, routing key) that brings a portal its own events, ``<portal_id>.#``, and no other's."""
+        return (self.events_exchange, self.portal_events_queue(portal_id), f"{portal_id}.#")
 
-    def bindings(self) -> list[tuple[str, str, str]]:
-        """(exchange, queue, routing key) of every binding accessflow owns."""
+    def bindings(self, portal_ids: Iterable[str] = ()) -> list[tuple[str, str, str]]:
+        """(exchange, queue, routing key) of every binding accessflow owns, with those of ``portal_ids``."""
         return [
             (self.submissions_exchange, self.queue("requests"), "#"),
             (self.decisions_exchange, self.queue("decisions"), "#"),
             (self.unrouted_exchange, self.unrouted_queue, ""),
+            *(self.portal_events_binding(portal_id) for portal_id in sorted(set(portal_ids))),
         ]
 
     def exchanges(self) -> list[tuple[str, str, dict[str, Any]]]:
@@ -141,6 +157,8 @@ def _check_portal_id(portal_id: str) -> None:
 
 #: The arguments of the unrouted-events queue.
 UNROUTED_QUEUE_ARGUMENTS: Mapping[str, Any] = {"x-queue-type": "quorum"}
+#: The arguments of each portal's events queue: no dead-lettering, no TTL, nothing a portal chose.
+PORTAL_EVENTS_QUEUE_ARGUMENTS: Mapping[str, Any] = {"x-queue-type": "quorum"}
 
 
 @dataclass(frozen=True)
@@ -187,20 +205,40 @@ class QueueArguments:
 
 
 def declare(
-    channel: BlockingChannel, topology: Topology, *, queue_arguments: QueueArguments | None = None
+    channel: BlockingChannel,
+    topology: Topology,
+    *,
+    queue_arguments: QueueArguments | None = None,
+    portal_ids: Iterable[str] = (),
 ) -> None:
-    """Declare accessflow's exchanges, the unrouted-events queue and the bindings; idempotent.
+    """Declare accessflow's exchanges, the unrouted-events queue, portals' events queues and the bindings; idempotent.
 
     The work queues bound here (``<prefix>.requests`` and ``<prefix>.decisions``) must exist:
     the workers call this after dramatiq has declared its queues. With ``queue_arguments``
     they are declared first (with their dead-letter queues), with exactly those arguments.
+
+    Each portal in ``portal_ids`` gets its events queue (:data:`PORTAL_EVENTS_QUEUE_ARGUMENTS`)
+    bound to the events exchange with ``<portal_id>.#``, as :func:`definitions` has them:
+    a portal registered after the last ``broker setup`` receives its events from the next
+    worker boot on, instead of having them kept in the unrouted queue. Portals declare and
+    bind nothing themselves (see the module docstring). A queue of that name that exists
+    with other arguments (one a portal declared before portals lost configure, say) makes
+    RabbitMQ close the channel with PRECONDITION_FAILED: delete it, it is not ours.
 
     Parameters:
       channel: an open channel of a user with configure, write and read on ``<prefix>.*``
         (the workers' user).
       topology: the names.
       queue_arguments: the workers' queue arguments, to declare the two bound work queues.
+      portal_ids: the portals to declare an events queue and its binding for (the
+        portals registered in the database); each must match :data:`PORTAL_ID`.
+
+    Raises:
+      ValueError: a portal id is invalid (before anything is declared).
     """
+    portals = sorted(set(portal_ids))
+    for portal_id in portals:
+        _check_portal_id(portal_id)
     for name, kind, arguments in topology.exchanges():
         channel.exchange_declare(exchange=name, exchange_type=kind, durable=True, arguments=dict(arguments))
     channel.queue_declare(
@@ -213,7 +251,13 @@ def declare(
                 queue=xq_name(queue), durable=True, arguments=dict(queue_arguments.dead_letter(queue))
             )
             channel.queue_declare(queue=queue, durable=True, arguments=dict(queue_arguments.work(queue)))
-    for exchange, queue, routing_key in topology.bindings():
+    for portal_id in portals:
+        channel.queue_declare(
+            queue=topology.portal_events_queue(portal_id),
+            durable=True,
+            arguments=dict(PORTAL_EVENTS_QUEUE_ARGUMENTS),
+        )
+    for exchange, queue, routing_key in topology.bindings(portals):
         channel.queue_bind(queue=queue, exchange=exchange, routing_key=routing_key)
 
 
@@ -296,11 +340,18 @@ def permissions(topology: Topology, accounts: Accounts) -> list[Permission]:
       (and a queue declared with a dead-letter exchange ``""`` needs write on it).
     * admin tool: write on the decisions exchange only (``basic.publish`` needs write on the
       exchange and nothing else); it declares nothing and reads nothing.
-    * portal P: configure on ``<prefix>.portal.P.*`` to declare its own events queue; write on
-      the submissions exchange (to publish) and on its own queues (``queue.bind`` needs write
-      on the queue); read on the events exchange (``queue.bind`` needs read on the exchange)
-      and on its own queues (to consume). No write on ``amq.default``: no internal queue is
-      within its reach.
+    * portal P: configure nothing; write on the submissions exchange only (to publish); read
+      on its own events queue ``<prefix>.portal.P.events`` only (``basic.consume``,
+      ``basic.get``; ``basic.ack`` and a passive ``queue.declare`` need no permission).
+      That queue and its binding are accessflow's (:func:`definitions`, :func:`declare`).
+      No configure means no ``queue.declare``, ``queue.delete``, ``exchange.declare``, so no
+      queue with a dead-letter exchange of the portal's choosing (module docstring); no
+      write on a queue and no read on an exchange means no ``queue.bind``/``queue.unbind``
+      and no ``exchange.bind`` (which needs read on the source exchange), so no route of
+      the portal's making, for instance from the events exchange into the submissions
+      exchange. No write on ``amq.default``: no internal queue is within its reach. Both
+      regexes name exactly one resource, so no name accessflow adds later is granted by
+      accident.
     * ops: read on the dead-letter queues (``basic.get``), write on ``amq.default`` (replay
       publishes back onto the work queues), configure nothing. A passive ``queue.declare``
       (queue depth) and ``basic.ack``/``basic.nack`` need no permission at all, so the work
@@ -326,13 +377,12 @@ def permissions(topology: Topology, accounts: Accounts) -> list[Permission]:
         ),
     ]
     for portal_id in sorted(accounts.portals):
-        own = re.escape(topology.portal_namespace(portal_id)) + ".*"
         granted.append(
             Permission(
                 accounts.portals[portal_id],
-                configure=f"^{own}$",
-                write=f"^({re.escape(topology.submissions_exchange)}|{own})$",
-                read=f"^({re.escape(topology.events_exchange)}|{own})$",
+                configure=NOTHING,
+                write=_exactly(topology.submissions_exchange),
+                read=_exactly(topology.portal_events_queue(portal_id)),
             )
         )
     return granted
@@ -345,25 +395,35 @@ def topic_permissions(topology: Topology, accounts: Accounts) -> list[TopicPermi
     key is allowed), on ``basic.publish`` (write) and on ``queue.bind``/``exchange.bind``
     (read, against the binding key).
 
-    * workers, events exchange: publish with any key (an event for any portal); bind none.
+    * workers, events exchange: publish with any key (an event for any portal); bind only
+      with ``<portal id>.#`` (:func:`declare` binds each portal's events queue so), never
+      with a key that would bring one queue the events of several portals (``#``, ``*.x``).
     * portal P, submissions exchange: publish only with the key ``P``, so a submission's
       routing key names the portal that sent it; bind none.
-    * portal P, events exchange: bind only with keys ``P.…``, so it receives its own events
-      and no other portal's; publish none (it has no write on that exchange anyway).
+    * portal P, events exchange: nothing, on purpose. A topic permission narrows what the
+      vhost permissions already allow, and a portal may neither publish to the events
+      exchange (no write on it) nor bind from it (no read on it, no write on any queue):
+      RabbitMQ refuses both before it looks at a routing key. Its events come through the
+      binding ``P.#`` that accessflow makes. A ``^$``/``^$`` entry would add no protection,
+      only a second place to keep in step; what guards against the vhost permissions being
+      widened again is tests/faults/test_broker_boundary.py, which expects each refusal.
     * the admin tool gets none: its routing key (the admin id) is not what authorises a
       decision; the signature inside it is.
     """
-    granted = [TopicPermission(accounts.workers, topology.events_exchange, write=".*", read=NOTHING)]
+    granted = [
+        TopicPermission(
+            accounts.workers, topology.events_exchange, write=".*", read=PORTAL_EVENTS_BINDING_KEY
+        )
+    ]
     for portal_id in sorted(accounts.portals):
-        user = accounts.portals[portal_id]
-        granted += [
+        granted.append(
             TopicPermission(
-                user, topology.submissions_exchange, write=f"^{re.escape(portal_id)}$", read=NOTHING
-            ),
-            TopicPermission(
-                user, topology.events_exchange, write=NOTHING, read=f"^{re.escape(portal_id)}\\."
-            ),
-        ]
+                accounts.portals[portal_id],
+                topology.submissions_exchange,
+                write=f"^{re.escape(portal_id)}$",
+                read=NOTHING,
+            )
+        )
     return granted
 
 
@@ -419,8 +479,21 @@ def definitions(
     arguments are equal and the declaration is a no-op. The delay queues (``.DQ``) are
     left to dramatiq.
 
+    Each portal of ``accounts`` gets its events queue (:data:`PORTAL_EVENTS_QUEUE_ARGUMENTS`)
+    and its binding ``<portal_id>.#`` from the events exchange: portals declare and bind
+    nothing (module docstring).
+
     Passwords never appear in the document, only salted hashes; with ``passwords`` empty
     the document is deterministic, and is what ``deploy/rabbitmq/definitions.json`` holds.
+
+    An import adds and replaces; it never removes, and it leaves an existing queue as it is,
+    arguments included. On a node set up before portals lost configure, what a portal
+    declared or bound itself is still there: :func:`infra.broker_admin.apply_definitions`
+    fails on a portal events queue whose arguments differ; any other queue under
+    ``<prefix>.portal.``, any binding from the events exchange other than ``P.#`` to P's
+    queue, and any exchange-to-exchange binding into the submissions exchange must be
+    deleted by an operator. The events-exchange topic permission portals had is harmless
+    where it remains (the vhost permissions refuse first).
     """
     unknown = sorted(set(passwords) - set(accounts.users()))
     if unknown:
@@ -440,6 +513,10 @@ def definitions(
     for name in WORK_QUEUES:
         work = topology.queue(name)
         queues += [queue(work, arguments.work(work)), queue(xq_name(work), arguments.dead_letter(work))]
+    queues += [
+        queue(topology.portal_events_queue(portal_id), PORTAL_EVENTS_QUEUE_ARGUMENTS)
+        for portal_id in sorted(accounts.portals)
+    ]
     return {
         "vhosts": [{"name": vhost}],
         "users": [
@@ -481,7 +558,7 @@ def definitions(
                 "routing_key": routing_key,
                 "arguments": {},
             }
-            for exchange, queue_name, routing_key in topology.bindings()
+            for exchange, queue_name, routing_key in topology.bindings(accounts.portals)
         ],
     }
 

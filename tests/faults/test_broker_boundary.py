@@ -3,17 +3,21 @@
 One private RabbitMQ node (never the shared one) serves the whole module. ``accessflow
 broker setup`` (the CLI, as a subprocess) applies the definitions with passwords for the
 workers, the admin tool, ops and two portals (p1, p2), and a third portal (p3) without
-one; the workers' dramatiq broker then declares the work queues as the workers would,
-and :func:`infra.topology.declare` runs on top, as at worker boot.
+one; setup makes each portal's events queue and its binding. The workers' dramatiq broker
+then declares the work queues as the workers would, and :func:`infra.topology.declare`
+runs on top, with the portal ids, as at worker boot.
 
 Every refusal is its own test and asserts RabbitMQ's exact error: an over-permissive
-setup would let the operation through and the test would fail.
+setup would let the operation through and the test would fail. A portal declares and
+binds nothing (infra/topology.py says why: a queue of its own could dead-letter other
+users' messages into the submissions exchange), so every such attempt is a refusal test.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import re
 import secrets
 import subprocess
 import sys
@@ -50,7 +54,7 @@ VHOST = "accessflow"
 TOPOLOGY = Topology(PREFIX)
 WORKERS, ADMIN, OPS = "af-workers", "af-admin", "af-ops"
 PORTAL_USERS = {"p1": "portal-p1", "p2": "portal-p2", "p3": "portal-p3"}
-ACCESS_REFUSED, PRECONDITION_FAILED = 403, 406
+ACCESS_REFUSED, NOT_FOUND, PRECONDITION_FAILED = 403, 404, 406
 
 
 @dataclass(frozen=True)
@@ -150,8 +154,13 @@ def deployment(first_setup: tuple[Deployment, Any]) -> Deployment:
         for name in WORK_QUEUES:
             # Exactly what a worker does at boot; arguments unlike the imported ones would be a 406 here.
             broker.declare_queue(TOPOLOGY.queue(name), ensure=True)
-        declare(broker.channel, TOPOLOGY, queue_arguments=QueueArguments.from_settings(settings))
-        declare(broker.channel, TOPOLOGY)  # idempotent
+        declare(
+            broker.channel,
+            TOPOLOGY,
+            queue_arguments=QueueArguments.from_settings(settings),
+            portal_ids=PORTAL_USERS,  # setup made their queues: equal arguments, or this is a 406
+        )
+        declare(broker.channel, TOPOLOGY, portal_ids=PORTAL_USERS)  # idempotent
     finally:
         broker.close()
     return deployment
@@ -211,13 +220,34 @@ def depth(deployment: Deployment, queue: str) -> int:
         return int(channel.queue_declare(queue=queue, passive=True).method.message_count)
 
 
-def bind_portal_queue(deployment: Deployment, portal_id: str, routing_key: str) -> str:
-    """As the portal: declare its events queue and bind it to the events exchange."""
-    queue = TOPOLOGY.portal_events_queue(portal_id)
-    with deployment.channel(PORTAL_USERS[portal_id]) as channel:
-        channel.queue_declare(queue=queue, durable=True, arguments={"x-queue-type": "quorum"})
-        channel.queue_bind(queue=queue, exchange=TOPOLOGY.events_exchange, routing_key=routing_key)
-    return queue
+def exists(deployment: Deployment, queue: str) -> bool:
+    """Whether ``queue`` exists (a passive declare as the workers; 404 when it does not)."""
+    with deployment.channel(WORKERS) as channel:
+        try:
+            channel.queue_declare(queue=queue, passive=True)
+        except pika.exceptions.ChannelClosedByBroker as closed:
+            assert closed.reply_code == NOT_FOUND, closed
+            return False
+    return True
+
+
+def consume_until(channel: BlockingChannel, queue: str, marker: str) -> list[str]:
+    """Consume ``queue`` (acking) until the message with ``marker`` arrives; every marker seen, in order."""
+    seen: list[str] = []
+
+    def on_message(ch: BlockingChannel, method: Any, _properties: pika.BasicProperties, body: bytes) -> None:
+        seen.append(json.loads(body).get("marker"))
+        ch.basic_ack(method.delivery_tag)
+
+    tag = channel.basic_consume(queue, on_message, auto_ack=False)
+
+    def arrived() -> bool:
+        channel.connection.process_data_events(time_limit=0.2)
+        return marker in seen
+
+    wait_until(arrived, timeout=15, what=f"{marker} consumed from {queue}")
+    channel.basic_cancel(tag)
+    return seen
 
 
 # --------------------------------------------------------------------------------------
@@ -274,6 +304,33 @@ class TestSetup:
         finally:
             deployment.ctl.delete_vhost("scratch")
             deployment.ctl.delete_user("scratch-user")
+
+    def test_a_queue_kept_with_other_arguments_is_an_error(self, deployment: Deployment) -> None:
+        # As on a node where a portal declared its events queue itself, with a dead-letter
+        # exchange, before portals lost configure: an import keeps that queue as it is.
+        def document(arguments: dict[str, Any]) -> dict[str, Any]:
+            return {
+                "vhosts": [{"name": "scratch"}],
+                "queues": [
+                    {"name": "accessflow.portal.p1.events", "vhost": "scratch", "durable": True}
+                    | {"auto_delete": False, "arguments": arguments}
+                ],
+            }
+
+        planted = {
+            "x-queue-type": "quorum",
+            "x-dead-letter-exchange": "accessflow.in.submissions",
+            "x-dead-letter-routing-key": "p2",
+        }
+        try:
+            apply_definitions(deployment.ctl, document(planted))
+            with pytest.raises(
+                BrokerAdminError, match="keeps queues declared before with other arguments"
+            ) as failed:
+                apply_definitions(deployment.ctl, document({"x-queue-type": "quorum"}))
+            assert "x-dead-letter-routing-key" in str(failed.value)
+        finally:
+            deployment.ctl.delete_vhost("scratch")
 
     def test_a_binding_rabbitmq_skipped_on_import_is_an_error(self, deployment: Deployment) -> None:
         # RabbitMQ imports a binding to a missing queue "successfully", without the binding.
@@ -349,14 +406,144 @@ class TestPortalRefusals:
     ) -> None:
         queue = TOPOLOGY.portal_events_queue("p1")
         with deployment.channel("portal-p1") as channel:
-            channel.queue_declare(queue=queue, durable=True, arguments={"x-queue-type": "quorum"})
             assert refused(
                 channel.queue_bind, queue=queue, exchange=TOPOLOGY.events_exchange, routing_key=binding_key
             ) == (
                 ACCESS_REFUSED,
-                f"ACCESS_REFUSED - access to topic '{binding_key}' in exchange 'accessflow.out.events' "
-                "in vhost 'accessflow' refused for user 'portal-p1'",
+                "ACCESS_REFUSED - access to queue 'accessflow.portal.p1.events' in vhost 'accessflow' "
+                "refused for user 'portal-p1'",
             )
+
+    @pytest.mark.parametrize(
+        ("exchange", "binding_key"),
+        [("accessflow.out.events", "p1.#"), ("accessflow.in.submissions", "p1"), ("amq.topic", "#")],
+    )
+    def test_a_portal_cannot_bind_its_queue_even_to_its_own_events(
+        self, deployment: Deployment, exchange: str, binding_key: str
+    ) -> None:
+        with deployment.channel("portal-p1") as channel:
+            assert refused(
+                channel.queue_bind,
+                queue=TOPOLOGY.portal_events_queue("p1"),
+                exchange=exchange,
+                routing_key=binding_key,
+            ) == (
+                ACCESS_REFUSED,
+                "ACCESS_REFUSED - access to queue 'accessflow.portal.p1.events' in vhost 'accessflow' "
+                "refused for user 'portal-p1'",
+            )
+
+    def test_a_portal_cannot_unbind_its_queue(self, deployment: Deployment) -> None:
+        with deployment.channel("portal-p1") as channel:
+            assert refused(
+                channel.queue_unbind,
+                queue=TOPOLOGY.portal_events_queue("p1"),
+                exchange=TOPOLOGY.events_exchange,
+                routing_key="p1.#",
+            ) == (
+                ACCESS_REFUSED,
+                "ACCESS_REFUSED - access to queue 'accessflow.portal.p1.events' in vhost 'accessflow' "
+                "refused for user 'portal-p1'",
+            )
+
+    def test_a_portal_cannot_route_events_into_the_submissions_exchange(self, deployment: Deployment) -> None:
+        # exchange.bind needs write on the destination (a portal has it on submissions) and
+        # read on the source: the events, published by the workers, would reach the requests queue.
+        with deployment.channel("portal-p1") as channel:
+            assert refused(
+                channel.exchange_bind,
+                destination=TOPOLOGY.submissions_exchange,
+                source=TOPOLOGY.events_exchange,
+                routing_key="p1.#",
+            ) == (
+                ACCESS_REFUSED,
+                "ACCESS_REFUSED - access to exchange 'accessflow.out.events' in vhost 'accessflow' "
+                "refused for user 'portal-p1'",
+            )
+
+    @pytest.mark.parametrize(
+        "queue",
+        [
+            "accessflow.portal.p1.events",  # its own events queue, which already exists
+            "accessflow.portal.p1.inbox",  # its own namespace
+            "accessflow.portal.p2.events",
+            "accessflow.requests",
+            "mine",
+        ],
+    )
+    def test_a_portal_cannot_declare_a_queue(self, deployment: Deployment, queue: str) -> None:
+        existed = exists(deployment, queue)
+        with deployment.channel("portal-p1") as channel:
+            assert refused(
+                channel.queue_declare, queue=queue, durable=True, arguments={"x-queue-type": "quorum"}
+            ) == (
+                ACCESS_REFUSED,
+                f"ACCESS_REFUSED - access to queue '{queue}' in vhost 'accessflow' refused for user 'portal-p1'",
+            )
+        assert exists(deployment, queue) == existed
+
+    def test_a_portal_cannot_declare_a_server_named_queue(self, deployment: Deployment) -> None:
+        with deployment.channel("portal-p1") as channel:
+            code, text = refused(channel.queue_declare, queue="", exclusive=True)
+        assert code == ACCESS_REFUSED
+        assert re.fullmatch(
+            r"ACCESS_REFUSED - access to queue 'amq\.gen-[\w-]+' in vhost 'accessflow' refused for user 'portal-p1'",
+            text,
+        ), text
+
+    def test_a_portal_cannot_declare_a_queue_that_dead_letters_into_the_submissions_exchange(
+        self, deployment: Deployment
+    ) -> None:
+        # The hole this closes: bound to p1's events (published by the workers) with a TTL of 0,
+        # this queue would put them on the requests queue under routing key p2, with the
+        # workers' user-id. RabbitMQ asks the declarer for configure and read on the queue and
+        # write on the dead-letter exchange (no topic check of the key); a portal has write only.
+        queue = "accessflow.portal.p1.trap"
+        arguments = {
+            "x-queue-type": "quorum",
+            "x-dead-letter-exchange": TOPOLOGY.submissions_exchange,
+            "x-dead-letter-routing-key": "p2",
+            "x-message-ttl": 0,
+        }
+        with deployment.channel("portal-p1") as channel:
+            assert refused(channel.queue_declare, queue=queue, durable=True, arguments=arguments) == (
+                ACCESS_REFUSED,
+                f"ACCESS_REFUSED - access to queue '{queue}' in vhost 'accessflow' refused for user 'portal-p1'",
+            )
+        assert not exists(deployment, queue)
+
+    def test_a_portal_cannot_delete_its_events_queue(self, deployment: Deployment) -> None:
+        queue = TOPOLOGY.portal_events_queue("p1")
+        with deployment.channel("portal-p1") as channel:
+            assert refused(channel.queue_delete, queue=queue) == (
+                ACCESS_REFUSED,
+                f"ACCESS_REFUSED - access to queue '{queue}' in vhost 'accessflow' refused for user 'portal-p1'",
+            )
+        assert exists(deployment, queue)
+
+    def test_a_portal_cannot_declare_an_exchange(self, deployment: Deployment) -> None:
+        with deployment.channel("portal-p1") as channel:
+            assert refused(
+                channel.exchange_declare, exchange="accessflow.portal.p1.x", exchange_type="fanout"
+            ) == (
+                ACCESS_REFUSED,
+                "ACCESS_REFUSED - access to exchange 'accessflow.portal.p1.x' in vhost 'accessflow' "
+                "refused for user 'portal-p1'",
+            )
+
+    @pytest.mark.parametrize("portal_id", ["p2", "p3"])
+    def test_a_portal_cannot_consume_another_portals_queue(
+        self, deployment: Deployment, portal_id: str
+    ) -> None:
+        queue = TOPOLOGY.portal_events_queue(portal_id)
+        expected = (
+            ACCESS_REFUSED,
+            f"ACCESS_REFUSED - access to queue '{queue}' in vhost 'accessflow' refused for user 'portal-p1'",
+        )
+        with deployment.channel("portal-p1") as channel:
+            assert refused(channel.basic_consume, queue, lambda *_: None) == expected
+        with deployment.channel("portal-p1") as channel:
+            assert refused(channel.basic_get, queue, auto_ack=False) == expected
 
     def test_a_portal_cannot_publish_events(self, deployment: Deployment) -> None:
         with deployment.channel("portal-p1") as channel:
@@ -414,20 +601,53 @@ class TestAllowedPaths:
             publish(channel, TOPOLOGY.decisions_exchange, "admin-7", body, user_id=ADMIN)
         assert take(deployment, WORKERS, TOPOLOGY.queue("decisions"), marker).user_id == ADMIN
 
-    def test_an_event_reaches_the_portal_it_names_and_no_other(self, deployment: Deployment) -> None:
-        p1_queue = bind_portal_queue(deployment, "p1", "p1.#")
-        p2_queue = bind_portal_queue(deployment, "p2", "p2.#")
-        p2_before = depth(deployment, p2_queue)
+    def test_setup_made_each_portals_events_queue_and_its_binding(self, deployment: Deployment) -> None:
+        bindings = {
+            (b["source_name"], b["destination_name"], b["routing_key"])
+            for b in deployment.ctl.list_bindings(VHOST)
+        }
+        queues = {q["name"]: q["arguments"] for q in deployment.ctl.list_queues(VHOST)}
+        for portal_id in PORTAL_USERS:
+            queue = TOPOLOGY.portal_events_queue(portal_id)
+            assert queues[queue] == {"x-queue-type": "quorum"}
+            assert (TOPOLOGY.events_exchange, queue, f"{portal_id}.#") in bindings
+        # Every binding from the events exchange is accessflow's: one portal's key to that portal's queue.
+        for _source, destination, key in (b for b in bindings if b[0] == TOPOLOGY.events_exchange):
+            portal_id = key.removesuffix(".#")
+            assert destination == TOPOLOGY.portal_events_queue(portal_id), (destination, key)
+
+    def test_a_portal_consumes_its_own_events_and_no_other_portals(self, deployment: Deployment) -> None:
+        # Given an event for p2 published before one for p1 (each confirmed, so routed)
+        p2_marker, p2_body = marked_body()
+        p1_marker, p1_body = marked_body()
+        with deployment.channel(WORKERS) as channel:
+            publish(channel, TOPOLOGY.events_exchange, "p2.approved", p2_body, user_id=WORKERS)
+            publish(channel, TOPOLOGY.events_exchange, "p1.approved", p1_body, user_id=WORKERS)
+        # When p1 consumes the queue setup made for it, up to its own event
+        with deployment.channel("portal-p1") as channel:
+            seen = consume_until(channel, TOPOLOGY.portal_events_queue("p1"), p1_marker)
+        # Then p2's event, which would have come first, was never in it; it is in p2's queue
+        assert p2_marker not in seen
+        assert take(deployment, "portal-p2", TOPOLOGY.portal_events_queue("p2"), p2_marker).user_id == WORKERS
+
+    def test_declare_at_worker_boot_gives_a_portal_registered_later_its_queue(
+        self, deployment: Deployment
+    ) -> None:
+        # p4 is in no definitions: registered after the last setup, known to the workers from the database.
+        queue = TOPOLOGY.portal_events_queue("p4")
+        assert not exists(deployment, queue)
+        with deployment.channel(WORKERS) as channel:
+            declare(channel, TOPOLOGY, portal_ids=["p1", "p4"])
+            declare(channel, TOPOLOGY, portal_ids=["p1", "p4"])  # idempotent
         marker, body = marked_body()
         with deployment.channel(WORKERS) as channel:
-            publish(channel, TOPOLOGY.events_exchange, "p1.approved", body, user_id=WORKERS)
-        assert take(deployment, "portal-p1", p1_queue, marker).user_id == WORKERS
-        # The confirm came after every queue the event was routed to had it: p2's has nothing new.
-        assert depth(deployment, p2_queue) == p2_before
+            publish(channel, TOPOLOGY.events_exchange, "p4.approved", body, user_id=WORKERS)
+        take(deployment, WORKERS, queue, marker)
 
     def test_an_event_for_a_portal_without_a_queue_is_kept_in_the_unrouted_queue(
         self, deployment: Deployment
     ) -> None:
+        assert not exists(deployment, TOPOLOGY.portal_events_queue("p9"))  # p9 is in no definitions
         marker, body = marked_body()
         with deployment.channel(WORKERS) as channel:
             publish(channel, TOPOLOGY.events_exchange, "p9.approved", body)  # mandatory: not returned

@@ -165,38 +165,59 @@ class TestPermissions:
         ):
             assert not matches(p["write"], other), other
 
-    def test_a_portal_writes_submissions_and_its_own_queues_only(self) -> None:
+    def test_a_portal_writes_the_submissions_exchange_only(self) -> None:
         p = permission_of(document(), "portal-p1")
-        for allowed in ("accessflow.in.submissions", "accessflow.portal.p1.events"):
-            assert matches(p["write"], allowed), allowed
+        assert p["write"] == r"^(accessflow\.in\.submissions)$"
+        assert matches(p["write"], "accessflow.in.submissions")
         for refused in (
             "amq.default",
             "accessflow.requests",
             "accessflow.credentials",
             "accessflow.in.decisions",
             "accessflow.out.events",
+            "accessflow.in.submissionsX",
+            # No write on a queue, even its own: queue.bind needs it, and binding is accessflow's.
+            "accessflow.portal.p1.events",
+            "accessflow.portal.p1.trap",
             "accessflow.portal.p2.events",
-            "accessflow.portal.p10.events",
         ):
             assert not matches(p["write"], refused), refused
 
-    def test_a_portal_reads_the_events_exchange_and_its_own_queues_only(self) -> None:
+    def test_a_portal_reads_its_own_events_queue_only(self) -> None:
         p = permission_of(document(), "portal-p1")
-        assert matches(p["read"], "accessflow.out.events")
-        assert matches(p["read"], "accessflow.portal.p1.events")
-        for refused in ("accessflow.portal.p2.events", "accessflow.requests", "accessflow.events.unrouted"):
+        assert p["read"] == r"^(accessflow\.portal\.p1\.events)$"
+        for refused in (
+            # No read on an exchange: queue.bind and exchange.bind need it on their source.
+            "accessflow.out.events",
+            "accessflow.in.submissions",
+            "accessflow.portal.p1.eventsX",
+            "accessflow.portal.p1.trap",
+            "accessflow.portal.p2.events",
+            "accessflow.portal.p10.events",
+            "accessflow.requests",
+            "accessflow.events.unrouted",
+        ):
             assert not matches(p["read"], refused), refused
 
-    def test_a_portal_configures_only_its_own_namespace(self) -> None:
+    def test_a_portal_configures_nothing(self) -> None:
+        # Declaring a queue means choosing its x-dead-letter-exchange: see infra/topology.py.
         p = permission_of(document(), "portal-p1")
-        assert matches(p["configure"], "accessflow.portal.p1.events")
+        assert p["configure"] == "^$"
         for refused in (
+            "accessflow.portal.p1.events",
+            "accessflow.portal.p1.trap",
             "accessflow.portal.p2.events",
-            "accessflow.portal.p1",
             "accessflow.requests",
             "amq.gen-x",
         ):
             assert not matches(p["configure"], refused), refused
+
+    def test_every_portal_gets_the_same_rules_for_its_own_names(self) -> None:
+        doc = document()
+        for portal_id in ("p1", "p2"):
+            p = permission_of(doc, f"portal-{portal_id}")
+            assert matches(p["read"], f"accessflow.portal.{portal_id}.events")
+            assert p["configure"] == "^$"
 
     def test_workers_reach_everything_of_the_prefix_and_the_default_exchange(self) -> None:
         p = permission_of(document(), "af-workers")
@@ -232,18 +253,27 @@ class TestTopicPermissions:
             assert not matches(t["write"], refused), refused
         assert t["read"] == "^$"
 
-    def test_a_portal_binds_only_to_its_own_events(self) -> None:
-        t = topic_permission_of(document(), "portal-p1", "accessflow.out.events")
-        assert matches(t["read"], "p1.#")
-        assert matches(t["read"], "p1.approved")
-        for refused in ("p2.#", "#", "*.approved", "p10.#", "p1"):
-            assert not matches(t["read"], refused), refused
-        assert t["write"] == "^$"
+    def test_a_portal_has_no_topic_permission_on_the_events_exchange(self) -> None:
+        # It may neither publish to nor bind from that exchange: the vhost permissions refuse first.
+        doc = document()
+        for user in ("portal-p1", "portal-p2"):
+            assert [t["exchange"] for t in doc["topic_permissions"] if t["user"] == user] == [
+                "accessflow.in.submissions"
+            ]
 
     def test_workers_publish_events_with_any_key_and_the_admin_tool_has_none(self) -> None:
         doc = document()
         assert topic_permission_of(doc, "af-workers", "accessflow.out.events")["write"] == ".*"
         assert not [t for t in doc["topic_permissions"] if t["user"] == "af-admin"]
+
+    def test_workers_bind_portal_events_queues_with_one_portals_key_only(self) -> None:
+        t = topic_permission_of(document(), "af-workers", "accessflow.out.events")
+        for allowed in ("p1.#", "p-10_x.#"):
+            assert matches(t["read"], allowed), allowed
+        for refused in ("#", "*.#", "*.approved", "p1.approved", "p1.*", "p1", "p1.x.#", ".#"):
+            assert not matches(t["read"], refused), refused
+        for portal_id in ("p1", "p2"):
+            assert matches(t["read"], TOPOLOGY.portal_events_binding(portal_id)[2])
 
 
 class TestTopology:
@@ -264,8 +294,22 @@ class TestTopology:
         assert sorted((b["source"], b["destination"], b["routing_key"]) for b in document()["bindings"]) == [
             ("accessflow.in.decisions", "accessflow.decisions", "#"),
             ("accessflow.in.submissions", "accessflow.requests", "#"),
+            ("accessflow.out.events", "accessflow.portal.p1.events", "p1.#"),
+            ("accessflow.out.events", "accessflow.portal.p2.events", "p2.#"),
             ("accessflow.out.unrouted", "accessflow.events.unrouted", ""),
         ]
+
+    def test_each_portal_gets_its_events_queue_made_by_accessflow(self) -> None:
+        queues = {q["name"]: q for q in document()["queues"]}
+        for portal_id in ("p1", "p2"):
+            queue = queues[f"accessflow.portal.{portal_id}.events"]
+            assert queue["arguments"] == {"x-queue-type": "quorum"}  # no dead-lettering of anyone's choosing
+            assert queue["durable"] and not queue["auto_delete"]
+
+    def test_without_portals_there_is_no_portal_queue_or_binding(self) -> None:
+        doc = document(accounts=Accounts("w", "a", "o"))
+        assert not [q for q in doc["queues"] if ".portal." in q["name"]]
+        assert not [b for b in doc["bindings"] if b["source"] == "accessflow.out.events"]
 
     def test_work_queues_carry_exactly_the_workers_arguments(self) -> None:
         settings = Settings.model_construct(max_deliveries=3, dead_letter_ttl_days=2)
@@ -285,7 +329,7 @@ class TestTopology:
         }
         assert queues["accessflow.events.unrouted"]["arguments"] == {"x-queue-type": "quorum"}
         assert sorted(queues) == sorted(
-            ["accessflow.events.unrouted"]
+            ["accessflow.events.unrouted", "accessflow.portal.p1.events", "accessflow.portal.p2.events"]
             + [f"accessflow.{n}" for n in WORK_QUEUES]
             + [f"accessflow.{n}.XQ" for n in WORK_QUEUES]
         )
@@ -329,12 +373,43 @@ class TestDeclare:
     def test_declares_what_the_definitions_hold(self) -> None:
         channel = RecordingChannel()
         declare(channel, TOPOLOGY)
-        doc = document()
+        doc = document(accounts=Accounts("w", "a", "o"))
         assert channel.exchanges == {e["name"]: (e["type"], True, e["arguments"]) for e in doc["exchanges"]}
         assert channel.queues == {"accessflow.events.unrouted": {"x-queue-type": "quorum"}}
         assert sorted(channel.bindings) == sorted(
             (b["source"], b["destination"], b["routing_key"]) for b in doc["bindings"]
         )
+
+    def test_with_portal_ids_it_declares_their_queues_and_bindings_as_the_definitions_do(self) -> None:
+        channel = RecordingChannel()
+        declare(channel, TOPOLOGY, portal_ids=["p2", "p1", "p2"])
+        doc = document()  # portals p1 and p2
+        portal_queues = {q["name"]: q["arguments"] for q in doc["queues"] if ".portal." in q["name"]}
+        assert {n: a for n, a in channel.queues.items() if ".portal." in n} == portal_queues
+        assert sorted(channel.bindings) == sorted(
+            (b["source"], b["destination"], b["routing_key"]) for b in doc["bindings"]
+        )  # each binding once, p2 given twice
+
+    def test_a_portal_queue_is_declared_before_it_is_bound(self) -> None:
+        calls: list[str] = []
+
+        class OrderChannel(RecordingChannel):
+            def queue_declare(self, *, queue: str, durable: bool, arguments: dict[str, Any]) -> None:
+                calls.append(f"declare {queue}")
+
+            def queue_bind(self, *, queue: str, exchange: str, routing_key: str) -> None:
+                calls.append(f"bind {queue}")
+
+        declare(OrderChannel(), TOPOLOGY, portal_ids=["p1"])
+        assert calls.index("declare accessflow.portal.p1.events") < calls.index(
+            "bind accessflow.portal.p1.events"
+        )
+
+    def test_an_invalid_portal_id_is_refused_before_anything_is_declared(self) -> None:
+        channel = RecordingChannel()
+        with pytest.raises(ValueError, match="invalid portal id"):
+            declare(channel, TOPOLOGY, portal_ids=["p1", "p1.#"])
+        assert (channel.exchanges, channel.queues, channel.bindings) == ({}, {}, [])
 
     def test_with_queue_arguments_it_declares_the_bound_work_queues_first(self) -> None:
         channel = RecordingChannel()
