@@ -225,15 +225,19 @@ def boot_workers() -> None:
 
 
 def declare_topology(services: Services) -> None:
-    """Declare the exchanges portals and admin tools publish to, and their bindings; idempotent.
+    """Declare the exchanges, and each registered portal's events queue, with their bindings; idempotent.
 
     In production ``accessflow broker setup`` has made them already; declaring again lets
-    a development broker (one user, no setup) work as it is.
+    a development broker (one user, no setup) work as it is, and gives a portal registered
+    since the setup its queue when the workers next start.
     """
     broker = services.broker
     if isinstance(broker, QuorumRabbitmqBroker):
+        with services.uow() as uow:
+            portal_ids = [portal.id for portal in uow.portals.list()]
         topology.declare(
             broker.channel,
             topology.Topology(services.settings.queue_prefix),
             queue_arguments=topology.QueueArguments.from_broker(broker),
+            portal_ids=portal_ids,
         )

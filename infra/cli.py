@@ -149,14 +149,12 @@ def submit(file: Path, portal_id: str | None, as_json: bool) -> None:
 @click.option("--admin", "admin_id", required=True, help="The deciding admin's id (accessflow admins list).")
 @click.option(
     "--key-file",
-    required=True,
     envvar="ACCESSFLOW_ADMIN_KEY_FILE",
     type=click.Path(exists=True, dir_okay=False, path_type=Path),
     help="The admin's Ed25519 private key (accessflow keys admin-generate); env ACCESSFLOW_ADMIN_KEY_FILE.",
 )
 @click.option(
     "--key-id",
-    required=True,
     envvar="ACCESSFLOW_ADMIN_KEY_ID",
     help="The id the key's public half is registered under; env ACCESSFLOW_ADMIN_KEY_ID.",
 )
@@ -166,13 +164,15 @@ def decide(
     decision: str,
     reason: str | None,
     admin_id: str,
-    key_file: Path,
-    key_id: str,
+    key_file: Path | None,
+    key_id: str | None,
     as_json: bool,
 ) -> None:
     """Sign an admin's decision on a pending request with the admin's key, and publish it."""
     if decision == "reject" and not reason:
         raise click.UsageError("a rejection needs --reason: the consumer reads it")
+    if key_file is None or not key_id:
+        raise click.UsageError("a decision is signed: give --key-file and --key-id (or their variables)")
     try:
         private_key = signing.load_private_key(key_file)
     except (ValueError, AccessflowError) as error:

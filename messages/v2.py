@@ -55,7 +55,8 @@ Version2 = Annotated[Literal[2], BeforeValidator(_not_a_bool)]
 class AccessRequestSubmitted(v1.AccessRequestSubmitted):
     """A consumer asks for products under a plan for an app, through a registered portal."""
 
-    version: Version2 = Field(2, description="Contract version.")  # type: ignore[assignment]
+    # Required: a payload without ``version`` is read as v1 (routes.Route.contract_for).
+    version: Version2 = Field(description="Contract version: 2.")  # type: ignore[assignment]
     portal_id: Identifier = Field(
         description="The registered portal that sends this; it must publish as its own AMQP user "
         "and may speak only for its own consumers."

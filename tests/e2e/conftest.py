@@ -116,8 +116,7 @@ def ops_env(env: dict[str, str], boundary: Boundary) -> dict[str, str]:
 class PortalClient:
     """A developer portal as another team would build it: plain AMQP, its own user and queue.
 
-    It binds its events queue before it submits anything (events nobody is bound for go to
-    the unrouted queue), and keeps every event it receives, by request.
+    It reads the events queue accessflow made for it, and keeps every event it receives.
     """
 
     def __init__(self, party: PortalParty, boundary: Boundary, prefix: str, env: dict[str, str]) -> None:
@@ -131,10 +130,8 @@ class PortalClient:
         self.received: list[dict[str, Any]] = []
         self.connection = pika.BlockingConnection(pika.URLParameters(self.url))
         channel = self.connection.channel()
-        channel.queue_declare(queue=self.queue, durable=True, arguments={"x-queue-type": "quorum"})
-        channel.queue_bind(
-            queue=self.queue, exchange=self.topology.events_exchange, routing_key=f"{party.id}.#"
-        )
+        # accessflow made the queue and its binding (broker setup); the portal may only read it.
+        channel.queue_declare(queue=self.queue, passive=True)
         self.channel = channel
 
     def submit(self, payload: dict[str, Any], **publish: Any) -> str:

@@ -34,7 +34,14 @@ class TestSettingUp:
 
         loaded = cli(fresh_env, "catalog", "load", str(EXAMPLES / "catalog.yaml"), "--json")
 
-        assert json.loads(loaded.stdout) == {"products": 3, "plans": 2, "consumers": 2, "apps": 2}
+        assert json.loads(loaded.stdout) == {
+            "products": 3,
+            "plans": 2,
+            "consumers": 2,
+            "apps": 2,
+            "portals": 0,
+            "admins": 0,
+        }
         assert json.loads(cli(fresh_env, "requests", "list", "--json").stdout) == []
 
     def test_upgrading_twice_changes_nothing(self, fresh_env: dict[str, str]) -> None:
@@ -88,14 +95,27 @@ class TestErrors:
             "00000000-0000-0000-0000-000000000000",
             "reject",
             "--admin",
-            "a@b.example",
+            "dana",
             check=False,
         )
         assert result.returncode == 2 and "--reason" in result.stderr
 
+    def test_a_decision_needs_a_signing_key(self, fresh_env: dict[str, str]) -> None:
+        result = cli(
+            fresh_env,
+            "decide",
+            "00000000-0000-0000-0000-000000000000",
+            "approve",
+            "--admin",
+            "dana",
+            check=False,
+        )
+        assert result.returncode == 2 and "--key-file" in result.stderr
+
     def test_an_unreachable_broker_is_an_error_not_a_hang(self, fresh_env: dict[str, str]) -> None:
         env = {**fresh_env, "ACCESSFLOW_BROKER_URL": f"amqp://guest:guest@127.0.0.1:{svc.free_port()}/%2F"}
-        result = cli(env, "submit", str(EXAMPLES / "requests" / "01-auto-approve.json"), check=False)
+        request = str(EXAMPLES / "requests" / "01-auto-approve.json")
+        result = cli(env, "submit", "--portal", "acme-portal", request, check=False)
         assert result.returncode == 1 and "could not publish" in result.stderr
 
 
@@ -120,7 +140,9 @@ class TestTheDemo:
             "rejected",
             "04-invalid-mixed-auth.json",
             "one authentication method",
-            "secret is gone",
+            "refused  rejected_auth: bad signature",
+            "sealed secret opened with the portal's key",
+            "matches the stored hash",
             "5 emails written",
         ):
             assert expected in out, f"{expected!r} not in the demo's output:\n{out}"

@@ -5,6 +5,12 @@ reaches a handler, and whatever it refuses is recorded with ``explain``'s text. 
 tests throw generated and mutated messages at it, then send requests that are well
 formed but break a catalogue rule through the real ``route_request`` with the fakes.
 
+Outside parties publish contract v2 (the current one) and, while they move over, v1 (the
+legacy one, read by the payload's ``version``): both are generated, mutated and decoded
+here, and each must decode to its own contract or be refused in words. A v2 decision's
+signature is not checked by ``decode`` (the handler checks it), so generated decisions
+carry schema-valid garbage signatures.
+
 ``TestFormerFindings`` keeps the edge cases these tests first found, now fixed, so they stay fixed.
 """
 
@@ -27,11 +33,12 @@ from pydantic import BaseModel, ValidationError
 
 import messages
 from domain.handlers import route_request
-from domain.model import Status
-from messages import routes, v1
+from domain.model import Portal, Status
+from messages import export, routes, v1, v2
+from messages.canonical import canonical_bytes
 from messages.routes import Route
 from messages.v1 import MAX_MESSAGE_BYTES
-from tests.unit.fakes import ACME, GLOBEX, FakeUnitOfWork
+from tests.unit.fakes import ACME, ACME_PORTAL, GLOBEX, GLOBEX_PORTAL, FakePortalRepository, FakeUnitOfWork
 from workers.registry import decode, explain
 
 QUICK = settings(
@@ -58,12 +65,17 @@ def _schema(name: str) -> dict[str, Any]:
     return loaded
 
 
-SUBMITTED_SCHEMA = _schema("access_request.submitted.v1.json")
-DECIDED_SCHEMA = _schema("access_request.decided.v1.json")
+SUBMITTED_SCHEMA = _schema("access_request.submitted.v2.json")
+DECIDED_SCHEMA = _schema("access_request.decided.v2.json")
+V1_SUBMITTED_SCHEMA = _schema("access_request.submitted.v1.json")
+V1_DECIDED_SCHEMA = _schema("access_request.decided.v1.json")
 ENVELOPE_SCHEMA = _schema("envelope.json")
-SCHEMA_OF: dict[str, dict[str, Any]] = {
-    routes.SUBMIT.actor_name: SUBMITTED_SCHEMA,
-    routes.DECIDE.actor_name: DECIDED_SCHEMA,
+#: The schema of each contract outside parties publish: the current ones and the legacy ones.
+SCHEMA_OF: dict[type[BaseModel], dict[str, Any]] = {
+    v2.AccessRequestSubmitted: SUBMITTED_SCHEMA,
+    v2.AdminDecision: DECIDED_SCHEMA,
+    v1.AccessRequestSubmitted: V1_SUBMITTED_SCHEMA,
+    v1.AdminDecision: V1_DECIDED_SCHEMA,
 }
 
 #: Offsets as far as RFC 3339 goes: -23:59 to +23:59.
@@ -77,10 +89,17 @@ UUIDS = st.one_of(
     st.uuids().map(lambda u: u.hex),
     st.uuids().map(lambda u: str(u).upper()),
 )
+#: Valid UTC times as contract v2 writes them, ``2026-11-27T10:00:00Z``, with 0 to 6 fraction digits.
+UTC_INSTANTS = st.builds(
+    lambda when, fraction: f"{when.astimezone(UTC):%Y-%m-%dT%H:%M:%S}{fraction}Z",
+    AWARE_TIMES,
+    st.just("") | st.from_regex(r"\.[0-9]{1,6}", fullmatch=True),
+)
 #: What the schemas cannot say themselves, stated as formats of our own.
 CUSTOM_FORMATS = {
     "accessflow-uuid": UUIDS,
     "accessflow-date-time": AWARE_TIMES.map(datetime.isoformat),
+    "accessflow-utc-instant": UTC_INSTANTS,
 }
 
 
@@ -95,10 +114,11 @@ def _nodes(node: object) -> Iterator[dict[str, Any]]:
 
 
 def constrained(schema: dict[str, Any]) -> dict[str, Any]:
-    """The schema plus two things it leaves unsaid: ids are UUIDs, and times stay in 1970-2200."""
+    """The schema plus two things it leaves unsaid: ids are UUIDs (where no pattern says so), and
+    times stay in 1970-2200."""
     schema = copy.deepcopy(schema)
     for name in ("request_id", "decision_id"):
-        if name in schema["properties"]:
+        if name in schema["properties"] and "pattern" not in schema["properties"][name]:
             schema["properties"][name]["format"] = "accessflow-uuid"
     for node in _nodes(schema):
         if node.get("format") == "date-time":
@@ -149,7 +169,8 @@ PATTERN_OF_PROPERTY = {
 
 
 def stricter(schema: dict[str, Any], *, app: str | None = None) -> dict[str, Any]:
-    """``constrained``, and also free of control characters where the contract wants that, and,
+    """``constrained``, and also free of control characters where the contract wants that, with
+    times that are real dates where only a pattern describes them (v2's ``decided_at``), and,
     given ``app`` ("app_id" or "new_app"), with exactly that one of the two."""
     schema = constrained(schema)
     for node in _nodes(schema):
@@ -157,6 +178,8 @@ def stricter(schema: dict[str, Any], *, app: str | None = None) -> dict[str, Any
             for branch in (prop, *prop.get("anyOf", [])):
                 if name in PATTERN_OF_PROPERTY and branch.get("type") == "string":
                     branch["pattern"] = PATTERN_OF_PROPERTY[name]
+                if name.endswith("_at") and "pattern" in branch and "format" not in branch:
+                    branch["format"] = "accessflow-utc-instant"  # the pattern still filters them
     if app is not None:
         properties = schema["properties"]
         del properties["new_app" if app == "app_id" else "app_id"]
@@ -169,14 +192,32 @@ def _from(schema: dict[str, Any]) -> st.SearchStrategy[Any]:
     return from_contract_schema(schema, schema)
 
 
-#: As the schemas allow, and some narrowed to what the contract checks too, so that both refusals
-#: and acceptances are common.
-SUBMISSIONS = st.one_of(
-    _from(constrained(SUBMITTED_SCHEMA)),
-    _from(stricter(SUBMITTED_SCHEMA, app="app_id")),
-    _from(stricter(SUBMITTED_SCHEMA, app="new_app")),
-)
-DECISIONS = st.one_of(_from(constrained(DECIDED_SCHEMA)), _from(stricter(DECIDED_SCHEMA)))
+def submissions(schema: dict[str, Any]) -> st.SearchStrategy[dict[str, Any]]:
+    """As the schema allows, and some narrowed to what the contract checks too, so that both
+    refusals and acceptances are common."""
+    return st.one_of(
+        _from(constrained(schema)),
+        _from(stricter(schema, app="app_id")),
+        _from(stricter(schema, app="new_app")),
+    )
+
+
+def decisions(schema: dict[str, Any]) -> st.SearchStrategy[dict[str, Any]]:
+    """As the schema allows, and some narrowed to what the contract checks too."""
+    return st.one_of(_from(constrained(schema)), _from(stricter(schema)))
+
+
+SUBMISSIONS = submissions(SUBMITTED_SCHEMA)
+V1_SUBMISSIONS = submissions(V1_SUBMITTED_SCHEMA)
+DECISIONS = decisions(DECIDED_SCHEMA)
+V1_DECISIONS = decisions(V1_DECIDED_SCHEMA)
+#: Each contract outside parties publish, with the payloads generated from its schema.
+GENERATED_SUBMISSIONS = [
+    (v2.AccessRequestSubmitted, SUBMISSIONS),
+    (v1.AccessRequestSubmitted, V1_SUBMISSIONS),
+]
+GENERATED_DECISIONS = [(v2.AdminDecision, DECISIONS), (v1.AdminDecision, V1_DECISIONS)]
+GENERATED_IDS = ["v2", "v1"]
 
 
 # --- decode's answer -------------------------------------------------------------------------------
@@ -216,11 +257,15 @@ def locations(error: ValidationError) -> list[JsonPath]:
     return [tuple(problem["loc"]) for problem in error.errors()]
 
 
-def assert_decoded_or_explained(route: Route, payload: dict[str, Any]) -> BaseModel | None:
+def assert_decoded_or_explained(
+    route: Route, payload: dict[str, Any], contract: type[BaseModel]
+) -> BaseModel | None:
+    """Decode ``payload``, generated from ``contract``'s schema: it is that contract, or refused in
+    words that name fields of it."""
     answer = outcome(route, (payload,), {})
     if isinstance(answer, ValidationError):
         assert_explained(answer)
-        fields = set(SCHEMA_OF[route.actor_name]["properties"])
+        fields = set(SCHEMA_OF[contract]["properties"])
         for problem in answer.errors():
             if problem["loc"]:
                 assert problem["loc"][0] in fields, problem
@@ -230,13 +275,53 @@ def assert_decoded_or_explained(route: Route, payload: dict[str, Any]) -> BaseMo
     if isinstance(answer, ValueError):
         assert str(answer)
         return None
-    assert isinstance(answer, route.contract)
+    assert type(answer) is contract, f"{contract.__name__} v{payload.get('version')} decoded as {answer!r}"
     return answer
 
 
 # --- valid examples and ways to break them ---------------------------------------------------------
 
 REQUEST_FOR_AN_EXISTING_APP: dict[str, Any] = {
+    "version": 2,
+    "type": "access_request.submitted",
+    "request_id": "6f1c2b9e-4d3a-4e8f-9b21-7a5c0d3e8f14",
+    "portal_id": "acme-portal",
+    "consumer": {"id": "acme", "email": "dev@acme.example", "name": "Acme Developers"},
+    "app_id": "acme-web",
+    "product_ids": ["payments", "ledger"],
+    "plan_id": "free",
+    "justification": "Card payments for the new checkout.",
+    "submitted_at": "2026-11-26T10:00:00Z",
+}
+REQUEST_FOR_A_NEW_APP: dict[str, Any] = {
+    "version": 2,
+    "type": "access_request.submitted",
+    "request_id": "0b7f4a2e-1c3d-4e5f-8a9b-0c1d2e3f4a5b",
+    "portal_id": "globex-portal",
+    "consumer": {"id": "globex", "email": "api@globex.example", "name": "Globex API Team"},
+    "new_app": {"name": "Globex Identity Bridge", "description": "Single sign-on."},
+    "product_ids": ["identity"],
+    "plan_id": "partner",
+    "submitted_at": "2026-11-26T11:15:00+01:00",
+}
+DECISION: dict[str, Any] = {
+    "version": 2,
+    "type": "access_request.decided",
+    "decision_id": "5e3b8a2c-6d14-4f70-9a1e-3c8b7d2f6a05",
+    "request_id": "0b7f4a2e-1c3d-4e5f-8a9b-0c1d2e3f4a5b",
+    "decision": "approve",
+    "admin_id": "dana",
+    "reason": "Partner contract signed.",
+    "decided_at": "2026-11-26T13:30:00Z",
+    "audience": "accessflow",
+    "signature": {
+        "key_id": "dana-2026-11",
+        "algorithm": "ed25519",
+        # 64 bytes in base64, signing nothing: decode does not verify, the handler does.
+        "value": "AAECAwQFBgcICQoLDA0ODxAREhMUFRYXGBkaGxwdHh8gISIjJCUmJygpKissLS4vMDEyMzQ1Njc4OTo7PD0+Pw==",
+    },
+}
+V1_REQUEST_FOR_AN_EXISTING_APP: dict[str, Any] = {
     "version": 1,
     "type": "access_request.submitted",
     "request_id": "6f1c2b9e-4d3a-4e8f-9b21-7a5c0d3e8f14",
@@ -247,7 +332,7 @@ REQUEST_FOR_AN_EXISTING_APP: dict[str, Any] = {
     "justification": "Card payments for the new checkout.",
     "submitted_at": "2026-11-26T10:00:00Z",
 }
-REQUEST_FOR_A_NEW_APP: dict[str, Any] = {
+V1_REQUEST_FOR_A_NEW_APP: dict[str, Any] = {
     "version": 1,
     "type": "access_request.submitted",
     "request_id": "0b7f4a2e-1c3d-4e5f-8a9b-0c1d2e3f4a5b",
@@ -257,7 +342,7 @@ REQUEST_FOR_A_NEW_APP: dict[str, Any] = {
     "plan_id": "partner",
     "submitted_at": "2026-11-26T11:15:00+01:00",
 }
-DECISION: dict[str, Any] = {
+V1_DECISION: dict[str, Any] = {
     "version": 1,
     "type": "access_request.decided",
     "decision_id": "5e3b8a2c-6d14-4f70-9a1e-3c8b7d2f6a05",
@@ -267,11 +352,23 @@ DECISION: dict[str, Any] = {
     "reason": "Partner contract signed.",
     "decided_at": "2026-11-26T14:30:00+01:00",
 }
-EXAMPLES: list[tuple[Route, dict[str, Any]]] = [
+#: Contract v2, the current one.
+CURRENT_EXAMPLES: list[tuple[Route, dict[str, Any]]] = [
     (routes.SUBMIT, REQUEST_FOR_AN_EXISTING_APP),
     (routes.SUBMIT, REQUEST_FOR_A_NEW_APP),
     (routes.DECIDE, DECISION),
 ]
+#: Contract v1, still read off the wire while producers move over.
+LEGACY_EXAMPLES: list[tuple[Route, dict[str, Any]]] = [
+    (routes.SUBMIT, V1_REQUEST_FOR_AN_EXISTING_APP),
+    (routes.SUBMIT, V1_REQUEST_FOR_A_NEW_APP),
+    (routes.DECIDE, V1_DECISION),
+]
+CURRENT_IDS = ["existing-app", "new-app", "decision"]
+LEGACY_IDS = ["existing-app-v1", "new-app-v1", "decision-v1"]
+EXAMPLES = [*CURRENT_EXAMPLES, *LEGACY_EXAMPLES]
+EXAMPLE_IDS = [*CURRENT_IDS, *LEGACY_IDS]
+SUBMISSION_EXAMPLES = [(route, payload) for route, payload in EXAMPLES if route is routes.SUBMIT]
 
 
 def get(payload: Any, path: JsonPath) -> Any:
@@ -333,6 +430,8 @@ class Spot:
     """One value present in an example payload, with the schema node that describes it."""
 
     route: Route
+    #: The contract the payload's version picks, whose schema describes it.
+    contract: type[BaseModel]
     payload: dict[str, Any]
     path: JsonPath
     #: The schema node as declared (a union stays a union) ...
@@ -342,15 +441,17 @@ class Spot:
     value: Any
 
     def __repr__(self) -> str:  # hypothesis prints this for a failing example
-        return f"Spot({self.route.actor_name}, {'.'.join(map(str, self.path)) or '<root>'})"
+        version = self.payload.get("version")
+        return f"Spot({self.route.actor_name} v{version}, {'.'.join(map(str, self.path)) or '<root>'})"
 
 
 def spots(route: Route, payload: dict[str, Any]) -> Iterator[Spot]:
-    root = SCHEMA_OF[route.actor_name]
+    contract = route.contract_for(payload)
+    root = SCHEMA_OF[contract]
 
     def walk(declared: dict[str, Any], value: Any, path: JsonPath) -> Iterator[Spot]:
         node = branch_for(declared, value, root)
-        yield Spot(route, payload, path, declared, node, value)
+        yield Spot(route, contract, payload, path, declared, node, value)
         if isinstance(value, dict):
             for key, item in value.items():
                 yield from walk(node["properties"][key], item, (*path, key))
@@ -363,11 +464,19 @@ def spots(route: Route, payload: dict[str, Any]) -> Iterator[Spot]:
 
 ALL_SPOTS = [spot for route, payload in EXAMPLES for spot in spots(route, payload)]
 OBJECT_SPOTS = [spot for spot in ALL_SPOTS if spot.node.get("type") == "object"]
+
+
+def _read_as_legacy_without_it(spot: Spot, name: str) -> bool:
+    """A payload without ``version`` is read as v1: the field is required, yet dropping it picks a
+    legacy contract instead (``TestAMissingVersionPicksTheLegacyContract``)."""
+    return spot.path == () and name == "version" and 1 in spot.route.legacy
+
+
 REQUIRED = [
     (spot, (*spot.path, name))
     for spot in OBJECT_SPOTS
     for name in spot.node.get("required", [])
-    if name in spot.value
+    if name in spot.value and not _read_as_legacy_without_it(spot, name)
 ]
 
 JSON_TYPES = ("null", "boolean", "integer", "number", "string", "array", "object")
@@ -396,7 +505,7 @@ def known_lax(spot: Spot) -> set[str]:
 @st.composite
 def wrong_types(draw: st.DrawFn) -> tuple[Spot, Any]:
     spot = draw(st.sampled_from([spot for spot in ALL_SPOTS if spot.path]))
-    root = SCHEMA_OF[spot.route.actor_name]
+    root = SCHEMA_OF[spot.contract]
     wrong = [t for t in JSON_TYPES if t not in allowed_types(spot.declared, root) | known_lax(spot)]
     value = draw(VALUES_OF_TYPE[draw(st.sampled_from(wrong))])
     return spot, value
@@ -432,26 +541,50 @@ MULTI_LINE_TEXT = st.text(
     max_size=200,
 )
 
-#: Fields that may end up in an email header, a log line or a URL: one line, no control characters.
-ONE_LINE_FIELDS: list[tuple[Route, dict[str, Any], JsonPath]] = [
+#: Names, which end up in email headers, in the current and the legacy contract.
+NAME_FIELDS: list[tuple[Route, dict[str, Any], JsonPath]] = [
     (routes.SUBMIT, REQUEST_FOR_AN_EXISTING_APP, ("consumer", "name")),
     (routes.SUBMIT, REQUEST_FOR_A_NEW_APP, ("consumer", "name")),
     (routes.SUBMIT, REQUEST_FOR_A_NEW_APP, ("new_app", "name")),
+    (routes.SUBMIT, V1_REQUEST_FOR_AN_EXISTING_APP, ("consumer", "name")),
+    (routes.SUBMIT, V1_REQUEST_FOR_A_NEW_APP, ("consumer", "name")),
+    (routes.SUBMIT, V1_REQUEST_FOR_A_NEW_APP, ("new_app", "name")),
+]
+#: Fields that may end up in an email header, a log line or a URL: one line, no control characters.
+ONE_LINE_FIELDS: list[tuple[Route, dict[str, Any], JsonPath]] = [
+    *NAME_FIELDS,
     (routes.SUBMIT, REQUEST_FOR_AN_EXISTING_APP, ("consumer", "email")),
     (routes.SUBMIT, REQUEST_FOR_A_NEW_APP, ("consumer", "email")),
-    (routes.DECIDE, DECISION, ("admin", "email")),
     (routes.SUBMIT, REQUEST_FOR_AN_EXISTING_APP, ("consumer", "id")),
     (routes.SUBMIT, REQUEST_FOR_AN_EXISTING_APP, ("app_id",)),
     (routes.SUBMIT, REQUEST_FOR_AN_EXISTING_APP, ("plan_id",)),
     (routes.SUBMIT, REQUEST_FOR_AN_EXISTING_APP, ("product_ids", 1)),
     (routes.SUBMIT, REQUEST_FOR_AN_EXISTING_APP, ("request_id",)),
-    (routes.DECIDE, DECISION, ("admin", "id")),
+    (routes.SUBMIT, REQUEST_FOR_AN_EXISTING_APP, ("portal_id",)),
+    (routes.DECIDE, DECISION, ("decision_id",)),
+    (routes.DECIDE, DECISION, ("request_id",)),
+    (routes.DECIDE, DECISION, ("admin_id",)),
+    (routes.DECIDE, DECISION, ("decided_at",)),
+    (routes.DECIDE, DECISION, ("audience",)),
+    (routes.DECIDE, DECISION, ("signature", "key_id")),
+    (routes.SUBMIT, V1_REQUEST_FOR_AN_EXISTING_APP, ("consumer", "email")),
+    (routes.SUBMIT, V1_REQUEST_FOR_A_NEW_APP, ("consumer", "email")),
+    (routes.SUBMIT, V1_REQUEST_FOR_AN_EXISTING_APP, ("consumer", "id")),
+    (routes.SUBMIT, V1_REQUEST_FOR_AN_EXISTING_APP, ("app_id",)),
+    (routes.SUBMIT, V1_REQUEST_FOR_AN_EXISTING_APP, ("plan_id",)),
+    (routes.SUBMIT, V1_REQUEST_FOR_AN_EXISTING_APP, ("product_ids", 1)),
+    (routes.SUBMIT, V1_REQUEST_FOR_AN_EXISTING_APP, ("request_id",)),
+    (routes.DECIDE, V1_DECISION, ("admin", "email")),
+    (routes.DECIDE, V1_DECISION, ("admin", "id")),
 ]
 #: Free text for email bodies: it may span lines, but holds no other control character.
 FREE_TEXT_FIELDS: list[tuple[Route, dict[str, Any], JsonPath]] = [
     (routes.SUBMIT, REQUEST_FOR_AN_EXISTING_APP, ("justification",)),
     (routes.SUBMIT, REQUEST_FOR_A_NEW_APP, ("new_app", "description")),
     (routes.DECIDE, DECISION, ("reason",)),
+    (routes.SUBMIT, V1_REQUEST_FOR_AN_EXISTING_APP, ("justification",)),
+    (routes.SUBMIT, V1_REQUEST_FOR_A_NEW_APP, ("new_app", "description")),
+    (routes.DECIDE, V1_DECISION, ("reason",)),
 ]
 
 
@@ -472,52 +605,86 @@ class TestMessagesGeneratedFromTheSchemasAreDecodedOrRefusedInWords:
     """The schemas cannot say everything the contracts check (exactly one of app_id and new_app,
     UUIDs, no control characters), so a schema-valid message may be refused, but only in words."""
 
-    @QUICK
-    @given(payload=SUBMISSIONS)
-    def test_a_submission(self, payload: dict[str, Any]) -> None:
-        # Given a submission the JSON Schema allows
-        # When a worker decodes it
-        message = assert_decoded_or_explained(routes.SUBMIT, payload)
+    def test_every_contract_outside_parties_publish_is_generated_from_its_schema(self) -> None:
+        # Given / When the contracts of the routes outside parties publish on, current and legacy
+        published = {
+            contract
+            for route in routes.ROUTES
+            if route.external
+            for contract in (route.contract, *route.legacy.values())
+        }
 
-        # Then it is the contract, or a ValueError/ValidationError whose explanation names a field
+        # Then each has its generator, drawing from the schema file exported for it
+        generated = {contract for contract, _ in GENERATED_SUBMISSIONS + GENERATED_DECISIONS}
+        assert generated == published == set(SCHEMA_OF)
+        for contract, schema in SCHEMA_OF.items():
+            assert schema == _schema(export.contract_filename(contract)), contract
+
+    @pytest.mark.parametrize(("contract", "strategy"), GENERATED_SUBMISSIONS, ids=GENERATED_IDS)
+    @QUICK
+    @given(data=st.data())
+    def test_a_submission(
+        self, contract: type[BaseModel], strategy: st.SearchStrategy[dict[str, Any]], data: st.DataObject
+    ) -> None:
+        # Given a submission the JSON Schema of a contract allows, v2 or v1
+        payload = data.draw(strategy, label="payload")
+
+        # When a worker decodes it
+        message = assert_decoded_or_explained(routes.SUBMIT, payload, contract)
+
+        # Then it is that contract, or a ValueError/ValidationError whose explanation names a field
         if message is not None:
-            assert isinstance(message, v1.AccessRequestSubmitted)
+            assert isinstance(message, v1.AccessRequestSubmitted)  # v2's extends v1's
             assert decode(routes.SUBMIT, (message.model_dump(mode="json"),), {}) == message
             for text in (
                 message.consumer.name,
                 message.consumer.email,
                 message.new_app and message.new_app.name,
+                getattr(message, "portal_id", None),
             ):
                 assert not CONTROL.search(text or ""), text
 
+    @pytest.mark.parametrize(("contract", "strategy"), GENERATED_DECISIONS, ids=GENERATED_IDS)
     @QUICK
-    @given(payload=DECISIONS)
-    def test_a_decision(self, payload: dict[str, Any]) -> None:
-        # Given a decision the JSON Schema allows
-        # When a worker decodes it
-        message = assert_decoded_or_explained(routes.DECIDE, payload)
+    @given(data=st.data())
+    def test_a_decision(
+        self, contract: type[BaseModel], strategy: st.SearchStrategy[dict[str, Any]], data: st.DataObject
+    ) -> None:
+        # Given a decision the JSON Schema of a contract allows, v2 (with a garbage signature) or v1
+        payload = data.draw(strategy, label="payload")
 
-        # Then it is the contract, or a ValueError/ValidationError whose explanation names a field
-        if message is not None:
-            assert isinstance(message, v1.AdminDecision)
+        # When a worker decodes it
+        message = assert_decoded_or_explained(routes.DECIDE, payload, contract)
+
+        # Then it is that contract, or a ValueError/ValidationError whose explanation names a field
+        if isinstance(message, v2.AdminDecision):
+            assert decode(routes.DECIDE, (message.model_dump(mode="json"),), {}) == message
+            for text in (message.admin_id, message.audience, message.signature.key_id, message.decided_at):
+                assert not CONTROL.search(text), text
+            # ... and nothing was normalised: the worker checks the signature over the bytes as sent
+            assert message.signed_bytes() == canonical_bytes(payload)
+        elif isinstance(message, v1.AdminDecision):
             assert decode(routes.DECIDE, (message.model_dump(mode="json"),), {}) == message
             assert not CONTROL.search(message.admin.email)
 
     @pytest.mark.parametrize(
-        ("route", "strategy"),
-        [(routes.SUBMIT, SUBMISSIONS), (routes.DECIDE, DECISIONS)],
-        ids=["submission", "decision"],
+        ("route", "contract", "strategy"),
+        [
+            *[(routes.SUBMIT, contract, strategy) for contract, strategy in GENERATED_SUBMISSIONS],
+            *[(routes.DECIDE, contract, strategy) for contract, strategy in GENERATED_DECISIONS],
+        ],
+        ids=[f"submission-{v}" for v in GENERATED_IDS] + [f"decision-{v}" for v in GENERATED_IDS],
     )
     def test_the_generators_reach_both_acceptance_and_refusal(
-        self, route: Route, strategy: st.SearchStrategy[dict[str, Any]]
+        self, route: Route, contract: type[BaseModel], strategy: st.SearchStrategy[dict[str, Any]]
     ) -> None:
-        # Given the schema-driven generator
+        # Given the schema-driven generator of one contract
         accepted: list[bool] = []
 
         @settings(QUICK, max_examples=50, phases=[Phase.generate])
         @given(payload=strategy)
         def decode_one(payload: dict[str, Any]) -> None:
-            accepted.append(isinstance(outcome(route, (payload,), {}), route.contract))
+            accepted.append(type(outcome(route, (payload,), {})) is contract)
 
         # When fifty of its messages are decoded
         decode_one()
@@ -531,13 +698,27 @@ class TestMessagesGeneratedFromTheSchemasAreDecodedOrRefusedInWords:
 
 
 class TestTheValidExamplesAreAccepted:
-    @pytest.mark.parametrize(("route", "payload"), EXAMPLES, ids=["existing-app", "new-app", "decision"])
-    def test_each_example_decodes(self, route: Route, payload: dict[str, Any]) -> None:
+    @pytest.mark.parametrize(("route", "payload"), EXAMPLES, ids=EXAMPLE_IDS)
+    def test_each_example_decodes_to_the_contract_of_its_version(
+        self, route: Route, payload: dict[str, Any]
+    ) -> None:
         # Given / When an example every mutation below starts from is decoded
         message = decode(route, (copy.deepcopy(payload),), {})
 
-        # Then it is accepted, so any refusal below is the mutation's doing
-        assert isinstance(message, route.contract)
+        # Then it is accepted, as the contract of its version, so any refusal below is the mutation's doing
+        expected = route.contract if payload["version"] == 2 else route.legacy[payload["version"]]
+        assert type(message) is expected
+
+    def test_the_examples_cover_the_current_and_every_legacy_contract(self) -> None:
+        # Given / When the contracts the examples decode to
+        covered = {type(decode(route, (payload,), {})) for route, payload in EXAMPLES}
+
+        # Then every contract of the routes outside parties publish on is among them
+        assert covered == set(SCHEMA_OF)
+        assert {type(decode(route, (payload,), {})) for route, payload in CURRENT_EXAMPLES} == {
+            routes.SUBMIT.contract,
+            routes.DECIDE.contract,
+        }
 
 
 class TestAMissingRequiredFieldIsRefused:
@@ -589,19 +770,75 @@ class TestAnUnknownFieldIsRefused:
         assert_explained(error)
 
 
+def versions_of(route: Route) -> set[int]:
+    return {2, *route.legacy}
+
+
+def fields_only_one_has(first: type[BaseModel], second: type[BaseModel]) -> set[str]:
+    return set(SCHEMA_OF[first]["properties"]) ^ set(SCHEMA_OF[second]["properties"])
+
+
 class TestAnotherVersionIsRefused:
     @QUICK
-    @given(example=st.sampled_from(EXAMPLES), version=st.integers().filter(lambda v: v != 1))
-    def test_any_integer_but_1(self, example: tuple[Route, dict[str, Any]], version: int) -> None:
-        # Given a valid example claiming another contract version
+    @given(example=st.sampled_from(CURRENT_EXAMPLES), version=st.integers())
+    def test_any_integer_but_a_known_version(
+        self, example: tuple[Route, dict[str, Any]], version: int
+    ) -> None:
+        # Given a valid example claiming a contract version no contract of its route has
         route, payload = example
+        assume(version not in versions_of(route))
 
         # When it is decoded
         error = refusal(route, replaced(payload, ("version",), version))
 
-        # Then it is refused at version
+        # Then the current contract reads it, and refuses it at version
         assert locations(error) == [("version",)]
         assert_explained(error)
+
+    @pytest.mark.parametrize(("route", "payload"), EXAMPLES, ids=EXAMPLE_IDS)
+    def test_the_other_known_version_is_refused_naming_what_differs(
+        self, route: Route, payload: dict[str, Any]
+    ) -> None:
+        # Given a valid v2 example claiming to be v1, or a valid v1 example claiming to be v2
+        claimed = 1 if payload["version"] == 2 else 2
+        own, other = route.contract_for(payload), route.contract_for({"version": claimed})
+        assert own is not other
+
+        # When it is decoded
+        error = refusal(route, replaced(payload, ("version",), claimed))
+
+        # Then the claimed version's contract refuses it, naming the fields only one of the two has
+        named = {where[0] for where in locations(error)}
+        assert named >= fields_only_one_has(own, other)
+        assert named <= set(SCHEMA_OF[own]["properties"]) | set(SCHEMA_OF[other]["properties"])
+        assert_explained(error)
+
+
+class TestAMissingVersionPicksTheLegacyContract:
+    """A payload without ``version`` is v1 (``Route.contract_for``): v2 requires it in its decision,
+    which signs it, and defaults it in its submission, yet neither is ever read without it."""
+
+    @pytest.mark.parametrize(("route", "payload"), CURRENT_EXAMPLES, ids=CURRENT_IDS)
+    def test_a_current_example_without_it_is_refused_by_v1_naming_what_v1_lacks(
+        self, route: Route, payload: dict[str, Any]
+    ) -> None:
+        # Given a valid v2 example without its version
+        # When it is decoded
+        error = refusal(route, dropped(payload, ("version",)))
+
+        # Then v1 refuses it, in words naming the fields only one of v1 and v2 has
+        assert {where[0] for where in locations(error)} == fields_only_one_has(
+            route.contract, route.legacy[1]
+        )
+        assert_explained(error)
+
+    @pytest.mark.parametrize(("route", "payload"), LEGACY_EXAMPLES, ids=LEGACY_IDS)
+    def test_a_legacy_example_without_it_is_still_v1(self, route: Route, payload: dict[str, Any]) -> None:
+        # Given / When a valid v1 example without its version is decoded
+        message = decode(route, (dropped(payload, ("version",)),), {})
+
+        # Then it is v1
+        assert type(message) is route.legacy[1]
 
 
 class TestInjectionIntoAOneLineFieldIsRefused:
@@ -620,7 +857,7 @@ class TestInjectionIntoAOneLineFieldIsRefused:
 
     @QUICK
     @given(
-        case=st.sampled_from(ONE_LINE_FIELDS[:3]),
+        case=st.sampled_from(NAME_FIELDS),
         before=st.text(alphabet=CONTROL_CHARACTERS | st.just(" "), max_size=4),
         after=st.text(alphabet=CONTROL_CHARACTERS | st.just(" "), max_size=4),
     )
@@ -639,7 +876,7 @@ class TestInjectionIntoAOneLineFieldIsRefused:
             assert locations(answer) == [path]
             assert_explained(answer)
         else:
-            assert isinstance(answer, route.contract)
+            assert type(answer) is route.contract_for(payload)
             assert get(answer.model_dump(), path) == name
 
 
@@ -719,7 +956,7 @@ class TestAnOversizedPayloadIsRefusedBeforeItIsParsed:
         assert str(answer) == f"payload is larger than {MAX_MESSAGE_BYTES} bytes"
 
     @FEW
-    @given(example=st.sampled_from(EXAMPLES[:2]), count=st.integers(7_000, 12_000))
+    @given(example=st.sampled_from(SUBMISSION_EXAMPLES), count=st.integers(7_000, 12_000))
     def test_a_list_of_thousands_of_product_ids(
         self, example: tuple[Route, dict[str, Any]], count: int
     ) -> None:
@@ -790,52 +1027,80 @@ class TestFormerFindings:
         [
             (routes.SUBMIT, REQUEST_FOR_AN_EXISTING_APP, "submitted_at", "0001-01-01T00:30:00+01:00"),
             (routes.SUBMIT, REQUEST_FOR_AN_EXISTING_APP, "submitted_at", "9999-12-31T23:30:00-01:00"),
-            (routes.DECIDE, DECISION, "decided_at", "0001-01-01T00:00:00+00:01"),
-            (routes.DECIDE, DECISION, "decided_at", "9999-12-31T23:59:59-23:59"),
+            (routes.DECIDE, DECISION, "decided_at", "0000-01-01T00:00:00Z"),
+            (routes.SUBMIT, V1_REQUEST_FOR_AN_EXISTING_APP, "submitted_at", "0001-01-01T00:30:00+01:00"),
+            (routes.SUBMIT, V1_REQUEST_FOR_AN_EXISTING_APP, "submitted_at", "9999-12-31T23:30:00-01:00"),
+            (routes.DECIDE, V1_DECISION, "decided_at", "0001-01-01T00:00:00+00:01"),
+            (routes.DECIDE, V1_DECISION, "decided_at", "9999-12-31T23:59:59-23:59"),
         ],
-        ids=["submitted-year-1", "submitted-year-9999", "decided-year-1", "decided-year-9999"],
+        ids=[
+            "submitted-year-1",
+            "submitted-year-9999",
+            "decided-year-0",
+            "submitted-year-1-v1",
+            "submitted-year-9999-v1",
+            "decided-year-1-v1",
+            "decided-year-9999-v1",
+        ],
     )
     def test_a_time_at_the_end_of_the_calendar_is_refused(
         self, route: Route, payload: dict[str, Any], field: str, when: str
     ) -> None:
-        # Given a valid example whose time, in UTC, falls outside years 1-9999
+        # Given a valid example whose time, in UTC, falls outside years 1-9999 (v2's decided_at is
+        # UTC already, so only a year 0 can do that)
         # When it is decoded
         error = refusal(route, replaced(payload, (field,), when))
 
         # Then it is refused at that field, not crashed on
         assert locations(error) == [(field,)]
 
-    def test_an_unknown_field_named_like_a_header_injection_is_explained_on_one_line(self) -> None:
-        # Given a request with an unknown field whose name carries a header injection
-        payload = copy.deepcopy(REQUEST_FOR_AN_EXISTING_APP)
+    @pytest.mark.parametrize(("route", "example"), EXAMPLES, ids=EXAMPLE_IDS)
+    def test_an_unknown_field_named_like_a_header_injection_is_explained_on_one_line(
+        self, route: Route, example: dict[str, Any]
+    ) -> None:
+        # Given a message with an unknown field whose name carries a header injection
+        payload = copy.deepcopy(example)
         payload["x\r\nBcc: evil@example.com"] = 1
 
         # When it is decoded
-        error = refusal(routes.SUBMIT, payload)
+        error = refusal(route, payload)
 
         # Then it is refused and the explanation stays on one line
         assert_explained(error)
 
     @pytest.mark.parametrize("when", [0, 1_764_151_200, 1.5])
-    def test_a_time_sent_as_a_number_is_refused(self, when: float) -> None:
-        # Given a request whose submitted_at is a number
-        payload = replaced(REQUEST_FOR_AN_EXISTING_APP, ("submitted_at",), when)
+    @pytest.mark.parametrize(
+        ("route", "payload", "field"),
+        [
+            (routes.SUBMIT, REQUEST_FOR_AN_EXISTING_APP, "submitted_at"),
+            (routes.DECIDE, DECISION, "decided_at"),
+            (routes.SUBMIT, V1_REQUEST_FOR_AN_EXISTING_APP, "submitted_at"),
+            (routes.DECIDE, V1_DECISION, "decided_at"),
+        ],
+        ids=["submitted", "decided", "submitted-v1", "decided-v1"],
+    )
+    def test_a_time_sent_as_a_number_is_refused(
+        self, route: Route, payload: dict[str, Any], field: str, when: float
+    ) -> None:
+        # Given a message whose time is a number
+        # When it is decoded
+        answer = outcome(route, (replaced(payload, (field,), when),), {})
+
+        # Then it is refused at that field
+        assert isinstance(answer, ValidationError), answer
+        assert locations(answer) == [(field,)]
+
+    @pytest.mark.parametrize(("route", "example"), EXAMPLES, ids=EXAMPLE_IDS)
+    def test_version_true_is_refused(self, route: Route, example: dict[str, Any]) -> None:
+        # Given a message whose version is the boolean true
+        payload = replaced(example, ("version",), True)
 
         # When it is decoded
-        answer = outcome(routes.SUBMIT, (payload,), {})
+        answer = outcome(route, (payload,), {})
 
-        # Then it is refused
+        # Then it is refused, at version among others
         assert isinstance(answer, ValidationError), answer
-
-    def test_version_true_is_refused(self) -> None:
-        # Given a request whose version is the boolean true
-        payload = replaced(REQUEST_FOR_AN_EXISTING_APP, ("version",), True)
-
-        # When it is decoded
-        answer = outcome(routes.SUBMIT, (payload,), {})
-
-        # Then it is refused
-        assert isinstance(answer, ValidationError), answer
+        assert ("version",) in locations(answer)
 
 
 # --- 3. well-formed requests that break a catalogue rule -------------------------------------------
@@ -847,6 +1112,21 @@ UNKNOWN_IDS = IDENTIFIERS.filter(lambda i: i not in KNOWN_IDS)
 OWN_APP = {"acme": "acme-web", "globex": "globex-app"}
 OTHERS_APP = {"acme": "globex-app", "globex": "acme-web"}
 CONSUMERS = {"acme": ACME, "globex": GLOBEX}
+PORTALS = {"acme": ACME_PORTAL, "globex": GLOBEX_PORTAL}
+
+
+def portal_for(consumer_id: str) -> Portal:
+    """The registered portal that speaks for the consumer: Acme's or Globex's, or, for a consumer the
+    catalogue does not know, a portal registered for it all the same."""
+    return PORTALS.get(consumer_id) or Portal(
+        id="newcomer-portal",
+        name="Newcomer Portal",
+        broker_user="portal-newcomer",
+        public_key="newcomer-portal-public-key",
+        consumer_ids=frozenset({consumer_id}),
+    )
+
+
 #: Plans with products that pass every rule under them.
 FINE_ORDERS = [
     ("free", ["payments"]),
@@ -871,6 +1151,8 @@ class Violation:
     payload: dict[str, Any]
     #: What the reason must name, each as it appears there.
     named: tuple[str, ...]
+    #: The portal that sends it (as its AMQP user), or None for a v1 submission, which names none.
+    portal: Portal | None
 
 
 @st.composite
@@ -910,7 +1192,10 @@ def violations(draw: st.DrawFn) -> Violation:
             product_ids = draw(st.permutations(["identity", *draw(st.sampled_from([[], ["payments"]]))]))
             named = ("identity", repr("free"))
     consumer = CONSUMERS.get(consumer_id)
+    version = draw(st.sampled_from([2, 1]))
+    portal = portal_for(consumer_id) if version == 2 else None
     payload: dict[str, Any] = {
+        "version": version,
         "request_id": str(draw(st.uuids())),
         "consumer": {
             "id": consumer_id,
@@ -921,11 +1206,13 @@ def violations(draw: st.DrawFn) -> Violation:
         "plan_id": plan_id,
         "submitted_at": draw(AWARE_TIMES).isoformat(),
     }
+    if portal is not None:
+        payload["portal_id"] = portal.id
     if app_id is not None:
         payload["app_id"] = app_id
     else:
         payload["new_app"] = {"name": draw(st.sampled_from(["Mobile", "Batch jobs", "CI"]))}
-    return Violation(rule, payload, named)
+    return Violation(rule, payload, named, portal)
 
 
 def listed_after(reason: str, marker: str, before: str = "") -> set[str]:
@@ -940,15 +1227,24 @@ class TestARequestBreakingACatalogueRuleIsKeptAsInvalid:
     @QUICK
     @given(violation=violations())
     def test_with_the_reason_and_nothing_else(self, violation: Violation) -> None:
-        # Given a well-formed submission that breaks one catalogue rule, decoded as a worker would
+        # Given a well-formed submission that breaks one catalogue rule, decoded as a worker would:
+        # v2 from the consumer's registered portal, as its AMQP user; or v1, while v1 is accepted
         message = decode(routes.SUBMIT, (violation.payload,), {})
-        assert isinstance(message, v1.AccessRequestSubmitted)
-        command = message.to_command()
+        portal = violation.portal
         uow = FakeUnitOfWork()
+        if portal is not None:
+            assert type(message) is v2.AccessRequestSubmitted
+            command = message.to_command(portal.broker_user)
+            uow.portals = FakePortalRepository(
+                {p.id: p for p in (ACME_PORTAL, GLOBEX_PORTAL, portal)}.values()
+            )
+        else:
+            assert type(message) is v1.AccessRequestSubmitted
+            command = message.to_command()
         apps_before = uow.catalogue.saved_apps()
 
         # When the router handles it
-        status = route_request(command, uow=uow)
+        status = route_request(command, uow=uow, accept_v1_submissions=portal is None)
 
         # Then the request is kept as invalid, with a reason that names what is wrong
         assert status is Status.INVALID
@@ -980,6 +1276,16 @@ class TestARequestBreakingACatalogueRuleIsKeptAsInvalid:
         assert len(uow.notifications) == 0
         assert uow.published == []
         assert uow.outbox.pending == []
+        # ... but the portal that sent it hears that it was submitted and is invalid, and why
+        if portal is None:
+            assert uow.outbox.events == []
+        else:
+            heard = [(event.portal_id, event.request_id, event.name) for event in uow.outbox.events]
+            assert heard == [
+                (portal.id, command.request_id, "access_request.submitted"),
+                (portal.id, command.request_id, "access_request.invalid"),
+            ]
+            assert uow.outbox.events[-1].reason == reason
 
 
 # --- 4. what to_command makes of an accepted submission --------------------------------------------
@@ -987,7 +1293,7 @@ class TestARequestBreakingACatalogueRuleIsKeptAsInvalid:
 
 @st.composite
 def repetitive_submissions(draw: st.DrawFn) -> dict[str, Any]:
-    """Valid submissions whose product ids repeat, at any offset, written in any of a few ways."""
+    """Valid submissions, v2 or v1, whose product ids repeat, at any offset, written in any of a few ways."""
     item_schema = SUBMITTED_SCHEMA["properties"]["product_ids"]["items"]
     pool = draw(st.lists(from_schema(item_schema), min_size=1, max_size=6, unique=True))
     when = draw(AWARE_TIMES)
@@ -1000,7 +1306,8 @@ def repetitive_submissions(draw: st.DrawFn) -> dict[str, Any]:
             ]
         )
     )
-    payload = copy.deepcopy(REQUEST_FOR_AN_EXISTING_APP)
+    example = draw(st.sampled_from([REQUEST_FOR_AN_EXISTING_APP, V1_REQUEST_FOR_AN_EXISTING_APP]))
+    payload: dict[str, Any] = copy.deepcopy(example)
     payload["product_ids"] = draw(st.lists(st.sampled_from(pool), min_size=1, max_size=50))
     payload["submitted_at"] = spelled
     return payload
@@ -1008,17 +1315,17 @@ def repetitive_submissions(draw: st.DrawFn) -> dict[str, Any]:
 
 class TestToCommandOfAnAcceptedSubmission:
     @QUICK
-    @given(payload=st.one_of(repetitive_submissions(), SUBMISSIONS))
+    @given(payload=st.one_of(repetitive_submissions(), SUBMISSIONS, V1_SUBMISSIONS))
     def test_keeps_each_product_once_in_order_of_first_appearance_and_the_time_in_utc(
         self, payload: dict[str, Any]
     ) -> None:
-        # Given any submission the contract accepts
+        # Given any submission the current or the legacy contract accepts
         message = outcome(routes.SUBMIT, (payload,), {})
-        assume(isinstance(message, v1.AccessRequestSubmitted))
+        assume(isinstance(message, v1.AccessRequestSubmitted))  # v2's extends v1's
         assert isinstance(message, v1.AccessRequestSubmitted)
 
-        # When it becomes a command
-        command = message.to_command()
+        # When it becomes a command, with the AMQP user it came from
+        command = message.to_command("portal-acme")
 
         # Then each product appears once, in the order it first appeared in the message
         sent = payload["product_ids"]
@@ -1033,17 +1340,36 @@ class TestToCommandOfAnAcceptedSubmission:
         assert submitted_at.utcoffset() == timedelta(0)
         assert submitted_at == datetime.fromisoformat(payload["submitted_at"])
 
+        # ... and it names the portal a v2 submission names (a v1 one names none), and the sender
+        assert command.portal_id == payload.get("portal_id")
+        assert command.portal_id is None or type(message) is v2.AccessRequestSubmitted
+        assert command.sender == "portal-acme"
+
     @QUICK
-    @given(payload=DECISIONS)
+    @given(payload=st.one_of(DECISIONS, V1_DECISIONS))
     def test_a_decisions_time_is_utc_too(self, payload: dict[str, Any]) -> None:
-        # Given any decision the contract accepts
+        # Given any decision the current or the legacy contract accepts
         message = outcome(routes.DECIDE, (payload,), {})
-        assume(isinstance(message, v1.AdminDecision))
-        assert isinstance(message, v1.AdminDecision)
+        assume(isinstance(message, v1.AdminDecision | v2.AdminDecision))
+        assert isinstance(message, v1.AdminDecision | v2.AdminDecision)
 
         # When it becomes a command
         command = message.to_command()
 
         # Then its time is the same instant, in UTC
         assert command.decided_at.tzinfo is UTC
-        assert command.decided_at == datetime.fromisoformat(payload["decided_at"])
+        assert command.decided_at == datetime.fromisoformat(payload["decided_at"].replace("Z", "+00:00"))
+
+        # ... and it carries the signature over the bytes as sent, for the handler to verify;
+        # a v1 decision carries none, and the handler refuses it
+        if isinstance(message, v2.AdminDecision):
+            assert command.signature is not None
+            assert command.signature.signed_bytes == canonical_bytes(payload)
+            assert (command.signature.key_id, command.signature.value, command.signature.audience) == (
+                payload["signature"]["key_id"],
+                payload["signature"]["value"],
+                payload["audience"],
+            )
+            assert command.admin_id == payload["admin_id"]
+        else:
+            assert command.signature is None

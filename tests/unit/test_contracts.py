@@ -1,4 +1,9 @@
-"""The wire contracts, their generated JSON Schemas and the AsyncAPI document that publishes them."""
+"""The wire contracts, their generated JSON Schemas and the AsyncAPI document that publishes them.
+
+Outside parties publish contract v2 (the current one); v1 (the legacy one) is still read off
+the wire by the payload's ``version``, so the document and the schemas describe both. The
+events accessflow sends portals have a schema of their own, without dramatiq's envelope.
+"""
 
 from __future__ import annotations
 
@@ -6,7 +11,7 @@ import ast
 import dataclasses
 import json
 import re
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -17,13 +22,24 @@ import yaml
 from pydantic import BaseModel, ValidationError
 
 import messages
-from messages import export, routes, v1
+from infra.topology import QueueArguments, Topology
+from messages import export, routes, v1, v2
+from messages.canonical import canonical_bytes
+from messages.events import RequestEvent
 from workers import registry
 
 MESSAGES_DIR = Path(messages.__file__).resolve().parent
 ASYNCAPI = MESSAGES_DIR / "asyncapi.yaml"
 PREFIX = "accessflow"
 ENVELOPE_FIELDS = frozenset(field.name for field in dataclasses.fields(dramatiq.Message))
+#: The schema of the events portals receive: the body itself, in no envelope.
+PORTAL_EVENT_SCHEMA = f"schemas/{export.contract_filename(RequestEvent)}"
+TOPOLOGY = Topology(PREFIX)
+#: Where outside parties publish each external route's messages: an exchange, never the queue.
+EXCHANGE_OF = {
+    routes.SUBMIT.actor_name: TOPOLOGY.submissions_exchange,
+    routes.DECIDE.actor_name: TOPOLOGY.decisions_exchange,
+}
 
 
 # --- generated schemas -----------------------------------------------------------------------------
@@ -37,13 +53,37 @@ def test_schema_files_on_disk_are_up_to_date() -> None:
 def test_one_schema_file_per_contract_plus_the_envelope() -> None:
     assert sorted(export.render_schemas()) == sorted(
         [
+            "access_request.submitted.v2.json",
             "access_request.submitted.v1.json",
+            "access_request.decided.v2.json",
             "access_request.decided.v1.json",
             "credentials.issue.v1.json",
             "notification.send.v1.json",
+            "portal.event.v1.json",
             "envelope.json",
         ]
     )
+
+
+def test_the_schema_files_are_named_after_each_contracts_type_and_version() -> None:
+    assert export.contract_filename(v2.AccessRequestSubmitted) == "access_request.submitted.v2.json"
+    assert export.contract_filename(v1.AccessRequestSubmitted) == "access_request.submitted.v1.json"
+    assert export.contract_filename(v2.AdminDecision) == "access_request.decided.v2.json"
+    assert export.contract_filename(v1.AdminDecision) == "access_request.decided.v1.json"
+    assert export.contract_filename(RequestEvent) == "portal.event.v1.json"
+
+
+def test_the_current_contract_of_each_external_route_is_v2_and_v1_its_legacy() -> None:
+    assert {route.actor_name for route in routes.ROUTES if route.external} == {
+        routes.SUBMIT.actor_name,
+        routes.DECIDE.actor_name,
+    }
+    assert (routes.SUBMIT.contract, dict(routes.SUBMIT.legacy)) == (
+        v2.AccessRequestSubmitted,
+        {1: v1.AccessRequestSubmitted},
+    )
+    assert (routes.DECIDE.contract, dict(routes.DECIDE.legacy)) == (v2.AdminDecision, {1: v1.AdminDecision})
+    assert not routes.ISSUE.legacy and not routes.NOTIFY.legacy
 
 
 def test_rendered_schemas_are_deterministic_json() -> None:
@@ -110,18 +150,55 @@ def _resolve(document: dict[str, Any], ref: str) -> Any:
     return node
 
 
+def _binding(channel: dict[str, Any]) -> dict[str, Any]:
+    binding: dict[str, Any] = channel["bindings"]["amqp"]
+    return binding
+
+
+def _amqp_name(channel: dict[str, Any]) -> str:
+    """The queue or the exchange the channel stands for."""
+    binding = _binding(channel)
+    assert binding["is"] in {"queue", "routingKey"}, binding
+    return str(binding["queue"]["name"] if binding["is"] == "queue" else binding["exchange"]["name"])
+
+
+def _is_portal_events(channel: dict[str, Any]) -> bool:
+    return _binding(channel)["is"] == "routingKey" and _amqp_name(channel) == TOPOLOGY.events_exchange
+
+
 def _route_of(channel: dict[str, Any]) -> routes.Route:
+    """The route of a queue's channel, or of the exchange outside parties publish its messages to."""
+    if _binding(channel)["is"] == "routingKey":
+        matching = [
+            route for route in routes.ROUTES if EXCHANGE_OF.get(route.actor_name) == _amqp_name(channel)
+        ]
+        assert len(matching) == 1, f"no route for exchange {_amqp_name(channel)}"
+        return matching[0]
     matching = [route for route in routes.ROUTES if route.queue_name(PREFIX) == channel["address"]]
     assert len(matching) == 1, f"no route for channel address {channel['address']}"
     return matching[0]
 
 
-def _examples(document: dict[str, Any]) -> Iterator[tuple[str, routes.Route, dict[str, Any]]]:
-    """Every example of every message, with the route of the channel that carries it."""
+def _messages(document: dict[str, Any], channel: dict[str, Any]) -> list[dict[str, Any]]:
+    return [_resolve(document, message_ref["$ref"]) for message_ref in channel["messages"].values()]
+
+
+def _route_channels(document: dict[str, Any]) -> Iterator[tuple[dict[str, Any], routes.Route]]:
+    """Every channel but the portal events', with its route: each of them must have one."""
     for channel in document["channels"].values():
-        route = _route_of(channel)
-        for message_ref in channel["messages"].values():
-            message = _resolve(document, message_ref["$ref"])
+        if not _is_portal_events(channel):
+            yield channel, _route_of(channel)
+
+
+def _contract_files(route: routes.Route) -> set[str]:
+    """The schema files of the contracts the route reads: the current one and the legacy ones."""
+    return {f"schemas/{export.contract_filename(c)}" for c in (route.contract, *route.legacy.values())}
+
+
+def _examples(document: dict[str, Any]) -> Iterator[tuple[str, routes.Route, dict[str, Any]]]:
+    """Every example of every message on a route's channel, with the route."""
+    for channel, route in _route_channels(document):
+        for message in _messages(document, channel):
             for example in message.get("examples", []):
                 yield example["name"], route, example["payload"]
 
@@ -129,43 +206,64 @@ def _examples(document: dict[str, Any]) -> Iterator[tuple[str, routes.Route, dic
 def test_asyncapi_version_and_info(asyncapi: dict[str, Any]) -> None:
     assert asyncapi["asyncapi"] == "3.0.0"
     assert asyncapi["info"]["title"] == "accessflow"
-    assert asyncapi["info"]["version"] == "1.0.0"
+    assert asyncapi["info"]["version"] == "2.0.0"  # the version of the current contracts
     assert {server["host"] for server in asyncapi["servers"].values()} >= {"127.0.0.1:5672"}
     assert {server["protocol"] for server in asyncapi["servers"].values()} == {"amqp"}
 
 
-def test_one_channel_per_route(asyncapi: dict[str, Any]) -> None:
-    channels = asyncapi["channels"]
-    assert len(channels) == len(routes.ROUTES)
-    assert sorted(channel["address"] for channel in channels.values()) == sorted(
+def test_one_channel_per_route_and_per_exchange_outside_parties_use(asyncapi: dict[str, Any]) -> None:
+    channels = list(asyncapi["channels"].values())
+    queues = [channel for channel in channels if _binding(channel)["is"] == "queue"]
+    exchanges = [channel for channel in channels if _binding(channel)["is"] == "routingKey"]
+    assert len(queues) + len(exchanges) == len(channels)
+    assert len(queues) == len(routes.ROUTES)
+    assert sorted(channel["address"] for channel in queues) == sorted(
         route.queue_name(PREFIX) for route in routes.ROUTES
     )
+    assert sorted(_amqp_name(channel) for channel in exchanges) == sorted(
+        [*EXCHANGE_OF.values(), TOPOLOGY.events_exchange]
+    )
+    assert set(EXCHANGE_OF) == {route.actor_name for route in routes.ROUTES if route.external}
 
 
-def test_channel_bindings_describe_accessflows_queues(asyncapi: dict[str, Any]) -> None:
+def test_channel_bindings_describe_accessflows_queues_and_exchanges(asyncapi: dict[str, Any]) -> None:
+    exchange_types = {name: kind for name, kind, _ in TOPOLOGY.exchanges()}
+    queue_arguments = QueueArguments.defaults()
     for channel in asyncapi["channels"].values():
-        binding = channel["bindings"]["amqp"]
-        assert binding["is"] == "queue"
-        assert binding["queue"]["name"] == channel["address"]
-        assert binding["queue"]["durable"] is True
-        assert binding["x-queue-arguments"] == {
-            "x-dead-letter-exchange": "",
-            "x-dead-letter-routing-key": f"{channel['address']}.XQ",
-        }
+        binding = _binding(channel)
+        if binding["is"] == "queue":
+            assert binding["queue"]["name"] == channel["address"]
+            assert binding["queue"]["durable"] is True
+            # what the workers declare the queue with, dead-lettering to <queue>.XQ included
+            assert binding["x-queue-arguments"] == dict(queue_arguments.work(channel["address"]))
+            assert binding["x-queue-arguments"]["x-dead-letter-routing-key"] == f"{channel['address']}.XQ"
+        else:
+            assert binding["exchange"]["type"] == exchange_types[binding["exchange"]["name"]]
+            assert binding["exchange"]["durable"] is True
 
 
-def test_portals_send_and_accessflow_receives_the_internal_messages(asyncapi: dict[str, Any]) -> None:
+def test_portals_send_to_exchanges_and_accessflow_receives_from_its_queues(asyncapi: dict[str, Any]) -> None:
     actions: dict[str, str] = {}
     for operation in asyncapi["operations"].values():
         channel = _resolve(asyncapi, operation["channel"]["$ref"])
-        actions[_route_of(channel).actor_name] = operation["action"]
         for message_ref in operation["messages"]:
             assert message_ref["$ref"].startswith(operation["channel"]["$ref"] + "/messages/")
+        outside = _binding(channel)["is"] == "routingKey"
+        assert [tag["name"] for tag in operation["tags"]] == ["external" if outside else "internal"]
+        assert _amqp_name(channel) not in actions, f"two operations on {_amqp_name(channel)}"
+        actions[_amqp_name(channel)] = operation["action"]
     assert actions == {
-        routes.SUBMIT.actor_name: "send",
-        routes.DECIDE.actor_name: "send",
-        routes.ISSUE.actor_name: "receive",
-        routes.NOTIFY.actor_name: "receive",
+        TOPOLOGY.submissions_exchange: "send",
+        TOPOLOGY.decisions_exchange: "send",
+        TOPOLOGY.events_exchange: "receive",
+        routes.SUBMIT.queue_name(PREFIX): "receive",
+        routes.DECIDE.queue_name(PREFIX): "receive",
+        routes.ISSUE.queue_name(PREFIX): "receive",
+        routes.NOTIFY.queue_name(PREFIX): "receive",
+    }
+    # outside parties send what the external routes read, and nobody sends to a queue directly
+    assert {name for name, action in actions.items() if action == "send"} == {
+        EXCHANGE_OF[route.actor_name] for route in routes.ROUTES if route.external
     }
 
 
@@ -182,25 +280,59 @@ def test_every_schema_file_reference_points_to_an_existing_file(asyncapi: dict[s
     for path in files:
         assert path.startswith("schemas/"), f"unexpected external reference {path}"
         assert (MESSAGES_DIR / path).is_file(), f"{path} does not exist: run `make schemas`"
-    assert files == {f"schemas/{name}" for name in export.render_schemas()}, "every schema is referenced"
+    missing = sorted({f"schemas/{name}" for name in export.render_schemas()} - files)
+    assert not missing, f"every schema is referenced, current, legacy and the portal events; not {missing}"
+    assert files == {f"schemas/{name}" for name in export.render_schemas()}
 
 
 def test_each_payload_refers_to_the_envelope_and_its_contract(asyncapi: dict[str, Any]) -> None:
     for channel in asyncapi["channels"].values():
+        if _is_portal_events(channel):
+            for message in _messages(asyncapi, channel):
+                assert message["payload"] == {"$ref": PORTAL_EVENT_SCHEMA}, "an event is the body itself"
+            continue
         route = _route_of(channel)
-        for message_ref in channel["messages"].values():
-            message = _resolve(asyncapi, message_ref["$ref"])
+        contracts: set[str] = set()
+        for message in _messages(asyncapi, channel):
             envelope, specific = message["payload"]["allOf"]
             assert envelope == {"$ref": "schemas/envelope.json"}
             assert specific["properties"]["actor_name"] == {"const": route.actor_name}
-            assert specific["properties"]["args"]["items"] == {
-                "$ref": f"schemas/{export.contract_filename(route.contract)}"
-            }
+            contracts.add(specific["properties"]["args"]["items"]["$ref"])
+        current = f"schemas/{export.contract_filename(route.contract)}"
+        if _binding(channel)["is"] == "queue":
+            # the current contract, and each legacy one the route still reads
+            assert contracts == _contract_files(route), channel["address"]
+        else:
+            # what outside parties publish: the current contract, perhaps a legacy one as well
+            assert current in contracts <= _contract_files(route), _amqp_name(channel)
+
+
+def test_portal_event_examples_are_events_accessflow_sends(asyncapi: dict[str, Any]) -> None:
+    examples = [
+        example["payload"]
+        for channel in asyncapi["channels"].values()
+        if _is_portal_events(channel)
+        for message in _messages(asyncapi, channel)
+        for example in message.get("examples", [])
+    ]
+    assert examples
+    for example in examples:
+        RequestEvent.model_validate(example)
 
 
 def test_every_external_message_has_an_example(asyncapi: dict[str, Any]) -> None:
     exemplified = {route.actor_name for _, route, _ in _examples(asyncapi)}
+    assert exemplified == {route.actor_name for route in routes.ROUTES if route.external}
     assert exemplified == {routes.SUBMIT.actor_name, routes.DECIDE.actor_name}
+
+
+def test_every_external_route_has_an_example_of_its_current_contract(asyncapi: dict[str, Any]) -> None:
+    current = {
+        route.actor_name
+        for _, route, envelope in _examples(asyncapi)
+        if route.contract_for(envelope["args"][0]) is route.contract
+    }
+    assert current == {routes.SUBMIT.actor_name, routes.DECIDE.actor_name}
 
 
 def test_examples_are_complete_envelopes_that_accessflow_accepts(asyncapi: dict[str, Any]) -> None:
@@ -215,14 +347,16 @@ def test_examples_are_complete_envelopes_that_accessflow_accepts(asyncapi: dict[
         body = json.dumps(envelope).encode("utf-8")
         decoded = dramatiq.Message.decode(body)  # what the consumer does with the body
         contract = registry.decode(route, decoded.args, decoded.kwargs)
-        assert isinstance(contract, route.contract), name
+        # the contract of the example's version: the current one, or a legacy one the route still reads
+        assert type(contract) is route.contract_for(envelope["args"][0]), name
 
 
 def test_example_requests_cover_an_existing_and_a_new_app(asyncapi: dict[str, Any]) -> None:
+    # in the current contract, which portals copy
     requests = [
-        v1.AccessRequestSubmitted.model_validate(envelope["args"][0])
+        v2.AccessRequestSubmitted.model_validate(envelope["args"][0])
         for _, route, envelope in _examples(asyncapi)
-        if route is routes.SUBMIT
+        if route is routes.SUBMIT and route.contract_for(envelope["args"][0]) is v2.AccessRequestSubmitted
     ]
     assert any(r.app_id is not None for r in requests)
     assert any(r.new_app is not None for r in requests)
@@ -237,6 +371,10 @@ def test_the_python_snippet_in_the_description_is_valid_python(asyncapi: dict[st
     ast.parse(blocks[0])
     assert "delivery_mode=2" in blocks[0]
     assert 'content_type="application/json"' in blocks[0]
+    # a v2 submission, published to the submissions exchange as the portal's own AMQP user
+    assert '"version": 2' in blocks[0] and '"portal_id"' in blocks[0]
+    assert f'exchange="{TOPOLOGY.submissions_exchange}"' in blocks[0]
+    assert "user_id=" in blocks[0]
 
 
 # --- the contracts themselves ----------------------------------------------------------------------
@@ -272,85 +410,220 @@ def _decision(**changes: Any) -> dict[str, Any]:
     return payload
 
 
+def _v2_request(**changes: Any) -> dict[str, Any]:
+    """A v2 submission: the v1 one plus its version and the registered portal that sends it."""
+    return _request(**{"version": 2, "portal_id": "acme-portal", **changes})
+
+
+def _v2_decision(**changes: Any) -> dict[str, Any]:
+    payload: dict[str, Any] = {
+        "version": 2,
+        "type": "access_request.decided",
+        "decision_id": "5e3b8a2c-6d14-4f70-9a1e-3c8b7d2f6a05",
+        "request_id": "6f1c2b9e-4d3a-4e8f-9b21-7a5c0d3e8f14",
+        "decision": "approve",
+        "admin_id": "dana",
+        "reason": "Partner contract signed.",
+        "decided_at": "2026-11-26T13:30:00Z",
+        "audience": "accessflow",
+        # Not a signature of anything: the contract checks its form, the handler verifies it.
+        "signature": {"key_id": "dana-2026-11", "algorithm": "ed25519", "value": "c2lnbmF0dXJl"},
+    }
+    payload.update(changes)
+    return {key: value for key, value in payload.items() if value is not _DROP}
+
+
+#: The current submission contract and the legacy one, each with a builder of a valid payload.
+SUBMISSION_CONTRACTS = [
+    pytest.param(v2.AccessRequestSubmitted, _v2_request, id="v2"),
+    pytest.param(v1.AccessRequestSubmitted, _request, id="v1"),
+]
+RequestBuilder = Callable[..., dict[str, Any]]
+
+
 def _failures(contract: type[BaseModel], payload: dict[str, Any]) -> list[tuple[str, str]]:
     with pytest.raises(ValidationError) as raised:
         contract.model_validate(payload)
     return [(".".join(str(p) for p in error["loc"]), error["msg"]) for error in raised.value.errors()]
 
 
-def test_a_valid_request_passes() -> None:
-    message = v1.AccessRequestSubmitted.model_validate(_request())
+@pytest.mark.parametrize(("contract", "build"), SUBMISSION_CONTRACTS)
+def test_a_valid_request_passes(contract: type[v1.AccessRequestSubmitted], build: RequestBuilder) -> None:
+    message = contract.model_validate(build())
+    assert type(message) is contract
     assert message.type == "access_request.submitted"
-    assert message.version == 1
+    assert message.version == (2 if contract is v2.AccessRequestSubmitted else 1)
     assert message.submitted_at.utcoffset() is not None
     assert message.submitted_at.isoformat() == "2026-11-26T10:00:00+00:00"
 
 
-def test_a_valid_request_for_a_new_app_passes() -> None:
-    message = v1.AccessRequestSubmitted.model_validate(
-        _request(app_id=_DROP, new_app={"name": "Globex Identity Bridge", "description": "SSO."})
+def test_a_valid_v2_request_names_its_portal() -> None:
+    message = v2.AccessRequestSubmitted.model_validate(_v2_request())
+    assert message.portal_id == "acme-portal"
+    command = message.to_command("portal-acme")
+    assert (command.portal_id, command.sender) == ("acme-portal", "portal-acme")
+
+
+def test_a_v1_request_names_no_portal() -> None:
+    command = v1.AccessRequestSubmitted.model_validate(_request()).to_command("portal-acme")
+    assert (command.portal_id, command.sender) == (None, "portal-acme")
+
+
+def test_a_v2_request_without_its_portal_fails() -> None:
+    failures = _failures(v2.AccessRequestSubmitted, _v2_request(portal_id=_DROP))
+    assert [loc for loc, _ in failures] == ["portal_id"]
+
+
+@pytest.mark.parametrize(("contract", "build"), SUBMISSION_CONTRACTS)
+def test_a_valid_request_for_a_new_app_passes(
+    contract: type[v1.AccessRequestSubmitted], build: RequestBuilder
+) -> None:
+    message = contract.model_validate(
+        build(app_id=_DROP, new_app={"name": "Globex Identity Bridge", "description": "SSO."})
     )
     assert message.new_app is not None and message.app_id is None
 
 
-def test_a_request_without_an_app_fails() -> None:
-    failures = _failures(v1.AccessRequestSubmitted, _request(app_id=_DROP))
+@pytest.mark.parametrize(("contract", "build"), SUBMISSION_CONTRACTS)
+def test_a_request_without_an_app_fails(contract: type[BaseModel], build: RequestBuilder) -> None:
+    failures = _failures(contract, build(app_id=_DROP))
     assert any("exactly one of app_id and new_app" in msg for _, msg in failures)
 
 
-def test_a_request_with_both_app_id_and_new_app_fails() -> None:
-    failures = _failures(v1.AccessRequestSubmitted, _request(new_app={"name": "Another App"}))
+@pytest.mark.parametrize(("contract", "build"), SUBMISSION_CONTRACTS)
+def test_a_request_with_both_app_id_and_new_app_fails(
+    contract: type[BaseModel], build: RequestBuilder
+) -> None:
+    failures = _failures(contract, build(new_app={"name": "Another App"}))
     assert any("exactly one of app_id and new_app" in msg for _, msg in failures)
 
 
-def test_a_request_without_products_fails() -> None:
-    failures = _failures(v1.AccessRequestSubmitted, _request(product_ids=[]))
+@pytest.mark.parametrize(("contract", "build"), SUBMISSION_CONTRACTS)
+def test_a_request_without_products_fails(contract: type[BaseModel], build: RequestBuilder) -> None:
+    failures = _failures(contract, build(product_ids=[]))
     assert [loc for loc, _ in failures] == ["product_ids"]
 
 
+@pytest.mark.parametrize(("contract", "build"), SUBMISSION_CONTRACTS)
 @pytest.mark.parametrize(
     "name", ["Acme\nBcc: victim@example.com", "Acme\r\nX-Evil: 1", "Acme\u2028Developers"]
 )
-def test_a_line_break_in_the_consumer_name_fails(name: str) -> None:
+def test_a_line_break_in_the_consumer_name_fails(
+    contract: type[BaseModel], build: RequestBuilder, name: str
+) -> None:
     consumer = {"id": "acme", "email": "dev@acme.example", "name": name}
-    failures = _failures(v1.AccessRequestSubmitted, _request(consumer=consumer))
+    failures = _failures(contract, build(consumer=consumer))
     assert [loc for loc, _ in failures] == ["consumer.name"]
 
 
+@pytest.mark.parametrize(("contract", "build"), SUBMISSION_CONTRACTS)
 @pytest.mark.parametrize("submitted_at", ["2026-11-26T10:00:00", datetime(2026, 11, 26, 10, 0)])
-def test_a_naive_timestamp_fails(submitted_at: object) -> None:
-    failures = _failures(v1.AccessRequestSubmitted, _request(submitted_at=submitted_at))
+def test_a_naive_timestamp_fails(
+    contract: type[BaseModel], build: RequestBuilder, submitted_at: object
+) -> None:
+    failures = _failures(contract, build(submitted_at=submitted_at))
     assert [loc for loc, _ in failures] == ["submitted_at"]
     assert "timezone offset" in failures[0][1]
 
 
-def test_version_2_fails() -> None:
-    failures = _failures(v1.AccessRequestSubmitted, _request(version=2))
+@pytest.mark.parametrize(
+    ("contract", "payload"),
+    [
+        pytest.param(v1.AccessRequestSubmitted, _request(version=2), id="v1-claiming-2"),
+        pytest.param(v2.AccessRequestSubmitted, _v2_request(version=1), id="v2-claiming-1"),
+        pytest.param(v2.AccessRequestSubmitted, _v2_request(version=3), id="v2-claiming-3"),
+        pytest.param(v1.AdminDecision, _decision(version=2), id="v1-decision-claiming-2"),
+        pytest.param(v2.AdminDecision, _v2_decision(version=1), id="v2-decision-claiming-1"),
+    ],
+)
+def test_another_version_fails(contract: type[BaseModel], payload: dict[str, Any]) -> None:
+    failures = _failures(contract, payload)
     assert [loc for loc, _ in failures] == ["version"]
 
 
 @pytest.mark.parametrize(
     "payload",
     [
+        _v2_request(priority="high"),
+        _v2_request(consumer={"id": "acme", "email": "dev@acme.example", "name": "Acme", "role": "admin"}),
         _request(priority="high"),
         _request(consumer={"id": "acme", "email": "dev@acme.example", "name": "Acme", "role": "admin"}),
     ],
-    ids=["top-level", "nested"],
+    ids=["top-level", "nested", "top-level-v1", "nested-v1"],
 )
 def test_an_extra_field_fails(payload: dict[str, Any]) -> None:
-    failures = _failures(v1.AccessRequestSubmitted, payload)
+    contract = routes.SUBMIT.contract_for(payload)
+    failures = _failures(contract, payload)
     assert len(failures) == 1 and failures[0][0] in {"priority", "consumer.role"}
 
 
-def test_a_valid_decision_passes() -> None:
+def test_a_valid_v2_decision_passes_as_it_was_signed() -> None:
+    payload = _v2_decision()
+    decision = v2.AdminDecision.model_validate(payload)
+    assert decision.decided_at == "2026-11-26T13:30:00Z"  # a string, exactly as signed
+    assert decision.signed_bytes() == canonical_bytes(payload)
+    command = decision.to_command()
+    assert command.approve is True
+    assert command.decided_at.isoformat() == "2026-11-26T13:30:00+00:00"
+    assert command.signature is not None
+    assert command.signature.signed_bytes == canonical_bytes(payload)
+    assert (command.signature.key_id, command.signature.audience) == ("dana-2026-11", "accessflow")
+
+
+def test_a_valid_v1_decision_passes_unsigned() -> None:
     decision = v1.AdminDecision.model_validate(_decision())
     assert decision.decided_at.isoformat() == "2026-11-26T13:30:00+00:00"
-    assert decision.to_command().approve is True
+    command = decision.to_command()
+    assert command.approve is True
+    assert command.signature is None  # recorded and refused by the handler
 
 
-def test_a_decision_with_an_empty_reason_fails() -> None:
-    failures = _failures(v1.AdminDecision, _decision(reason=""))
+@pytest.mark.parametrize(
+    ("contract", "payload"),
+    [
+        pytest.param(v2.AdminDecision, _v2_decision(reason=""), id="v2"),
+        pytest.param(v1.AdminDecision, _decision(reason=""), id="v1"),
+    ],
+)
+def test_a_decision_with_an_empty_reason_fails(contract: type[BaseModel], payload: dict[str, Any]) -> None:
+    failures = _failures(contract, payload)
     assert [loc for loc, _ in failures] == ["reason"]
+
+
+@pytest.mark.parametrize(
+    ("changes", "location"),
+    [
+        ({"version": _DROP}, "version"),
+        ({"type": _DROP}, "type"),
+        ({"decided_at": "2026-11-26T14:30:00+01:00"}, "decided_at"),
+        ({"decided_at": "2026-02-30T10:00:00Z"}, "decided_at"),
+        ({"decision_id": "5E3B8A2C-6D14-4F70-9A1E-3C8B7D2F6A05"}, "decision_id"),
+        ({"request_id": "6f1c2b9e4d3a4e8f9b217a5c0d3e8f14"}, "request_id"),
+        ({"audience": _DROP}, "audience"),
+        ({"signature": _DROP}, "signature"),
+        (
+            {"signature": {"key_id": "dana-2026-11", "algorithm": "rsa", "value": "c2ln"}},
+            "signature.algorithm",
+        ),
+        ({"admin": {"id": "dana", "email": "dana@accessflow.example"}}, "admin"),
+    ],
+    ids=[
+        "no-version",
+        "no-type",
+        "offset-not-z",
+        "no-such-day",
+        "upper-case-uuid",
+        "uuid-without-dashes",
+        "no-audience",
+        "unsigned",
+        "not-ed25519",
+        "v1-admin",
+    ],
+)
+def test_a_v2_decision_not_in_the_signed_form_fails(changes: dict[str, Any], location: str) -> None:
+    # Signed fields are kept as sent, so they must be sent in the one form the signature covers
+    failures = _failures(v2.AdminDecision, _v2_decision(**changes))
+    assert [loc for loc, _ in failures] == [location]
 
 
 # --- header injection through names (issue 6, point 6) --------------------------------------------

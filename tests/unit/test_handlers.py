@@ -20,9 +20,9 @@ from domain.handlers import (
     send_notification,
 )
 from domain.model import (
-    AdminKey,
     AccessRequest,
     ActorKind,
+    AdminKey,
     AuthMethod,
     Credential,
     DecisionOutcome,
@@ -39,13 +39,13 @@ from tests.unit.fakes import (
     ADMIN_ID,
     ADMIN_KEY,
     AUDIENCE,
-    FakePortalSealer,
-    fake_verify,
     SUBMITTED_AT,
     FakeIssuer,
     FakeMailer,
+    FakePortalSealer,
     FakeSealer,
     FakeUnitOfWork,
+    fake_verify,
     make_decision,
     make_route_request,
 )
@@ -101,7 +101,9 @@ def approved(uow: FakeUnitOfWork, *, plan_id: str = "free", **overrides: object)
 
 def provisioned(uow: FakeUnitOfWork, issuer: FakeIssuer, sealer: FakeSealer, **overrides: object) -> str:
     request_id = approved(uow, **overrides)  # type: ignore[arg-type]
-    issue_credentials(IssueCredentials(request_id), uow=uow, issuer=issuer, sealer=sealer, portal_sealer=FakePortalSealer())
+    issue_credentials(
+        IssueCredentials(request_id), uow=uow, issuer=issuer, sealer=sealer, portal_sealer=FakePortalSealer()
+    )
     return request_id
 
 
@@ -419,7 +421,10 @@ def _refusal_cases() -> dict[str, tuple[dict[str, object], str]]:
             "rejected_auth: unknown key 'nobodys-key'",
         ),
         "revoked key": ({"key": revoked}, "rejected_auth: key 'revoked-key' was revoked"),
-        "another admin's key": ({"key": someone_elses}, "rejected_auth: key 'other-key' is not admin 'admin'"),
+        "another admin's key": (
+            {"key": someone_elses},
+            "rejected_auth: key 'other-key' is not admin 'admin'",
+        ),
         "signed for another deployment": ({"audience": "staging"}, "rejected_auth: signed for 'staging'"),
         "stale": ({"decided_at": SUBMITTED_AT}, "rejected_auth: stale decision"),
         "from the future": ({"decided_at": later}, "rejected_auth: stale decision"),
@@ -532,7 +537,13 @@ class TestIssuingCredentialsForAnApprovedRequest:
         request_id = approved(uow, plan_id=plan_id, product_ids=("payments", "ledger"))
 
         # When its credentials are issued
-        credential = issue_credentials(IssueCredentials(request_id), uow=uow, issuer=issuer, sealer=sealer, portal_sealer=FakePortalSealer())
+        credential = issue_credentials(
+            IssueCredentials(request_id),
+            uow=uow,
+            issuer=issuer,
+            sealer=sealer,
+            portal_sealer=FakePortalSealer(),
+        )
 
         # Then one credential carries the plan's limits, for the request's app and products
         assert credential is not None
@@ -590,7 +601,13 @@ class TestIssuingCredentialsForAnApprovedRequest:
         request_id = approved(uow)
 
         # When its credentials are issued
-        issue_credentials(IssueCredentials(request_id), uow=uow, issuer=issuer, sealer=sealer, portal_sealer=FakePortalSealer())
+        issue_credentials(
+            IssueCredentials(request_id),
+            uow=uow,
+            issuer=issuer,
+            sealer=sealer,
+            portal_sealer=FakePortalSealer(),
+        )
 
         # Then it is provisioned and the consumer is to be told
         request = saved(uow, request_id)
@@ -614,7 +631,13 @@ class TestIssuingCredentialsForAnApprovedRequest:
         request_id = approved(uow, plan_id="partner", product_ids=("identity",))
 
         # When its credentials are issued
-        issue_credentials(IssueCredentials(request_id), uow=uow, issuer=issuer, sealer=sealer, portal_sealer=FakePortalSealer())
+        issue_credentials(
+            IssueCredentials(request_id),
+            uow=uow,
+            issuer=issuer,
+            sealer=sealer,
+            portal_sealer=FakePortalSealer(),
+        )
 
         # Then the credential is an OAuth2 client
         stored = saved_credential(uow, request_id)
@@ -631,7 +654,13 @@ class TestIssuingCredentialsTwice:
         credential_before = saved_credential(uow, request_id)
 
         # When the order is delivered again
-        result = issue_credentials(IssueCredentials(request_id), uow=uow, issuer=issuer, sealer=sealer, portal_sealer=FakePortalSealer())
+        result = issue_credentials(
+            IssueCredentials(request_id),
+            uow=uow,
+            issuer=issuer,
+            sealer=sealer,
+            portal_sealer=FakePortalSealer(),
+        )
 
         # Then nothing is issued, stored or ordered
         assert result is None
@@ -663,7 +692,13 @@ class TestIssuingCredentialsTwice:
             uow.commit()
 
         # When its credentials are issued
-        credential = issue_credentials(IssueCredentials(request_id), uow=uow, issuer=issuer, sealer=sealer, portal_sealer=FakePortalSealer())
+        credential = issue_credentials(
+            IssueCredentials(request_id),
+            uow=uow,
+            issuer=issuer,
+            sealer=sealer,
+            portal_sealer=FakePortalSealer(),
+        )
 
         # Then the stored one is used and no second one is made
         assert credential is not None
@@ -689,7 +724,13 @@ class TestIssuingCredentialsForARequestThatIsNotApproved:
         published_before = list(uow.published)
 
         # When credentials are ordered for it
-        result = issue_credentials(IssueCredentials(request_id), uow=uow, issuer=issuer, sealer=sealer, portal_sealer=FakePortalSealer())
+        result = issue_credentials(
+            IssueCredentials(request_id),
+            uow=uow,
+            issuer=issuer,
+            sealer=sealer,
+            portal_sealer=FakePortalSealer(),
+        )
 
         # Then nothing is issued, stored, changed or ordered
         assert result is None
@@ -702,7 +743,13 @@ class TestIssuingCredentialsForARequestThatIsNotApproved:
         self, uow: FakeUnitOfWork, issuer: FakeIssuer, sealer: FakeSealer
     ) -> None:
         # Given / When credentials are ordered for a request that does not exist
-        result = issue_credentials(IssueCredentials("no-such-request"), uow=uow, issuer=issuer, sealer=sealer, portal_sealer=FakePortalSealer())
+        result = issue_credentials(
+            IssueCredentials("no-such-request"),
+            uow=uow,
+            issuer=issuer,
+            sealer=sealer,
+            portal_sealer=FakePortalSealer(),
+        )
 
         # Then nothing is issued
         assert result is None
