@@ -289,7 +289,10 @@ class FakeAdminKeyRepository:
 
     def add_key(self, key: AdminKey) -> None:
         existing = self._keys.load(key.key_id)
-        if existing is not None and (existing.admin_id, existing.public_key) != (key.admin_id, key.public_key):
+        if existing is not None and (existing.admin_id, existing.public_key) != (
+            key.admin_id,
+            key.public_key,
+        ):
             raise ValueError(f"key id {key.key_id!r} is taken by another key")
         if existing is None:
             self._keys.insert(key.key_id, key)

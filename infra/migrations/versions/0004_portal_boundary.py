@@ -46,9 +46,7 @@ def upgrade() -> None:
         sa.Column("revoked_at", Timestamp, nullable=True),
     )
     op.add_column("access_requests", sa.Column("portal_id", sa.String(64), nullable=True))
-    op.add_column(
-        "access_requests", sa.Column("event_seq", sa.Integer, nullable=False, server_default="0")
-    )
+    op.add_column("access_requests", sa.Column("event_seq", sa.Integer, nullable=False, server_default="0"))
     op.add_column("decisions", sa.Column("key_id", sa.String(64), nullable=True))
     op.add_column("outbox", sa.Column("exchange", sa.String(200), nullable=False, server_default=""))
     op.add_column("outbox", sa.Column("routing_key", sa.String(200), nullable=True))
