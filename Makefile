@@ -43,6 +43,11 @@ typecheck: $(STAMP)
 bench: $(STAMP) services
 	$(BIN)/python -m bench.relay
 
+## make fuzz: 10,000 hostile bodies through the real broker into real worker pools (make test sends 2,000).
+.PHONY: fuzz
+fuzz: $(STAMP) services
+	ACCESSFLOW_FUZZ_BODIES=10000 $(BIN)/python -m pytest -s --timeout 1800 tests/e2e/test_fuzz_broker.py
+
 schemas: $(STAMP)
 	$(BIN)/python -m messages.export
 

@@ -45,7 +45,7 @@ from dramatiq.middleware import (
 
 from infra.envelope import Accepted, Refused, body_id, excerpt, read_envelope
 from infra.settings import Settings
-from messages.routes import DECIDE, SUBMIT
+from messages.routes import ROUTES
 
 log = structlog.get_logger()
 
@@ -53,7 +53,7 @@ log = structlog.get_logger()
 #: Retries also writes ``traceback`` and ``requeue_timestamp``; they stay in the process.
 WIRE_OPTIONS = ("retries", "eta", "origin")
 #: Actors outside parties publish to; every other queue, and every delay queue, is internal.
-EXTERNAL_ACTORS = frozenset({SUBMIT.actor_name, DECIDE.actor_name})
+EXTERNAL_ACTORS = frozenset(route.actor_name for route in ROUTES if route.external)
 #: Milliseconds added to the longest backoff before an eta is clamped: clocks of two workers differ.
 ETA_MARGIN_MS = 5_000
 
@@ -348,8 +348,8 @@ class QuorumRabbitmqBroker(RabbitmqBroker):
         delivery_limit: the quorum queues' ``x-delivery-limit``.
         dead_letter_ttl_ms: how long ``.XQ`` keeps a dead letter; None keeps it.
         internal_senders: AMQP users whose messages are accessflow's own; default the URL's user.
-        external_queues: queues outside parties publish to; default those of the submit and
-            decide actors, as registered when a consumer starts.
+        external_queues: queues outside parties publish to; default those of the external
+            routes' actors (submit, decide), as registered when a consumer starts.
         max_delay_ms: the longest a message may wait in a delay queue, in milliseconds.
         """
         super().__init__(**kwargs)
@@ -585,9 +585,8 @@ def make_broker(settings: Settings) -> dramatiq.Broker:
             middleware=middleware_for(settings),
             delivery_limit=settings.max_deliveries * 4,
             dead_letter_ttl_ms=ttl_days * 86_400_000 if ttl_days else None,
-            # Until settings name them, the workers' own user is the only internal one.
-            internal_senders=getattr(settings, "broker_internal_users", None) or None,
-            external_queues=[route.queue_name(settings.queue_prefix) for route in (SUBMIT, DECIDE)],
+            internal_senders=settings.internal_users(),
+            external_queues=[route.queue_name(settings.queue_prefix) for route in ROUTES if route.external],
             max_delay_ms=settings.max_backoff_ms + ETA_MARGIN_MS,
         )
     return broker

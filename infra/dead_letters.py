@@ -37,7 +37,7 @@ from infra import orm
 from infra.broker import amqp_url_with_timeouts, broker_user
 from infra.delivery import forget
 from infra.envelope import MAX_ORIGIN_CHARS, Unreadable, excerpt, is_message_id, parse_json, safe_text
-from messages.routes import DECIDE, SUBMIT
+from messages.routes import ROUTES
 
 
 @dataclass(frozen=True)
@@ -172,10 +172,14 @@ def replay(
     crash mid-replay duplicates at most one message, never loses one.
 
     Parameters:
-      internal_senders: AMQP users whose messages are accessflow's own; default the
-        user of ``broker_url``, which also publishes the replays.
-      external_queues: queues outside parties may publish to; default the requests and
-        decisions queues, recognised by name.
+      internal_senders: AMQP users whose messages are accessflow's own
+        (``Settings.internal_users()``: the workers and the operators). The default, only
+        the user of ``broker_url`` (which publishes the replays), fits a deployment with one
+        user; with separate users, pass them all, or a message the workers dead-lettered
+        counts as an outsider's: it is replayed with ``origin`` set to the workers' user, and
+        kept in the XQ if its queue is internal.
+      external_queues: queues outside parties may publish to; default those of the
+        external routes (requests, decisions), recognised by the last part of the name.
     """
     result = ReplayResult()
     target = xq_name.removesuffix(".XQ")
@@ -184,7 +188,7 @@ def replay(
     if external_queues is not None:
         target_is_external = target in frozenset(external_queues)
     else:
-        target_is_external = target.rsplit(".", 1)[-1] in (SUBMIT.queue, DECIDE.queue)
+        target_is_external = target.rsplit(".", 1)[-1] in {r.queue for r in ROUTES if r.external}
     total = min(depth(broker_url, xq_name), limit if limit is not None else 10**9)
     with _channel(broker_url) as source, _channel(broker_url) as sink:
         sink.confirm_delivery()

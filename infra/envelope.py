@@ -191,7 +191,8 @@ def parse_json(body: bytes, *, max_bytes: int = MAX_ENVELOPE_BYTES) -> Any:
 def nesting_depth(body: bytes) -> int:
     """How deeply arrays and objects nest in ``body``, counted without parsing it.
 
-    Exact for valid JSON; for anything else an estimate, good enough to refuse early.
+    Exact for valid JSON up to ``MAX_DEPTH + 1``, where it stops counting; for anything
+    else an estimate, good enough to refuse early.
     """
     brackets = _JSON_STRING.sub(b"", body).translate(None, _NOT_BRACKETS)
     depth = deepest = 0
