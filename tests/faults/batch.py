@@ -28,16 +28,19 @@ from typing import Any
 import pika
 import pika.exceptions
 import sqlalchemy as sa
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from pydantic import SecretStr
+from sqlalchemy.orm import sessionmaker
 
-from domain.model import FINAL_STATUSES, Status
-from infra import catalogue_file, migrate, orm
+from domain.model import FINAL_STATUSES, AdminKey, Status, utcnow
+from infra import catalogue_file, migrate, orm, producer, signing
 from infra.bootstrap import create_engine
 from infra.credentials import generate_seal_key
 from infra.settings import Settings
+from infra.unit_of_work import SqlUnitOfWork
 from messages.routes import DECIDE, ROUTES, SUBMIT
 from tests import services as svc
-from tests.conftest import ADMIN, TEST_CATALOGUE
+from tests.conftest import ADMIN, ADMIN_ID, ADMIN_KEY_ID, TEST_CATALOGUE
 from tests.e2e.conftest import settings_env
 from tests.services import consumers_on, envelope, queue_depth
 
@@ -200,6 +203,8 @@ class World:
     smtp: FlakySmtp
     pools: list[Pool]
     logs: Path
+    #: The private half of the key registered for admin :data:`ADMIN_ID`: the decider signs with it.
+    admin_key: Ed25519PrivateKey = field(repr=False)
 
     @property
     def broker_url(self) -> str:
@@ -237,13 +242,17 @@ def world(
     smtp_rates: dict[str, float] | None = None,
     **overrides: Any,
 ) -> Iterator[World]:
-    """A fresh database and queue prefix, an SMTP sink and two supervised pools."""
+    """A fresh database and queue prefix, an SMTP sink, a signing admin and two supervised pools."""
     with svc.fresh_database(postgres_url) as database_url, flaky_smtp(**(smtp_rates or {})) as smtp:
         migrate.upgrade(database_url)
         settings = Settings(
             database_url=database_url,
             broker_url=broker_url,
             queue_prefix=f"faults-{uuid.uuid4().hex[:8]}",
+            # The documented migration mode: the batch submits contract v1, published as guest with
+            # no portal. The fault suite tests crash safety; the portal boundary (v2 submissions,
+            # sender checks) has its own tests (tests/e2e, tests/faults/test_broker_boundary.py).
+            accept_v1_submissions=True,
             smtp_host=smtp.host,
             smtp_port=smtp.port,
             smtp_timeout_seconds=3,
@@ -259,14 +268,14 @@ def world(
             restart_pause_max_seconds=2.0,
         ).model_copy(update=overrides)
         engine = create_engine(settings)
-        from sqlalchemy.orm import sessionmaker
-
-        from infra.unit_of_work import SqlUnitOfWork
-
         orm.start_mappers()
+        sessions = sessionmaker(engine)
         catalogue_file.load(
             catalogue_file.read(TEST_CATALOGUE),
-            SqlUnitOfWork(sessionmaker(engine), queue_prefix=settings.queue_prefix, relay=None),
+            SqlUnitOfWork(sessions, queue_prefix=settings.queue_prefix, relay=None),
+        )
+        admin_key = register_admin(
+            SqlUnitOfWork(sessions, queue_prefix=settings.queue_prefix, relay=None), tmp / "keys"
         )
         engine.dispose()
         env = {**settings_env(settings), "ACCESSFLOW_FAULTS": faults}
@@ -276,12 +285,27 @@ def world(
             Pool(("requests", "decisions"), env, logs / "pool-requests.log"),
             Pool(("credentials", "notifications"), env, logs / "pool-credentials.log"),
         ]
-        w = World(settings, env, smtp, pools, logs)
+        w = World(settings, env, smtp, pools, logs, admin_key)
         w.start_pools()
         try:
             yield w
         finally:
             w.stop_pools()
+
+
+def register_admin(uow: SqlUnitOfWork, keys: Path) -> Ed25519PrivateKey:
+    """Give the world its admin: a new keypair in ``keys``, its public half registered as the main suite's is.
+
+    Returns the private key, which signs every decision the batch publishes.
+    """
+    keys.mkdir(exist_ok=True)
+    key_file = keys / "admin.pem"
+    public_key = signing.generate_keypair(key_file)
+    with uow:
+        uow.admin_keys.upsert_admin(ADMIN_ID, ADMIN)
+        uow.admin_keys.add_key(AdminKey(ADMIN_KEY_ID, ADMIN_ID, public_key, utcnow()))
+        uow.commit()
+    return signing.load_private_key(key_file)
 
 
 # --- the batch ------------------------------------------------------------------------------------------
@@ -319,7 +343,13 @@ class ResilientPublisher:
         self.connection: pika.BlockingConnection | None = None
         self.channel: Any = None
 
-    def publish(self, queue_name: str, body: bytes, deadline: float) -> None:
+    def publish(self, queue_name: str, actor_name: str, payload: dict[str, Any], deadline: float) -> None:
+        """Publish ``payload`` to ``queue_name`` in an envelope that names that same queue.
+
+        The envelope is built once: a retry after a lost confirm re-publishes the very same
+        message (same message id), as a portal's retry would, so the duplicate path is exercised.
+        """
+        body = envelope(queue_name, actor_name, payload)
         while True:
             try:
                 if self.channel is None:
@@ -396,14 +426,19 @@ class Batch:
         try:
             for _ in range(self.copies):  # every copy is a new delivery of the same request
                 for payload in self.payloads:
-                    publisher.publish(queue, envelope(queue, SUBMIT.actor_name, payload), deadline)
+                    publisher.publish(queue, SUBMIT.actor_name, payload, deadline)
         finally:
             publisher.close()
             self.submitted.set()
 
     def _decide(self) -> None:
-        """Decide every request that reaches review, as admins would, while the batch runs."""
-        queue = DECIDE.queue_name(self.world.settings.queue_prefix)
+        """Decide every request that reaches review, as admins would, while the batch runs.
+
+        Each decision is a v2 decision signed with the world's admin key for this deployment
+        (its queue prefix); a racing pair is two decisions, each with its own decision id.
+        """
+        prefix = self.world.settings.queue_prefix
+        queue = DECIDE.queue_name(prefix)
         publisher = ResilientPublisher(self.world.broker_url)
         rng = random.Random(self.seed + 1)
         engine = self.world.engine()
@@ -435,15 +470,17 @@ class Batch:
                     racing_left -= racing_left > 0
                     rng.shuffle(choices)
                     for decision in choices:
-                        payload = {
-                            "request_id": request_id,
-                            "decision": decision,
-                            "admin": {"id": "admin", "email": ADMIN},
-                            "reason": f"{decision}d by the fault suite",
-                            "decided_at": datetime.now(UTC).isoformat(),
-                        }
+                        signed = producer.signed_decision(
+                            request_id=request_id,
+                            approve=decision == "approve",
+                            admin_id=ADMIN_ID,
+                            reason=f"{decision}d by the fault suite",
+                            audience=prefix,
+                            key_id=ADMIN_KEY_ID,
+                            private_key=self.world.admin_key,
+                        )
                         publisher.publish(
-                            queue, envelope(queue, DECIDE.actor_name, payload), time.monotonic() + 600
+                            queue, DECIDE.actor_name, signed.model_dump(mode="json"), time.monotonic() + 600
                         )
                     self.decided[request_id] = "+".join(choices)
                 self.stop_deciding.wait(0.2)
