@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import time
 import uuid
 from collections import Counter
@@ -85,6 +86,8 @@ OPTION_NAMES = (
     "origin",
     "requeue_timestamp",
 )
+#: A traceback's last line: ``module.ExceptionName: (cause.Name) message``.
+EXCEPTION_LINE = re.compile(r"^([A-Za-z_][\w.]*(?:Error|Exception|Violation|Exit|Interrupt)): ?(\([\w.]+\))?")
 FIELDS = ("queue_name", "actor_name", "args", "kwargs", "options", "message_id", "message_timestamp")
 
 JSON = st.recursive(
@@ -526,8 +529,9 @@ def handler_failures(logs: WorkerLogs) -> dict[str, int]:
             exception = str(json.loads(line).get("exception", ""))
         except ValueError:
             exception = ""
-        last = exception.strip().splitlines()[-1] if exception.strip() else "?"
-        failures[last.split(":", 1)[0]] += 1
+        # The last line naming an exception, and its cause in parentheses (as SQLAlchemy writes it)
+        named = [m for m in map(EXCEPTION_LINE.match, exception.splitlines()) if m]
+        failures[" ".join(filter(None, named[-1].groups())) if named else "?"] += 1
     return dict(failures)
 
 
