@@ -659,6 +659,10 @@ def dlq_replay(queue: str | None, limit: int | None, dry_run: bool) -> None:
                     limit=limit,
                     dry_run=dry_run,
                     on_each=lambda: bar.update(1),
+                    internal_senders=services.settings.internal_users(),
+                    external_queues=[
+                        r.queue_name(services.settings.queue_prefix) for r in ROUTES if r.external
+                    ],
                 )
             verb = "would replay" if dry_run else "replayed"
             kept = f", kept {result.kept} that are not messages" if result.kept else ""

@@ -147,6 +147,11 @@ def read_envelope(
         options = _own_options(
             fields["options"], delayed=delivered_on != canonical, latest_eta=now_ms + max_delay_ms
         )
+        # A message a worker re-published keeps the origin it was first received with; one an
+        # internal user published first is its own origin. On a broker with one user for
+        # everything (development) that makes the one user a portal's sender; in production
+        # no portal is registered under the workers' or the operators' user, so nothing gains.
+        options.setdefault("origin", user_id)
     else:
         options = {} if user_id is None else {"origin": user_id[:MAX_ORIGIN_CHARS]}
     message: dramatiq.Message[Any] = dramatiq.Message(

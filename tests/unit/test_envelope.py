@@ -370,10 +370,11 @@ class TestOptionsFromAccessflow:
     def test_only_its_bookkeeping_survives(self, name: str, queue: str) -> None:
         body = body_of(queue_name=queue, options={name: FOREIGN_OPTIONS[name]})
         options = accepted(body, delivered_on=queue, user_id=WORKERS).message.options
+        # The sender stands as the origin of a message that brings none (see below).
         if name == "eta" and queue.endswith(".DQ"):
-            assert options == {"eta": NOW_MS + MAX_DELAY_MS}  # kept, clamped: see below
+            assert options == {"eta": NOW_MS + MAX_DELAY_MS, "origin": WORKERS}  # kept, clamped
         else:
-            assert options == {}
+            assert options == {"origin": WORKERS}
 
     def test_retries_and_origin_are_kept(self) -> None:
         body = body_of(options={"retries": 3, "origin": PORTAL, "traceback": "secret"})
@@ -392,11 +393,19 @@ class TestOptionsFromAccessflow:
 
     @pytest.mark.parametrize(
         ("origin", "kept"),
-        [(PORTAL, PORTAL), ("p" * 200, "p" * 200), ("p" * 201, None), ("", None), (5, None)],
+        [(PORTAL, PORTAL), ("p" * 200, "p" * 200), ("p" * 201, WORKERS), ("", WORKERS), (5, WORKERS)],
     )
-    def test_origin_must_be_a_short_string(self, origin: object, kept: str | None) -> None:
+    def test_origin_must_be_a_short_string_or_the_sender_stands_as_it(
+        self, origin: object, kept: str
+    ) -> None:
         options = accepted(body_of(options={"origin": origin}), user_id=WORKERS).message.options
         assert options.get("origin") == kept
+
+    def test_a_message_an_internal_user_published_first_is_its_own_origin(self) -> None:
+        # On a one-user development broker, that user is the portal's sender too; in production no
+        # portal is registered under an internal user, so its submissions are refused as forged.
+        options = accepted(body_of(options={}), user_id=WORKERS).message.options
+        assert options == {"origin": WORKERS}
 
     def test_eta_on_a_work_queue_is_dropped(self) -> None:
         options = accepted(body_of(options={"eta": NOW_MS + 1000}), user_id=WORKERS).message.options
