@@ -17,23 +17,22 @@ from messages.v1 import Email, Identifier, Name, Text
 
 
 class Entry(BaseModel):
+    """One entry of the file; the CLI's ``portals add`` and ``admins`` commands validate with these too."""
+
     model_config = ConfigDict(extra="forbid")
-
-
-_Entry = Entry
 
 
 def _ed25519_public_key(text: str) -> str:
     return signing.public_key_text(signing.parse_public_key(text))
 
 
-class ProductEntry(_Entry):
+class ProductEntry(Entry):
     id: Identifier
     name: Name
     auth_method: AuthMethod
 
 
-class PlanEntry(_Entry):
+class PlanEntry(Entry):
     id: Identifier
     name: Name
     auto_approve: bool
@@ -42,20 +41,20 @@ class PlanEntry(_Entry):
     products: list[Identifier] = Field(min_length=1)
 
 
-class ConsumerEntry(_Entry):
+class ConsumerEntry(Entry):
     id: Identifier
     email: Email
     name: Name
 
 
-class AppEntry(_Entry):
+class AppEntry(Entry):
     id: Identifier
     consumer: Identifier
     name: Name
     description: Text = ""
 
 
-class PortalEntry(_Entry):
+class PortalEntry(Entry):
     id: Identifier
     name: Name
     #: The AMQP user it publishes as; RabbitMQ stamps it on each message as the validated user_id.
@@ -76,19 +75,19 @@ class PortalEntry(_Entry):
         )
 
 
-class AdminKeyEntry(_Entry):
+class AdminKeyEntry(Entry):
     key_id: Identifier
     #: Ed25519: ``ed25519:<base64>`` or a PEM public key.
     public_key: Annotated[str, AfterValidator(_ed25519_public_key)]
 
 
-class AdminEntry(_Entry):
+class AdminEntry(Entry):
     id: Identifier
     email: Email
     keys: list[AdminKeyEntry] = []
 
 
-class CatalogueFile(_Entry):
+class CatalogueFile(Entry):
     products: list[ProductEntry] = []
     plans: list[PlanEntry] = []
     consumers: list[ConsumerEntry] = []

@@ -276,10 +276,12 @@ class SqlAdminKeyRepository:
             raise ValueError(f"key id {key.key_id!r} is taken by another key")
 
     def revoke(self, key_id: str) -> bool:
-        """Revoke a key for good; return False if there is no such key."""
-        result = self.session.execute(
+        """Revoke a key for good (revoking it again changes nothing); return False if there is no such key."""
+        if self.key(key_id) is None:
+            return False
+        self.session.execute(
             orm.admin_keys.update()
             .where(orm.admin_keys.c.key_id == key_id, orm.admin_keys.c.revoked_at.is_(None))
             .values(revoked_at=utcnow())
         )
-        return result.rowcount > 0 or self.key(key_id) is not None  # type: ignore[attr-defined]
+        return True

@@ -147,3 +147,100 @@ class TestTheDemo:
         ):
             assert expected in out, f"{expected!r} not in the demo's output:\n{out}"
         assert len(list((tmp_path / "demo" / "mail").glob("*.eml"))) == 5
+
+
+class TestRegisteringParties:
+    def test_admins_portals_and_their_keys(self, fresh_env: dict[str, str], tmp_path: Path) -> None:
+        # Given a fresh database with the example catalogue
+        cli(fresh_env, "db", "upgrade")
+        cli(fresh_env, "catalog", "load", str(EXAMPLES / "catalog.yaml"))
+
+        # When an admin and a key are registered, and the key revoked
+        cli(fresh_env, "admins", "add", "dana", "--email", "dana@accessflow.example")
+        cli(fresh_env, "keys", "admin-generate", str(tmp_path / "dana.pem"))
+        cli(
+            fresh_env,
+            "admins",
+            "keys",
+            "add",
+            "dana",
+            "--key-id",
+            "k1",
+            "--public-key",
+            f"@{tmp_path}/dana.pem.pub",
+        )
+        cli(fresh_env, "admins", "keys", "revoke", "k1")
+        # And a portal, with a key made for it
+        keys = dict(
+            line.split(": ", 1) for line in cli(fresh_env, "keys", "portal-generate").stdout.splitlines()
+        )
+        public = keys["public"].strip()
+        cli(
+            fresh_env,
+            "portals", "add", "acme-portal", "--name", "Acme Portal", "--broker-user", "acme-user",
+            "--public-key", public, "--url", "https://portal.acme.example", "--consumer", "acme",
+        )  # fmt: skip
+
+        # Then both are listed as registered, the revoked key marked
+        [admin] = json.loads(cli(fresh_env, "admins", "list", "--json").stdout)
+        assert admin["id"] == "dana" and admin["email"] == "dana@accessflow.example"
+        [key] = admin["keys"]
+        assert key["key_id"] == "k1" and key["revoked_at"] is not None
+        assert key["public_key"] == (tmp_path / "dana.pem.pub").read_text().strip()
+        [portal] = json.loads(cli(fresh_env, "portals", "list", "--json").stdout)
+        assert portal == {
+            "id": "acme-portal",
+            "name": "Acme Portal",
+            "broker_user": "acme-user",
+            "public_key": public,
+            "url": "https://portal.acme.example",
+            "consumers": ["acme"],
+        }
+
+    def test_bad_registrations_are_refused_with_the_reason(self, fresh_env: dict[str, str]) -> None:
+        cli(fresh_env, "db", "upgrade")
+        cli(fresh_env, "catalog", "load", str(EXAMPLES / "catalog.yaml"))
+        cases = {
+            "a key for an unknown admin": (
+                ["admins", "keys", "add", "nobody", "--key-id", "k", "--public-key", "ed25519:" + "A" * 43 + "="],
+                "no admin nobody",
+            ),
+            "(the admin the next check needs)": (
+                ["admins", "add", "dana", "--email", "dana@accessflow.example"],
+                "",
+            ),
+            "a portal key that is not 32 bytes": (
+                ["portals", "add", "p", "--name", "P", "--broker-user", "u", "--public-key", "c2hvcnQ="],
+                "32 bytes",
+            ),
+            "a portal for an unknown consumer": (
+                ["portals", "add", "p", "--name", "P", "--broker-user", "u", "--public-key", "A" * 43 + "=",
+                 "--consumer", "initech"],
+                "unknown consumer(s): initech",
+            ),
+            "a portal name with an encoded word": (
+                ["portals", "add", "p", "--name", "=?utf-8?q?x?=", "--broker-user", "u", "--public-key", "A" * 43 + "="],
+                "=?",
+            ),
+        }  # fmt: skip
+        for case, (args, reason) in cases.items():
+            result = cli(fresh_env, *args, check=False)
+            if not reason:  # a step the next case needs
+                assert result.returncode == 0, result.stderr
+                continue
+            assert result.returncode == 1, case
+            assert reason in result.stderr, f"{case}: {result.stderr}"
+        bad_key = cli(
+            fresh_env,
+            "admins",
+            "keys",
+            "add",
+            "dana",
+            "--key-id",
+            "k",
+            "--public-key",
+            "rsa:xyz",
+            check=False,
+        )
+        assert bad_key.returncode == 1 and "ed25519" in bad_key.stderr.lower()
+        assert "p" not in {p["id"] for p in json.loads(cli(fresh_env, "portals", "list", "--json").stdout)}
