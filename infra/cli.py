@@ -505,6 +505,7 @@ def reveal_credentials(services: Services, app_id: str) -> list[dict[str, Any]]:
         shown = []
         for credential in uow.credentials.for_app(app_id, for_update=True):
             secret = credential.reveal(sealer.unseal)
+            request = uow.requests.get(credential.request_id)
             shown.append(
                 {
                     "id": credential.id,
@@ -516,6 +517,8 @@ def reveal_credentials(services: Services, app_id: str) -> list[dict[str, Any]]:
                     "rate_limit_per_minute": credential.rate_limit_per_minute,
                     "monthly_quota": credential.monthly_quota,
                     "revealed_at": credential.revealed_at.isoformat() if credential.revealed_at else None,
+                    # A portal's request kept no copy: its secret went, sealed, to the portal only.
+                    "delivered_to_portal": request.portal_id if request else None,
                 }
             )
         uow.commit()
@@ -542,6 +545,8 @@ def credentials_show(app_id: str, as_json: bool) -> None:
         )
         if c["secret"] is not None:
             click.echo(f"  secret (shown once, store it now): {c['secret']}")
+        elif c["delivered_to_portal"]:
+            click.echo(f"  secret delivered, sealed to its key, to portal {c['delivered_to_portal']} only")
         else:
             click.echo(f"  secret already revealed at {c['revealed_at']}")
 

@@ -357,6 +357,9 @@ class TestThePortal:
                 assert secret not in repr(rows), table.name
         [row] = credentials_of(services, request_id)
         assert row.sealed_secret is None
+        # And an operator cannot reveal it either: it went to the portal only
+        [shown] = json.loads(cli(env, "credentials", "show", row.app_id, "--json").stdout)
+        assert shown["secret"] is None and shown["delivered_to_portal"] == portal.party.id
 
 
 class TestWorkerLogs:
