@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo test test-faults test-unit lint typecheck bench schemas services clean
+.PHONY: install demo test test-faults test-unit lint typecheck bench bench-smoke bench-relay schemas services clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -39,8 +39,19 @@ lint: $(STAMP)
 typecheck: $(STAMP)
 	$(BIN)/mypy
 
-## make bench: the outbox relay's batched confirms against one confirm per message, same run.
+## make bench: accessflow against the floor (no-op dramatiq actors on the same broker), in one run:
+## burst, latency, CPU, transactions, statements, scaling, memory (bench/README.md). About 10-15 min.
+## Options: make bench BENCH_ARGS="--requests 5000 --soak 100000"; results in bench/results/.
+BENCH_ARGS ?=
 bench: $(STAMP) services
+	$(BIN)/python -m bench $(BENCH_ARGS)
+
+## make bench-smoke: the same with 200 requests (about 2 min); keeps the harness working in CI.
+bench-smoke: $(STAMP) services
+	$(BIN)/python -m bench --smoke $(BENCH_ARGS)
+
+## make bench-relay: the outbox relay's batched confirms against one confirm per message, same run.
+bench-relay: $(STAMP) services
 	$(BIN)/python -m bench.relay
 
 ## make fuzz: 10,000 hostile bodies through the real broker into real worker pools (make test sends 2,000).

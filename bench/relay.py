@@ -5,7 +5,7 @@ the baseline through dramatiq's broker (a confirm per message, as pika's blockin
 channel does), the relay through :class:`infra.broker.BatchConfirmPublisher`. The
 report is the ratio of their throughputs, so it does not depend on the machine.
 
-Run: ``make bench`` (uses ACCESSFLOW_TEST_DATABASE_URL / ACCESSFLOW_TEST_BROKER_URL or the
+Run: ``make bench-relay`` (uses ACCESSFLOW_TEST_DATABASE_URL / ACCESSFLOW_TEST_BROKER_URL or the
 local services, like the tests).
 """
 
@@ -18,6 +18,7 @@ import uuid
 from collections.abc import Callable
 
 import sqlalchemy as sa
+from dramatiq.brokers.rabbitmq import RabbitmqBroker
 from sqlalchemy.orm import sessionmaker
 
 from domain import commands
@@ -65,6 +66,7 @@ def main() -> int:
         engine = create_engine(settings)
         factory = sessionmaker(engine, expire_on_commit=False)
         broker = make_broker(settings)
+        assert isinstance(broker, RabbitmqBroker), "the relay is measured against a real RabbitMQ"
         uow = SqlUnitOfWork(factory, queue_prefix=prefix, relay=None)
         publishers: dict[str, Callable[[], Publisher]] = {
             "one confirm per message (dramatiq broker)": lambda: DramatiqPublisher(broker),
