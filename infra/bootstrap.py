@@ -132,6 +132,8 @@ class Services:
             )
 
     def close(self) -> None:
+        if isinstance(self.mailer, SmtpMailer):  # its SMTP connections, kept open between sends
+            self.mailer.close()
         self.relay.publisher.close()
         self.engine.dispose()
 

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import email as email_package
+import email.policy
 import uuid
+from email.message import EmailMessage
 
 import pytest
 
@@ -95,3 +98,55 @@ class TestTheApproveEmail:
         body = rendered.get_body(("plain",)).get_content()
         assert "af_0123abcd" in body and "unlimited" in body and "60 requests per minute" in body
         assert not hasattr(context, "secret")  # the context type has no field a secret could travel in
+
+
+class TestNonAsciiNamesAndSubjects:
+    def test_arrive_as_written_when_the_bytes_the_server_received_are_parsed(
+        self, settings: Settings, smtp: svc.SmtpSink
+    ) -> None:
+        # Given a sender name, names and a subject template that are not ASCII, and a subject long
+        # enough to be folded into several encoded words
+        configured = settings.model_copy(
+            update={
+                "mail_from": "Zoë Ångström <no-reply@accessflow.local>",
+                "subject_reject": "Abgelehnt: {{ app_name }} für {{ consumer_name }} · {{ plan_name }}",
+            }
+        )
+        request_id = str(uuid.uuid4())
+        sent = Email(
+            kind=NotificationKind.REJECT,
+            to=("dev@acme.example",),
+            message_id=f"<reject.{request_id}@accessflow.local>",
+            context=RejectContext(
+                request_id=request_id,
+                consumer_name="Müller & Söhne 株式会社",
+                app_name="Zahlungsverkehr-Schnittstelle für Händler 🙂",
+                plan_name="Großkunden",
+                products=(ProductLine("payments", "Zahlungs-API"),),
+                reason="Nicht jetzt · bitte später erneut anfragen.",
+            ),
+        )
+
+        # When it is sent to a real SMTP server
+        SmtpMailer(configured, EmailRenderer(configured)).send(sent)
+
+        # Then the bytes it received were 7-bit, and parsed under the default policy they read
+        # back as the values we rendered
+        [(raw, recipients)] = smtp.raw_about(request_id)
+        assert raw.isascii() and recipients == ["dev@acme.example"]
+        parsed = email_package.message_from_bytes(raw, policy=email.policy.default)
+        assert isinstance(parsed, EmailMessage)
+        assert str(parsed["Subject"]) == (
+            "Abgelehnt: Zahlungsverkehr-Schnittstelle für Händler 🙂 für Müller & Söhne 株式会社 · Großkunden"
+        )
+        [sender] = parsed["From"].addresses
+        assert (sender.display_name, sender.addr_spec) == ("Zoë Ångström", "no-reply@accessflow.local")
+        assert parsed["X-Accessflow-Request-Id"] == request_id
+        text_part, html_part = parsed.get_body(("plain",)), parsed.get_body(("html",))
+        assert text_part is not None and html_part is not None
+        text, html = text_part.get_content(), html_part.get_content()
+        assert "Hello Müller & Söhne 株式会社," in text
+        assert "Nicht jetzt · bitte später erneut anfragen." in text
+        assert "Zahlungsverkehr-Schnittstelle für Händler 🙂" in text
+        assert "Hello Müller &amp; Söhne 株式会社," in html  # autoescaped
+        assert "<blockquote>Nicht jetzt · bitte später erneut anfragen.</blockquote>" in html
