@@ -177,15 +177,92 @@ class DramatiqPublisher:
         pass  # the broker, and its connections, belong to whoever built it
 
 
+def _nothing() -> None:
+    """The callback of a wake-up timer: the timer firing is the whole point."""
+
+
+class _ConfirmChannel:
+    """One thread's connection, its channel in confirm mode, and the confirms of the batch in flight.
+
+    The channel is pika's asynchronous core of a blocking channel: the blocking channel
+    waits for each confirm in turn (one round trip per message), and pika has no public
+    batch-confirm API. The core's callbacks run on this thread, inside
+    ``process_data_events``, and nothing else uses the channel, so plain attributes suffice.
+    """
+
+    def __init__(self, connection: pika.BlockingConnection) -> None:
+        self.connection = connection
+        self.core: Any = connection.channel()._impl
+        self.next_tag = 1
+        #: Delivery tag -> message id, for every publish not yet acked or nacked.
+        self.outstanding: dict[int, str] = {}
+        self.acked: set[str] = set()
+        self.nacked: set[str] = set()
+        self.returned: set[str] = set()
+        self.confirming = False
+        self.core.add_on_return_callback(self._on_return)
+        self.core.add_on_close_callback(lambda _channel, _reason: self._wake())
+
+    def select_confirms(self, deadline: float) -> bool:
+        """Put the channel in confirm mode; False if the broker did not answer by ``deadline``."""
+        self.core.confirm_delivery(ack_nack_callback=self._on_confirm, callback=self._on_select_ok)
+        return self.wait(lambda: self.confirming, deadline)
+
+    def wait(self, done: Callable[[], bool], deadline: float) -> bool:
+        """Run the connection's I/O until ``done()``, the channel closes, or ``deadline`` (monotonic).
+
+        ``process_data_events`` returns early only for events of pika's blocking layer,
+        and a callback on the core is not one: that is why a fixed time limit always ran
+        to its end. Every callback that can end the wait calls :meth:`_wake`, so each
+        pass returns as soon as that callback ran; the time limit is only the deadline.
+
+        Returns:
+          Whether ``done()`` became true.
+        """
+        while not done():
+            remaining = deadline - time.monotonic()
+            if remaining <= 0 or self.core.is_closed:
+                return False
+            self.connection.process_data_events(time_limit=remaining)
+        return True
+
+    def _wake(self) -> None:
+        # A zero-delay timer of the blocking connection (public API) fires in this same I/O
+        # pass and lands in the connection's ready events, which end process_data_events.
+        if self.connection.is_open:
+            self.connection.call_later(0, _nothing)
+
+    def _on_select_ok(self, _frame: Any) -> None:
+        self.confirming = True
+        self._wake()
+
+    def _on_confirm(self, frame: Any) -> None:
+        method = frame.method
+        target = self.acked if isinstance(method, pika.spec.Basic.Ack) else self.nacked
+        if method.multiple:  # every tag up to this one that is not answered yet
+            tags = [tag for tag in self.outstanding if tag <= method.delivery_tag]
+        else:
+            tags = [method.delivery_tag] if method.delivery_tag in self.outstanding else []
+        for tag in tags:
+            target.add(self.outstanding.pop(tag))
+        if not self.outstanding:  # the batch is answered: end the wait now, not at a timer
+            self._wake()
+
+    def _on_return(self, _channel: Any, _method: Any, properties: Any, _body: bytes) -> None:
+        # RabbitMQ sends a mandatory message's basic.return before its basic.ack, so it is
+        # known by the time the batch's last confirm ends the wait.
+        self.returned.add(properties.message_id)
+
+
 class BatchConfirmPublisher:
     """Publishes a batch with publisher confirms, waiting once for all of them.
 
     pika's blocking channel waits for each confirm in turn, one round trip per message.
     Here the batch goes out on the channel's asynchronous core and the confirms are
     collected together (RabbitMQ acknowledges with ``multiple`` where it can), so a
-    batch costs about one round trip. A message returned as unroutable (``mandatory``)
-    or nacked is not confirmed. One connection per thread, because pika's are not
-    thread-safe.
+    batch costs about one round trip, and the wait ends when its last confirm arrives.
+    A message returned as unroutable (``mandatory``) or nacked is not confirmed. One
+    connection per thread, because pika's are not thread-safe.
     """
 
     #: Seconds to wait for a batch's confirms before giving up on the unconfirmed ones.
@@ -197,6 +274,7 @@ class BatchConfirmPublisher:
         self.declare = declare
         self.declared: set[str] = set()
         self.local = threading.local()
+        self.lock = threading.Lock()
         self.connections: list[pika.BlockingConnection] = []  # every thread's, to close at shutdown
 
     def publish(
@@ -206,6 +284,12 @@ class BatchConfirmPublisher:
             raise RuntimeError(f"message {message_id} was not confirmed by the broker")
 
     def publish_batch(self, messages: Sequence[Outgoing]) -> set[str]:
+        """Publish ``messages`` and wait for their confirms, at most :attr:`CONFIRM_TIMEOUT` seconds.
+
+        Returns:
+          The ids of the messages the broker confirmed (acked, and neither nacked nor returned).
+          On a lost connection or a timeout, those confirmed before it, or none.
+        """
         for queue_name in {m.queue_name for m in messages if not m.exchange} - self.declared:
             self.declare(queue_name)  # with accessflow's queue arguments, before anything is routed there
             self.declared.add(queue_name)
@@ -216,45 +300,39 @@ class BatchConfirmPublisher:
             self._drop_connection()
             return set()
 
-    def _channel(self) -> tuple[pika.BlockingConnection, Any]:
-        state = self.local
-        if getattr(state, "connection", None) is None or not state.connection.is_open:
-            state.connection = pika.BlockingConnection(self.parameters)
-            self.connections.append(state.connection)
-            state.channel = state.connection.channel()
-            # pika has no public batch-confirm API on its blocking channel: use its asynchronous core.
-            state.core = state.channel._impl
-            state.next_tag, state.floor = 1, 0
-            state.acked, state.nacked, state.returned = set(), set(), set()
-            ready: list[bool] = []
-            state.core.confirm_delivery(
-                ack_nack_callback=self._on_confirm, callback=lambda _: ready.append(True)
-            )
-            state.core.add_on_return_callback(self._on_return)
-            while not ready:
-                state.connection.process_data_events(time_limit=0.1)
-        return state.connection, state.core
-
-    def _on_confirm(self, frame: Any) -> None:
-        state, method = self.local, frame.method
-        target = state.acked if isinstance(method, pika.spec.Basic.Ack) else state.nacked
-        if method.multiple:  # every tag up to this one not answered yet
-            resolved = state.acked | state.nacked
-            target.update(t for t in range(state.floor + 1, method.delivery_tag + 1) if t not in resolved)
-            state.floor = max(state.floor, method.delivery_tag)
-        else:
-            target.add(method.delivery_tag)
-
-    def _on_return(self, _channel: Any, _method: Any, properties: Any, _body: bytes) -> None:
-        self.local.returned.add(properties.message_id)
+    def _channel(self, deadline: float) -> _ConfirmChannel:
+        state: _ConfirmChannel | None = getattr(self.local, "state", None)
+        if state is not None:
+            with contextlib.suppress(pika.exceptions.AMQPError, OSError):
+                # One poll that does not wait: it reads what came while the connection sat idle,
+                # so a broker that hung up meanwhile (a restart, heartbeats missed between
+                # batches) costs a reconnect here, not a failed batch left for the sweep.
+                state.connection.process_data_events(time_limit=0)
+            if state.connection.is_open and state.core.is_open:
+                return state
+        self._drop_connection()
+        connection = pika.BlockingConnection(self.parameters)
+        with self.lock:  # forget closed connections, so reconnecting over months keeps none
+            self.connections = [c for c in self.connections if c.is_open]
+            self.connections.append(connection)
+        try:
+            state = _ConfirmChannel(connection)
+            if not state.select_confirms(deadline):
+                raise pika.exceptions.ChannelClosed(0, "the broker did not put the channel in confirm mode")
+        except BaseException:
+            with contextlib.suppress(Exception):
+                connection.close()
+            raise
+        self.local.state = state
+        return state
 
     def _publish(self, messages: Sequence[Outgoing]) -> set[str]:
-        connection, core = self._channel()
-        state = self.local
-        by_tag: dict[int, str] = {}
+        deadline = time.monotonic() + self.CONFIRM_TIMEOUT
+        state = self._channel(deadline)
+        batch: list[str] = []
         for message in messages:
             if message.exchange:
-                core.basic_publish(
+                state.core.basic_publish(
                     exchange=message.exchange,
                     routing_key=message.event_routing_key(),
                     body=message.event_body(),
@@ -262,7 +340,7 @@ class BatchConfirmPublisher:
                     mandatory=True,  # the events exchange has an alternate exchange: confirmed anyway
                 )
             else:
-                core.basic_publish(
+                state.core.basic_publish(
                     exchange="",
                     routing_key=message.queue_name,
                     body=message.envelope().encode(),
@@ -274,36 +352,37 @@ class BatchConfirmPublisher:
                     ),
                     mandatory=True,
                 )
-            by_tag[state.next_tag] = message.message_id
+            state.outstanding[state.next_tag] = message.message_id
             state.next_tag += 1
-        deadline = time.monotonic() + self.CONFIRM_TIMEOUT
-        while not all(tag in state.acked or tag in state.nacked for tag in by_tag):
-            if time.monotonic() > deadline:
-                log.warning("publish.confirm_timeout", unconfirmed=len(by_tag))
-                self._drop_connection()
-                break
-            connection.process_data_events(time_limit=0.05)
-        confirmed = {mid for tag, mid in by_tag.items() if tag in state.acked and tag not in state.nacked}
-        confirmed -= state.returned
-        for tag in by_tag:
-            state.acked.discard(tag)
-            state.nacked.discard(tag)
+            batch.append(message.message_id)
+        if not state.wait(lambda: not state.outstanding, deadline):
+            log.warning(
+                "publish.confirm_timeout",
+                unconfirmed=len(state.outstanding),
+                channel_closed=bool(state.core.is_closed),
+            )
+            self._drop_connection()  # late confirms would otherwise be counted for a later batch
+        confirmed = {mid for mid in batch if mid in state.acked} - state.nacked - state.returned
+        state.acked.clear()
+        state.nacked.clear()
         state.returned.clear()
+        state.outstanding.clear()
         return confirmed
 
     def close(self) -> None:
-        for connection in self.connections:
+        with self.lock:
+            connections, self.connections = self.connections, []
+        for connection in connections:
             if connection.is_open:
                 with contextlib.suppress(Exception):
                     connection.close()
-        self.connections.clear()
 
     def _drop_connection(self) -> None:
-        connection = getattr(self.local, "connection", None)
-        self.local.connection = None
-        if connection is not None and connection.is_open:
+        state: _ConfirmChannel | None = getattr(self.local, "state", None)
+        self.local.state = None
+        if state is not None and state.connection.is_open:
             with contextlib.suppress(Exception):
-                connection.close()
+                state.connection.close()
 
 
 def middleware_for(settings: Settings) -> list[Middleware]:

@@ -194,6 +194,9 @@ outbox = sa.Table(
     # Empty for internal commands, which go to ``queue_name`` through the default exchange.
     sa.Column("exchange", sa.String(200), nullable=False, server_default=""),
     sa.Column("routing_key", sa.String(200), nullable=True),
+    # Set by a sweep that claims the row for publishing; other sweeps skip the row until then,
+    # so no lock is held while the broker answers, and a claimer that died holds it no longer.
+    sa.Column("claimed_until", Timestamp, nullable=True),
     sa.Index("ix_outbox_unsent", "created_at", postgresql_where=sa.text("sent_at IS NULL")),
 )
 

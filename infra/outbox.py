@@ -6,16 +6,31 @@ RabbitMQ) and marks them sent; a row is marked only after the broker confirmed i
 A crash between the confirm and the mark republishes the row later, and the
 consumers, being idempotent, absorb the duplicate. Workers also sweep for rows a
 crashed process left behind.
+
+The relay never holds a transaction, nor a row lock, while it speaks to the broker:
+every statement of its own commits by itself (autocommit), so a slow or dead broker
+leaves no backend "idle in transaction" and no row locked. Two paths lead to the broker:
+
+- Right after a handler's commit, :meth:`OutboxRelay.publish_quietly` publishes the rows
+  that handler just wrote, from memory: no other process takes a row that young (the
+  sweep waits for rows older than its interval), so they need no lock and no read.
+  One statement then marks the confirmed ones sent.
+- The sweep (:meth:`OutboxRelay.publish`) claims a batch with one statement, setting
+  ``claimed_until`` on rows nobody holds (``FOR UPDATE SKIP LOCKED`` only for the length
+  of that statement), publishes it, and marks it with one statement. Another worker's
+  sweep skips claimed rows; a claim whose holder died runs out, and the rows are swept again.
 """
 
 from __future__ import annotations
 
 import uuid
 from collections.abc import Sequence
-from datetime import timedelta
+from datetime import datetime, timedelta
+from typing import Any
 
 import sqlalchemy as sa
 import structlog
+from sqlalchemy.engine import Engine
 from sqlalchemy.orm import Session, sessionmaker
 
 from domain.commands import Command
@@ -30,8 +45,12 @@ from messages.routes import route_for_command
 
 log = structlog.get_logger()
 
-#: Rows published per transaction by one sweep.
+#: Rows published per batch, and so per marking statement.
 BATCH_SIZE = 200
+#: How long a sweep's claim on its rows lasts. Longer than one publish can take (connecting,
+#: then ``BatchConfirmPublisher.CONFIRM_TIMEOUT``), so no other sweep takes them meanwhile;
+#: if the claimer dies, its rows wait this long before another worker sweeps them.
+CLAIM_SECONDS = 60.0
 
 
 class UnconfirmedPublish(Exception):
@@ -39,41 +58,48 @@ class UnconfirmedPublish(Exception):
 
 
 class SqlOutbox:
-    """The outbox as the handlers see it: ``put`` adds a row to the open transaction."""
+    """The outbox as the handlers see it: ``put`` adds a row to the open transaction.
+
+    ``added`` keeps each row as the message it becomes, so that the relay can publish it
+    after the commit without reading it back.
+    """
 
     def __init__(self, session: Session, queue_prefix: str) -> None:
         self.session = session
         self.queue_prefix = queue_prefix
-        self.added: list[str] = []
+        self.added: list[Outgoing] = []
 
     def put(self, command: Command) -> None:
         route, payload = route_for_command(command)
-        row_id = str(uuid.uuid4())
-        self.session.execute(
-            orm.outbox.insert().values(
-                id=row_id,
-                queue_name=route.queue_name(self.queue_prefix),
-                actor_name=route.actor_name,
-                payload=payload,
-                created_at=utcnow(),
-            )
-        )
-        self.added.append(row_id)
+        message = Outgoing(route.queue_name(self.queue_prefix), route.actor_name, payload, str(uuid.uuid4()))
+        self._insert(message)
 
     def announce(self, event: PortalEvent) -> None:
         message = RequestEvent.of(event)
-        self.session.execute(
-            orm.outbox.insert().values(
-                id=message.event_id,
+        self._insert(
+            Outgoing(
                 queue_name="",
                 actor_name="",
                 payload=message.model_dump(mode="json", exclude_none=True),
-                created_at=utcnow(),
+                message_id=message.event_id,
                 exchange=Topology(self.queue_prefix).events_exchange,
                 routing_key=message.routing_key(),
             )
         )
-        self.added.append(message.event_id)
+
+    def _insert(self, message: Outgoing) -> None:
+        self.session.execute(
+            orm.outbox.insert().values(
+                id=message.message_id,
+                queue_name=message.queue_name,
+                actor_name=message.actor_name,
+                payload=message.payload,
+                created_at=utcnow(),
+                exchange=message.exchange,
+                routing_key=message.routing_key,
+            )
+        )
+        self.added.append(message)
 
 
 class OutboxRelay:
@@ -82,68 +108,132 @@ class OutboxRelay:
     def __init__(self, session_factory: sessionmaker[Session], publisher: Publisher) -> None:
         self.session_factory = session_factory
         self.publisher = publisher
+        bind = session_factory.kw.get("bind")
+        if not isinstance(bind, Engine):
+            raise TypeError("the outbox relay needs a session factory bound to an engine")
+        # Each statement commits by itself: no transaction stays open while the broker answers.
+        self.engine = bind.execution_options(isolation_level="AUTOCOMMIT")
+
+    def publish_quietly(self, messages: Sequence[Outgoing]) -> None:
+        """Publish rows right after the commit that wrote them; on failure leave them for the sweep."""
+        try:
+            self.publish_committed(messages)
+        except Exception as error:  # the sweep retries; the handler's work is already committed
+            log.warning("outbox.publish_deferred", rows=len(messages), error=type(error).__name__)
+
+    def publish_committed(self, messages: Sequence[Outgoing]) -> int:
+        """Publish rows this thread has just committed, as they were written, and mark the confirmed ones.
+
+        No lock and no read: only this thread knows of rows this young, since the sweep
+        takes rows older than its interval. Should this publish outlast that interval (a
+        stalled broker), a sweep may publish a row too; the consumers absorb the duplicate.
+
+        Returns:
+          How many rows were published and marked sent.
+
+        Raises:
+          UnconfirmedPublish: some were not confirmed; they stay unsent, for the sweep.
+        """
+        published = 0
+        for start in range(0, len(messages), BATCH_SIZE):
+            batch = messages[start : start + BATCH_SIZE]
+            confirmed = self.publisher.publish_batch(batch)
+            crash_point("relay_after_publish")  # confirmed but not yet marked: resent later
+            ids = [message.message_id for message in batch]
+            self._mark(ids, confirmed, attempts=orm.outbox.c.attempts + 1)
+            published += _count_or_raise(ids, confirmed)
+        return published
 
     def publish(self, ids: Sequence[str] | None = None, *, older_than: timedelta | None = None) -> int:
         """Publish unsent rows: the given ones, or every one older than ``older_than``.
 
-        Rows another process is publishing right now are skipped, not waited for.
+        Rows another process holds right now (claimed, or locked by its claim) are
+        skipped, not waited for. Each batch is claimed with one statement, published
+        outside any transaction, and marked with one statement.
 
         Returns:
           How many rows were published and marked sent.
+
+        Raises:
+          UnconfirmedPublish: some were not confirmed; they stay unsent, for the next sweep.
         """
         published = 0
         while True:
-            with self.session_factory() as session:
-                query = (
-                    sa.select(orm.outbox)
-                    .where(orm.outbox.c.sent_at.is_(None))
-                    .order_by(orm.outbox.c.created_at)
-                    .limit(BATCH_SIZE)
-                    .with_for_update(skip_locked=True)
+            claimed_until, rows = self._claim(ids, older_than)
+            if not rows:
+                return published
+            messages = [
+                Outgoing(
+                    row.queue_name,
+                    row.actor_name,
+                    row.payload,
+                    row.id,
+                    exchange=row.exchange,
+                    routing_key=row.routing_key,
                 )
-                if ids is not None:
-                    query = query.where(orm.outbox.c.id.in_(ids))
-                if older_than is not None:
-                    query = query.where(orm.outbox.c.created_at < utcnow() - older_than)
-                rows = session.execute(query).all()
-                if not rows:
-                    return published
-                confirmed = self.publisher.publish_batch(
-                    [
-                        Outgoing(
-                            row.queue_name,
-                            row.actor_name,
-                            row.payload,
-                            row.id,
-                            exchange=row.exchange,
-                            routing_key=row.routing_key,
-                        )
-                        for row in rows
-                    ]
-                )
-                crash_point("relay_after_publish")  # confirmed but not yet marked: resent later
-                sent = [row.id for row in rows if row.id in confirmed]
-                session.execute(
-                    orm.outbox.update()
-                    .where(orm.outbox.c.id.in_([row.id for row in rows]))
-                    .values(attempts=orm.outbox.c.attempts + 1)
-                )
-                if sent:
-                    session.execute(
-                        orm.outbox.update().where(orm.outbox.c.id.in_(sent)).values(sent_at=utcnow())
-                    )
-                session.commit()
-                if len(sent) < len(rows):
-                    raise UnconfirmedPublish(
-                        f"{len(rows) - len(sent)} of {len(rows)} outbox rows not confirmed"
-                    )
-                published += len(sent)
-                if ids is not None or len(rows) < BATCH_SIZE:
-                    return published
+                for row in rows
+            ]
+            confirmed = self.publisher.publish_batch(messages)
+            crash_point("relay_after_publish")  # confirmed but not yet marked: resent later
+            row_ids = [row.id for row in rows]
+            # Unconfirmed rows are let go at once, for the next sweep, unless another worker's
+            # claim has replaced ours meanwhile (ours ran out): that one is not ours to end.
+            c = orm.outbox.c
+            release = sa.case((c.claimed_until == claimed_until, sa.null()), else_=c.claimed_until)
+            self._mark(row_ids, confirmed, claimed_until=release)
+            published += _count_or_raise(row_ids, confirmed)
+            if len(rows) < BATCH_SIZE:
+                return published
 
-    def publish_quietly(self, ids: Sequence[str]) -> None:
-        """Publish right after a commit; on failure leave the rows for the sweeper."""
-        try:
-            self.publish(ids)
-        except Exception as error:  # the sweep retries; the handler's work is already committed
-            log.warning("outbox.publish_deferred", rows=len(ids), error=type(error).__name__)
+    def _claim(
+        self, ids: Sequence[str] | None, older_than: timedelta | None
+    ) -> tuple[datetime, list[sa.Row[Any]]]:
+        """Claim up to a batch of unsent rows nobody holds, in one committed statement.
+
+        The attempt is counted here, so a worker that dies while publishing still counts.
+        """
+        now = utcnow()
+        claimed_until = now + timedelta(seconds=CLAIM_SECONDS)
+        c = orm.outbox.c
+        free = (
+            sa.select(c.id)
+            .where(c.sent_at.is_(None), sa.or_(c.claimed_until.is_(None), c.claimed_until < now))
+            .order_by(c.created_at)
+            .limit(BATCH_SIZE)
+            .with_for_update(skip_locked=True)
+        )
+        if ids is not None:
+            free = free.where(c.id.in_(ids))
+        if older_than is not None:
+            free = free.where(c.created_at < now - older_than)
+        claim = (
+            orm.outbox.update()
+            .where(c.id.in_(free.scalar_subquery()))
+            .values(claimed_until=claimed_until, attempts=c.attempts + 1)
+            .returning(c.id, c.queue_name, c.actor_name, c.payload, c.exchange, c.routing_key, c.created_at)
+        )
+        with self.engine.connect() as connection:
+            rows = list(connection.execute(claim).all())
+        rows.sort(key=lambda row: row.created_at)  # RETURNING keeps no order; publish oldest first
+        return claimed_until, rows
+
+    def _mark(self, ids: list[str], confirmed: set[str], **values: sa.ColumnElement[Any]) -> None:
+        """Mark the confirmed ones of ``ids`` sent, and set ``values`` on all of them: one statement."""
+        c = orm.outbox.c
+        sent = [row_id for row_id in ids if row_id in confirmed]
+        # A row that a duplicate publish marked first keeps its time.
+        sent_at = sa.func.coalesce(c.sent_at, utcnow())
+        if len(sent) == len(ids):
+            values["sent_at"] = sent_at
+        elif sent:
+            values["sent_at"] = sa.case((c.id.in_(sent), sent_at), else_=c.sent_at)
+        with self.engine.connect() as connection:
+            connection.execute(orm.outbox.update().where(c.id.in_(ids)).values(**values))
+
+
+def _count_or_raise(ids: list[str], confirmed: set[str]) -> int:
+    """How many of ``ids`` were confirmed; raises :class:`UnconfirmedPublish` unless all were."""
+    sent = sum(1 for row_id in ids if row_id in confirmed)
+    if sent < len(ids):
+        raise UnconfirmedPublish(f"{len(ids) - sent} of {len(ids)} outbox rows not confirmed")
+    return sent

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import select
 import uuid
+from collections.abc import Callable
 
 import pika
 import pytest
@@ -14,6 +16,7 @@ from domain.model import NotificationKind
 from infra import orm
 from infra.bootstrap import Services
 from infra.broker import DramatiqPublisher, make_broker
+from infra.broker_admin import BrokerAdminError, Rabbitmqctl
 from infra.outbox import OutboxRelay
 from infra.settings import Settings
 from messages.routes import NOTIFY
@@ -47,6 +50,17 @@ def take_all(broker_url: str, queue_name: str) -> list[dict[str, object]]:
         connection.close()
 
 
+def close_broker_side(peer_port: int) -> None:
+    """Have RabbitMQ close the client connection whose port is ``peer_port``."""
+    ctl = Rabbitmqctl()
+    try:
+        listing = ctl.run("list_connections", "pid", "peer_port", "--no-table-headers", "-q")
+    except BrokerAdminError as error:
+        svc.unavailable(f"cannot list the broker's connections with rabbitmqctl: {error}")
+    [pid] = [line.split()[0] for line in listing.splitlines() if line.split()[1:] == [str(peer_port)]]
+    ctl.run("close_connection", pid, "closed by the test")
+
+
 @pytest.fixture
 def private_queue(settings: Settings, broker_url: str):  # type: ignore[no-untyped-def]
     """A queue prefix of this test's own, so that no worker consumes what it publishes."""
@@ -68,7 +82,7 @@ class TestTheRelay:
             uow = services.uow()
             with uow:
                 uow.outbox.put(commands.SendNotification(request_id, NotificationKind.REVIEW))
-                row_ids = list(uow.outbox.added)
+                row_ids = [message.message_id for message in uow.outbox.added]
                 uow.commit()  # publishes right after the commit
 
             # Then the row is marked sent and the message sits on its queue, in dramatiq's envelope
@@ -86,7 +100,7 @@ class TestTheRelay:
     def test_publishes_nothing_for_a_rolled_back_transaction(self, services: Services) -> None:
         with services.uow() as uow:
             uow.outbox.put(commands.IssueCredentials(str(uuid.uuid4())))
-            row_ids = list(uow.outbox.added)
+            row_ids = [message.message_id for message in uow.outbox.added]
             # no commit
 
         with services.engine.connect() as connection:
@@ -109,7 +123,7 @@ class TestTheRelay:
         try:
             with services.uow() as uow:
                 uow.outbox.put(commands.SendNotification(str(uuid.uuid4()), NotificationKind.APPROVE))
-                row_ids = list(uow.outbox.added)
+                row_ids = [message.message_id for message in uow.outbox.added]
                 uow.commit()  # the publish fails quietly; the commit stands
 
             assert unsent(services, row_ids) == 1
@@ -159,6 +173,86 @@ class TestTheBatchPublisher:
                 m.message_id for m in batch
             ]
             assert sorted(declared) == sorted({routed, nowhere})
+        finally:
+            publisher.close()
+            broker.close()
+
+    def test_returns_when_the_confirms_arrive_not_when_a_timer_runs_out(
+        self, settings: Settings, private_queue: str, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        from infra.broker import BatchConfirmPublisher, Outgoing
+
+        # Given a publisher whose connection is open (its first batch opened it)
+        broker = make_broker(settings)
+        queue = NOTIFY.queue_name(private_queue)
+        publisher = BatchConfirmPublisher(
+            settings.broker_url, declare=lambda q: broker.declare_queue(q, ensure=True)
+        )
+        try:
+            assert publisher.publish_batch([Outgoing(queue, NOTIFY.actor_name, {"n": -1}, "warm-up")])
+            [connection] = publisher.connections
+            # and, watched from the test: each pass of its wait, and each pika timer that fires
+            passes: list[float | None] = []
+            fired: list[float] = []
+            process_data_events = connection.process_data_events
+            call_later = connection._impl._adapter_call_later
+
+            def counted_pass(time_limit: float | None = 0) -> None:
+                passes.append(time_limit)
+                process_data_events(time_limit)
+
+            def watched_timer(delay: float, callback: Callable[[], None]) -> object:
+                def fire() -> None:
+                    fired.append(delay)
+                    callback()
+
+                return call_later(delay, fire)
+
+            monkeypatch.setattr(connection, "process_data_events", counted_pass)
+            monkeypatch.setattr(connection._impl, "_adapter_call_later", watched_timer)
+
+            # When a batch of 100 goes out
+            batch = [Outgoing(queue, NOTIFY.actor_name, {"n": i}, str(uuid.uuid4())) for i in range(100)]
+            confirmed = publisher.publish_batch(batch)
+
+            # Then all are confirmed, the wait took one pass (a second only if pika woke it for
+            # something else), and no timer with a delay ran out: the last confirm ended the wait.
+            # (A pass with no time limit is the look at the idle connection before the batch.)
+            assert confirmed == {m.message_id for m in batch}
+            assert 1 <= len([limit for limit in passes if limit]) <= 2
+            assert [delay for delay in fired if delay > 0] == []
+        finally:
+            publisher.close()
+            broker.close()
+
+    def test_replaces_a_connection_the_broker_closed_while_it_sat_idle(
+        self, settings: Settings, private_queue: str
+    ) -> None:
+        from infra.broker import BatchConfirmPublisher, Outgoing
+
+        # Given a publisher whose connection is open (its first batch opened it)
+        broker = make_broker(settings)
+        queue = NOTIFY.queue_name(private_queue)
+        publisher = BatchConfirmPublisher(
+            settings.broker_url, declare=lambda q: broker.declare_queue(q, ensure=True)
+        )
+        try:
+            assert publisher.publish_batch([Outgoing(queue, NOTIFY.actor_name, {"n": -1}, "warm-up")])
+            [connection] = publisher.connections
+            # and a broker that hangs up on it between two batches, as after a node restart or
+            # heartbeats missed while it sat idle (pika keeps the socket to itself)
+            sock = connection._impl._transport._sock
+            close_broker_side(sock.getsockname()[1])
+            svc.wait_until(lambda: select.select([sock], [], [], 0)[0], what="the broker's close to arrive")
+
+            # When the next batch goes out
+            batch = [Outgoing(queue, NOTIFY.actor_name, {"n": i}, str(uuid.uuid4())) for i in range(3)]
+            confirmed = publisher.publish_batch(batch)
+
+            # Then it went out on a new connection, confirmed, instead of failing to the sweep
+            assert confirmed == {m.message_id for m in batch}
+            assert not connection.is_open
+            assert [c.is_open for c in publisher.connections] == [True]
         finally:
             publisher.close()
             broker.close()

@@ -1,0 +1,308 @@
+"""How the outbox relay uses PostgreSQL: no lock or transaction across broker I/O, one statement per mark.
+
+The broker side is replaced by a publisher that confirms what it is told to and looks at
+the database while it "publishes", from a connection of its own. The database is this
+module's own, so that no worker pool running in the session sweeps these rows.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from datetime import timedelta
+
+import pytest
+import sqlalchemy as sa
+from sqlalchemy import event
+from sqlalchemy.engine import Engine
+from sqlalchemy.orm import Session, sessionmaker
+
+from domain import commands
+from domain.events import PortalEvent
+from domain.model import NotificationKind, utcnow
+from infra import migrate, orm
+from infra.bootstrap import create_engine
+from infra.broker import Outgoing
+from infra.outbox import OutboxRelay, UnconfirmedPublish
+from infra.settings import Settings
+from infra.unit_of_work import SqlUnitOfWork
+from tests import services as svc
+
+pytestmark = pytest.mark.integration
+
+PREFIX = "relaytest"
+
+
+@pytest.fixture(scope="module")
+def own_database(postgres_server: str) -> Iterator[str]:
+    with svc.fresh_database(postgres_server) as url:
+        migrate.upgrade(url)
+        yield url
+
+
+@pytest.fixture
+def engine(own_database: str) -> Iterator[Engine]:
+    orm.start_mappers()
+    built = create_engine(Settings(database_url=own_database, broker_url="stub://"))
+    yield built
+    built.dispose()
+
+
+@pytest.fixture
+def factory(engine: Engine) -> sessionmaker[Session]:
+    return sessionmaker(engine, expire_on_commit=False)
+
+
+@pytest.fixture
+def observer(own_database: str) -> Iterator[Engine]:
+    """Another session's view of the database, apart from the relay's engine and its statements."""
+    built = sa.create_engine(own_database, poolclass=sa.pool.NullPool)
+    yield built
+    built.dispose()
+
+
+@dataclass
+class Look:
+    """What another session saw of the database while a batch was being published."""
+
+    idle_in_transaction: int
+    rows_locked: bool
+
+
+@dataclass
+class FakeBroker:
+    """The publisher side: confirms the messages ``confirms`` accepts, and looks at the database meanwhile."""
+
+    observer: Engine
+    confirms: Callable[[Outgoing], bool] = lambda _: True
+    during: Callable[[], None] = lambda: None
+    batches: list[list[Outgoing]] = field(default_factory=list)
+    looks: list[Look] = field(default_factory=list)
+
+    def publish(self, *, queue_name: str, actor_name: str, payload: object, message_id: str) -> None:
+        raise NotImplementedError
+
+    def publish_batch(self, messages: Sequence[Outgoing]) -> set[str]:
+        self.batches.append(list(messages))
+        self.looks.append(look(self.observer, [m.message_id for m in messages]))
+        self.during()
+        return {m.message_id for m in messages if self.confirms(m)}
+
+    def close(self) -> None:
+        pass
+
+
+def look(engine: Engine, ids: list[str]) -> Look:
+    with engine.connect() as connection:
+        idle = connection.execute(
+            sa.text(
+                "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database()"
+                " AND state LIKE 'idle in transaction%' AND pid <> pg_backend_pid()"
+            )
+        ).scalar_one()
+        try:
+            connection.execute(
+                sa.select(orm.outbox.c.id).where(orm.outbox.c.id.in_(ids)).with_for_update(nowait=True)
+            ).all()
+            locked = False
+        except sa.exc.OperationalError:  # lock_not_available: someone holds the rows
+            locked = True
+        connection.rollback()
+    return Look(int(idle), locked)
+
+
+def commit_rows(factory: sessionmaker[Session], count: int) -> list[Outgoing]:
+    """Commit ``count`` outbox rows as a handler does, without the publish after the commit."""
+    uow = SqlUnitOfWork(factory, queue_prefix=PREFIX, relay=None)
+    with uow:
+        for _ in range(count):
+            uow.outbox.put(commands.SendNotification(str(uuid.uuid4()), NotificationKind.APPROVE))
+        written = list(uow.outbox.added)
+        uow.commit()
+    return written
+
+
+def rows(engine: Engine, ids: Sequence[str]) -> dict[str, sa.Row[tuple[int, bool, bool]]]:
+    c = orm.outbox.c
+    with engine.connect() as connection:
+        found = connection.execute(
+            sa.select(
+                c.id,
+                c.attempts,
+                c.sent_at.is_not(None).label("sent"),
+                c.claimed_until.is_not(None).label("claimed"),
+            ).where(c.id.in_(ids))
+        ).all()
+    return {row.id: row for row in found}
+
+
+class Statements:
+    """The SQL statements an engine runs, while recording."""
+
+    def __init__(self, engine: Engine) -> None:
+        self.seen: list[str] = []
+        self.recording = False
+        event.listen(engine, "before_cursor_execute", self._record)
+
+    def _record(self, _conn: object, _cursor: object, statement: str, *_: object) -> None:
+        if self.recording:
+            self.seen.append(" ".join(statement.split()[:2]))
+
+    def __enter__(self) -> list[str]:
+        self.recording = True
+        return self.seen
+
+    def __exit__(self, *_: object) -> None:
+        self.recording = False
+
+
+class TestAfterTheHandlersCommit:
+    def test_publishes_without_a_lock_or_an_open_transaction_and_marks_with_one_statement(
+        self, engine: Engine, factory: sessionmaker[Session], observer: Engine
+    ) -> None:
+        # Given three rows a handler has just committed
+        written = commit_rows(factory, 3)
+        broker = FakeBroker(observer)
+        relay = OutboxRelay(factory, broker)
+        statements = Statements(engine)
+
+        # When the relay publishes them, as the unit of work does after its commit
+        with statements as seen:
+            relay.publish_quietly(written)
+
+        # Then the broker got them as they were written, while nothing held their rows or a transaction
+        assert broker.batches == [written]
+        assert broker.looks == [Look(idle_in_transaction=0, rows_locked=False)]
+        # and one statement, after the confirms, marked them sent and counted the attempt
+        assert seen == ["UPDATE outbox"]
+        ids = [m.message_id for m in written]
+        assert {(r.attempts, r.sent, r.claimed) for r in rows(engine, ids).values()} == {(1, True, False)}
+
+    def test_leaves_what_the_broker_did_not_confirm_for_the_sweep(
+        self, engine: Engine, factory: sessionmaker[Session], observer: Engine
+    ) -> None:
+        # Given three committed rows, and a broker that confirms only the first
+        written = commit_rows(factory, 3)
+        first = written[0].message_id
+        relay = OutboxRelay(factory, FakeBroker(observer, confirms=lambda m: m.message_id == first))
+
+        # When the relay publishes them after the commit
+        relay.publish_quietly(written)  # logs, and raises nothing: the handler's work stands
+
+        # Then only the confirmed one is marked sent; every one counts its attempt
+        found = rows(engine, [m.message_id for m in written])
+        assert {row_id for row_id, r in found.items() if r.sent} == {first}
+        assert {r.attempts for r in found.values()} == {1}
+
+        # And a sweep, with a broker that confirms, sends the other two, and only them
+        sweeper = FakeBroker(observer)
+        assert OutboxRelay(factory, sweeper).publish([m.message_id for m in written]) == 2
+        assert sorted(m.message_id for m in sweeper.batches[0]) == sorted(m.message_id for m in written[1:])
+        assert all(r.sent for r in rows(engine, [m.message_id for m in written]).values())
+
+    def test_sends_events_to_portals_exactly_as_the_sweep_would(
+        self, engine: Engine, factory: sessionmaker[Session], observer: Engine
+    ) -> None:
+        # Given a handler's transaction with a command and an event for a portal
+        broker = FakeBroker(observer)
+        relay = OutboxRelay(factory, broker)
+        uow = SqlUnitOfWork(factory, queue_prefix=PREFIX, relay=relay)
+        request_id = str(uuid.uuid4())
+        with uow:
+            uow.outbox.put(commands.IssueCredentials(request_id))
+            uow.outbox.announce(
+                PortalEvent("acme-portal", request_id, 1, "access_request.approved", "approved", "", utcnow())
+            )
+            # When it commits, and the relay publishes from what the handler wrote
+            uow.commit()
+        [after_commit] = broker.batches
+        assert [m.exchange for m in after_commit] == ["", f"{PREFIX}.out.events"]
+        assert after_commit[1].routing_key == "acme-portal.access_request.approved"
+
+        # Then a sweep of the same rows, read back from the table, publishes the same messages
+        ids = [m.message_id for m in after_commit]
+        with engine.begin() as connection:
+            connection.execute(orm.outbox.update().where(orm.outbox.c.id.in_(ids)).values(sent_at=None))
+        assert relay.publish(ids) == 2
+        assert broker.batches[1] == after_commit
+
+
+class TestTheSweep:
+    def test_claims_publishes_outside_any_transaction_and_marks_with_one_statement(
+        self, engine: Engine, factory: sessionmaker[Session], observer: Engine
+    ) -> None:
+        # Given rows a crashed worker left unsent
+        ids = [m.message_id for m in commit_rows(factory, 5)]
+        broker = FakeBroker(observer)
+        statements = Statements(engine)
+
+        # When a sweep publishes them
+        with statements as seen:
+            assert OutboxRelay(factory, broker).publish(ids) == 5
+
+        # Then the broker got them while nothing held their rows or a transaction
+        assert sorted(m.message_id for m in broker.batches[0]) == sorted(ids)
+        assert broker.looks == [Look(idle_in_transaction=0, rows_locked=False)]
+        # one statement claimed them (counting the attempt), one marked them sent, and let them go
+        assert seen == ["UPDATE outbox", "UPDATE outbox"]
+        assert {(r.attempts, r.sent, r.claimed) for r in rows(engine, ids).values()} == {(1, True, False)}
+
+    def test_skips_rows_another_worker_claimed_until_the_claim_runs_out(
+        self, engine: Engine, factory: sessionmaker[Session], observer: Engine
+    ) -> None:
+        # Given rows, and a worker that claims them and dies while publishing
+        ids = [m.message_id for m in commit_rows(factory, 2)]
+        other = FakeBroker(observer)
+
+        def dies() -> None:
+            # While it holds the claim, another worker's sweep finds nothing to take
+            assert OutboxRelay(factory, other).publish(ids) == 0
+            raise RuntimeError("the worker died here")
+
+        with pytest.raises(RuntimeError):
+            OutboxRelay(factory, FakeBroker(observer, during=dies)).publish(ids)
+        assert other.batches == []
+        assert {(r.sent, r.claimed) for r in rows(engine, ids).values()} == {(False, True)}
+        assert OutboxRelay(factory, other).publish(ids) == 0  # still claimed
+
+        # When the claim runs out (as CLAIM_SECONDS after a death)
+        with engine.begin() as connection:
+            connection.execute(
+                orm.outbox.update()
+                .where(orm.outbox.c.id.in_(ids))
+                .values(claimed_until=utcnow() - timedelta(seconds=1))
+            )
+
+        # Then the other worker's sweep publishes them, and both attempts count
+        assert OutboxRelay(factory, other).publish(ids) == 2
+        assert {(r.attempts, r.sent, r.claimed) for r in rows(engine, ids).values()} == {(2, True, False)}
+
+    def test_lets_unconfirmed_rows_go_at_once_for_the_next_sweep(
+        self, engine: Engine, factory: sessionmaker[Session], observer: Engine
+    ) -> None:
+        # Given rows, and a broker that confirms none of them (it went down)
+        ids = [m.message_id for m in commit_rows(factory, 2)]
+
+        # When a sweep tries
+        with pytest.raises(UnconfirmedPublish):
+            OutboxRelay(factory, FakeBroker(observer, confirms=lambda _: False)).publish(ids)
+
+        # Then they stay unsent and unclaimed, and the next sweep sends them
+        assert {(r.attempts, r.sent, r.claimed) for r in rows(engine, ids).values()} == {(1, False, False)}
+        assert OutboxRelay(factory, FakeBroker(observer)).publish(ids) == 2
+        assert {(r.attempts, r.sent) for r in rows(engine, ids).values()} == {(2, True)}
+
+    def test_leaves_rows_younger_than_its_interval_to_the_publish_after_the_commit(
+        self, engine: Engine, factory: sessionmaker[Session], observer: Engine
+    ) -> None:
+        # Given rows just committed, whose handler's thread is publishing them
+        ids = [m.message_id for m in commit_rows(factory, 2)]
+        broker = FakeBroker(observer)
+
+        # When a periodic sweep runs, for rows older than an hour
+        OutboxRelay(factory, broker).publish(older_than=timedelta(hours=1))
+
+        # Then it leaves them alone
+        assert all(m.message_id not in ids for batch in broker.batches for m in batch)
+        assert {(r.attempts, r.sent, r.claimed) for r in rows(engine, ids).values()} == {(0, False, False)}
