@@ -561,7 +561,11 @@ class EnvelopeConsumer(_RabbitmqConsumer):
         verdict = self._read(body, user_id, properties.message_id)
         if isinstance(verdict, Accepted):
             self.known_tags.add(method.delivery_tag)
-            return _RabbitmqMessage(method.redelivered, method.delivery_tag, verdict.message)  # type: ignore[no-untyped-call]
+            message = _RabbitmqMessage(method.redelivered, method.delivery_tag, verdict.message)  # type: ignore[no-untyped-call]
+            # A quorum queue's count of earlier deliveries: with ``redelivered``, it tells
+            # infra.delivery a first delivery, which it need not count. Absent on a first one.
+            message.delivery_count = (properties.headers or {}).get("x-delivery-count")  # type: ignore[attr-defined]
+            return message
         self._refuse(method.delivery_tag, verdict, user_id)
         return None
 

@@ -18,6 +18,7 @@ from dramatiq.middleware import CurrentMessage
 from pydantic import BaseModel, ValidationError
 
 from domain.errors import TransientError, Unauthorized
+from infra.delivery import transient_database_error
 from infra.faults import poison_check
 from messages.routes import Route
 from messages.v1 import MAX_MESSAGE_BYTES
@@ -115,6 +116,13 @@ def _register(route: Route, fn: ActorFunction, services: Services) -> None:
         except TransientError as error:
             # Expected, and retried with backoff: one line in the log, not an ERROR with a traceback.
             raise Retry(str(error)) from None
+        except Exception as error:
+            # A dead database connection, or a database down or busy, is transient too: retried,
+            # never dead-lettered at once (the pool has already dropped a dead connection).
+            transient = transient_database_error(error)
+            if transient is None:
+                raise
+            raise Retry(str(transient)) from None
 
     consume.__qualname__ = consume.__name__ = fn.__name__
     dramatiq.actor(actor_name=route.actor_name, queue_name=queue_name, broker=services.broker)(consume)
