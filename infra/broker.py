@@ -564,7 +564,10 @@ class EnvelopeConsumer(_RabbitmqConsumer):
             message = _RabbitmqMessage(method.redelivered, method.delivery_tag, verdict.message)  # type: ignore[no-untyped-call]
             # A quorum queue's count of earlier deliveries: with ``redelivered``, it tells
             # infra.delivery a first delivery, which it need not count. Absent on a first one.
-            message.delivery_count = (properties.headers or {}).get("x-delivery-count")  # type: ignore[attr-defined]
+            # Read only on a redelivery: on a first delivery the header can only be the producer's,
+            # and a portal must not make its messages run one at a time by setting it.
+            headers = properties.headers or {}
+            message.delivery_count = headers.get("x-delivery-count") if method.redelivered else None  # type: ignore[attr-defined]
             return message
         self._refuse(method.delivery_tag, verdict, user_id)
         return None

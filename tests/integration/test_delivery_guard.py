@@ -387,3 +387,30 @@ class TestTheMarksRabbitmqGives:
         assert (first.redelivered, first.delivery_count, first_delivery(first)) == (False, None, True)
         assert (second.redelivered, second.delivery_count, first_delivery(second)) == (True, 1, False)
         assert second.message_id == first.message_id
+
+    def test_a_producers_delivery_count_on_a_first_delivery_is_not_believed(
+        self, broker: QuorumRabbitmqBroker, prefix: str, integration_settings: Settings
+    ) -> None:
+        # Given a message published with its own x-delivery-count header, as a hostile portal might,
+        # to make its messages run one at a time as suspects
+        queue = SUBMIT.queue_name(prefix)
+        consumer = broker.consume(queue, prefetch=1, timeout=200)
+        connection = pika.BlockingConnection(pika.URLParameters(integration_settings.broker_url))
+        try:
+            channel = connection.channel()
+            channel.confirm_delivery()
+            body = envelope(queue, SUBMIT.actor_name, {})
+            properties = pika.BasicProperties(delivery_mode=2, headers={"x-delivery-count": 3})
+            channel.basic_publish("", queue, body, properties, mandatory=True)
+        finally:
+            connection.close()
+
+        # When a worker's consumer receives it
+        try:
+            message = next_message(consumer)
+            consumer.ack(message)
+        finally:
+            consumer.close()
+
+        # Then it is a first delivery, whatever the header said
+        assert (message.redelivered, message.delivery_count, first_delivery(message)) == (False, None, True)
