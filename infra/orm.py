@@ -1,39 +1,27 @@
-"""Tables, and the imperative mapping of the domain's classes onto them.
+"""Tables. The schema itself is created by the Alembic migrations.
 
-The domain classes stay plain; :func:`start_mappers` teaches SQLAlchemy about them
-once per process. The schema itself is created by the Alembic migrations.
+The domain classes are not mapped onto them: the repositories (:mod:`infra.repositories`)
+read rows and build plain domain objects with Core, and write them back with Core, so
+the hot path pays for neither ORM loading nor the ORM's flush.
 """
 
 from __future__ import annotations
 
 import enum
-from typing import Any
 
 import sqlalchemy as sa
-from sqlalchemy import event
 from sqlalchemy import orm as sa_orm
-from sqlalchemy.orm import registry, relationship
 
 from domain.model import (
-    AccessRequest,
     ActorKind,
-    App,
-    AuditEntry,
     AuthMethod,
-    Consumer,
-    Credential,
-    Decision,
     DecisionOutcome,
     DeliveryStatus,
-    Notification,
     NotificationKind,
-    Plan,
-    Product,
     Status,
 )
 
 metadata = sa.MetaData()
-mapper_registry = registry(metadata=metadata)
 
 
 def _enum(cls: type[enum.Enum]) -> sa.Enum:
@@ -279,42 +267,40 @@ dead_letters = sa.Table(
     sa.Column("replayed_at", Timestamp, nullable=True),
 )
 
-_mapped = False
+#: The tables whose rows each process caches (infra.repositories.ReferenceCache), and so whose
+#: every change must replace ``catalogue_version.version`` in the same transaction: migration
+#: 0006 puts a trigger on each that does it. On ``apps`` only updates and deletes do: requests
+#: insert apps all the time, and a new app can make no cached entry wrong, since an app that
+#: is not found is never cached.
+CACHED_TABLES = (
+    "products",
+    "plans",
+    "consumers",
+    "apps",
+    "portals",
+    "portal_consumers",
+    "admins",
+    "admin_keys",
+)
+
+# One row (id 1). Its version is replaced by a trigger in every transaction that changes a
+# cached table, whoever runs it (the CLI, a catalogue load, an operator in psql), so a
+# process knows its cache is current by reading this one row. A fresh random value rather
+# than a counter, so a database restored from a backup cannot bring back a value a cache
+# has already seen with other contents.
+catalogue_version = sa.Table(
+    "catalogue_version",
+    metadata,
+    sa.Column("id", sa.Integer, primary_key=True, autoincrement=False),
+    sa.Column("version", sa.String(64), nullable=False),
+    sa.CheckConstraint("id = 1", name="ck_catalogue_version_one_row"),
+)
 
 
 def start_mappers() -> None:
-    """Map the domain classes onto the tables. Safe to call more than once."""
-    global _mapped
-    if _mapped:
-        return
-    _mapped = True
-    mapper_registry.map_imperatively(Product, products)
-    mapper_registry.map_imperatively(Plan, plans)
-    mapper_registry.map_imperatively(Consumer, consumers)
-    mapper_registry.map_imperatively(App, apps)
-    mapper_registry.map_imperatively(AuditEntry, audit_log)
-    mapper_registry.map_imperatively(
-        AccessRequest,
-        access_requests,
-        properties={
-            "history": relationship(
-                AuditEntry, order_by=audit_log.c.id, lazy="selectin", cascade="save-update, merge"
-            )
-        },
-    )
-    mapper_registry.map_imperatively(Decision, decisions)
-    mapper_registry.map_imperatively(Credential, credentials)
-    mapper_registry.map_imperatively(Notification, notifications)
-    event.listen(AccessRequest, "load", _receive_load)
+    """Nothing to map: the repositories speak Core. Kept for the callers that boot with it."""
 
 
 def clear_mappers() -> None:
-    """Undo :func:`start_mappers`, so the domain classes are plain again (for the unit tests)."""
-    global _mapped
+    """Undo any mapping left in this process, so the domain classes are plain (for the unit tests)."""
     sa_orm.clear_mappers()
-    _mapped = False
-
-
-def _receive_load(request: AccessRequest, _: Any) -> None:
-    # SQLAlchemy does not call __init__ on load; the aggregate still needs its event list.
-    request.events = []

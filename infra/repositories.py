@@ -1,16 +1,39 @@
-"""Every query accessflow runs lives here, one repository per aggregate or table."""
+"""Every query accessflow runs lives here, one repository per aggregate or table.
+
+The domain classes are plain: nothing maps them. Each repository reads rows with Core
+and builds domain objects, and keeps what it loaded and what it was given in the unit
+of work, with a copy of the values it read. When the unit of work commits it calls
+``flush``, and each repository writes what changed with as few statements as it takes:
+a request's new state and its new audit rows go in one statement. So reads see the
+database, and a unit of work's own writes reach it at commit; the catalogue, portal and
+admin writes, which other reads of the same transaction may need, go at once.
+
+The catalogue, the portals and the admin keys change seldom and are read by every
+message. They are read through :class:`ReferenceReads`, from a cache each process keeps
+(:class:`ReferenceCache`), checked once per transaction against the one-row table
+``catalogue_version``, whose value a trigger replaces whenever any of those tables changes
+(migration 0006). Entries are never served once such a change has committed.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import dataclasses
+import functools
+import threading
+from collections import OrderedDict
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from typing import Any, Final, TypeVar, cast
 
 import sqlalchemy as sa
+from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.engine import Connection, Row
 from sqlalchemy.orm import Session
 
 from domain.model import (
     AccessRequest,
     AdminKey,
     App,
+    AuditEntry,
     Catalogue,
     Consumer,
     Credential,
@@ -26,36 +49,454 @@ from domain.model import (
 )
 from infra import orm
 
+T = TypeVar("T")
+Values = dict[str, Any]
+
+#: How many entries a process's reference cache holds before it drops the least recently used.
+#: Apps are cached too, and requests create apps, so the cache is bounded rather than complete.
+REFERENCE_CACHE_ENTRIES: Final = 10_000
+
+
+def _upsert(session: Session, table: sa.Table, values: Values, key: str = "id") -> None:
+    """Insert a row, or update every other column of the row with the same ``key``; one statement."""
+    dialect = session.get_bind().dialect.name
+    insert = (postgresql.insert if dialect == "postgresql" else sqlite.insert)(table).values(**values)
+    updated = {name: insert.excluded[name] for name in values if name != key}
+    session.connection().execute(insert.on_conflict_do_update(index_elements=[key], set_=updated))
+
+
+def _on_postgres(session: Session) -> bool:
+    return session.get_bind().dialect.name == "postgresql"
+
+
+# --- the reference cache -------------------------------------------------------------------------
+
+
+class _Missing:
+    """What the cache returns for a key it does not hold (``None`` is a cached "not found")."""
+
+
+MISSING: Final = _Missing()
+
+Key = tuple[str, str]
+
+
+class ReferenceCache:
+    """Catalogue entries, portals and admin keys of one catalogue version, shared by a process's threads.
+
+    It holds one version at a time: :meth:`observe` with another version drops every
+    entry. An entry is only ever stored under the version its reader read *before* it
+    read the entry, so an entry is never older than the version it is filed under.
+    Values are stored as read, ``None`` for "not found" where that may be kept.
+    """
+
+    def __init__(self, max_entries: int = REFERENCE_CACHE_ENTRIES) -> None:
+        self.max_entries = max_entries
+        self._lock = threading.Lock()
+        self._version: str | None = None
+        self._entries: OrderedDict[Key, object] = OrderedDict()
+
+    def observe(self, version: str) -> None:
+        """Note the version a transaction read; a different one than held empties the cache."""
+        with self._lock:
+            if version != self._version:
+                self._version = version
+                self._entries.clear()
+
+    def get(self, version: str, key: Key) -> object:
+        """The entry for ``key`` if it is held for ``version``, else :data:`MISSING`."""
+        with self._lock:
+            if version != self._version:
+                return MISSING
+            value = self._entries.get(key, MISSING)
+            if value is not MISSING:
+                self._entries.move_to_end(key)
+            return value
+
+    def put(self, version: str, key: Key, value: object) -> None:
+        """Keep ``value``, read after ``version`` was; dropped if the cache moved to another version."""
+        with self._lock:
+            if version != self._version:
+                return
+            self._entries[key] = value
+            self._entries.move_to_end(key)
+            while len(self._entries) > self.max_entries:
+                self._entries.popitem(last=False)
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+
+_VERSION = sa.select(orm.catalogue_version.c.version).where(orm.catalogue_version.c.id == 1)
+
+
+class ReferenceReads:
+    """One transaction's reads of cached tables: the version is read once, on the first such read.
+
+    After the transaction writes to a cached table, its reads go to the database and
+    are not cached: they may see its own uncommitted writes, which must not reach
+    another transaction through the cache.
+    """
+
+    def __init__(self, session: Session, cache: ReferenceCache) -> None:
+        self.session = session
+        self.cache = cache
+        self._version: str | None = None
+        self._bypass = False
+
+    def wrote(self) -> None:
+        """The transaction changed a cached table: read past the cache from now on."""
+        self._bypass = True
+
+    @property
+    def wants_version(self) -> bool:
+        """Whether the transaction has yet to read the catalogue version (and may use it)."""
+        return not self._bypass and self._version is None
+
+    def offer(self, version: str | None) -> None:
+        """Take the version a statement of this transaction read anyway, unless one was read already."""
+        if self._bypass or self._version is not None:
+            return
+        if version is None:
+            self._bypass = True
+            return
+        self._version = version
+        self.cache.observe(version)
+
+    def _current(self) -> str | None:
+        if self._bypass:
+            return None
+        if self._version is None:
+            # The row gone would mean nothing can be trusted: then nothing is cached.
+            self.offer(self.session.connection().execute(_VERSION).scalar_one_or_none())
+        return self._version
+
+    def one(self, key: Key, load: Callable[[], T | None], *, keep_missing: bool = True) -> T | None:
+        """The entry for ``key``, from the cache or from ``load`` (which the cache then keeps).
+
+        Parameters:
+          keep_missing: cache a ``None`` from ``load`` too; only for kinds that a
+            transaction cannot create without replacing the catalogue version.
+        """
+        version = self._current()
+        if version is None:
+            return load()
+        hit = self.cache.get(version, key)
+        if hit is not MISSING:
+            return cast("T | None", hit)
+        value = load()
+        if value is not None or keep_missing:
+            self.cache.put(version, key, value)
+        return value
+
+    def many(
+        self, kind: str, ids: Sequence[str], load: Callable[[list[str]], Mapping[str, T]]
+    ) -> dict[str, T]:
+        """The entries of ``kind`` for ``ids`` that exist; the missing ones are loaded together."""
+        version = self._current()
+        if version is None:
+            return dict(load(list(dict.fromkeys(ids))))
+        found: dict[str, T] = {}
+        wanted: list[str] = []
+        for entry_id in dict.fromkeys(ids):
+            hit = self.cache.get(version, (kind, entry_id))
+            if hit is MISSING:
+                wanted.append(entry_id)
+            elif hit is not None:
+                found[entry_id] = cast("T", hit)
+        if wanted:
+            loaded = load(wanted)
+            for entry_id in wanted:
+                value = loaded.get(entry_id)
+                self.cache.put(version, (kind, entry_id), value)
+                if value is not None:
+                    found[entry_id] = value
+        return found
+
+
+def _fresh(entity: T) -> T:
+    """A copy for the caller: cached objects are shared by threads, and these dataclasses are mutable."""
+    if isinstance(entity, Plan):
+        return cast("T", dataclasses.replace(entity, product_ids=list(entity.product_ids)))
+    if dataclasses.is_dataclass(entity) and not isinstance(entity, type):
+        return cast("T", dataclasses.replace(entity))
+    return entity
+
+
+# --- access requests -----------------------------------------------------------------------------
+
+_requests = orm.access_requests
+_audit = orm.audit_log
+_REQUEST_COLUMNS: Final = tuple(c.name for c in _requests.columns)
+_AUDIT_COLUMNS: Final = ("request_id", "from_status", "to_status", "actor_kind", "actor_id", "reason", "at")
+_TRAIL = [_audit.c[name].label(f"audit_{name}") for name in (*_AUDIT_COLUMNS, "id")]
+
+
+def _with_trail(*, locked: bool = False, with_version: bool = False) -> sa.Select[Any]:
+    # The request and its audit trail in one statement: one row per audit entry. The lock
+    # covers the request only. Under a lock wait, PostgreSQL rechecks the request row
+    # and keeps the audit rows it read first; the writer it waited for changed the status
+    # too, which every handler checks before it reads the trail.
+    #
+    # ``with_version``: the statement also reads the catalogue version, for a transaction
+    # that loads its request before it reads the catalogue (an email), which then needs no
+    # read of its own. Never with a lock: the value would be as old as the wait for the lock.
+    assert not (locked and with_version)
+    columns: list[Any] = [_requests, *_TRAIL]
+    if with_version:
+        columns.append(_VERSION.scalar_subquery().label("catalogue_version"))
+    query: sa.Select[Any] = (
+        sa.select(*columns)
+        .select_from(_requests.outerjoin(_audit, _audit.c.request_id == _requests.c.id))
+        .where(_requests.c.id == sa.bindparam("request_id"))
+        .order_by(_audit.c.id)
+    )
+    return query.with_for_update(of=_requests) if locked else query
+
+
+_GET_REQUEST: Final = _with_trail()
+_GET_REQUEST_AND_VERSION: Final = _with_trail(with_version=True)
+_GET_REQUEST_LOCKED: Final = _with_trail(locked=True)
+_TRAILS_OF: Final = (
+    sa.select(_audit)
+    .where(_audit.c.request_id.in_(sa.bindparam("ids", expanding=True)))
+    .order_by(_audit.c.id)
+)
+
+
+def _request_values(request: AccessRequest) -> Values:
+    return {name: getattr(request, name) for name in _REQUEST_COLUMNS}
+
+
+def _request_of(row: Row[Any]) -> AccessRequest:
+    request = AccessRequest(
+        id=row.id,
+        consumer_id=row.consumer_id,
+        plan_id=row.plan_id,
+        product_ids=row.product_ids,
+        app_id=row.app_id,
+        new_app_name=row.new_app_name,
+        new_app_description=row.new_app_description,
+        justification=row.justification,
+        submitted_at=row.submitted_at,
+        received_at=row.received_at,
+        status=row.status,
+        auth_method=row.auth_method,
+        status_reason=row.status_reason,
+        updated_at=row.updated_at,
+        portal_id=row.portal_id,
+    )
+    request.event_seq = row.event_seq
+    return request
+
+
+def _entry_of(values: sa.RowMapping, prefix: str = "") -> AuditEntry:
+    return AuditEntry(
+        request_id=values[f"{prefix}request_id"],
+        from_status=values[f"{prefix}from_status"],
+        to_status=values[f"{prefix}to_status"],
+        actor_kind=values[f"{prefix}actor_kind"],
+        actor_id=values[f"{prefix}actor_id"],
+        reason=values[f"{prefix}reason"],
+        at=values[f"{prefix}at"],
+        id=values[f"{prefix}id"],
+    )
+
+
+def _binds(table: sa.Table, names: Sequence[str], prefix: str) -> list[sa.BindParameter[Any]]:
+    return [sa.bindparam(f"{prefix}{name}", type_=table.c[name].type) for name in names]
+
+
+def _placeholders(names: Sequence[str], prefix: str) -> str:
+    return ", ".join(f":{prefix}{name}" for name in names)
+
+
+def _audit_sql(entries: int) -> tuple[str, list[sa.BindParameter[Any]]]:
+    rows = ", ".join(f"({_placeholders(_AUDIT_COLUMNS, f'a{i}_')})" for i in range(entries))
+    binds = [bind for i in range(entries) for bind in _binds(_audit, _AUDIT_COLUMNS, f"a{i}_")]
+    return f"INSERT INTO audit_log ({', '.join(_AUDIT_COLUMNS)}) VALUES {rows}", binds  # noqa: S608 - column names only
+
+
+@functools.cache
+def _write_statement(kind: str, entries: int, postgres: bool) -> sa.TextClause:
+    """The one statement that writes a request (``insert`` or ``update``) with ``entries`` new audit rows.
+
+    On PostgreSQL the request's write is a CTE of the audit insert; SQLite, which has no
+    writing CTE, gets the request's write alone, and :func:`_audit_statement` after it.
+    Plain SQL, built from the tables' column names: SQLAlchemy compiles a multi-row
+    VALUES afresh on every execution, a text clause once.
+    """
+    columns = _REQUEST_COLUMNS
+    if kind == "insert":
+        write = f"INSERT INTO access_requests ({', '.join(columns)}) VALUES ({_placeholders(columns, 'r_')})"  # noqa: S608 - column names only
+    else:
+        assignments = ", ".join(f"{name} = :r_{name}" for name in columns if name != "id")
+        write = f"UPDATE access_requests SET {assignments} WHERE id = :r_id"  # noqa: S608 - column names only
+    binds = _binds(_requests, columns, "r_")
+    if entries and postgres:
+        audit, audit_binds = _audit_sql(entries)
+        return sa.text(f"WITH {kind}_request AS ({write}) {audit}").bindparams(*binds, *audit_binds)
+    return sa.text(write).bindparams(*binds)
+
+
+@functools.cache
+def _audit_statement(entries: int) -> sa.TextClause:
+    audit, binds = _audit_sql(entries)
+    return sa.text(audit).bindparams(*binds)
+
 
 class SqlRequestRepository:
-    def __init__(self, session: Session) -> None:
+    """Access requests with their audit trails.
+
+    ``get`` loads a request and its trail in one statement; the unit of work's commit
+    writes each request that changed, and the entries appended to its trail, in one more.
+    """
+
+    def __init__(self, session: Session, reads: ReferenceReads | None = None) -> None:
         self.session = session
+        self.reads = reads
+        #: Requests loaded in this transaction: the values read, and how many audit entries were stored.
+        self._loaded: dict[str, tuple[AccessRequest, Values, int]] = {}
+        self._added: dict[str, AccessRequest] = {}
 
     def add(self, request: AccessRequest) -> None:
-        self.session.add(request)
+        self._added[request.id] = request
 
     def get(self, request_id: str, *, for_update: bool = False) -> AccessRequest | None:
-        query = sa.select(AccessRequest).where(orm.access_requests.c.id == request_id)
+        if request_id in self._added:
+            return self._added[request_id]
+        known = self._loaded.get(request_id)
+        if known is not None and not for_update:
+            return known[0]
+        rows = (
+            self.session.connection()
+            .execute(self._get_statement(for_update), {"request_id": request_id})
+            .all()
+        )
+        if not rows:
+            return None
+        if "catalogue_version" in rows[0]._fields and self.reads is not None:
+            self.reads.offer(rows[0].catalogue_version)
+        if known is not None:  # already loaded here: keep the caller's object, now locked
+            return known[0]
+        request = _request_of(rows[0])
+        request.history = [_entry_of(row._mapping, "audit_") for row in rows if row.audit_id is not None]
+        self._track(request)
+        return request
+
+    def _get_statement(self, for_update: bool) -> sa.Select[Any]:
         if for_update:
-            query = query.with_for_update()
-        return self.session.scalars(query).one_or_none()
+            return _GET_REQUEST_LOCKED
+        if self.reads is not None and self.reads.wants_version:
+            return _GET_REQUEST_AND_VERSION
+        return _GET_REQUEST
 
     def list(self, *, status: Status | None = None, limit: int = 100) -> list[AccessRequest]:
-        query = sa.select(AccessRequest).order_by(orm.access_requests.c.received_at.desc()).limit(limit)
+        query = sa.select(_requests).order_by(_requests.c.received_at.desc()).limit(limit)
         if status is not None:
-            query = query.where(orm.access_requests.c.status == status)
-        return list(self.session.scalars(query))
+            query = query.where(_requests.c.status == status)
+        connection = self.session.connection()
+        requests = [
+            self._loaded[row.id][0] if row.id in self._loaded else _request_of(row)
+            for row in connection.execute(query)
+        ]
+        fresh = [r for r in requests if r.id not in self._loaded]
+        if fresh:
+            trails: dict[str, list[AuditEntry]] = {r.id: [] for r in fresh}
+            for row in connection.execute(_TRAILS_OF, {"ids": list(trails)}):
+                trails[row.request_id].append(_entry_of(row._mapping))
+            for request in fresh:
+                request.history = trails[request.id]
+                self._track(request)
+        return requests
 
     def count_by_status(self) -> dict[str, int]:
-        rows = self.session.execute(
-            sa.select(orm.access_requests.c.status, sa.func.count()).group_by(orm.access_requests.c.status)
+        rows = self.session.connection().execute(
+            sa.select(_requests.c.status, sa.func.count()).group_by(_requests.c.status)
         )
         return {Status(status).value: count for status, count in rows}
 
+    def _track(self, request: AccessRequest) -> None:
+        self._loaded[request.id] = (request, _request_values(request), len(request.history))
+
+    def flush(self) -> None:
+        """Write every added request, and every loaded one that changed, each with its new audit rows."""
+        postgres = _on_postgres(self.session)
+        connection = self.session.connection()
+        for request in self._added.values():
+            self._write(connection, "insert", request, request.history, postgres)
+        for request, values, stored in self._loaded.values():
+            changed = _request_values(request) != values
+            new_entries = request.history[stored:]
+            if changed:
+                self._write(connection, "update", request, new_entries, postgres)
+            elif new_entries:
+                self._write_audit(connection, new_entries)
+        # What is written is what the next flush compares with (a unit of work may go on after a commit).
+        for request in [*self._added.values(), *(loaded for loaded, _, _ in self._loaded.values())]:
+            self._track(request)
+        self._added.clear()
+
+    def _write(
+        self,
+        connection: Connection,
+        kind: str,
+        request: AccessRequest,
+        entries: Sequence[AuditEntry],
+        postgres: bool,
+    ) -> None:
+        parameters = {f"r_{name}": value for name, value in _request_values(request).items()}
+        if postgres:
+            parameters.update(_audit_parameters(entries))
+            connection.execute(_write_statement(kind, len(entries), True), parameters)
+            return
+        connection.execute(_write_statement(kind, 0, False), parameters)
+        if entries:
+            self._write_audit(connection, entries)
+
+    def _write_audit(self, connection: Connection, entries: Sequence[AuditEntry]) -> None:
+        connection.execute(_audit_statement(len(entries)), _audit_parameters(entries))
+
+    def forget(self) -> None:
+        self._loaded.clear()
+        self._added.clear()
+
+
+def _audit_parameters(entries: Iterable[AuditEntry]) -> Values:
+    return {
+        f"a{i}_{name}": getattr(entry, name) for i, entry in enumerate(entries) for name in _AUDIT_COLUMNS
+    }
+
+
+# --- the catalogue -------------------------------------------------------------------------------
+
+_PLAN: Final = sa.select(orm.plans).where(orm.plans.c.id == sa.bindparam("id"))
+_PRODUCTS: Final = sa.select(orm.products).where(orm.products.c.id.in_(sa.bindparam("ids", expanding=True)))
+_CONSUMER: Final = sa.select(orm.consumers).where(orm.consumers.c.id == sa.bindparam("id"))
+_APP: Final = sa.select(orm.apps).where(orm.apps.c.id == sa.bindparam("id"))
+
+
+def _plan_of(row: Row[Any]) -> Plan:
+    return Plan(
+        id=row.id,
+        name=row.name,
+        auto_approve=row.auto_approve,
+        rate_limit_per_minute=row.rate_limit_per_minute,
+        monthly_quota=row.monthly_quota,
+        product_ids=list(row.product_ids),
+    )
+
+
+def _app_of(row: Row[Any]) -> App:
+    return App(id=row.id, consumer_id=row.consumer_id, name=row.name, description=row.description)
+
 
 class SqlCatalogueRepository:
-    def __init__(self, session: Session) -> None:
+    """Products, plans, consumers and apps; read through the process's reference cache."""
+
+    def __init__(self, session: Session, reads: ReferenceReads) -> None:
         self.session = session
+        self.reads = reads
 
     def slice_for(
         self, *, plan_id: str, product_ids: Sequence[str], consumer_id: str, app_id: str | None
@@ -67,221 +508,414 @@ class SqlCatalogueRepository:
             app=self.app(app_id) if app_id is not None else None,
         )
 
+    def _first(self, query: sa.Select[Any], entry_id: str) -> Row[Any] | None:
+        return self.session.connection().execute(query, {"id": entry_id}).first()
+
     def plan(self, plan_id: str) -> Plan | None:
-        return self.session.get(Plan, plan_id)
+        def load() -> Plan | None:
+            row = self._first(_PLAN, plan_id)
+            return None if row is None else _plan_of(row)
+
+        found = self.reads.one(("plan", plan_id), load)
+        return None if found is None else _fresh(found)
 
     def products(self, product_ids: Sequence[str]) -> list[Product]:
-        found = {
-            p.id: p
-            for p in self.session.scalars(sa.select(Product).where(orm.products.c.id.in_(product_ids)))
-        }
-        return [found[p] for p in product_ids if p in found]
+        def load(ids: list[str]) -> dict[str, Product]:
+            rows = self.session.connection().execute(_PRODUCTS, {"ids": ids})
+            return {row.id: Product(id=row.id, name=row.name, auth_method=row.auth_method) for row in rows}
+
+        found = self.reads.many("product", product_ids, load)
+        return [_fresh(found[p]) for p in product_ids if p in found]
 
     def consumer(self, consumer_id: str) -> Consumer | None:
-        return self.session.get(Consumer, consumer_id)
+        def load() -> Consumer | None:
+            row = self._first(_CONSUMER, consumer_id)
+            return None if row is None else Consumer(id=row.id, email=row.email, name=row.name)
+
+        found = self.reads.one(("consumer", consumer_id), load)
+        return None if found is None else _fresh(found)
 
     def app(self, app_id: str) -> App | None:
-        return self.session.get(App, app_id)
+        def load() -> App | None:
+            row = self._first(_APP, app_id)
+            return None if row is None else _app_of(row)
+
+        # An app that is not found is not cached: a request creates its app without
+        # replacing the catalogue version (see migration 0006).
+        found = self.reads.one(("app", app_id), load, keep_missing=False)
+        return None if found is None else _fresh(found)
 
     def apps_of(self, consumer_id: str) -> list[App]:
-        return list(self.session.scalars(sa.select(App).where(orm.apps.c.consumer_id == consumer_id)))
+        query = sa.select(orm.apps).where(orm.apps.c.consumer_id == consumer_id).order_by(orm.apps.c.id)
+        return [_app_of(row) for row in self.session.connection().execute(query)]
 
     def add_app(self, app: App) -> None:
-        self.session.add(app)
+        # The new app is uncommitted: no later read of this transaction may put it in the cache.
+        self.reads.wrote()
+        self.session.connection().execute(orm.apps.insert(), dataclasses.asdict(app))
 
     def upsert(self, entity: Product | Plan | Consumer | App) -> None:
-        self.session.merge(entity)
-        self.session.flush()
+        self.reads.wrote()
+        table = {Product: orm.products, Plan: orm.plans, Consumer: orm.consumers, App: orm.apps}[type(entity)]
+        _upsert(self.session, table, dataclasses.asdict(entity))
+
+
+# --- decisions, credentials, notifications ---------------------------------------------------------
+
+_decisions = orm.decisions
+_DECISION_COLUMNS: Final = tuple(c.name for c in _decisions.columns)
+_GET_DECISION: Final = sa.select(_decisions).where(_decisions.c.id == sa.bindparam("id"))
+
+
+def _decision_of(row: Row[Any]) -> Decision:
+    return Decision(**{name: getattr(row, name) for name in _DECISION_COLUMNS})
 
 
 class SqlDecisionRepository:
+    """Admin decisions as received. A decision is a record: added once, never changed."""
+
     def __init__(self, session: Session) -> None:
         self.session = session
+        self._added: list[Decision] = []
 
     def get(self, decision_id: str) -> Decision | None:
-        return self.session.get(Decision, decision_id)
+        for decision in self._added:
+            if decision.id == decision_id:
+                return decision
+        row = self.session.connection().execute(_GET_DECISION, {"id": decision_id}).first()
+        return None if row is None else _decision_of(row)
 
     def add(self, decision: Decision) -> None:
-        self.session.add(decision)
+        self._added.append(decision)
 
     def for_request(self, request_id: str) -> list[Decision]:
-        query = sa.select(Decision).where(orm.decisions.c.request_id == request_id)
-        return list(self.session.scalars(query.order_by(orm.decisions.c.received_at)))
+        query = (
+            sa.select(_decisions)
+            .where(_decisions.c.request_id == request_id)
+            .order_by(_decisions.c.received_at)
+        )
+        return [_decision_of(row) for row in self.session.connection().execute(query)]
+
+    def flush(self) -> None:
+        connection = self.session.connection()
+        for decision in self._added:
+            connection.execute(_decisions.insert(), dataclasses.asdict(decision))
+        self._added.clear()
+
+    def forget(self) -> None:
+        self._added.clear()
+
+
+_credentials = orm.credentials
+_CREDENTIAL_COLUMNS: Final = tuple(c.name for c in _credentials.columns)
+#: What may change once a credential is stored: its one reveal, and its revocation.
+_CREDENTIAL_CHANGES: Final = ("sealed_secret", "revealed_at", "revoked_at")
+_UPDATE_CREDENTIAL: Final = (
+    _credentials.update()
+    .where(_credentials.c.id == sa.bindparam("credential_id"))
+    .values({n: sa.bindparam(f"new_{n}") for n in _CREDENTIAL_CHANGES})
+)
+
+
+def _credential_of(row: Row[Any]) -> Credential:
+    return Credential(**{name: getattr(row, name) for name in _CREDENTIAL_COLUMNS})
+
+
+def _changes(entity: object, names: Sequence[str]) -> tuple[Any, ...]:
+    return tuple(getattr(entity, name) for name in names)
+
+
+def _new_values(names: Sequence[str], values: Sequence[Any]) -> Values:
+    # Named apart from the columns: SQLAlchemy keeps a column's own name for its VALUES and SET.
+    return {f"new_{name}": value for name, value in zip(names, values, strict=True)}
 
 
 class SqlCredentialRepository:
+    """Issued credentials; a loaded one that was revealed or revoked is written back at commit."""
+
     def __init__(self, session: Session) -> None:
         self.session = session
+        self._added: list[Credential] = []
+        self._loaded: dict[str, tuple[Credential, tuple[Any, ...]]] = {}
 
     def add(self, credential: Credential) -> None:
-        self.session.add(credential)
+        self._added.append(credential)
+
+    def _load(self, query: sa.Select[Any]) -> list[Credential]:
+        found = []
+        for row in self.session.connection().execute(query):
+            known = self._loaded.get(row.id)
+            if known is None:
+                credential = _credential_of(row)
+                self._loaded[credential.id] = (credential, _changes(credential, _CREDENTIAL_CHANGES))
+                found.append(credential)
+            else:
+                found.append(known[0])
+        return found
 
     def for_request(self, request_id: str) -> Credential | None:
-        query = sa.select(Credential).where(orm.credentials.c.request_id == request_id)
-        return self.session.scalars(query).one_or_none()
+        for credential in self._added:
+            if credential.request_id == request_id:
+                return credential
+        found = self._load(sa.select(_credentials).where(_credentials.c.request_id == request_id))
+        return found[0] if found else None
 
     def for_app(self, app_id: str, *, for_update: bool = False) -> list[Credential]:
         query = (
-            sa.select(Credential)
-            .where(orm.credentials.c.app_id == app_id)
-            .order_by(orm.credentials.c.created_at)
+            sa.select(_credentials).where(_credentials.c.app_id == app_id).order_by(_credentials.c.created_at)
         )
         if for_update:
             query = query.with_for_update()
-        return list(self.session.scalars(query))
+        return self._load(query)
 
     def by_public_id(self, public_id: str) -> Credential | None:
-        query = sa.select(Credential).where(orm.credentials.c.public_id == public_id)
-        return self.session.scalars(query).one_or_none()
+        found = self._load(sa.select(_credentials).where(_credentials.c.public_id == public_id))
+        return found[0] if found else None
+
+    def flush(self) -> None:
+        connection = self.session.connection()
+        for credential, read in list(self._loaded.values()):
+            now = _changes(credential, _CREDENTIAL_CHANGES)
+            if now != read:
+                connection.execute(
+                    _UPDATE_CREDENTIAL,
+                    {"credential_id": credential.id, **_new_values(_CREDENTIAL_CHANGES, now)},
+                )
+                self._loaded[credential.id] = (credential, now)
+        for credential in self._added:
+            connection.execute(_credentials.insert(), dataclasses.asdict(credential))
+            self._loaded[credential.id] = (credential, _changes(credential, _CREDENTIAL_CHANGES))
+        self._added.clear()
+
+    def forget(self) -> None:
+        self._added.clear()
+        self._loaded.clear()
+
+
+_notifications = orm.notifications
+_NOTIFICATION_COLUMNS: Final = tuple(c.name for c in _notifications.columns if c.name != "id")
+#: What a send changes on a notification it loaded.
+_NOTIFICATION_CHANGES: Final = ("status", "attempts", "last_error", "sent_at", "lease_expires_at")
+_GET_NOTIFICATION = sa.select(_notifications).where(
+    _notifications.c.request_id == sa.bindparam("request_id"), _notifications.c.kind == sa.bindparam("kind")
+)
+_GET_NOTIFICATION_LOCKED: Final = _GET_NOTIFICATION.with_for_update()
+_INSERT_NOTIFICATION: Final = _notifications.insert().returning(_notifications.c.id)
+_UPDATE_NOTIFICATION: Final = (
+    _notifications.update()
+    .where(_notifications.c.id == sa.bindparam("notification_id"))
+    .values({n: sa.bindparam(f"new_{n}") for n in _NOTIFICATION_CHANGES})
+)
+
+
+def _notification_of(row: Row[Any]) -> Notification:
+    return Notification(**{name: getattr(row, name) for name in (*_NOTIFICATION_COLUMNS, "id")})
 
 
 class SqlNotificationRepository:
+    """The emails owed per (request, kind); a loaded one that changed is written back at commit."""
+
     def __init__(self, session: Session) -> None:
         self.session = session
+        self._added: list[Notification] = []
+        self._loaded: dict[int, tuple[Notification, tuple[Any, ...]]] = {}
 
     def get(
         self, request_id: str, kind: NotificationKind, *, for_update: bool = False
     ) -> Notification | None:
-        query = sa.select(Notification).where(
-            orm.notifications.c.request_id == request_id, orm.notifications.c.kind == kind
-        )
-        if for_update:
-            query = query.with_for_update()
-        return self.session.scalars(query).one_or_none()
+        for notification in self._added:
+            if (notification.request_id, notification.kind) == (request_id, kind):
+                return notification
+        query = _GET_NOTIFICATION_LOCKED if for_update else _GET_NOTIFICATION
+        found = self._load(query, {"request_id": request_id, "kind": kind})
+        return found[0] if found else None
+
+    def _load(self, query: sa.Select[Any], parameters: Mapping[str, Any] | None = None) -> list[Notification]:
+        found = []
+        for row in self.session.connection().execute(query, parameters):
+            known = self._loaded.get(row.id)
+            if known is None:
+                notification = _notification_of(row)
+                self._loaded[row.id] = (notification, _changes(notification, _NOTIFICATION_CHANGES))
+                found.append(notification)
+            else:
+                found.append(known[0])
+        return found
 
     def add(self, notification: Notification) -> None:
-        self.session.add(notification)
+        self._added.append(notification)
 
     def recent(self, *, status: DeliveryStatus | None = None, limit: int = 100) -> list[Notification]:
-        query = sa.select(Notification).order_by(orm.notifications.c.id.desc()).limit(limit)
+        query = sa.select(_notifications).order_by(_notifications.c.id.desc()).limit(limit)
         if status is not None:
-            query = query.where(orm.notifications.c.status == status)
-        return list(self.session.scalars(query))
+            query = query.where(_notifications.c.status == status)
+        return self._load(query)
 
     def for_request(self, request_id: str) -> list[Notification]:
-        query = sa.select(Notification).where(orm.notifications.c.request_id == request_id)
-        return list(self.session.scalars(query.order_by(orm.notifications.c.id)))
+        query = sa.select(_notifications).where(_notifications.c.request_id == request_id)
+        return self._load(query.order_by(_notifications.c.id))
+
+    def flush(self) -> None:
+        connection = self.session.connection()
+        for notification in self._added:
+            values = {name: getattr(notification, name) for name in _NOTIFICATION_COLUMNS}
+            notification.id = connection.execute(_INSERT_NOTIFICATION, values).scalar_one()
+            self._loaded[notification.id] = (notification, _changes(notification, _NOTIFICATION_CHANGES))
+        self._added.clear()
+        for notification_id, (notification, read) in self._loaded.items():
+            now = _changes(notification, _NOTIFICATION_CHANGES)
+            if now != read:
+                connection.execute(
+                    _UPDATE_NOTIFICATION,
+                    {"notification_id": notification_id, **_new_values(_NOTIFICATION_CHANGES, now)},
+                )
+                self._loaded[notification_id] = (notification, now)
+
+    def forget(self) -> None:
+        self._added.clear()
+        self._loaded.clear()
+
+
+# --- portals and admin keys ------------------------------------------------------------------------
+
+_portals = orm.portals
+_PORTAL_WITH_CONSUMERS = sa.select(_portals, orm.portal_consumers.c.consumer_id).select_from(
+    _portals.outerjoin(orm.portal_consumers, orm.portal_consumers.c.portal_id == _portals.c.id)
+)
+_PORTAL: Final = _PORTAL_WITH_CONSUMERS.where(_portals.c.id == sa.bindparam("key"))
+_PORTAL_OF_USER: Final = _PORTAL_WITH_CONSUMERS.where(_portals.c.broker_user == sa.bindparam("key"))
+
+
+def _portal_of(rows: Sequence[Row[Any]]) -> Portal | None:
+    if not rows:
+        return None
+    row = rows[0]
+    return Portal(
+        id=row.id,
+        name=row.name,
+        broker_user=row.broker_user,
+        public_key=row.public_key,
+        consumer_ids=frozenset(r.consumer_id for r in rows if r.consumer_id is not None),
+        url=row.url,
+    )
 
 
 class SqlPortalRepository:
-    """Registered portals, with the consumers each may speak for."""
+    """Registered portals, with the consumers each may speak for; read through the reference cache."""
 
-    def __init__(self, session: Session) -> None:
+    def __init__(self, session: Session, reads: ReferenceReads) -> None:
         self.session = session
+        self.reads = reads
+
+    def _load(self, query: sa.Select[Any], key: str) -> Portal | None:
+        return _portal_of(self.session.connection().execute(query, {"key": key}).all())
 
     def get(self, portal_id: str) -> Portal | None:
-        return self._one(orm.portals.c.id == portal_id)
+        # Portals are frozen: the cached object itself can be handed out.
+        return self.reads.one(("portal", portal_id), lambda: self._load(_PORTAL, portal_id))
 
     def by_broker_user(self, broker_user: str) -> Portal | None:
-        return self._one(orm.portals.c.broker_user == broker_user)
+        return self.reads.one(
+            ("portal_of_user", broker_user), lambda: self._load(_PORTAL_OF_USER, broker_user)
+        )
 
     def list(self) -> list[Portal]:
-        ids = self.session.scalars(sa.select(orm.portals.c.id).order_by(orm.portals.c.id))
-        return [portal for portal_id in ids if (portal := self.get(portal_id)) is not None]
-
-    def _one(self, where: sa.ColumnElement[bool]) -> Portal | None:
-        row = self.session.execute(sa.select(orm.portals).where(where)).first()
-        if row is None:
-            return None
-        consumer_ids = self.session.scalars(
-            sa.select(orm.portal_consumers.c.consumer_id).where(orm.portal_consumers.c.portal_id == row.id)
-        )
-        return Portal(
-            id=row.id,
-            name=row.name,
-            broker_user=row.broker_user,
-            public_key=row.public_key,
-            consumer_ids=frozenset(consumer_ids),
-            url=row.url,
-        )
+        rows = self.session.connection().execute(_PORTAL_WITH_CONSUMERS.order_by(_portals.c.id)).all()
+        by_id: dict[str, list[Row[Any]]] = {}
+        for row in rows:
+            by_id.setdefault(row.id, []).append(row)
+        return [portal for group in by_id.values() if (portal := _portal_of(group)) is not None]
 
     def upsert(self, portal: Portal) -> None:
         """Register a portal, or replace what is registered for it, consumers included."""
-        values = {
-            "name": portal.name,
-            "broker_user": portal.broker_user,
-            "public_key": portal.public_key,
-            "url": portal.url,
-        }
-        if self._exists(portal.id):
-            self.session.execute(orm.portals.update().where(orm.portals.c.id == portal.id).values(**values))
-        else:
-            self.session.execute(orm.portals.insert().values(id=portal.id, **values))
-        self.session.execute(
-            orm.portal_consumers.delete().where(orm.portal_consumers.c.portal_id == portal.id)
+        self.reads.wrote()
+        _upsert(
+            self.session,
+            _portals,
+            {
+                "id": portal.id,
+                "name": portal.name,
+                "broker_user": portal.broker_user,
+                "public_key": portal.public_key,
+                "url": portal.url,
+            },
         )
+        connection = self.session.connection()
+        connection.execute(orm.portal_consumers.delete().where(orm.portal_consumers.c.portal_id == portal.id))
         if portal.consumer_ids:
-            self.session.execute(
+            connection.execute(
                 orm.portal_consumers.insert(),
                 [{"portal_id": portal.id, "consumer_id": c} for c in sorted(portal.consumer_ids)],
             )
 
-    def _exists(self, portal_id: str) -> bool:
-        found = self.session.execute(sa.select(orm.portals.c.id).where(orm.portals.c.id == portal_id))
-        return found.first() is not None
+
+_admin_keys = orm.admin_keys
+_KEY: Final = sa.select(_admin_keys).where(_admin_keys.c.key_id == sa.bindparam("key_id"))
+_ADMIN_EMAIL: Final = sa.select(orm.admins.c.email).where(orm.admins.c.id == sa.bindparam("admin_id"))
+
+
+def _key_of(row: Row[Any]) -> AdminKey:
+    return AdminKey(
+        key_id=row.key_id,
+        admin_id=row.admin_id,
+        public_key=row.public_key,
+        created_at=row.created_at,
+        revoked_at=row.revoked_at,
+    )
 
 
 class SqlAdminKeyRepository:
-    """Admins and the public keys their decisions are verified with."""
+    """Admins and the public keys their decisions are verified with; read through the reference cache."""
 
-    def __init__(self, session: Session) -> None:
+    def __init__(self, session: Session, reads: ReferenceReads) -> None:
         self.session = session
+        self.reads = reads
+
+    def _key(self, key_id: str) -> AdminKey | None:
+        row = self.session.connection().execute(_KEY, {"key_id": key_id}).first()
+        return None if row is None else _key_of(row)
+
+    def _admin_email(self, admin_id: str) -> str | None:
+        email: str | None = self.session.connection().execute(_ADMIN_EMAIL, {"admin_id": admin_id}).scalar()
+        return email
 
     def key(self, key_id: str) -> AdminKey | None:
-        row = self.session.execute(sa.select(orm.admin_keys).where(orm.admin_keys.c.key_id == key_id)).first()
-        if row is None:
-            return None
-        return AdminKey(
-            key_id=row.key_id,
-            admin_id=row.admin_id,
-            public_key=row.public_key,
-            created_at=row.created_at,
-            revoked_at=row.revoked_at,
-        )
+        # Admin keys are frozen: the cached object itself can be handed out.
+        return self.reads.one(("admin_key", key_id), lambda: self._key(key_id))
 
     def admin_email(self, admin_id: str) -> str | None:
-        query = sa.select(orm.admins.c.email).where(orm.admins.c.id == admin_id)
-        return self.session.execute(query).scalar_one_or_none()
+        return self.reads.one(("admin_email", admin_id), lambda: self._admin_email(admin_id))
 
     def admins(self) -> list[tuple[str, str, list[AdminKey]]]:
         """Every admin with their keys, revoked ones included: (id, email, keys)."""
+        connection = self.session.connection()
         keys: dict[str, list[AdminKey]] = {}
-        for row in self.session.execute(sa.select(orm.admin_keys).order_by(orm.admin_keys.c.created_at)):
-            keys.setdefault(row.admin_id, []).append(
-                AdminKey(row.key_id, row.admin_id, row.public_key, row.created_at, row.revoked_at)
-            )
-        rows = self.session.execute(sa.select(orm.admins).order_by(orm.admins.c.id))
+        for row in connection.execute(sa.select(_admin_keys).order_by(_admin_keys.c.created_at)):
+            keys.setdefault(row.admin_id, []).append(_key_of(row))
+        rows = connection.execute(sa.select(orm.admins).order_by(orm.admins.c.id))
         return [(row.id, row.email, keys.get(row.id, [])) for row in rows]
 
     def upsert_admin(self, admin_id: str, email: str) -> None:
-        if self.admin_email(admin_id) is None:
-            self.session.execute(orm.admins.insert().values(id=admin_id, email=email))
-        else:
-            self.session.execute(orm.admins.update().where(orm.admins.c.id == admin_id).values(email=email))
+        self.reads.wrote()
+        _upsert(self.session, orm.admins, {"id": admin_id, "email": email})
 
     def add_key(self, key: AdminKey) -> None:
         """Register a key; adding the same key again changes nothing, another key under its id is refused."""
-        existing = self.key(key.key_id)
+        self.reads.wrote()
+        existing = self._key(key.key_id)
         if existing is None:
-            self.session.execute(
-                orm.admin_keys.insert().values(
-                    key_id=key.key_id,
-                    admin_id=key.admin_id,
-                    public_key=key.public_key,
-                    created_at=key.created_at,
-                    revoked_at=key.revoked_at,
-                )
-            )
+            self.session.connection().execute(_admin_keys.insert(), dataclasses.asdict(key))
         elif (existing.admin_id, existing.public_key) != (key.admin_id, key.public_key):
             raise ValueError(f"key id {key.key_id!r} is taken by another key")
 
     def revoke(self, key_id: str) -> bool:
         """Revoke a key for good (revoking it again changes nothing); return False if there is no such key."""
-        if self.key(key_id) is None:
-            return False
-        self.session.execute(
-            orm.admin_keys.update()
-            .where(orm.admin_keys.c.key_id == key_id, orm.admin_keys.c.revoked_at.is_(None))
-            .values(revoked_at=utcnow())
+        self.reads.wrote()
+        revoked = self.session.connection().execute(
+            _admin_keys.update()
+            .where(_admin_keys.c.key_id == key_id)
+            # Keeps the first revocation's time; one statement finds the key and revokes it.
+            .values(revoked_at=sa.func.coalesce(_admin_keys.c.revoked_at, utcnow()))
+            .returning(_admin_keys.c.key_id)
         )
-        return True
+        return revoked.first() is not None

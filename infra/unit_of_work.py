@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import threading
+import weakref
 from types import TracebackType
 from typing import Self
 
@@ -10,6 +12,8 @@ from sqlalchemy.orm import Session, sessionmaker
 from infra.faults import crash_point
 from infra.outbox import OutboxRelay, SqlOutbox
 from infra.repositories import (
+    ReferenceCache,
+    ReferenceReads,
     SqlAdminKeyRepository,
     SqlCatalogueRepository,
     SqlCredentialRepository,
@@ -19,11 +23,32 @@ from infra.repositories import (
     SqlRequestRepository,
 )
 
+_caches: weakref.WeakKeyDictionary[sessionmaker[Session], ReferenceCache] = weakref.WeakKeyDictionary()
+_caches_lock = threading.Lock()
+
+
+def reference_cache_of(session_factory: sessionmaker[Session]) -> ReferenceCache:
+    """The reference cache of the database ``session_factory`` opens sessions on; one per factory.
+
+    A process builds its session factory once (infra.bootstrap.build), so this is one cache per
+    process and database, and it goes when the factory does.
+    """
+    with _caches_lock:
+        cache = _caches.get(session_factory)
+        if cache is None:
+            cache = _caches[session_factory] = ReferenceCache()
+        return cache
+
 
 class SqlUnitOfWork:
-    """Rolls back unless :meth:`commit` is called; after a commit, publishes what the outbox got."""
+    """Rolls back unless :meth:`commit` is called; after a commit, publishes what the outbox got.
+
+    The repositories write what the handler changed when it commits, in one go and in the
+    order the foreign keys want (:meth:`_flush`); the outbox rows are in the same transaction.
+    """
 
     session: Session
+    reads: ReferenceReads
     requests: SqlRequestRepository
     catalogue: SqlCatalogueRepository
     decisions: SqlDecisionRepository
@@ -34,34 +59,56 @@ class SqlUnitOfWork:
     outbox: SqlOutbox
 
     def __init__(
-        self, session_factory: sessionmaker[Session], *, queue_prefix: str, relay: OutboxRelay | None
+        self,
+        session_factory: sessionmaker[Session],
+        *,
+        queue_prefix: str,
+        relay: OutboxRelay | None,
+        reference_cache: ReferenceCache | None = None,
     ) -> None:
         self.session_factory = session_factory
         self.queue_prefix = queue_prefix
         self.relay = relay
+        self.reference_cache = reference_cache or reference_cache_of(session_factory)
 
     def __enter__(self) -> Self:
         self.session = self.session_factory()
-        self.requests = SqlRequestRepository(self.session)
-        self.catalogue = SqlCatalogueRepository(self.session)
+        self.reads = ReferenceReads(self.session, self.reference_cache)
+        self.requests = SqlRequestRepository(self.session, self.reads)
+        self.catalogue = SqlCatalogueRepository(self.session, self.reads)
         self.decisions = SqlDecisionRepository(self.session)
         self.credentials = SqlCredentialRepository(self.session)
         self.notifications = SqlNotificationRepository(self.session)
-        self.portals = SqlPortalRepository(self.session)
-        self.admin_keys = SqlAdminKeyRepository(self.session)
+        self.portals = SqlPortalRepository(self.session, self.reads)
+        self.admin_keys = SqlAdminKeyRepository(self.session, self.reads)
         self.outbox = SqlOutbox(self.session, self.queue_prefix)
         return self
 
     def __exit__(
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> None:
-        # close() rolls back whatever was not committed; unlike rollback() it leaves loaded
-        # objects readable, so a handler can return what it loaded.
+        # close() rolls back whatever was not committed; the objects the handler loaded stay
+        # readable (they are plain), so a handler can return what it loaded.
         self.outbox.added = []
+        self._forget()
         self.session.close()
 
+    def _flush(self) -> None:
+        # Requests first: credentials, notifications and audit rows refer to them.
+        self.requests.flush()
+        self.decisions.flush()
+        self.credentials.flush()
+        self.notifications.flush()
+
+    def _forget(self) -> None:
+        for repository in (self.requests, self.decisions, self.credentials, self.notifications):
+            repository.forget()
+
     def commit(self) -> None:
+        self._flush()
         self.session.commit()
+        # The next transaction reads the catalogue version again, and the cache again.
+        self.reads = self._new_reads()
         crash_point("after_commit")  # the fault suite's "crash after commit, before ack"
         committed, self.outbox.added = self.outbox.added, []
         if committed and self.relay is not None:
@@ -69,4 +116,12 @@ class SqlUnitOfWork:
 
     def rollback(self) -> None:
         self.session.rollback()
+        self._forget()
+        self.reads = self._new_reads()
         self.outbox.added = []
+
+    def _new_reads(self) -> ReferenceReads:
+        reads = ReferenceReads(self.session, self.reference_cache)
+        for repository in (self.requests, self.catalogue, self.portals, self.admin_keys):
+            repository.reads = reads
+        return reads
