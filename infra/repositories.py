@@ -22,7 +22,7 @@ import functools
 import threading
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from typing import Any, Final, TypeVar, cast
+from typing import Any, Final, Generic, TypeVar, cast
 
 import sqlalchemy as sa
 from sqlalchemy.dialects import postgresql, sqlite
@@ -50,6 +50,8 @@ from domain.model import (
 from infra import orm
 
 T = TypeVar("T")
+K = TypeVar("K")
+E = TypeVar("E")
 Values = dict[str, Any]
 
 #: How many entries a process's reference cache holds before it drops the least recently used.
@@ -630,28 +632,58 @@ def _new_values(names: Sequence[str], values: Sequence[Any]) -> Values:
     return {f"new_{name}": value for name, value in zip(names, values, strict=True)}
 
 
+class _Tracked(Generic[K, E]):
+    """The rows a unit of work loaded, each with the values it had then, so that only a change is written.
+
+    Loading a row twice gives back the same object, as a session's identity map would.
+    """
+
+    def __init__(self, build: Callable[[Row[Any]], E], names: Sequence[str]) -> None:
+        self.build = build
+        self.names = names
+        self.entries: dict[K, tuple[E, tuple[Any, ...]]] = {}
+
+    def load(self, rows: Iterable[Row[Any]]) -> list[E]:
+        found = []
+        for row in rows:
+            known = self.entries.get(row.id)
+            if known is None:
+                self.remember(row.id, entity := self.build(row))
+                found.append(entity)
+            else:
+                found.append(known[0])
+        return found
+
+    def remember(self, key: K, entity: E) -> None:
+        self.entries[key] = (entity, _changes(entity, self.names))
+
+    def changed(self) -> list[tuple[K, E, tuple[Any, ...]]]:
+        """Every loaded entity whose tracked values changed, with the new values; they count as written."""
+        found = []
+        for key, (entity, read) in list(self.entries.items()):
+            now = _changes(entity, self.names)
+            if now != read:
+                self.entries[key] = (entity, now)
+                found.append((key, entity, now))
+        return found
+
+    def clear(self) -> None:
+        self.entries.clear()
+
+
 class SqlCredentialRepository:
     """Issued credentials; a loaded one that was revealed or revoked is written back at commit."""
 
     def __init__(self, session: Session) -> None:
         self.session = session
         self._added: list[Credential] = []
-        self._loaded: dict[str, tuple[Credential, tuple[Any, ...]]] = {}
+        self._loaded: _Tracked[str, Credential] = _Tracked(_credential_of, _CREDENTIAL_CHANGES)
 
     def add(self, credential: Credential) -> None:
         self._added.append(credential)
 
     def _load(self, query: sa.Select[Any]) -> list[Credential]:
-        found = []
-        for row in self.session.connection().execute(query):
-            known = self._loaded.get(row.id)
-            if known is None:
-                credential = _credential_of(row)
-                self._loaded[credential.id] = (credential, _changes(credential, _CREDENTIAL_CHANGES))
-                found.append(credential)
-            else:
-                found.append(known[0])
-        return found
+        return self._loaded.load(self.session.connection().execute(query))
 
     def for_request(self, request_id: str) -> Credential | None:
         for credential in self._added:
@@ -674,17 +706,13 @@ class SqlCredentialRepository:
 
     def flush(self) -> None:
         connection = self.session.connection()
-        for credential, read in list(self._loaded.values()):
-            now = _changes(credential, _CREDENTIAL_CHANGES)
-            if now != read:
-                connection.execute(
-                    _UPDATE_CREDENTIAL,
-                    {"credential_id": credential.id, **_new_values(_CREDENTIAL_CHANGES, now)},
-                )
-                self._loaded[credential.id] = (credential, now)
+        for credential_id, _, now in self._loaded.changed():
+            connection.execute(
+                _UPDATE_CREDENTIAL, {"credential_id": credential_id, **_new_values(_CREDENTIAL_CHANGES, now)}
+            )
         for credential in self._added:
             connection.execute(_credentials.insert(), dataclasses.asdict(credential))
-            self._loaded[credential.id] = (credential, _changes(credential, _CREDENTIAL_CHANGES))
+            self._loaded.remember(credential.id, credential)
         self._added.clear()
 
     def forget(self) -> None:
@@ -718,7 +746,7 @@ class SqlNotificationRepository:
     def __init__(self, session: Session) -> None:
         self.session = session
         self._added: list[Notification] = []
-        self._loaded: dict[int, tuple[Notification, tuple[Any, ...]]] = {}
+        self._loaded: _Tracked[int, Notification] = _Tracked(_notification_of, _NOTIFICATION_CHANGES)
 
     def get(
         self, request_id: str, kind: NotificationKind, *, for_update: bool = False
@@ -731,16 +759,7 @@ class SqlNotificationRepository:
         return found[0] if found else None
 
     def _load(self, query: sa.Select[Any], parameters: Mapping[str, Any] | None = None) -> list[Notification]:
-        found = []
-        for row in self.session.connection().execute(query, parameters):
-            known = self._loaded.get(row.id)
-            if known is None:
-                notification = _notification_of(row)
-                self._loaded[row.id] = (notification, _changes(notification, _NOTIFICATION_CHANGES))
-                found.append(notification)
-            else:
-                found.append(known[0])
-        return found
+        return self._loaded.load(self.session.connection().execute(query, parameters))
 
     def add(self, notification: Notification) -> None:
         self._added.append(notification)
@@ -760,16 +779,13 @@ class SqlNotificationRepository:
         for notification in self._added:
             values = {name: getattr(notification, name) for name in _NOTIFICATION_COLUMNS}
             notification.id = connection.execute(_INSERT_NOTIFICATION, values).scalar_one()
-            self._loaded[notification.id] = (notification, _changes(notification, _NOTIFICATION_CHANGES))
+            self._loaded.remember(notification.id, notification)
         self._added.clear()
-        for notification_id, (notification, read) in self._loaded.items():
-            now = _changes(notification, _NOTIFICATION_CHANGES)
-            if now != read:
-                connection.execute(
-                    _UPDATE_NOTIFICATION,
-                    {"notification_id": notification_id, **_new_values(_NOTIFICATION_CHANGES, now)},
-                )
-                self._loaded[notification_id] = (notification, now)
+        for notification_id, _, now in self._loaded.changed():
+            connection.execute(
+                _UPDATE_NOTIFICATION,
+                {"notification_id": notification_id, **_new_values(_NOTIFICATION_CHANGES, now)},
+            )
 
     def forget(self) -> None:
         self._added.clear()
