@@ -215,22 +215,31 @@ class WorkerLifecycle(Middleware):
 
     def __init__(self, services: Services) -> None:
         self.services = services
-        self.sweeper: PeriodicTask | None = None
+        self.tasks: list[PeriodicTask] = []
 
     def after_worker_boot(self, broker: dramatiq.Broker, worker: dramatiq.Worker) -> None:
-        interval = self.services.settings.outbox_sweep_seconds
-        self.sweeper = PeriodicTask(
-            "outbox-sweep",
-            interval,
-            lambda: self.services.relay.publish(older_than=timedelta(seconds=interval)),
-        )
-        self.sweeper.start()
+        settings, relay = self.services.settings, self.services.relay
+        sweep = timedelta(seconds=settings.outbox_sweep_seconds)
+        relay.defer_marks()
+        self.tasks = [
+            PeriodicTask(
+                "outbox-sweep", settings.outbox_sweep_seconds, lambda: relay.publish(older_than=sweep)
+            ),
+            PeriodicTask("outbox-marks", settings.outbox_mark_seconds, relay.mark_deferred),
+        ]
+        for task in self.tasks:
+            task.start()
 
     def before_worker_shutdown(self, broker: dramatiq.Broker, worker: dramatiq.Worker) -> None:
-        if self.sweeper is not None:
-            self.sweeper.stop()
+        for task in self.tasks:
+            task.stop()
 
     def after_worker_shutdown(self, broker: dramatiq.Broker, worker: dramatiq.Worker) -> None:
+        # The last messages' marks: owed ones left unmarked would be published again by a sweep.
+        try:
+            self.services.relay.mark_deferred()
+        except Exception as error:  # the sweep of another process republishes them
+            log.warning("outbox.marks_lost", error=type(error).__name__)
         self.services.close()
 
     def before_process_message(self, broker: dramatiq.Broker, message: dramatiq.MessageProxy) -> None:

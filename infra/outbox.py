@@ -23,10 +23,11 @@ leaves no backend "idle in transaction" and no row locked. Two paths lead to the
 
 from __future__ import annotations
 
+import threading
 import uuid
 from collections.abc import Sequence
 from datetime import datetime, timedelta
-from typing import Any
+from typing import Any, NamedTuple
 
 import sqlalchemy as sa
 import structlog
@@ -39,6 +40,7 @@ from domain.model import utcnow
 from infra import orm
 from infra.broker import Outgoing, Publisher
 from infra.faults import crash_point
+from infra.repositories import insert_rows, rows_parameters
 from infra.topology import Topology
 from messages.events import RequestEvent
 from messages.routes import route_for_command
@@ -47,6 +49,11 @@ log = structlog.get_logger()
 
 #: Rows published per batch, and so per marking statement.
 BATCH_SIZE = 200
+#: Rows marked sent per statement by :meth:`OutboxRelay.mark_deferred`.
+MARK_BATCH_SIZE = 1000
+#: Deferred marks a process keeps owing while the database refuses them; older ones are
+#: left to the sweep, so that an outage does not grow a worker's memory without bound.
+MAX_DEFERRED_MARKS = 100_000
 #: How long a sweep's claim on its rows lasts. Longer than one publish can take (connecting,
 #: then ``BatchConfirmPublisher.CONFIRM_TIMEOUT``), so no other sweep takes them meanwhile;
 #: if the claimer dies, its rows wait this long before another worker sweeps them.
@@ -58,10 +65,11 @@ class UnconfirmedPublish(Exception):
 
 
 class SqlOutbox:
-    """The outbox as the handlers see it: ``put`` adds a row to the open transaction.
+    """The outbox as the handlers see it: ``put`` and ``announce`` add a row to the open transaction.
 
     ``added`` keeps each row as the message it becomes, so that the relay can publish it
-    after the commit without reading it back.
+    after the commit without reading it back. The rows are written when the unit of work
+    commits (:meth:`flush`), all of them with one statement.
     """
 
     def __init__(self, session: Session, queue_prefix: str) -> None:
@@ -71,12 +79,13 @@ class SqlOutbox:
 
     def put(self, command: Command) -> None:
         route, payload = route_for_command(command)
-        message = Outgoing(route.queue_name(self.queue_prefix), route.actor_name, payload, str(uuid.uuid4()))
-        self._insert(message)
+        self.added.append(
+            Outgoing(route.queue_name(self.queue_prefix), route.actor_name, payload, str(uuid.uuid4()))
+        )
 
     def announce(self, event: PortalEvent) -> None:
         message = RequestEvent.of(event)
-        self._insert(
+        self.added.append(
             Outgoing(
                 queue_name="",
                 actor_name="",
@@ -87,23 +96,57 @@ class SqlOutbox:
             )
         )
 
-    def _insert(self, message: Outgoing) -> None:
-        self.session.execute(
-            orm.outbox.insert().values(
-                id=message.message_id,
-                queue_name=message.queue_name,
-                actor_name=message.actor_name,
-                payload=message.payload,
-                created_at=utcnow(),
-                exchange=message.exchange,
-                routing_key=message.routing_key,
+    def flush(self) -> None:
+        """Write every row added since the last commit, in one statement of the open transaction."""
+        if not self.added:
+            return
+        now = utcnow()
+        # A microsecond apart: the sweep publishes by ``created_at``, so rows keep the
+        # order the handler added them in (a portal's events, say) when read back.
+        rows = [
+            _OutboxRow(
+                m.message_id,
+                m.queue_name,
+                m.actor_name,
+                m.payload,
+                now + i * _TICK,
+                m.exchange,
+                m.routing_key,
             )
+            for i, m in enumerate(self.added)
+        ]
+        self.session.connection().execute(
+            insert_rows(orm.outbox, _OutboxRow._fields, len(rows), "o"),
+            rows_parameters(rows, _OutboxRow._fields, "o"),
         )
-        self.added.append(message)
+
+
+_TICK = timedelta(microseconds=1)
+
+
+class _OutboxRow(NamedTuple):
+    """An outbox row as written: its fields are the columns, in order."""
+
+    id: str
+    queue_name: str
+    actor_name: str
+    payload: Any
+    created_at: datetime
+    exchange: str
+    routing_key: str | None
 
 
 class OutboxRelay:
-    """Publishes committed outbox rows and marks them sent."""
+    """Publishes committed outbox rows and marks them sent.
+
+    By default each publish marks its rows at once. A worker pool calls :meth:`defer_marks`
+    instead: rows published right after their commit are then marked by :meth:`mark_deferred`,
+    which a timer runs every fraction of a second, all of a process's rows in one statement.
+    That spares each handler a transaction of its own. A mark that never comes (the process
+    died) costs a duplicate publish by the sweep, which the consumers absorb, as after a
+    crash between a confirm and its mark; the timer's interval is kept far below the
+    sweep's, so a row waiting for its mark is never swept.
+    """
 
     def __init__(self, session_factory: sessionmaker[Session], publisher: Publisher) -> None:
         self.session_factory = session_factory
@@ -113,6 +156,35 @@ class OutboxRelay:
             raise TypeError("the outbox relay needs a session factory bound to an engine")
         # Each statement commits by itself: no transaction stays open while the broker answers.
         self.engine = bind.execution_options(isolation_level="AUTOCOMMIT")
+        self._deferring = False
+        self._deferred: list[str] = []
+        self._deferred_lock = threading.Lock()
+
+    def defer_marks(self) -> None:
+        """Mark rows published after their commit in batches, by :meth:`mark_deferred`, from now on."""
+        self._deferring = True
+
+    def mark_deferred(self) -> int:
+        """Mark sent every confirmed row whose mark was deferred: one statement per batch of rows.
+
+        On failure the rows stay owed (up to :data:`MAX_DEFERRED_MARKS`; beyond that the
+        oldest are left to the sweep, which republishes them) and the error is raised.
+
+        Returns:
+          How many rows were marked.
+        """
+        with self._deferred_lock:
+            owed, self._deferred = self._deferred, []
+        for start in range(0, len(owed), MARK_BATCH_SIZE):
+            batch = owed[start : start + MARK_BATCH_SIZE]
+            try:
+                self._mark(batch, set(batch), attempts=orm.outbox.c.attempts + 1)
+            except Exception:
+                with self._deferred_lock:
+                    self._deferred[:0] = owed[start:]
+                    del self._deferred[:-MAX_DEFERRED_MARKS]
+                raise
+        return len(owed)
 
     def publish_quietly(self, messages: Sequence[Outgoing]) -> None:
         """Publish rows right after the commit that wrote them; on failure leave them for the sweep."""
@@ -124,12 +196,15 @@ class OutboxRelay:
     def publish_committed(self, messages: Sequence[Outgoing]) -> int:
         """Publish rows this thread has just committed, as they were written, and mark the confirmed ones.
 
+        When marks are deferred (:meth:`defer_marks`), a batch confirmed whole is owed its
+        mark instead, for :meth:`mark_deferred`; a batch with a row unconfirmed is marked now.
+
         No lock and no read: only this thread knows of rows this young, since the sweep
         takes rows older than its interval. Should this publish outlast that interval (a
         stalled broker), a sweep may publish a row too; the consumers absorb the duplicate.
 
         Returns:
-          How many rows were published and marked sent.
+          How many rows were published and marked sent (or owed their marks).
 
         Raises:
           UnconfirmedPublish: some were not confirmed; they stay unsent, for the sweep.
@@ -140,7 +215,11 @@ class OutboxRelay:
             confirmed = self.publisher.publish_batch(batch)
             crash_point("relay_after_publish")  # confirmed but not yet marked: resent later
             ids = [message.message_id for message in batch]
-            self._mark(ids, confirmed, attempts=orm.outbox.c.attempts + 1)
+            if self._deferring and len(confirmed) == len(ids):
+                with self._deferred_lock:
+                    self._deferred.extend(ids)
+            else:
+                self._mark(ids, confirmed, attempts=orm.outbox.c.attempts + 1)
             published += _count_or_raise(ids, confirmed)
         return published
 

@@ -313,10 +313,33 @@ def _placeholders(names: Sequence[str], prefix: str) -> str:
     return ", ".join(f":{prefix}{name}" for name in names)
 
 
+def _values_sql(
+    table: sa.Table, columns: Sequence[str], rows: int, prefix: str
+) -> tuple[str, list[sa.BindParameter[Any]]]:
+    """``INSERT INTO table (columns) VALUES (...), ...`` for ``rows`` rows, binds named ``<prefix><i>_<column>``."""
+    values = ", ".join(f"({_placeholders(columns, f'{prefix}{i}_')})" for i in range(rows))
+    binds = [bind for i in range(rows) for bind in _binds(table, columns, f"{prefix}{i}_")]
+    return f"INSERT INTO {table.name} ({', '.join(columns)}) VALUES {values}", binds  # noqa: S608 - names only
+
+
+def rows_parameters(rows: Iterable[object], columns: Sequence[str], prefix: str) -> Values:
+    """The parameters of a :func:`_values_sql` statement: each row's attribute per column."""
+    return {f"{prefix}{i}_{name}": getattr(row, name) for i, row in enumerate(rows) for name in columns}
+
+
+@functools.lru_cache(maxsize=256)
+def insert_rows(table: sa.Table, columns: tuple[str, ...], rows: int, prefix: str = "v") -> sa.TextClause:
+    """One statement that inserts ``rows`` rows into ``table``; built once per shape.
+
+    Plain SQL from the table's column names: SQLAlchemy compiles a multi-row VALUES
+    afresh on every execution, a text clause once.
+    """
+    sql, binds = _values_sql(table, columns, rows, prefix)
+    return sa.text(sql).bindparams(*binds)
+
+
 def _audit_sql(entries: int) -> tuple[str, list[sa.BindParameter[Any]]]:
-    rows = ", ".join(f"({_placeholders(_AUDIT_COLUMNS, f'a{i}_')})" for i in range(entries))
-    binds = [bind for i in range(entries) for bind in _binds(_audit, _AUDIT_COLUMNS, f"a{i}_")]
-    return f"INSERT INTO audit_log ({', '.join(_AUDIT_COLUMNS)}) VALUES {rows}", binds  # noqa: S608 - column names only
+    return _values_sql(_audit, _AUDIT_COLUMNS, entries, "a")
 
 
 @functools.cache
@@ -341,10 +364,8 @@ def _write_statement(kind: str, entries: int, postgres: bool) -> sa.TextClause:
     return sa.text(write).bindparams(*binds)
 
 
-@functools.cache
 def _audit_statement(entries: int) -> sa.TextClause:
-    audit, binds = _audit_sql(entries)
-    return sa.text(audit).bindparams(*binds)
+    return insert_rows(_audit, _AUDIT_COLUMNS, entries, "a")
 
 
 class SqlRequestRepository:
@@ -465,9 +486,7 @@ class SqlRequestRepository:
 
 
 def _audit_parameters(entries: Iterable[AuditEntry]) -> Values:
-    return {
-        f"a{i}_{name}": getattr(entry, name) for i, entry in enumerate(entries) for name in _AUDIT_COLUMNS
-    }
+    return rows_parameters(entries, _AUDIT_COLUMNS, "a")
 
 
 # --- the catalogue -------------------------------------------------------------------------------

@@ -110,6 +110,12 @@ class Settings(BaseSettings):
     outbox_sweep_seconds: float = Field(
         5.0, gt=0, description="How often workers republish unsent outbox rows."
     )
+    outbox_mark_seconds: float = Field(
+        0.1,
+        gt=0,
+        le=1.0,
+        description="How often workers mark the rows they published sent, all in one statement.",
+    )
     log_level: str = Field("INFO", description="Log level.")
     log_format: Literal["auto", "json", "console"] = Field(
         "auto", description="auto: console on a terminal, JSON otherwise."

@@ -99,6 +99,7 @@ class SqlUnitOfWork:
         self.decisions.flush()
         self.credentials.flush()
         self.notifications.flush()
+        self.outbox.flush()
 
     def _forget(self) -> None:
         for repository in (self.requests, self.decisions, self.credentials, self.notifications):

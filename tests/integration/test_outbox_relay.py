@@ -201,6 +201,75 @@ class TestAfterTheHandlersCommit:
         assert sorted(m.message_id for m in sweeper.batches[0]) == sorted(m.message_id for m in written[1:])
         assert all(r.sent for r in rows(engine, [m.message_id for m in written]).values())
 
+    def test_a_worker_pool_marks_many_commits_rows_with_one_statement_later(
+        self, engine: Engine, factory: sessionmaker[Session], observer: Engine
+    ) -> None:
+        # Given a relay that defers its marks, as a worker pool's does
+        relay = OutboxRelay(factory, FakeBroker(observer))
+        relay.defer_marks()
+        first, second = commit_rows(factory, 2), commit_rows(factory, 3)
+        ids = [m.message_id for m in (*first, *second)]
+        statements = Statements(engine)
+
+        # When it publishes two handlers' rows after their commits
+        with statements as seen:
+            relay.publish_quietly(first)
+            relay.publish_quietly(second)
+
+        # Then no statement ran for them: they are published, and owed their marks
+        assert seen == []
+        assert not any(r.sent for r in rows(engine, ids).values())
+
+        # And the next marking pass marks all five with one statement, counting each attempt
+        with statements as seen:
+            assert relay.mark_deferred() == 5
+            assert relay.mark_deferred() == 0  # nothing is owed twice
+        assert seen == ["UPDATE outbox"]
+        assert {(r.attempts, r.sent, r.claimed) for r in rows(engine, ids).values()} == {(1, True, False)}
+
+    def test_deferred_marks_outlast_a_database_that_refuses_them(
+        self, engine: Engine, factory: sessionmaker[Session], observer: Engine
+    ) -> None:
+        # Given rows published by a relay that defers its marks
+        relay = OutboxRelay(factory, FakeBroker(observer))
+        relay.defer_marks()
+        written = commit_rows(factory, 2)
+        relay.publish_quietly(written)
+        ids = [m.message_id for m in written]
+
+        # When the marking pass cannot reach the database
+        reachable = relay.engine
+        relay.engine = sa.create_engine(
+            "postgresql+psycopg://nobody@127.0.0.1:1/none",
+            poolclass=sa.pool.NullPool,
+            connect_args={"connect_timeout": 2},
+        )
+        with pytest.raises(sa.exc.OperationalError):
+            relay.mark_deferred()
+
+        # Then the rows stay owed, and the next pass that reaches it marks them
+        relay.engine = reachable
+        assert relay.mark_deferred() == 2
+        assert all(r.sent for r in rows(engine, ids).values())
+
+    def test_a_batch_the_broker_did_not_confirm_whole_is_marked_at_once_even_when_deferring(
+        self, engine: Engine, factory: sessionmaker[Session], observer: Engine
+    ) -> None:
+        # Given a relay that defers its marks, and a broker that confirms only the first row
+        written = commit_rows(factory, 2)
+        first = written[0].message_id
+        relay = OutboxRelay(factory, FakeBroker(observer, confirms=lambda m: m.message_id == first))
+        relay.defer_marks()
+
+        # When it publishes them
+        relay.publish_quietly(written)
+
+        # Then the confirmed row is marked now, and the other counted for the sweep; nothing is owed
+        found = rows(engine, [m.message_id for m in written])
+        assert {row_id for row_id, r in found.items() if r.sent} == {first}
+        assert {r.attempts for r in found.values()} == {1}
+        assert relay.mark_deferred() == 0
+
     def test_sends_events_to_portals_exactly_as_the_sweep_would(
         self, engine: Engine, factory: sessionmaker[Session], observer: Engine
     ) -> None:
