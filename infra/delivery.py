@@ -24,12 +24,23 @@ down or busy (a psycopg ``OperationalError``: refused connections, timeouts,
 deadlocks), is a :class:`~domain.errors.TransientError` (:func:`transient_database_error`):
 the message is retried with backoff, never dead-lettered at once. SQLAlchemy has
 already dropped the dead connection from the pool by then.
+
+The guard fails closed. dramatiq logs and ignores any exception a ``before_process_message``
+hook raises, other than a :class:`~dramatiq.middleware.MiddlewareError`, and then runs the
+message: a plain ``Retry``, or a statement the database refused, would let the message run
+unguarded. So every way the guard can fail is a ``MiddlewareError``: :class:`GuardRetry`
+for a passing failure, :class:`GuardFailed` for any other. dramatiq then does not run the
+message, and Retries sends it again with backoff, and dead-letters it once its retries
+are spent. A message whose id accessflow would never give (:func:`infra.envelope.is_message_id`)
+is refused before anything is written under that id: it is recorded in ``malformed_messages``
+with the reason and acknowledged, or, if that cannot be recorded, dead-lettered.
 """
 
 from __future__ import annotations
 
-import contextlib
+import json
 import threading
+import time
 from typing import Any
 
 import dramatiq
@@ -37,18 +48,38 @@ import psycopg
 import sqlalchemy as sa
 import structlog
 from dramatiq.errors import Retry
-from dramatiq.middleware import Middleware, SkipMessage
+from dramatiq.middleware import Middleware, MiddlewareError, SkipMessage
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session, sessionmaker
 
 from domain.errors import TransientError
 from domain.model import utcnow
 from infra import orm
+from infra.envelope import EXCERPT_CHARS, MESSAGE_ID_RULE, body_id, is_message_id, safe_text
 
 log = structlog.get_logger()
 
 #: The count a redelivered message starts at: its first run, which nobody counted, and this one.
 FIRST_REDELIVERY_COUNT = 2
+#: Seconds a suspect waits for its turn before it is retried with backoff, its worker thread
+#: freed for other messages. Well above a usual run, and below the default time limit (120 s),
+#: so a waiter gives up cleanly before TimeLimit interrupts it.
+SUSPECT_WAIT_SECONDS = 60.0
+#: Seconds of one wait for the turn: an exception raised into the waiting thread from outside
+#: (TimeLimit's) is delivered only between two waits, never inside one.
+WAIT_SLICE_SECONDS = 1.0
+
+
+class GuardRetry(MiddlewareError, Retry):
+    """The guard cannot let a message run yet; dramatiq does not run it, and Retries sends it again.
+
+    A ``MiddlewareError``, so that dramatiq's ``emit_before`` lets it through instead of
+    logging it and running the message; a ``Retry``, so that it is logged as one line.
+    """
+
+
+class GuardFailed(MiddlewareError):
+    """The guard failed unexpectedly; dramatiq does not run the message, and Retries sends it again."""
 
 
 def first_delivery(message: dramatiq.MessageProxy) -> bool:
@@ -136,42 +167,154 @@ def describe(exception: BaseException) -> str:
     return f"{type(exception).__name__}: {text}"[:500] if text else type(exception).__name__
 
 
+class SuspectTurn:
+    """The right to run as a suspect, which one thread of a process holds at a time.
+
+    Why not a lock: a thread that took a lock and then met an exception raised into it from
+    outside (TimeLimit's), or died, could leave it held forever, and every later suspect of
+    the process would wait for it. Here taking the turn and recording its holder are one
+    assignment, made under a short internal lock that is never held across I/O, so such an
+    exception lands before the turn is taken or after it is recorded, never between. The
+    holder gives it back from any of the message's end hooks, and again when it starts its
+    next message (a thread runs one message at a time, so its earlier run is over). A thread
+    that holds the turn and takes it again holds it once, not twice; a holder that has died
+    holds nothing. Every wait is bounded.
+    """
+
+    def __init__(self) -> None:
+        self._changed = threading.Condition(threading.Lock())
+        self._holder: threading.Thread | None = None
+
+    def take(self, timeout: float) -> bool:
+        """Take the turn for the calling thread, waiting at most ``timeout`` seconds; whether it did."""
+        me = threading.current_thread()
+        deadline = time.monotonic() + timeout
+        with self._changed:
+            while self._held_by_other(me):
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    return False
+                self._changed.wait(min(remaining, WAIT_SLICE_SECONDS))
+            self._holder = me
+        return True
+
+    def give_back(self) -> None:
+        """Give the turn back, if the calling thread holds it; otherwise do nothing."""
+        me = threading.current_thread()
+        with self._changed:
+            if self._holder is me:
+                self._holder = None
+                self._changed.notify()
+
+    def _held_by_other(self, me: threading.Thread) -> bool:
+        holder = self._holder
+        return holder is not None and holder is not me and holder.is_alive()
+
+
+def record_refused_id(session_factory: sessionmaker[Session], message: dramatiq.MessageProxy) -> str:
+    """Record ``message``, whose id is refused, in ``malformed_messages``; return the id it is kept under.
+
+    The id it is kept under is the SHA-256 of its own id, which is shown in the body
+    excerpt, as much of it as fits; a redelivery of it is recorded once.
+    """
+    shown_id = str(message.message_id)
+    kept_id = body_id(shown_id.encode("utf-8", errors="backslashreplace"))
+    try:
+        body = json.dumps(
+            {"message_id": shown_id[:EXCERPT_CHARS], "args": message.args, "kwargs": message.kwargs},
+            default=lambda value: f"<{type(value).__name__}>",
+            ensure_ascii=False,
+        )
+    except (ValueError, TypeError, RecursionError):  # a cycle, or an int too long to print
+        body = json.dumps({"message_id": shown_id[:EXCERPT_CHARS]}, ensure_ascii=False)
+    values = {
+        "message_id": kept_id,
+        "queue_name": safe_text(str(message.queue_name))[:200],
+        "actor_name": safe_text(str(message.actor_name))[:200],
+        "reason": MESSAGE_ID_RULE,
+        "body_excerpt": safe_text(body[: EXCERPT_CHARS * 2])[:EXCERPT_CHARS],
+        "received_at": utcnow(),
+        "sender": None,
+        "kind": "malformed",
+    }
+    with session_factory() as session, session.begin():
+        dialect = session.get_bind().dialect.name
+        insert = (postgresql.insert if dialect == "postgresql" else sqlite.insert)(orm.malformed_messages)
+        session.execute(
+            insert.values(**values).on_conflict_do_nothing(
+                index_elements=[orm.malformed_messages.c.message_id]
+            )
+        )
+    return kept_id
+
+
+def error_name(error: BaseException) -> str:
+    """The error's class, and its SQLSTATE if it has one; never its text, which may hold values."""
+    cause = error.orig if isinstance(error, sa.exc.DBAPIError) and error.orig is not None else error
+    sqlstate = getattr(cause, "sqlstate", None)
+    return f"{type(cause).__name__} {sqlstate}" if isinstance(sqlstate, str) else type(cause).__name__
+
+
 class DeliveryGuard(Middleware):
     """Dead-letters a message that keeps dying mid-run, and writes down why every dead letter is one.
 
     Must sit before Retries in the middleware list: its ``after_process_message`` then
     runs after Retries', when ``message.failed`` says whether the retries are spent.
+
+    Parameters:
+      session_factory: sessions on the database that holds the counters and dead letters.
+      max_deliveries: starts without a finish after which a message is dead-lettered.
+      suspect_wait_seconds: how long a suspect waits for its turn before it is retried.
     """
 
-    def __init__(self, session_factory: sessionmaker[Session], max_deliveries: int) -> None:
+    def __init__(
+        self,
+        session_factory: sessionmaker[Session],
+        max_deliveries: int,
+        *,
+        suspect_wait_seconds: float = SUSPECT_WAIT_SECONDS,
+    ) -> None:
         self.session_factory = session_factory
         self.max_deliveries = max_deliveries
+        self.suspect_wait_seconds = suspect_wait_seconds
         # Redelivered messages are suspects, and run one at a time: after a crash the poison and
         # its innocent neighbours come back together, and if they kept running side by side the
         # innocents would reach the limit with it. Each is counted only once its turn has come,
-        # so waiting behind the poison costs an innocent nothing. An RLock knows its owner, so a
-        # thread gives back only a lock it holds, even when an exception raised into it from
-        # outside (TimeLimit's) lands between acquire() and the next line.
-        self.suspects = threading.RLock()
+        # so waiting behind the poison costs an innocent nothing.
+        self.turn = SuspectTurn()
         self.local = threading.local()
 
     def before_process_message(self, broker: dramatiq.Broker, message: dramatiq.MessageProxy) -> None:
         self.local.counted = False
+        # This thread's earlier message is over, whether or not its end hooks ran to the end.
+        self.turn.give_back()
+        if not is_message_id(message.message_id):
+            self._refuse_id(message)
         if first_delivery(message):
-            return  # nothing can have started before: no row, no lock
-        self.suspects.acquire()
-        try:
-            attempts = count_start(
-                self.session_factory,
-                message.message_id,
-                message.actor_name,
-                first_count=FIRST_REDELIVERY_COUNT,
+            return  # nothing can have started before: no row, no turn
+        if not self.turn.take(self.suspect_wait_seconds):
+            raise GuardRetry(
+                f"another redelivered message has run for over {self.suspect_wait_seconds:g} s; "
+                "redelivered messages run one at a time"
             )
+        try:
+            self._count(message)
+        except MiddlewareError:
+            raise
         except Exception as error:
             transient = transient_database_error(error)
-            if transient is None:
-                raise
-            raise Retry(str(transient)) from None
+            if transient is not None:
+                raise GuardRetry(str(transient)) from None
+            log.error("delivery_guard.failed", queue=message.queue_name, error=error_name(error))
+            raise GuardFailed(f"the delivery guard failed: {error_name(error)}") from None
+
+    def _count(self, message: dramatiq.MessageProxy) -> None:
+        attempts = count_start(
+            self.session_factory,
+            message.message_id,
+            message.actor_name,
+            first_count=FIRST_REDELIVERY_COUNT,
+        )
         self.local.counted = True  # the run's end deletes the row
         if attempts > self.max_deliveries:
             reason = (
@@ -184,8 +327,22 @@ class DeliveryGuard(Middleware):
             message.fail()  # the consumer nacks it, and RabbitMQ moves it to <queue>.XQ
             raise SkipMessage(reason)
 
+    def _refuse_id(self, message: dramatiq.MessageProxy) -> None:
+        # The edge (infra.envelope) refuses such ids; this catches any other way in, before a
+        # counter or dead letter is written under an id that does not fit, or fits only cut short.
+        try:
+            kept_id = record_refused_id(self.session_factory, message)
+        except Exception as error:
+            log.warning("message.refusal_unrecorded", queue=message.queue_name, error=error_name(error))
+            message.fail()  # the consumer nacks it, and RabbitMQ moves it to <queue>.XQ
+        else:
+            log.warning(
+                "message.malformed", queue=message.queue_name, message_id=kept_id, reason=MESSAGE_ID_RULE
+            )
+        raise SkipMessage(MESSAGE_ID_RULE)
+
     def after_skip_message(self, broker: dramatiq.Broker, message: dramatiq.MessageProxy) -> None:
-        self._release()
+        self.turn.give_back()
 
     def after_process_message(
         self,
@@ -203,12 +360,7 @@ class DeliveryGuard(Middleware):
                 self.local.counted = False
                 forget(self.session_factory, message.message_id)
         finally:
-            self._release()
-
-    def _release(self) -> None:
-        # Only the thread that holds the lock can give it back; any other has nothing to release.
-        with contextlib.suppress(RuntimeError):
-            self.suspects.release()
+            self.turn.give_back()
 
     def _dead_letter(self, message: dramatiq.MessageProxy, reason: str) -> None:
         log.error("message.dead_lettered", queue=message.queue_name, actor=message.actor_name, reason=reason)

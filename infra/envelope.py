@@ -45,7 +45,15 @@ MAX_TIMESTAMP_MS = 2**63 - 1
 FIELDS = ("queue_name", "actor_name", "args", "kwargs", "options", "message_id", "message_timestamp")
 DELAY_SUFFIX = ".DQ"
 
-MESSAGE_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:-]{0,127}")
+#: Characters in a message id: room for any UUID or hash id, and within the 200 of every
+#: ``message_id`` column, so that an id this module accepts can always be stored.
+MAX_MESSAGE_ID_CHARS = 128
+MESSAGE_ID = re.compile(rf"[A-Za-z0-9][A-Za-z0-9._:-]{{0,{MAX_MESSAGE_ID_CHARS - 1}}}")
+#: Why an id is refused, as the refusal says it.
+MESSAGE_ID_RULE = (
+    f"message_id must be 1 to {MAX_MESSAGE_ID_CHARS} characters of A-Z a-z 0-9 . _ : -, "
+    "starting with a letter or digit"
+)
 # A JSON string, escapes included; unrolled so that it runs in linear time.
 _JSON_STRING = re.compile(rb'"[^"\\]*(?:\\.[^"\\]*)*"', re.DOTALL)
 # Bytes that open or close a level, and everything else, which the depth scan deletes.
@@ -214,7 +222,7 @@ def nesting_depth(body: bytes) -> int:
 
 
 def is_message_id(value: object) -> bool:
-    """Whether ``value`` is an id accessflow uses to name a message: 1-128 of [A-Za-z0-9._:-]."""
+    """Whether ``value`` is an id accessflow uses to name a message: see :data:`MESSAGE_ID_RULE`."""
     return isinstance(value, str) and MESSAGE_ID.fullmatch(value) is not None
 
 
@@ -252,9 +260,7 @@ def _envelope_problem(
     if queue_name != delivered_on:
         return f"queue_name {_show(queue_name)} is not the queue it was delivered on ({delivered_on})"
     if not is_message_id(fields["message_id"]):
-        return (
-            "message_id must be 1 to 128 characters of A-Z a-z 0-9 . _ : -, starting with a letter or digit"
-        )
+        return MESSAGE_ID_RULE
     actor_name = fields["actor_name"]
     if not isinstance(actor_name, str):
         return f"actor_name must be a string, not {_json_type(actor_name)}"

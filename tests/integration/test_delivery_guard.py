@@ -24,7 +24,7 @@ from sqlalchemy.orm import sessionmaker
 from infra import orm
 from infra.bootstrap import Services, create_engine
 from infra.broker import EnvelopeConsumer, QuorumRabbitmqBroker, make_broker
-from infra.delivery import DeliveryGuard, first_delivery
+from infra.delivery import DeliveryGuard, SuspectTurn, first_delivery
 from infra.settings import Settings
 from messages.routes import ROUTES, SUBMIT
 from tests import services as svc
@@ -77,13 +77,13 @@ def guard_of(services: Services) -> DeliveryGuard:
 
 
 def lock_is_free(guard: DeliveryGuard) -> bool:
-    """Whether another thread could take the suspects' lock now (it gives it back at once)."""
+    """Whether another thread could take the suspects' turn now (it gives it back at once)."""
     outcome: list[bool] = []
 
     def attempt() -> None:
-        taken = guard.suspects.acquire(blocking=False)
+        taken = guard.turn.take(timeout=0)
         if taken:
-            guard.suspects.release()
+            guard.turn.give_back()
         outcome.append(taken)
 
     thread = threading.Thread(target=attempt)
@@ -206,25 +206,24 @@ class TestSuspects:
         guard = guard_of(services)
         running, waiting = delivery(redelivered=True), delivery(redelivered=True)
         guard.before_process_message(services.broker, running)
-        asked = threading.Event()
-        lock = guard.suspects
+        asked, this_thread = threading.Event(), threading.current_thread()
 
-        class Observed:
-            """The guard's lock, telling the test when the waiting thread asks for it."""
+        class Observed(SuspectTurn):
+            """The guard's turn, telling the test when the waiting thread asks for it."""
 
-            def acquire(self) -> bool:
-                asked.set()
-                return lock.acquire()
+            def take(self, timeout: float) -> bool:
+                if threading.current_thread() is not this_thread:
+                    asked.set()
+                return super().take(timeout)
 
-            def release(self) -> None:
-                lock.release()
-
-        guard.suspects = Observed()  # type: ignore[assignment]
+        observed = Observed()
+        observed.take(timeout=0)  # held by this thread, as the first message's run holds it
+        guard.turn = observed
         second = threading.Thread(target=guard.before_process_message, args=(services.broker, waiting))
         second.start()
         asked.wait()
 
-        # When it is still waiting (the first holds the lock: it cannot have got further)
+        # When it is still waiting (the first holds the turn: it cannot have got further)
         # Then it has not been counted: if the first killed the process now, it would lose nothing
         assert attempts(services, waiting.message_id) is None
 
@@ -232,7 +231,7 @@ class TestSuspects:
         guard.after_process_message(services.broker, running, result=None)
         second.join()
         assert attempts(services, waiting.message_id) == 2
-        # (the second now holds the lock, on its own thread; a new guard plays the next process)
+        # (the second held the turn on its own thread, which has ended; a new guard plays the next process)
 
     def test_a_dead_lettered_suspect_gives_the_lock_back(self, services: Services) -> None:
         # Given a redelivered message that has already started as often as it may
