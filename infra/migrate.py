@@ -1,13 +1,52 @@
-"""Runs the Alembic migrations that ship inside the package."""
+"""Runs the Alembic migrations that ship inside the package.
+
+Two ``accessflow db upgrade`` at once (two deploy jobs, an init container per replica)
+would both read the same current revision and run the same DDL, and the slower one
+fails halfway, or records a revision twice. On PostgreSQL every run therefore holds a
+session-level advisory lock for as long as it migrates (:func:`migration_lock`): the
+second run waits, then finds the schema at head and does nothing. SQLite, the demo's
+one-process database, needs none.
+"""
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
+import sqlalchemy as sa
 from alembic import command
 from alembic.config import Config
 
 MIGRATIONS = Path(__file__).parent / "migrations"
+#: The advisory lock key every migration run holds on PostgreSQL: fixed, so that all runs agree,
+#: and unusual ("accessmi" in ASCII), so that no other application sharing the database picks it.
+MIGRATION_LOCK_KEY = 0x61636365_73736D69
+
+
+@contextmanager
+def migration_lock(connection: sa.Connection) -> Iterator[None]:
+    """Hold PostgreSQL's advisory lock :data:`MIGRATION_LOCK_KEY` on ``connection`` while in the block.
+
+    A session-level lock, not a transaction-level one: it outlives the transactions the
+    migrations commit, and it is released when the block ends, or when the connection
+    drops if the process dies. Waits as long as another run holds it (a migration may
+    take long, and a deploy that gave up would leave the schema behind its code). The
+    transaction that taking the lock began is committed before the block, so that
+    Alembic begins (and commits) its own. On any other database, nothing.
+    """
+    if connection.dialect.name != "postgresql":
+        yield
+        return
+    connection.execute(sa.text("SELECT pg_advisory_lock(:key)"), {"key": MIGRATION_LOCK_KEY})
+    connection.commit()
+    try:
+        yield
+    finally:
+        if connection.in_transaction():
+            connection.rollback()  # a failed migration; unlocking needs a usable transaction
+        connection.execute(sa.text("SELECT pg_advisory_unlock(:key)"), {"key": MIGRATION_LOCK_KEY})
+        connection.commit()
 
 
 def alembic_config(database_url: str) -> Config:
@@ -18,8 +57,20 @@ def alembic_config(database_url: str) -> Config:
     return config
 
 
-def upgrade(database_url: str, revision: str = "head") -> None:
-    command.upgrade(alembic_config(database_url), revision)
+def upgrade(
+    database_url: str, revision: str = "head", *, on_version_apply: Callable[..., None] | None = None
+) -> None:
+    """Migrate ``database_url`` to ``revision``, under :func:`migration_lock`.
+
+    Parameters:
+      on_version_apply: called by Alembic after each revision is applied (its keyword
+        arguments: ``ctx``, ``step``, ``heads``, ``run_args``), while the lock is held;
+        tests use it to look at the database mid-migration.
+    """
+    config = alembic_config(database_url)
+    if on_version_apply is not None:
+        config.attributes["on_version_apply"] = on_version_apply
+    command.upgrade(config, revision)
 
 
 def current(database_url: str) -> str | None:

@@ -6,6 +6,7 @@ from alembic import context
 
 from infra import orm
 from infra.bootstrap import create_engine
+from infra.migrate import migration_lock
 from infra.settings import Settings
 
 config = context.config
@@ -21,11 +22,14 @@ def run_migrations_offline() -> None:
 
 def run_migrations_online() -> None:
     engine = create_engine(settings)
-    with engine.connect() as connection:
+    # The lock is taken before Alembic reads the current revision: two runs at once must
+    # not both start from the same one (infra.migrate's docstring).
+    with engine.connect() as connection, migration_lock(connection):
         context.configure(
             connection=connection,
             target_metadata=orm.metadata,
             render_as_batch=connection.dialect.name == "sqlite",
+            on_version_apply=config.attributes.get("on_version_apply"),
         )
         with context.begin_transaction():
             context.run_migrations()
