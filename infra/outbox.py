@@ -27,7 +27,7 @@ import threading
 import uuid
 from collections.abc import Sequence
 from datetime import datetime, timedelta
-from typing import Any, NamedTuple
+from typing import Any, Final, NamedTuple
 
 import sqlalchemy as sa
 import structlog
@@ -178,7 +178,7 @@ class OutboxRelay:
         for start in range(0, len(owed), MARK_BATCH_SIZE):
             batch = owed[start : start + MARK_BATCH_SIZE]
             try:
-                self._mark(batch, set(batch), attempts=orm.outbox.c.attempts + 1)
+                self._mark_published(batch)
             except Exception:
                 with self._deferred_lock:
                     self._deferred[:0] = owed[start:]
@@ -215,11 +215,13 @@ class OutboxRelay:
             confirmed = self.publisher.publish_batch(batch)
             crash_point("relay_after_publish")  # confirmed but not yet marked: resent later
             ids = [message.message_id for message in batch]
-            if self._deferring and len(confirmed) == len(ids):
+            if len(confirmed) < len(ids):
+                self._mark(ids, confirmed, attempts=orm.outbox.c.attempts + 1)
+            elif self._deferring:
                 with self._deferred_lock:
                     self._deferred.extend(ids)
             else:
-                self._mark(ids, confirmed, attempts=orm.outbox.c.attempts + 1)
+                self._mark_published(ids)
             published += _count_or_raise(ids, confirmed)
         return published
 
@@ -296,6 +298,14 @@ class OutboxRelay:
         rows.sort(key=lambda row: row.created_at)  # RETURNING keeps no order; publish oldest first
         return claimed_until, rows
 
+    def _mark_published(self, ids: list[str]) -> None:
+        """Mark rows published after their commit sent, counting the attempt: the usual mark.
+
+        One statement, built once for any number of rows.
+        """
+        with self.engine.connect() as connection:
+            connection.execute(_MARK_PUBLISHED, {"ids": ids, "now": utcnow()})
+
     def _mark(self, ids: list[str], confirmed: set[str], **values: sa.ColumnElement[Any]) -> None:
         """Mark the confirmed ones of ``ids`` sent, and set ``values`` on all of them: one statement."""
         c = orm.outbox.c
@@ -308,6 +318,16 @@ class OutboxRelay:
             values["sent_at"] = sa.case((c.id.in_(sent), sent_at), else_=c.sent_at)
         with self.engine.connect() as connection:
             connection.execute(orm.outbox.update().where(c.id.in_(ids)).values(**values))
+
+
+_MARK_PUBLISHED: Final = (
+    orm.outbox.update()
+    .where(orm.outbox.c.id.in_(sa.bindparam("ids", expanding=True)))
+    .values(
+        sent_at=sa.func.coalesce(orm.outbox.c.sent_at, sa.bindparam("now", type_=orm.Timestamp)),
+        attempts=orm.outbox.c.attempts + 1,
+    )
+)
 
 
 def _count_or_raise(ids: list[str], confirmed: set[str]) -> int:

@@ -638,6 +638,11 @@ _UPDATE_CREDENTIAL: Final = (
 )
 
 
+_CREDENTIAL_OF_REQUEST: Final = sa.select(_credentials).where(
+    _credentials.c.request_id == sa.bindparam("request_id")
+)
+
+
 def _credential_of(row: Row[Any]) -> Credential:
     return Credential(**{name: getattr(row, name) for name in _CREDENTIAL_COLUMNS})
 
@@ -701,14 +706,14 @@ class SqlCredentialRepository:
     def add(self, credential: Credential) -> None:
         self._added.append(credential)
 
-    def _load(self, query: sa.Select[Any]) -> list[Credential]:
-        return self._loaded.load(self.session.connection().execute(query))
+    def _load(self, query: sa.Select[Any], parameters: Mapping[str, Any] | None = None) -> list[Credential]:
+        return self._loaded.load(self.session.connection().execute(query, parameters))
 
     def for_request(self, request_id: str) -> Credential | None:
         for credential in self._added:
             if credential.request_id == request_id:
                 return credential
-        found = self._load(sa.select(_credentials).where(_credentials.c.request_id == request_id))
+        found = self._load(_CREDENTIAL_OF_REQUEST, {"request_id": request_id})
         return found[0] if found else None
 
     def for_app(self, app_id: str, *, for_update: bool = False) -> list[Credential]:
