@@ -623,10 +623,18 @@ def dlq_list(queue: str | None, as_json: bool) -> None:
     from infra import dead_letters
 
     with _services() as services:
+        settings = services.settings
         letters = [
             letter
-            for xq in _xq_names(services.settings, queue)
-            for letter in dead_letters.peek(services.settings.broker_url, services.session_factory, xq)
+            for xq in _xq_names(settings, queue)
+            for letter in dead_letters.peek(
+                settings.broker_url,
+                services.session_factory,
+                xq,
+                # Whose headers to believe, and how the consumer read a refusal: as for a replay.
+                internal_senders=settings.internal_users(),
+                external_queues=[r.queue_name(settings.queue_prefix) for r in ROUTES if r.external],
+            )
         ]
     if as_json:
         _echo_json([dataclasses.asdict(letter) for letter in letters])

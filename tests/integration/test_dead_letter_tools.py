@@ -102,7 +102,7 @@ class TestListing:
             for text in (shown.reason, shown.body_excerpt, shown.actor_name or ""):
                 text.encode("utf-8")  # no lone surrogate
                 assert "\x00" not in text
-        assert letters[5].reason == "rejected by the broker (rejected \\x00)"
+        assert letters[5].reason == "dead-lettered by the broker (rejected \\x00)"
         assert svc.queue_depth(url, f"{requests}.XQ") == len(HOSTILE)
 
 
