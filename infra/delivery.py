@@ -66,7 +66,7 @@ FIRST_REDELIVERY_COUNT = 2
 #: so a waiter gives up cleanly before TimeLimit interrupts it.
 SUSPECT_WAIT_SECONDS = 60.0
 #: Seconds of one wait for the turn: an exception raised into the waiting thread from outside
-#: (TimeLimit's) is delivered only between two waits, never inside one.
+#: (TimeLimit's) is delivered only between two waits, and a holder's death is noticed after one.
 WAIT_SLICE_SECONDS = 1.0
 
 
@@ -173,27 +173,31 @@ class SuspectTurn:
     Why not a lock: a thread that took a lock and then met an exception raised into it from
     outside (TimeLimit's), or died, could leave it held forever, and every later suspect of
     the process would wait for it. Here taking the turn and recording its holder are one
-    assignment, made under a short internal lock that is never held across I/O, so such an
-    exception lands before the turn is taken or after it is recorded, never between. The
-    holder gives it back from any of the message's end hooks, and again when it starts its
-    next message (a thread runs one message at a time, so its earlier run is over). A thread
-    that holds the turn and takes it again holds it once, not twice; a holder that has died
-    holds nothing. Every wait is bounded.
+    assignment, made under a short internal lock, so such an exception lands before the turn
+    is taken or after it is recorded, never between. The internal lock is a C lock entered
+    with ``with``, never held across I/O: CPython delivers such an exception only at a call,
+    a function's start or a loop's jump, never between a C lock's ``__enter__`` and the
+    block that ``__exit__`` guards. The holder gives the turn back from any of the message's
+    end hooks, and again when it starts its next message (a thread runs one message at a
+    time, so its earlier run is over). A thread that holds the turn and takes it again holds
+    it once, not twice; a holder that has died holds nothing. Every wait is bounded.
     """
 
     def __init__(self) -> None:
-        self._changed = threading.Condition(threading.Lock())
+        self._lock = threading.Lock()
+        self._changed = threading.Condition(self._lock)
         self._holder: threading.Thread | None = None
 
     def take(self, timeout: float) -> bool:
         """Take the turn for the calling thread, waiting at most ``timeout`` seconds; whether it did."""
         me = threading.current_thread()
         deadline = time.monotonic() + timeout
-        with self._changed:
+        with self._lock:
             while self._held_by_other(me):
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
                     return False
+                # In slices: a holder that dies without giving the turn back notifies nobody.
                 self._changed.wait(min(remaining, WAIT_SLICE_SECONDS))
             self._holder = me
         return True
@@ -201,7 +205,7 @@ class SuspectTurn:
     def give_back(self) -> None:
         """Give the turn back, if the calling thread holds it; otherwise do nothing."""
         me = threading.current_thread()
-        with self._changed:
+        with self._lock:
             if self._holder is me:
                 self._holder = None
                 self._changed.notify()
@@ -286,6 +290,19 @@ class DeliveryGuard(Middleware):
 
     def before_process_message(self, broker: dramatiq.Broker, message: dramatiq.MessageProxy) -> None:
         self.local.counted = False
+        try:
+            self._admit(message)
+        except MiddlewareError:
+            raise  # dramatiq acts on these: a skip, or no run and a retry
+        except Exception as error:
+            # Anything else, dramatiq would log and then run the message unguarded.
+            transient = transient_database_error(error)
+            if transient is not None:
+                raise GuardRetry(str(transient)) from None
+            log.error("delivery_guard.failed", queue=message.queue_name, error=error_name(error))
+            raise GuardFailed(f"the delivery guard failed: {error_name(error)}") from None
+
+    def _admit(self, message: dramatiq.MessageProxy) -> None:
         # This thread's earlier message is over, whether or not its end hooks ran to the end.
         self.turn.give_back()
         if not is_message_id(message.message_id):
@@ -297,16 +314,7 @@ class DeliveryGuard(Middleware):
                 f"another redelivered message has run for over {self.suspect_wait_seconds:g} s; "
                 "redelivered messages run one at a time"
             )
-        try:
-            self._count(message)
-        except MiddlewareError:
-            raise
-        except Exception as error:
-            transient = transient_database_error(error)
-            if transient is not None:
-                raise GuardRetry(str(transient)) from None
-            log.error("delivery_guard.failed", queue=message.queue_name, error=error_name(error))
-            raise GuardFailed(f"the delivery guard failed: {error_name(error)}") from None
+        self._count(message)
 
     def _count(self, message: dramatiq.MessageProxy) -> None:
         attempts = count_start(
