@@ -619,7 +619,7 @@ def _xq_names(settings: Settings, queue: str | None) -> list[str]:
 @click.option("--queue", "-Q", type=click.Choice(QUEUE_CHOICES), default=None, help="Only this queue's DLQ.")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 def dlq_list(queue: str | None, as_json: bool) -> None:
-    """Show every dead-lettered message with its reason, leaving the queues untouched."""
+    """Show every dead-lettered message with its reason; each stays in its queue, in order, uncounted."""
     from infra import dead_letters
 
     with _services() as services:
