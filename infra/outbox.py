@@ -40,7 +40,7 @@ from domain.model import utcnow
 from infra import orm
 from infra.broker import Outgoing, Publisher
 from infra.faults import crash_point
-from infra.repositories import insert_rows, rows_parameters
+from infra.repositories import insert_rows, rows_parameters, run
 from infra.topology import Topology
 from messages.events import RequestEvent
 from messages.routes import route_for_command
@@ -115,7 +115,8 @@ class SqlOutbox:
             )
             for i, m in enumerate(self.added)
         ]
-        self.session.connection().execute(
+        run(
+            self.session,
             insert_rows(orm.outbox, _OutboxRow._fields, len(rows), "o"),
             rows_parameters(rows, _OutboxRow._fields, "o"),
         )
