@@ -80,8 +80,10 @@ def create_engine(settings: Settings) -> Engine:
         engine = sa.create_engine(
             url,
             connect_args=connect_args,
-            pool_size=5,
-            max_overflow=5,
+            # Sized to the threads that use it: a connection beyond pool_size is closed when it
+            # is returned, and a process that needs more than that connects anew all the time.
+            pool_size=settings.db_pool_size,
+            max_overflow=max(4, settings.db_pool_size // 2),
             pool_recycle=POOL_RECYCLE_SECONDS,
         )
         sa.event.listen(engine, "checkout", _refuse_if_hung_up)

@@ -22,6 +22,12 @@ class Settings(BaseSettings):
     db_statement_timeout_ms: int = Field(
         15_000, ge=100, description="PostgreSQL statement_timeout per session."
     )
+    db_pool_size: int = Field(
+        12,
+        ge=1,
+        description="Database connections a process keeps open: at least a worker's threads plus 2 "
+        "(the outbox's sweep and marks), or connections are opened and closed per message.",
+    )
     broker_url: str = Field(
         "amqp://guest:guest@127.0.0.1:5672/%2F",
         description="AMQP URL of RabbitMQ, or stub:// for the in-memory broker.",
