@@ -122,6 +122,13 @@ class Settings(BaseSettings):
         le=1.0,
         description="How often workers mark the rows they published sent, all in one statement.",
     )
+    gil_switch_interval_ms: float = Field(
+        5.0,
+        gt=0,
+        le=100,
+        description="Python's thread switch interval in worker processes (sys.setswitchinterval): "
+        "lower trades throughput for latency under load.",
+    )
     log_level: str = Field("INFO", description="Log level.")
     log_format: Literal["auto", "json", "console"] = Field(
         "auto", description="auto: console on a terminal, JSON otherwise."
