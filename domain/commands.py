@@ -70,3 +70,13 @@ class IssueCredentials(Command):
 class SendNotification(Command):
     request_id: str
     kind: NotificationKind
+
+
+@dataclass(frozen=True)
+class RetryProvisioning(Command):
+    """An operator's retry of a request whose provisioning failed; given on the deployment, by the CLI."""
+
+    request_id: str
+    #: Who asked: their login on the machine the CLI ran on.
+    operator: str
+    reason: str

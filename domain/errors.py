@@ -8,6 +8,7 @@
      +-- NotFound               a referenced row does not exist
      +-- TransientError         a dependency failed; retrying may succeed
      +-- PermanentDeliveryError a dependency refused for good; never retried
+     +-- IssuerRefused          the credential issuer refused for good; the request fails provisioning
  +-- Unauthorized           a party said something it may not say; recorded, never retried
 """
 
@@ -40,6 +41,17 @@ class TransientError(AccessflowError):
 
 class PermanentDeliveryError(AccessflowError):
     """A dependency refused in a way no retry can fix (SMTP 5xx); recorded, never retried."""
+
+
+class IssuerRefused(AccessflowError):
+    """The credential issuer (a gateway, an identity provider) refused in a way no retry can fix.
+
+    The request moves to ``provisioning_failed`` with ``reason``, for an operator to retry.
+    """
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
 
 
 class Unauthorized(AccessflowError):

@@ -43,6 +43,11 @@ class CredentialsProvisioned(Event):
 
 
 @dataclass(frozen=True)
+class ProvisioningFailed(Event):
+    reason: str
+
+
+@dataclass(frozen=True)
 class PortalEvent:
     """What the owning portal is told about its request, in order, through the outbox.
 
@@ -55,7 +60,7 @@ class PortalEvent:
     request_id: str
     sequence: int
     #: access_request.submitted, .pending_review, .approved, .rejected, .invalid, .provisioned,
-    #: or credentials.issued
+    #: .provisioning_failed, or credentials.issued
     name: str
     status: str
     reason: str

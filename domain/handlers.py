@@ -13,7 +13,14 @@ from collections.abc import Callable, Iterable, Mapping
 from datetime import datetime, timedelta
 
 from domain import commands, events
-from domain.errors import NotFound, PermanentDeliveryError, TransientError, Unauthorized
+from domain.errors import (
+    IllegalTransition,
+    IssuerRefused,
+    NotFound,
+    PermanentDeliveryError,
+    TransientError,
+    Unauthorized,
+)
 from domain.model import (
     AccessRequest,
     App,
@@ -70,6 +77,7 @@ PORTAL_EVENTS: dict[type[events.Event], tuple[str, Status]] = {
     events.RequestRejected: ("access_request.rejected", Status.REJECTED),
     events.RequestInvalidated: ("access_request.invalid", Status.INVALID),
     events.CredentialsProvisioned: ("access_request.provisioned", Status.PROVISIONED),
+    events.ProvisioningFailed: ("access_request.provisioning_failed", Status.PROVISIONING_FAILED),
 }
 
 
@@ -169,19 +177,31 @@ def route_request(
             app_id=command.app_id,
         )
         request.route(catalogue)
-        if request.status is not Status.INVALID and request.app_id is None:
-            app = App(
-                id=derived_id("app", request.id),
-                consumer_id=request.consumer_id,
-                name=command.new_app_name or "",
-                description=command.new_app_description or "",
-            )
-            uow.catalogue.add_app(app)
-            request.app_id = app.id
+        if request.status is Status.APPROVED:
+            _provide_app(uow, request)
         uow.requests.add(request)
         _queue_follow_ups(uow, request)
         uow.commit()
         return request.status
+
+
+def _provide_app(uow: UnitOfWork, request: AccessRequest) -> None:
+    """Create the new app a request asked for, as it is approved: a rejected or invalid request leaves none.
+
+    Its id derives from the request's, so a redelivery, or an approval after a retry,
+    finds the same app.
+    """
+    if request.app_id is not None:
+        return
+    app = App(
+        id=derived_id("app", request.id),
+        consumer_id=request.consumer_id,
+        name=request.new_app_name or "",
+        description=request.new_app_description or "",
+    )
+    if uow.catalogue.app(app.id) is None:
+        uow.catalogue.add_app(app)
+    request.app_id = app.id
 
 
 def _refusal(
@@ -252,6 +272,7 @@ def decide(
             outcome, why = DecisionOutcome.IGNORED, f"request is {request.status.value}, not pending review"
         elif command.approve:
             request.approve(admin_id=command.admin_id, reason=command.reason)
+            _provide_app(uow, request)
         else:
             request.reject(admin_id=command.admin_id, reason=command.reason)
         admin_email = command.admin_email or (uow.admin_keys.admin_email(command.admin_id) or "")
@@ -297,16 +318,21 @@ def issue_credentials(
             log.info("no credentials to issue for %s (%s)", command.request_id, request and request.status)
             return None
         plan = uow.catalogue.plan(request.plan_id)
-        if plan is None:  # removed from the catalogue after approval: retries, then the dead-letter queue
-            raise NotFound(f"plan {request.plan_id!r} of approved request {request.id} no longer exists")
-        assert request.app_id is not None and request.auth_method is not None  # set by routing
+        if plan is None:  # removed from the catalogue after approval: no retry brings it back
+            _fail_provisioning(uow, request, f"plan {request.plan_id!r} no longer exists")
+            return None
+        assert request.app_id is not None and request.auth_method is not None  # set on approval
         portal = uow.portals.get(request.portal_id) if request.portal_id else None
         existing = uow.credentials.for_request(request.id)
         delivery: Mapping[str, str] | None = None
         if existing is not None:  # issued before a crash, state not yet moved
             credential = existing
         else:
-            issued = issuer.issue(request.auth_method)
+            try:
+                issued = issuer.issue(request.auth_method)
+            except IssuerRefused as refused:
+                _fail_provisioning(uow, request, f"the credential issuer refused: {refused.reason}")
+                return None
             if portal is not None:
                 delivery = portal_sealer.seal_to(portal.public_key, issued.secret)
             credential = Credential(
@@ -330,6 +356,38 @@ def issue_credentials(
         _queue_follow_ups(uow, request)
         uow.commit()
         return credential
+
+
+def _fail_provisioning(uow: UnitOfWork, request: AccessRequest, reason: str) -> None:
+    """End an approved request in ``provisioning_failed``, told to its portal; the message is done."""
+    request.fail_provisioning(reason)
+    _queue_follow_ups(uow, request)
+    uow.commit()
+    log.warning("provisioning of %s failed: %s", request.id, reason)
+
+
+def retry_provisioning(command: commands.RetryProvisioning, *, uow: UnitOfWork) -> Status:
+    """Approve again a request whose provisioning failed, so that its credential is issued anew.
+
+    Returns:
+      The request's status afterwards: ``approved`` when retried.
+
+    Raises:
+      NotFound: there is no such request.
+      IllegalTransition: its provisioning has not failed (it is pending, provisioned...).
+    """
+    with uow:
+        request = uow.requests.get(command.request_id, for_update=True)
+        if request is None:
+            raise NotFound(f"no request {command.request_id!r}")
+        if request.status is not Status.PROVISIONING_FAILED:
+            raise IllegalTransition(
+                f"request {request.id} is {request.status.value}: only a failed provisioning is retried"
+            )
+        request.retry_provisioning(operator=command.operator, reason=command.reason)
+        _queue_follow_ups(uow, request)
+        uow.commit()
+        return request.status
 
 
 def _issued_details(credential: Credential, sealed_secret: Mapping[str, str]) -> dict[str, object]:

@@ -41,6 +41,9 @@ class Status(enum.StrEnum):
     PROVISIONED = "provisioned"
     REJECTED = "rejected"
     INVALID = "invalid"
+    #: Approved, but no credential could be issued (the plan is gone, the issuer refused for
+    #: good); waits for an operator, who fixes the cause and retries (``requests retry``).
+    PROVISIONING_FAILED = "provisioning_failed"
 
     @property
     def is_final(self) -> bool:
@@ -53,7 +56,8 @@ FINAL_STATUSES = frozenset({Status.PROVISIONED, Status.REJECTED, Status.INVALID}
 ALLOWED_TRANSITIONS: dict[Status, frozenset[Status]] = {
     Status.SUBMITTED: frozenset({Status.INVALID, Status.PENDING_REVIEW, Status.APPROVED}),
     Status.PENDING_REVIEW: frozenset({Status.APPROVED, Status.REJECTED}),
-    Status.APPROVED: frozenset({Status.PROVISIONED}),
+    Status.APPROVED: frozenset({Status.PROVISIONED, Status.PROVISIONING_FAILED}),
+    Status.PROVISIONING_FAILED: frozenset({Status.APPROVED}),
     Status.PROVISIONED: frozenset(),
     Status.REJECTED: frozenset(),
     Status.INVALID: frozenset(),
@@ -65,6 +69,8 @@ class ActorKind(enum.StrEnum):
 
     SYSTEM = "system"
     ADMIN = "admin"
+    #: Someone running accessflow's CLI on the deployment (a retry), named by their login.
+    OPERATOR = "operator"
 
 
 @dataclass
@@ -355,6 +361,16 @@ class AccessRequest:
     def reject(self, *, admin_id: str, reason: str) -> None:
         self._move(Status.REJECTED, actor_kind=ActorKind.ADMIN, actor_id=admin_id, reason=reason)
         self.events.append(events.RequestRejected(self.id, reason))
+
+    def fail_provisioning(self, reason: str) -> None:
+        """No credential can be issued; the request waits, visibly, for an operator's retry."""
+        self._move(Status.PROVISIONING_FAILED, actor_kind=ActorKind.SYSTEM, actor_id="issuer", reason=reason)
+        self.events.append(events.ProvisioningFailed(self.id, reason))
+
+    def retry_provisioning(self, *, operator: str, reason: str) -> None:
+        """Back to approved, once the cause is fixed: the credential is issued again from there."""
+        self._move(Status.APPROVED, actor_kind=ActorKind.OPERATOR, actor_id=operator, reason=reason)
+        self.events.append(events.RequestApproved(self.id, automatically=False))
 
     def mark_provisioned(self, credential_id: str) -> None:
         self._move(

@@ -149,7 +149,11 @@ class IssuedSecret:
 
 
 class CredentialIssuer(Protocol):
-    """Makes credentials. A gateway or identity-provider adapter implements this port too."""
+    """Makes credentials. A gateway or identity-provider adapter implements this port too.
+
+    Raises :class:`~domain.errors.IssuerRefused` when it refuses for good, and
+    :class:`~domain.errors.TransientError` when a later attempt may succeed.
+    """
 
     def issue(self, kind: AuthMethod) -> IssuedSecret: ...
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import getpass
 import json
 import os
 import sys
@@ -14,6 +15,8 @@ from typing import Any
 import click
 from pydantic import ValidationError
 
+from domain import handlers
+from domain.commands import RetryProvisioning
 from domain.errors import AccessflowError
 from domain.model import AdminKey, DeliveryStatus, Status, utcnow
 from infra import catalogue_file, cli_broker, producer, signing
@@ -488,6 +491,34 @@ def requests_show(request_id: str, as_json: bool) -> None:
     if details["credential"]:
         c = details["credential"]
         click.echo(f"  credential {c['kind']} {c['public_id']}")
+
+
+@requests.command("retry")
+@click.argument("request_id")
+@click.option(
+    "--reason",
+    default="provisioning retried",
+    show_default=True,
+    help="Why, for the audit trail: what was fixed.",
+)
+def requests_retry(request_id: str, reason: str) -> None:
+    """Approve again a request whose provisioning failed, so that its credential is issued anew.
+
+    Fix the cause first (restore the plan, unblock the issuer): the request goes back to
+    approved, its portal is told, and the credentials worker issues the credential.
+    """
+    command = RetryProvisioning(request_id=request_id, operator=_operator(), reason=reason)
+    with _services() as services:
+        status = handlers.retry_provisioning(command, uow=services.uow())
+    click.echo(f"request {request_id}: {status.value}, its credential will be issued")
+
+
+def _operator() -> str:
+    """Who runs this command, for the audit trail: the login of the machine's user."""
+    try:
+        return getpass.getuser()
+    except (KeyError, OSError):  # no name for this uid (a container's arbitrary user)
+        return f"uid:{os.getuid()}"
 
 
 # --- credentials ------------------------------------------------------------------------------------

@@ -30,6 +30,7 @@ EventName = Literal[
     "access_request.rejected",
     "access_request.invalid",
     "access_request.provisioned",
+    "access_request.provisioning_failed",
     "credentials.issued",
 ]
 

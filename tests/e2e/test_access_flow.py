@@ -10,7 +10,8 @@ import pytest
 import sqlalchemy as sa
 from nacl.exceptions import CryptoError
 
-from domain.model import Status
+from domain.handlers import derived_id
+from domain.model import Plan, Status
 from infra import orm
 from infra.bootstrap import Services
 from infra.settings import Settings
@@ -386,3 +387,79 @@ class TestWorkerLogs:
         # And the secret appears in no log
         for log_file in worker_pools.glob("*.log"):
             assert secret not in log_file.read_text()
+
+
+class TestAProvisioningThatCannotSucceed:
+    def test_stops_visibly_and_an_operator_retries_it_once_the_cause_is_fixed(
+        self,
+        portal: PortalClient,
+        env: dict[str, str],
+        admin_env: dict[str, str],
+        services: Services,
+        smtp: svc.SmtpSink,
+        tmp_path: Path,
+    ) -> None:
+        # Given a manual plan of its own, and a request under it for a new app, waiting for review
+        plan = Plan(
+            id=f"pilot-{uuid.uuid4().hex[:8]}",
+            name="Pilot",
+            auto_approve=False,
+            rate_limit_per_minute=30,
+            monthly_quota=100,
+            product_ids=["payments"],
+        )
+        with services.uow() as uow:
+            uow.catalogue.upsert(plan)
+            uow.commit()
+        payload = request_payload(plan_id=plan.id, app_id=None, new_app={"name": "Acme Pilot"})
+        request_id = submit_file(portal, tmp_path, payload)
+        wait_for_status(services, request_id, Status.PENDING_REVIEW)
+        app_id = derived_id("app", request_id)
+        with services.uow() as uow:
+            assert uow.catalogue.app(app_id) is None  # no app before an approval
+
+        # When an operator deletes the plan, and then an admin approves the request
+        with services.engine.begin() as connection:
+            connection.execute(sa.delete(orm.plans).where(orm.plans.c.id == plan.id))
+        cli(admin_env, "decide", request_id, "approve", "--reason", "pilot agreed", "--admin", ADMIN_ID)
+
+        # Then it stops in provisioning_failed with the reason, listed, and its portal told
+        wait_for_status(services, request_id, Status.PROVISIONING_FAILED)
+        shown = json.loads(cli(env, "requests", "show", request_id, "--json").stdout)
+        assert (shown["status"], shown["reason"]) == (
+            "provisioning_failed",
+            f"plan {plan.id!r} no longer exists",
+        )
+        listed = json.loads(cli(env, "requests", "list", "--status", "provisioning_failed", "--json").stdout)
+        assert request_id in [r["id"] for r in listed]
+        svc.wait_until(
+            lambda: "access_request.provisioning_failed" in [e["event"] for e in portal.events(request_id)],
+            what="the portal to hear of the failure",
+        )
+        assert credentials_of(services, request_id) == []
+
+        # When the plan is back and an operator retries the request
+        with services.uow() as uow:
+            uow.catalogue.upsert(plan)
+            uow.commit()
+        retried = cli(env, "requests", "retry", request_id, "--reason", "plan restored")
+        assert "approved" in retried.stdout
+
+        # Then it is provisioned, under the app made at the approval, and the consumer gets one email
+        wait_for_status(services, request_id, Status.PROVISIONED)
+        wait_for_email(smtp, request_id, "approved")
+        [credential] = credentials_of(services, request_id)
+        assert (credential.app_id, credential.rate_limit_per_minute) == (app_id, 30)
+        assert audit_of(services, request_id) == [
+            (None, "submitted"),
+            ("submitted", "pending_review"),
+            ("pending_review", "approved"),
+            ("approved", "provisioning_failed"),
+            ("provisioning_failed", "approved"),
+            ("approved", "provisioned"),
+        ]
+        with services.uow() as uow:
+            request = uow.requests.get(request_id)
+            assert request is not None
+            retry = request.history[-2]
+            assert (retry.actor_kind.value, retry.reason) == ("operator", "plan restored")

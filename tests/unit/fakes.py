@@ -19,7 +19,7 @@ from types import TracebackType
 from typing import TYPE_CHECKING, Generic, Protocol, Self, TypeVar
 
 from domain.commands import Command, DecideRequest, RouteRequest, Signature
-from domain.errors import AccessflowError
+from domain.errors import AccessflowError, IssuerRefused
 from domain.events import PortalEvent
 from domain.model import (
     AccessRequest,
@@ -172,6 +172,10 @@ class FakeCatalogueRepository:
 
     def saved_app(self, app_id: str) -> App | None:
         return self._apps.rows.get(app_id)
+
+    def remove_plan(self, plan_id: str) -> None:
+        """An operator deleting a plan from the catalogue, outside any request's transaction."""
+        del self._plans.rows[plan_id]
 
     def saved_apps(self) -> list[App]:
         return list(self._apps.rows.values())
@@ -395,8 +399,12 @@ class FakeIssuer:
 
     def __init__(self) -> None:
         self.issued: list[IssuedSecret] = []
+        #: While set, the issuer refuses for good with this reason, as a gateway that says no.
+        self.refusal: str | None = None
 
     def issue(self, kind: AuthMethod) -> IssuedSecret:
+        if self.refusal is not None:
+            raise IssuerRefused(self.refusal)
         n = len(self.issued) + 1
         prefix = "key" if kind is AuthMethod.API_KEY else "client"
         secret = f"secret-{n}"

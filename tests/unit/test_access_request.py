@@ -66,11 +66,13 @@ def request_in(status: Status) -> AccessRequest:
         request = new_request()
         request.invalidate("unknown plan 'gold'")
         return request
-    if status in (Status.APPROVED, Status.PROVISIONED):
+    if status in (Status.APPROVED, Status.PROVISIONED, Status.PROVISIONING_FAILED):
         request = new_request(plan_id="free")
         request.route(catalogue_for(request))
         if status is Status.PROVISIONED:
             request.mark_provisioned("cred-1")
+        if status is Status.PROVISIONING_FAILED:
+            request.fail_provisioning("plan 'free' no longer exists")
         return request
     request = new_request(plan_id="partner")
     request.route(catalogue_for(request))
@@ -278,6 +280,45 @@ class TestTheAuditTrailHasOneEntryPerTransition:
         )
 
 
+class TestAFailedProvisioning:
+    def test_is_recorded_with_its_reason_and_told_as_an_event(self) -> None:
+        # Given an approved request
+        request = request_in(Status.APPROVED)
+        request.events.clear()
+
+        # When its credential cannot be issued
+        request.fail_provisioning("plan 'free' no longer exists")
+
+        # Then it waits in provisioning_failed, with the issuer as the actor and the cause as the reason
+        entry = request.history[-1]
+        assert (entry.from_status, entry.to_status) == (Status.APPROVED, Status.PROVISIONING_FAILED)
+        assert (entry.actor_kind, entry.actor_id, entry.reason) == (
+            ActorKind.SYSTEM,
+            "issuer",
+            "plan 'free' no longer exists",
+        )
+        assert request.events == [events.ProvisioningFailed(request.id, "plan 'free' no longer exists")]
+        assert not request.status.is_final
+
+    def test_a_retry_approves_it_again_in_the_operators_name(self) -> None:
+        # Given a request whose provisioning failed
+        request = request_in(Status.PROVISIONING_FAILED)
+        request.events.clear()
+
+        # When an operator retries it
+        request.retry_provisioning(operator="ops-alice", reason="plan restored")
+
+        # Then it is approved again, by the operator, and its credential will be issued anew
+        entry = request.history[-1]
+        assert (entry.from_status, entry.to_status) == (Status.PROVISIONING_FAILED, Status.APPROVED)
+        assert (entry.actor_kind, entry.actor_id, entry.reason) == (
+            ActorKind.OPERATOR,
+            "ops-alice",
+            "plan restored",
+        )
+        assert request.events == [events.RequestApproved(request.id, automatically=False)]
+
+
 # --- illegal transitions ---------------------------------------------------------------------------
 
 #: One way to ask a request to move to each state. No public operation leads back to
@@ -291,6 +332,7 @@ MOVES: dict[Status, Callable[[AccessRequest], None]] = {
     Status.PROVISIONED: lambda r: r.mark_provisioned("cred-x"),
     Status.REJECTED: lambda r: r.reject(admin_id="admin@accessflow.example", reason="no"),
     Status.INVALID: lambda r: r.invalidate("broken"),
+    Status.PROVISIONING_FAILED: lambda r: r.fail_provisioning("the issuer refused"),
 }
 
 ILLEGAL_PAIRS = [
@@ -301,9 +343,9 @@ ILLEGAL_PAIRS = [
 
 
 class TestEveryTransitionOutsideTheTableIsRefused:
-    def test_the_table_leaves_thirty_illegal_pairs(self) -> None:
-        # Given the transition table / Then 6 of the 36 pairs are legal
-        assert len(ILLEGAL_PAIRS) == 30
+    def test_the_table_leaves_forty_one_illegal_pairs(self) -> None:
+        # Given the transition table / Then 8 of the 49 pairs are legal
+        assert len(ILLEGAL_PAIRS) == 41
 
     @pytest.mark.parametrize(
         ("source", "target"), ILLEGAL_PAIRS, ids=[f"{s.value}->{t.value}" for s, t in ILLEGAL_PAIRS]

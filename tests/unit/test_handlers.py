@@ -9,13 +9,14 @@ from collections.abc import Callable
 import pytest
 
 from domain import events
-from domain.commands import IssueCredentials, SendNotification
-from domain.errors import PermanentDeliveryError, TransientError
+from domain.commands import IssueCredentials, RetryProvisioning, SendNotification
+from domain.errors import IllegalTransition, NotFound, PermanentDeliveryError, TransientError
 from domain.handlers import (
     decide,
     derived_id,
     follow_ups,
     issue_credentials,
+    retry_provisioning,
     route_request,
     send_notification,
 )
@@ -291,6 +292,36 @@ class TestRoutingARequestForANewApp:
         assert status is Status.INVALID
         assert uow.catalogue.saved_apps() == apps_before
         assert saved(uow, command.request_id).app_id is None
+
+    def test_a_request_under_review_gets_its_app_only_when_an_admin_approves_it(
+        self, uow: FakeUnitOfWork
+    ) -> None:
+        # Given a submission for a new app, parked for review
+        request_id = pending_review(uow, app_id=None, new_app_name="Acme Mobile")
+        app_id = derived_id("app", request_id)
+        assert uow.catalogue.saved_app(app_id) is None
+        assert saved(uow, request_id).app_id is None
+
+        # When an admin approves it
+        decide(make_decision(request_id, approve=True), uow=uow, **SIGNED)
+
+        # Then the app exists now, in the same transaction as the approval
+        app = uow.catalogue.saved_app(app_id)
+        assert app is not None
+        assert (app.consumer_id, app.name) == ("acme", "Acme Mobile")
+        assert saved(uow, request_id).app_id == app_id
+
+    def test_a_rejected_request_leaves_no_app(self, uow: FakeUnitOfWork) -> None:
+        # Given a submission for a new app, parked for review
+        apps_before = uow.catalogue.saved_apps()
+        request_id = pending_review(uow, app_id=None, new_app_name="Acme Mobile")
+
+        # When an admin rejects it
+        decide(make_decision(request_id, approve=False, reason="no"), uow=uow, **SIGNED)
+
+        # Then no app was ever created for it
+        assert uow.catalogue.saved_apps() == apps_before
+        assert saved(uow, request_id).app_id is None
 
 
 class TestRoutingTheSameRequestTwice:
@@ -642,6 +673,101 @@ class TestIssuingCredentialsForAnApprovedRequest:
         # Then the credential is an OAuth2 client
         stored = saved_credential(uow, request_id)
         assert (stored.kind, stored.public_id) == (AuthMethod.OAUTH2_CLIENT_CREDENTIALS, "client-1")
+
+
+class TestAProvisioningThatCannotSucceed:
+    def issue(self, uow: FakeUnitOfWork, issuer: FakeIssuer, request_id: str) -> Credential | None:
+        return issue_credentials(
+            IssueCredentials(request_id),
+            uow=uow,
+            issuer=issuer,
+            sealer=FakeSealer(),
+            portal_sealer=FakePortalSealer(),
+        )
+
+    def test_a_plan_deleted_after_the_approval_fails_it_visibly_and_ends_the_message(
+        self, uow: FakeUnitOfWork, issuer: FakeIssuer
+    ) -> None:
+        # Given an approved request whose plan an operator then deleted
+        request_id = approved(uow, plan_id="free")
+        uow.catalogue.remove_plan("free")
+        published_before = list(uow.published)
+
+        # When the credentials worker handles it: no exception, so no retries and no dead letter
+        assert self.issue(uow, issuer, request_id) is None
+
+        # Then it waits in provisioning_failed with the reason, its portal told, nothing issued
+        request = saved(uow, request_id)
+        assert request.status is Status.PROVISIONING_FAILED
+        assert request.status_reason == "plan 'free' no longer exists"
+        assert issuer.issued == []
+        assert uow.credentials.saved(request_id) is None
+        assert uow.published == published_before
+        told = [(e.name, e.status, e.reason) for e in uow.outbox.events if e.request_id == request_id]
+        assert told[-1] == (
+            "access_request.provisioning_failed",
+            "provisioning_failed",
+            "plan 'free' no longer exists",
+        )
+
+    def test_an_issuer_that_refuses_for_good_fails_it_with_the_issuers_reason(
+        self, uow: FakeUnitOfWork, issuer: FakeIssuer
+    ) -> None:
+        # Given an approved request, and an issuer that says no
+        request_id = approved(uow)
+        issuer.refusal = "the gateway has no room for another key"
+
+        # When the credentials worker handles it
+        assert self.issue(uow, issuer, request_id) is None
+
+        # Then the request failed provisioning, saying why
+        request = saved(uow, request_id)
+        assert request.status is Status.PROVISIONING_FAILED
+        assert (
+            request.status_reason == "the credential issuer refused: the gateway has no room for another key"
+        )
+
+    def test_an_operator_retries_it_once_the_cause_is_fixed(
+        self, uow: FakeUnitOfWork, issuer: FakeIssuer
+    ) -> None:
+        # Given a request whose provisioning failed because the issuer refused
+        request_id = approved(uow)
+        issuer.refusal = "down for maintenance"
+        self.issue(uow, issuer, request_id)
+
+        # When the cause is fixed and an operator retries it
+        issuer.refusal = None
+        status = retry_provisioning(
+            RetryProvisioning(request_id, operator="ops-alice", reason="gateway back"), uow=uow
+        )
+
+        # Then it is approved again in the operator's name, and its credentials are ordered anew
+        assert status is Status.APPROVED
+        last = saved(uow, request_id).history[-1]
+        assert (last.actor_kind, last.actor_id, last.reason) == (
+            ActorKind.OPERATOR,
+            "ops-alice",
+            "gateway back",
+        )
+        assert uow.published[-1] == IssueCredentials(request_id)
+        assert [e.name for e in uow.outbox.events if e.request_id == request_id][
+            -1
+        ] == "access_request.approved"
+
+        # And the credentials worker provisions it
+        assert self.issue(uow, issuer, request_id) is not None
+        assert saved(uow, request_id).status is Status.PROVISIONED
+
+    def test_only_a_failed_provisioning_is_retried(self, uow: FakeUnitOfWork) -> None:
+        # Given a request waiting for review, and no request at all
+        request_id = pending_review(uow)
+
+        # When an operator retries them, Then each is refused and nothing changes
+        with pytest.raises(IllegalTransition, match="is pending_review"):
+            retry_provisioning(RetryProvisioning(request_id, operator="ops", reason="r"), uow=uow)
+        with pytest.raises(NotFound):
+            retry_provisioning(RetryProvisioning("no-such-request", operator="ops", reason="r"), uow=uow)
+        assert saved(uow, request_id).status is Status.PENDING_REVIEW
 
 
 class TestIssuingCredentialsTwice:
