@@ -35,6 +35,7 @@ services:
 lint: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
+	$(BIN)/python scripts/check_imports.py
 
 typecheck: $(STAMP)
 	$(BIN)/mypy
