@@ -114,7 +114,19 @@ class Settings(BaseSettings):
         description="Kill an actor run after this; far below RabbitMQ's 30 min consumer_timeout.",
     )
     outbox_sweep_seconds: float = Field(
-        5.0, gt=0, description="How often workers republish unsent outbox rows."
+        5.0, gt=0, description="How often workers and the relay republish unsent outbox rows."
+    )
+    outbox_max_attempts: int = Field(
+        10,
+        ge=1,
+        description="Tries of an outbox row the broker refuses (unroutable, say) before the sweep parks it "
+        "for an operator (accessflow outbox list --parked); tries while the broker is unreachable do not count.",
+    )
+    outbox_retain_hours: float = Field(
+        24.0, gt=0, description="Delete outbox rows this long after they were sent."
+    )
+    outbox_prune_seconds: float = Field(
+        300.0, gt=0, description="How often the relay and the workers delete sent outbox rows past their age."
     )
     outbox_mark_seconds: float = Field(
         0.1,
