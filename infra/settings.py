@@ -25,8 +25,8 @@ class Settings(BaseSettings):
     db_pool_size: int = Field(
         12,
         ge=1,
-        description="Database connections a process keeps open: at least a worker's threads plus 2 "
-        "(the outbox's sweep and marks), or connections are opened and closed per message.",
+        description="Database connections a process keeps open: at least a worker's threads plus 3 "
+        "(the outbox's sweep, marks and pruning), or connections are opened and closed per message.",
     )
     broker_url: str = Field(
         "amqp://guest:guest@127.0.0.1:5672/%2F",
