@@ -395,11 +395,10 @@ class BatchConfirmPublisher:
             state.next_tag += 1
             batch.append(message.message_id)
         answered = state.wait(lambda: not state.outstanding, deadline)
+        channel_closed = bool(state.core.is_closed)
         if not answered:
             log.warning(
-                "publish.confirm_timeout",
-                unconfirmed=len(state.outstanding),
-                channel_closed=bool(state.core.is_closed),
+                "publish.confirm_timeout", unconfirmed=len(state.outstanding), channel_closed=channel_closed
             )
             self._drop_connection()  # late confirms would otherwise be counted for a later batch
         refused = {mid: state.returned[mid] for mid in batch if mid in state.returned}
@@ -408,11 +407,12 @@ class BatchConfirmPublisher:
         closed_by_broker = state.closed_by_broker
         unanswered = None
         if not answered:
-            unanswered = (
-                f"the broker closed the channel: {closed_by_broker}"
-                if closed_by_broker
-                else f"not confirmed within {self.CONFIRM_TIMEOUT:g} s"
-            )
+            if closed_by_broker:
+                unanswered = f"the broker closed the channel: {closed_by_broker}"
+            elif channel_closed:
+                unanswered = "the connection was lost"
+            else:
+                unanswered = f"not confirmed within {self.CONFIRM_TIMEOUT:g} s"
         state.acked.clear()
         state.nacked.clear()
         state.returned.clear()

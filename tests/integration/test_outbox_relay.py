@@ -20,6 +20,8 @@ from typing import Any
 
 import pytest
 import sqlalchemy as sa
+import structlog
+import structlog.testing
 from sqlalchemy import event
 from sqlalchemy.engine import Engine
 from sqlalchemy.orm import Session, sessionmaker
@@ -453,13 +455,21 @@ class TestARowTheBrokerRefuses:
         relay = OutboxRelay(factory, broker, max_attempts=3)
 
         # When three sweeps run, each counts its try, and the third parks it
-        for attempt in (1, 2, 3):
-            with pytest.raises(UnconfirmedPublish):
-                relay.publish(ids)
-            row = outbox_rows(engine, ids)[poison]
-            assert (row.attempts, row.last_error) == (attempt, "unroutable: 312 NO_ROUTE")
-            assert (row.parked_at is not None) == (attempt == 3)
-            assert row.claimed_until is None
+        with structlog.testing.capture_logs() as logged:
+            for attempt in (1, 2, 3):
+                with pytest.raises(UnconfirmedPublish):
+                    relay.publish(ids)
+                row = outbox_rows(engine, ids)[poison]
+                assert (row.attempts, row.last_error) == (attempt, "unroutable: 312 NO_ROUTE")
+                assert (row.parked_at is not None) == (attempt == 3)
+                assert row.claimed_until is None
+        # and each refusal, and the parking, left a log record with the row and the reason
+        records = [(e["event"], e["row_id"], e["attempts"], e["reason"]) for e in logged if "row_id" in e]
+        assert records == [
+            ("outbox.row_refused", poison, 1, "unroutable: 312 NO_ROUTE"),
+            ("outbox.row_refused", poison, 2, "unroutable: 312 NO_ROUTE"),
+            ("outbox.row_parked", poison, 3, "unroutable: 312 NO_ROUTE"),
+        ]
         assert all(
             r.sent_at is not None for row_id, r in outbox_rows(engine, ids).items() if row_id != poison
         )
