@@ -399,6 +399,8 @@ class OutboxRelay:
 
     def _release(self, sweep: _Sweep) -> None:
         """Let go, in one statement per claim, the rows this sweep held back; parked ones stay parked."""
+        if not sweep.held:
+            return
         by_claim: dict[datetime, list[str]] = {}
         for row_id, claimed_until in sweep.held.items():
             by_claim.setdefault(claimed_until, []).append(row_id)
