@@ -209,7 +209,7 @@ def build(
         if isinstance(broker, RabbitmqBroker)
         else DramatiqPublisher(broker)
     )
-    relay = OutboxRelay(session_factory, publisher)
+    relay = OutboxRelay(session_factory, publisher, max_attempts=settings.outbox_max_attempts)
     return Services(settings, engine, session_factory, broker, relay, mailer)
 
 
@@ -229,6 +229,11 @@ class WorkerLifecycle(Middleware):
                 "outbox-sweep", settings.outbox_sweep_seconds, lambda: relay.publish(older_than=sweep)
             ),
             PeriodicTask("outbox-marks", settings.outbox_mark_seconds, relay.mark_deferred),
+            PeriodicTask(
+                "outbox-prune",
+                settings.outbox_prune_seconds,
+                lambda: relay.prune(timedelta(hours=settings.outbox_retain_hours)),
+            ),
         ]
         for task in self.tasks:
             task.start()

@@ -17,8 +17,8 @@ import json
 import threading
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass
-from typing import Any, Protocol
+from dataclasses import dataclass, field
+from typing import Any, Protocol, runtime_checkable
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 import dramatiq
@@ -121,6 +121,33 @@ class Publisher(Protocol):
         ...
 
 
+@dataclass(frozen=True)
+class PublishOutcome:
+    """What the broker said about each message of a batch, for the outbox relay to act on."""
+
+    #: Acked, and neither returned nor nacked.
+    confirmed: set[str]
+    #: Refused for itself, with why: returned as unroutable (``mandatory``), or the one message of
+    #: a batch on which the broker closed the channel. Sent again, it will likely be refused again.
+    refused: dict[str, str] = field(default_factory=dict)
+    #: Nacked: the broker could not take it just now (a full queue, an internal error).
+    nacked: set[str] = field(default_factory=set)
+    #: Why the rest got no answer (connection lost, confirms timed out); None if all got one.
+    unanswered: str | None = None
+    #: The broker itself ended the batch over one of its messages (it closed the channel: no such
+    #: exchange, access refused, too large): it is up, and smaller batches tell which message.
+    closed_by_broker: bool = False
+
+
+@runtime_checkable
+class ExplainingPublisher(Protocol):
+    """A :class:`Publisher` that also says why a message was not confirmed."""
+
+    def publish_explained(self, messages: Sequence[Outgoing]) -> PublishOutcome:
+        """Hand several messages to the broker; say what became of each."""
+        ...
+
+
 class DramatiqPublisher:
     """Publishes through a dramatiq broker, one message at a time.
 
@@ -198,10 +225,13 @@ class _ConfirmChannel:
         self.outstanding: dict[int, str] = {}
         self.acked: set[str] = set()
         self.nacked: set[str] = set()
-        self.returned: set[str] = set()
+        #: Message id -> why it was returned.
+        self.returned: dict[str, str] = {}
+        #: Why the broker closed the channel, if it did (not the connection: that is no verdict).
+        self.closed_by_broker: str | None = None
         self.confirming = False
         self.core.add_on_return_callback(self._on_return)
-        self.core.add_on_close_callback(lambda _channel, _reason: self._wake())
+        self.core.add_on_close_callback(self._on_close)
 
     def select_confirms(self, deadline: float) -> bool:
         """Put the channel in confirm mode; False if the broker did not answer by ``deadline``."""
@@ -248,10 +278,15 @@ class _ConfirmChannel:
         if not self.outstanding:  # the batch is answered: end the wait now, not at a timer
             self._wake()
 
-    def _on_return(self, _channel: Any, _method: Any, properties: Any, _body: bytes) -> None:
+    def _on_return(self, _channel: Any, method: Any, properties: Any, _body: bytes) -> None:
         # RabbitMQ sends a mandatory message's basic.return before its basic.ack, so it is
         # known by the time the batch's last confirm ends the wait.
-        self.returned.add(properties.message_id)
+        self.returned[properties.message_id] = f"unroutable: {method.reply_code} {method.reply_text}"
+
+    def _on_close(self, _channel: Any, reason: Exception) -> None:
+        if isinstance(reason, pika.exceptions.ChannelClosedByBroker):
+            self.closed_by_broker = f"{reason.reply_code} {reason.reply_text}"
+        self._wake()
 
 
 class BatchConfirmPublisher:
@@ -290,6 +325,10 @@ class BatchConfirmPublisher:
           The ids of the messages the broker confirmed (acked, and neither nacked nor returned).
           On a lost connection or a timeout, those confirmed before it, or none.
         """
+        return self.publish_explained(messages).confirmed
+
+    def publish_explained(self, messages: Sequence[Outgoing]) -> PublishOutcome:
+        """:meth:`publish_batch`, saying why each message that was not confirmed was not."""
         for queue_name in {m.queue_name for m in messages if not m.exchange} - self.declared:
             self.declare(queue_name)  # with accessflow's queue arguments, before anything is routed there
             self.declared.add(queue_name)
@@ -298,7 +337,7 @@ class BatchConfirmPublisher:
         except (pika.exceptions.AMQPError, OSError) as error:
             log.warning("publish.connection_lost", error=type(error).__name__)
             self._drop_connection()
-            return set()
+            return PublishOutcome(set(), unanswered=f"connection lost ({type(error).__name__})")
 
     def _channel(self, deadline: float) -> _ConfirmChannel:
         state: _ConfirmChannel | None = getattr(self.local, "state", None)
@@ -326,7 +365,7 @@ class BatchConfirmPublisher:
         self.local.state = state
         return state
 
-    def _publish(self, messages: Sequence[Outgoing]) -> set[str]:
+    def _publish(self, messages: Sequence[Outgoing]) -> PublishOutcome:
         deadline = time.monotonic() + self.CONFIRM_TIMEOUT
         state = self._channel(deadline)
         batch: list[str] = []
@@ -355,19 +394,30 @@ class BatchConfirmPublisher:
             state.outstanding[state.next_tag] = message.message_id
             state.next_tag += 1
             batch.append(message.message_id)
-        if not state.wait(lambda: not state.outstanding, deadline):
+        answered = state.wait(lambda: not state.outstanding, deadline)
+        channel_closed = bool(state.core.is_closed)
+        if not answered:
             log.warning(
-                "publish.confirm_timeout",
-                unconfirmed=len(state.outstanding),
-                channel_closed=bool(state.core.is_closed),
+                "publish.confirm_timeout", unconfirmed=len(state.outstanding), channel_closed=channel_closed
             )
             self._drop_connection()  # late confirms would otherwise be counted for a later batch
-        confirmed = {mid for mid in batch if mid in state.acked} - state.nacked - state.returned
+        refused = {mid: state.returned[mid] for mid in batch if mid in state.returned}
+        nacked = {mid for mid in batch if mid in state.nacked} - refused.keys()
+        confirmed = {mid for mid in batch if mid in state.acked} - nacked - refused.keys()
+        closed_by_broker = state.closed_by_broker
+        unanswered = None
+        if not answered:
+            if closed_by_broker:
+                unanswered = f"the broker closed the channel: {closed_by_broker}"
+            elif channel_closed:
+                unanswered = "the connection was lost"
+            else:
+                unanswered = f"not confirmed within {self.CONFIRM_TIMEOUT:g} s"
         state.acked.clear()
         state.nacked.clear()
         state.returned.clear()
         state.outstanding.clear()
-        return confirmed
+        return PublishOutcome(confirmed, refused, nacked, unanswered, closed_by_broker=bool(closed_by_broker))
 
     def close(self) -> None:
         with self.lock:

@@ -185,7 +185,16 @@ outbox = sa.Table(
     # Set by a sweep that claims the row for publishing; other sweeps skip the row until then,
     # so no lock is held while the broker answers, and a claimer that died holds it no longer.
     sa.Column("claimed_until", Timestamp, nullable=True),
-    sa.Index("ix_outbox_unsent", "created_at", postgresql_where=sa.text("sent_at IS NULL")),
+    # Why the broker did not confirm the row's last try ("unroutable: NO_ROUTE", ...); kept once sent.
+    sa.Column("last_error", sa.Text, nullable=True),
+    # Set when the sweep gave up on the row after ACCESSFLOW_OUTBOX_MAX_ATTEMPTS refused tries; no
+    # sweep takes it until an operator puts it back (``accessflow outbox retry``).
+    sa.Column("parked_at", Timestamp, nullable=True),
+    sa.Index(
+        "ix_outbox_unsent", "created_at", postgresql_where=sa.text("sent_at IS NULL AND parked_at IS NULL")
+    ),
+    # For pruning sent rows by age (``OutboxRelay.prune``).
+    sa.Index("ix_outbox_sent", "sent_at", postgresql_where=sa.text("sent_at IS NOT NULL")),
 )
 
 # Messages no handler could read: kept with their reason instead of vanishing.

@@ -19,13 +19,27 @@ leaves no backend "idle in transaction" and no row locked. Two paths lead to the
   ``claimed_until`` on rows nobody holds (``FOR UPDATE SKIP LOCKED`` only for the length
   of that statement), publishes it, and marks it with one statement. Another worker's
   sweep skips claimed rows; a claim whose holder died runs out, and the rows are swept again.
+
+A row the broker refuses (unroutable, or the one message on which it closed the channel) does
+not end the sweep: it stays claimed, skipped, until the sweep has gone through every other
+row, and its ``attempts`` and ``last_error`` say how often and why. After
+``max_attempts`` tries it is parked (``parked_at``), out of every sweep's way, until an
+operator puts it back (``accessflow outbox retry``). A broker that does not answer at all
+(connection lost, confirms timed out) says nothing about the rows: that try is not counted,
+and the sweep stops until the next tick. Sent rows are pruned by age (:meth:`OutboxRelay.prune`),
+in bounded batches that several relays can run at once.
+
+The sweep runs as a thread in every worker pool and, so that rows a crash left behind are
+published while no pool runs, as its own process, ``accessflow relay`` (:func:`run_relay`).
 """
 
 from __future__ import annotations
 
 import threading
+import time
 import uuid
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta
 from typing import Any, Final, NamedTuple
 
@@ -38,7 +52,7 @@ from domain.commands import Command
 from domain.events import PortalEvent
 from domain.model import utcnow
 from infra import orm
-from infra.broker import Outgoing, Publisher
+from infra.broker import ExplainingPublisher, Outgoing, Publisher, PublishOutcome
 from infra.faults import crash_point
 from infra.repositories import insert_rows, rows_parameters, run
 from infra.topology import Topology
@@ -58,10 +72,20 @@ MAX_DEFERRED_MARKS = 100_000
 #: then ``BatchConfirmPublisher.CONFIRM_TIMEOUT``), so no other sweep takes them meanwhile;
 #: if the claimer dies, its rows wait this long before another worker sweeps them.
 CLAIM_SECONDS = 60.0
+#: Tries of a row the broker refuses before the sweep parks it (ACCESSFLOW_OUTBOX_MAX_ATTEMPTS).
+MAX_ATTEMPTS = 10
+#: Sent rows deleted per statement by :meth:`OutboxRelay.prune`: short statements and short
+#: row locks, so pruning never holds up the marks, nor another relay pruning at the same time.
+PRUNE_BATCH_SIZE = 1000
 
 
 class UnconfirmedPublish(Exception):
     """The broker did not confirm every message of a batch; the rest stay in the outbox for the sweep."""
+
+    def __init__(self, message: str, published: int = 0) -> None:
+        super().__init__(message)
+        #: How many rows the sweep published and marked nonetheless.
+        self.published = published
 
 
 class SqlOutbox:
@@ -149,9 +173,16 @@ class OutboxRelay:
     sweep's, so a row waiting for its mark is never swept.
     """
 
-    def __init__(self, session_factory: sessionmaker[Session], publisher: Publisher) -> None:
+    def __init__(
+        self,
+        session_factory: sessionmaker[Session],
+        publisher: Publisher,
+        *,
+        max_attempts: int = MAX_ATTEMPTS,
+    ) -> None:
         self.session_factory = session_factory
         self.publisher = publisher
+        self.max_attempts = max_attempts
         bind = session_factory.kw.get("bind")
         if not isinstance(bind, Engine):
             raise TypeError("the outbox relay needs a session factory bound to an engine")
@@ -230,45 +261,250 @@ class OutboxRelay:
         """Publish unsent rows: the given ones, or every one older than ``older_than``.
 
         Rows another process holds right now (claimed, or locked by its claim) are
-        skipped, not waited for. Each batch is claimed with one statement, published
-        outside any transaction, and marked with one statement.
+        skipped, not waited for, and so are parked ones. Each batch is claimed with one
+        statement, published outside any transaction, and marked with one statement.
+        A row the broker refuses is recorded and skipped, and the sweep goes on with the
+        rest; it is let go at the end of the sweep, or parked after ``max_attempts`` tries.
+        A broker that does not answer ends the sweep.
 
         Returns:
           How many rows were published and marked sent.
 
         Raises:
-          UnconfirmedPublish: some were not confirmed; they stay unsent, for the next sweep.
+          UnconfirmedPublish: some were not confirmed; they stay unsent, for the next sweep
+            (or parked). Its ``published`` says how many were.
         """
-        published = 0
-        while True:
-            claimed_until, rows = self._claim(ids, older_than)
-            if not rows:
-                return published
-            messages = [
-                Outgoing(
-                    row.queue_name,
-                    row.actor_name,
-                    row.payload,
-                    row.id,
-                    exchange=row.exchange,
-                    routing_key=row.routing_key,
+        sweep = _Sweep()
+        try:
+            while True:
+                claimed_until, rows = self._claim(ids, older_than, skip=sweep.held)
+                if not rows:
+                    break
+                messages = [
+                    Outgoing(
+                        row.queue_name,
+                        row.actor_name,
+                        row.payload,
+                        row.id,
+                        exchange=row.exchange,
+                        routing_key=row.routing_key,
+                    )
+                    for row in rows
+                ]
+                outcome = self._publish_isolating(messages)
+                crash_point("relay_after_publish")  # confirmed but not yet marked: resent later
+                self._settle(rows, outcome, claimed_until, sweep)
+                if sweep.unanswered:
+                    break  # the broker is not answering: the next tick tries again
+                if len(rows) < BATCH_SIZE:
+                    break
+        finally:
+            self._release(sweep)
+        unsent = len(sweep.held) + sweep.unanswered
+        if unsent:
+            raise UnconfirmedPublish(
+                f"{unsent} outbox rows not confirmed ({sweep.parked} parked), {sweep.published} published",
+                published=sweep.published,
+            )
+        return sweep.published
+
+    def _publish_isolating(self, messages: Sequence[Outgoing]) -> PublishOutcome:
+        """Publish ``messages``; when the broker ends the batch over one of them, find which, by halves.
+
+        A broker that closes the channel (no such exchange, access refused, too large) leaves
+        every message of the batch unanswered, the innocent ones too. Publishing each half
+        again confirms the innocent ones and narrows the refusal down to the one message that
+        caused it: about 2 x log2(batch) small publishes, and only when the broker did that.
+        """
+        outcome = self._publish_batch(messages)
+        answered = outcome.confirmed | outcome.refused.keys() | outcome.nacked
+        rest = [m for m in messages if m.message_id not in answered]
+        if not rest or not outcome.closed_by_broker:
+            return outcome
+        why = outcome.unanswered or "the broker closed the channel"
+        if len(rest) == 1:
+            return replace(outcome, refused={**outcome.refused, rest[0].message_id: why}, unanswered=None)
+        merged = replace(outcome, unanswered=None, closed_by_broker=False)
+        middle = len(rest) // 2
+        for half in (rest[:middle], rest[middle:]):
+            if merged.unanswered is not None:  # the broker stopped answering meanwhile: leave the rest
+                break
+            merged = _merge(merged, self._publish_isolating(half))
+        answered = merged.confirmed | merged.refused.keys() | merged.nacked
+        if merged.unanswered is None and any(m.message_id not in answered for m in rest):
+            merged = replace(merged, unanswered=why)
+        return merged
+
+    def _publish_batch(self, messages: Sequence[Outgoing]) -> PublishOutcome:
+        if isinstance(self.publisher, ExplainingPublisher):
+            return self.publisher.publish_explained(messages)
+        # A publisher that says only what it confirmed: when it confirmed some, the broker was
+        # there, and the others were refused for themselves; when none, nothing is known.
+        confirmed = self.publisher.publish_batch(messages)
+        unconfirmed = [m.message_id for m in messages if m.message_id not in confirmed]
+        if not unconfirmed:
+            return PublishOutcome(confirmed)
+        if confirmed:
+            return PublishOutcome(
+                confirmed, refused=dict.fromkeys(unconfirmed, "not confirmed by the broker")
+            )
+        return PublishOutcome(confirmed, unanswered="not confirmed by the broker")
+
+    def _settle(
+        self, rows: list[sa.Row[Any]], outcome: PublishOutcome, claimed_until: datetime, sweep: _Sweep
+    ) -> None:
+        """Mark what the broker confirmed sent, and record why each other row was not."""
+        c = orm.outbox.c
+        ours = c.claimed_until == claimed_until
+        # Let go at once, unless another worker's claim has replaced ours meanwhile (ours ran out):
+        # that one is not ours to end.
+        release = sa.case((ours, sa.null()), else_=c.claimed_until)
+        confirmed = [row.id for row in rows if row.id in outcome.confirmed]
+        if confirmed:
+            self._mark(confirmed, outcome.confirmed, claimed_until=release)
+            sweep.published += len(confirmed)
+        # One statement per kind of outcome and reason, not per row: a batch nacked whole is one.
+        updates: dict[tuple[str, str], list[str]] = {}
+        for row in rows:
+            if row.id in outcome.confirmed:
+                continue
+            if row.id in outcome.refused:
+                reason = outcome.refused[row.id]
+                parked = row.attempts >= self.max_attempts
+                kind = "parked" if parked else "refused"
+                log.warning(f"outbox.row_{kind}", row_id=row.id, attempts=row.attempts, reason=reason)
+                sweep.parked += parked
+                sweep.held[row.id] = claimed_until
+            elif row.id in outcome.nacked:
+                kind, reason = "nacked", "nacked by the broker"
+                sweep.held[row.id] = claimed_until
+            else:
+                kind, reason = "unanswered", outcome.unanswered or "not confirmed"
+                sweep.unanswered += 1
+            updates.setdefault((kind, reason), []).append(row.id)
+        values: dict[str, dict[str, Any]] = {
+            # Counted; still claimed, so that the rest of this sweep skips it.
+            "refused": {},
+            "parked": {"parked_at": utcnow(), "claimed_until": release},
+            # The broker could not take it just now: skipped for this sweep, but not counted.
+            "nacked": {"attempts": c.attempts - 1},
+            # No answer at all says nothing about the row: not counted, let go for the next tick.
+            "unanswered": {"attempts": c.attempts - 1, "claimed_until": release},
+        }
+        with self.engine.connect() as connection:
+            for (kind, reason), row_ids in updates.items():
+                connection.execute(
+                    orm.outbox.update().where(c.id.in_(row_ids)).values(last_error=reason, **values[kind])
                 )
-                for row in rows
-            ]
-            confirmed = self.publisher.publish_batch(messages)
-            crash_point("relay_after_publish")  # confirmed but not yet marked: resent later
-            row_ids = [row.id for row in rows]
-            # Unconfirmed rows are let go at once, for the next sweep, unless another worker's
-            # claim has replaced ours meanwhile (ours ran out): that one is not ours to end.
-            c = orm.outbox.c
-            release = sa.case((c.claimed_until == claimed_until, sa.null()), else_=c.claimed_until)
-            self._mark(row_ids, confirmed, claimed_until=release)
-            published += _count_or_raise(row_ids, confirmed)
-            if len(rows) < BATCH_SIZE:
-                return published
+
+    def _release(self, sweep: _Sweep) -> None:
+        """Let go, in one statement per claim, the rows this sweep held back; parked ones stay parked."""
+        if not sweep.held:
+            return
+        by_claim: dict[datetime, list[str]] = {}
+        for row_id, claimed_until in sweep.held.items():
+            by_claim.setdefault(claimed_until, []).append(row_id)
+        c = orm.outbox.c
+        with self.engine.connect() as connection:
+            for claimed_until, row_ids in by_claim.items():
+                connection.execute(
+                    orm.outbox.update()
+                    .where(c.id.in_(row_ids), c.claimed_until == claimed_until)
+                    .values(claimed_until=None)
+                )
+
+    def prune(self, older_than: timedelta, *, batch_size: int = PRUNE_BATCH_SIZE) -> int:
+        """Delete rows sent more than ``older_than`` ago, ``batch_size`` per statement.
+
+        Each statement commits by itself and skips rows another statement holds, so relays
+        pruning at once neither wait for nor trip over each other. Unsent and parked rows stay.
+
+        Returns:
+          How many rows were deleted.
+        """
+        c = orm.outbox.c
+        cutoff = utcnow() - older_than
+        doomed = (
+            sa.select(c.id)
+            .where(c.sent_at < cutoff)
+            .limit(batch_size)
+            .with_for_update(skip_locked=True)
+            .scalar_subquery()
+        )
+        statement = orm.outbox.delete().where(c.id.in_(doomed))
+        deleted = 0
+        while True:
+            with self.engine.connect() as connection:
+                count = connection.execute(statement).rowcount
+            deleted += count
+            if count < batch_size:
+                if deleted:
+                    log.info(
+                        "outbox.pruned", rows=deleted, older_than_hours=older_than.total_seconds() / 3600
+                    )
+                return deleted
+
+    def unsent(self, *, parked_only: bool = False, limit: int = 100) -> list[dict[str, Any]]:
+        """Unsent rows, oldest first, with their tries and why the last one failed: what an operator sees."""
+        c = orm.outbox.c
+        query = (
+            sa.select(
+                c.id,
+                c.queue_name,
+                c.actor_name,
+                c.exchange,
+                c.routing_key,
+                c.created_at,
+                c.attempts,
+                c.last_error,
+                c.parked_at,
+                c.claimed_until,
+            )
+            .where(c.sent_at.is_(None))
+            .order_by(c.created_at)
+            .limit(limit)
+        )
+        if parked_only:
+            query = query.where(c.parked_at.is_not(None))
+        with self.engine.connect() as connection:
+            found = connection.execute(query).all()
+        return [
+            {
+                "id": row.id,
+                "status": "parked" if row.parked_at is not None else "pending",
+                "destination": f"{row.exchange} {row.routing_key}" if row.exchange else row.queue_name,
+                "actor_name": row.actor_name or None,
+                "created_at": row.created_at.isoformat(),
+                "attempts": row.attempts,
+                "last_error": row.last_error,
+                "parked_at": row.parked_at.isoformat() if row.parked_at is not None else None,
+            }
+            for row in found
+        ]
+
+    def unpark(self, ids: Sequence[str] | None = None) -> list[str]:
+        """Put parked rows back for the next sweep, with their tries counted afresh: the given ones, or all.
+
+        Returns:
+          The ids put back; a given id that is not a parked, unsent row is not among them.
+        """
+        c = orm.outbox.c
+        statement = (
+            orm.outbox.update()
+            .where(c.parked_at.is_not(None), c.sent_at.is_(None))
+            .values(parked_at=None, attempts=0, claimed_until=None)
+            .returning(c.id)
+        )
+        if ids is not None:
+            statement = statement.where(c.id.in_(ids))
+        with self.engine.connect() as connection:
+            put_back = list(connection.execute(statement).scalars())
+        for row_id in put_back:
+            log.info("outbox.row_unparked", row_id=row_id)
+        return put_back
 
     def _claim(
-        self, ids: Sequence[str] | None, older_than: timedelta | None
+        self, ids: Sequence[str] | None, older_than: timedelta | None, *, skip: Mapping[str, datetime]
     ) -> tuple[datetime, list[sa.Row[Any]]]:
         """Claim up to a batch of unsent rows nobody holds, in one committed statement.
 
@@ -279,7 +515,11 @@ class OutboxRelay:
         c = orm.outbox.c
         free = (
             sa.select(c.id)
-            .where(c.sent_at.is_(None), sa.or_(c.claimed_until.is_(None), c.claimed_until < now))
+            .where(
+                c.sent_at.is_(None),
+                c.parked_at.is_(None),
+                sa.or_(c.claimed_until.is_(None), c.claimed_until < now),
+            )
             .order_by(c.created_at)
             .limit(BATCH_SIZE)
             .with_for_update(skip_locked=True)
@@ -288,11 +528,22 @@ class OutboxRelay:
             free = free.where(c.id.in_(ids))
         if older_than is not None:
             free = free.where(c.created_at < now - older_than)
+        if skip:  # refused earlier in this sweep; claimed still, unless the claim ran out (a long sweep)
+            free = free.where(c.id.not_in(list(skip)))
         claim = (
             orm.outbox.update()
             .where(c.id.in_(free.scalar_subquery()))
             .values(claimed_until=claimed_until, attempts=c.attempts + 1)
-            .returning(c.id, c.queue_name, c.actor_name, c.payload, c.exchange, c.routing_key, c.created_at)
+            .returning(
+                c.id,
+                c.queue_name,
+                c.actor_name,
+                c.payload,
+                c.exchange,
+                c.routing_key,
+                c.created_at,
+                c.attempts,
+            )
         )
         with self.engine.connect() as connection:
             rows = list(connection.execute(claim).all())
@@ -337,3 +588,63 @@ def _count_or_raise(ids: list[str], confirmed: set[str]) -> int:
     if sent < len(ids):
         raise UnconfirmedPublish(f"{len(ids) - sent} of {len(ids)} outbox rows not confirmed")
     return sent
+
+
+@dataclass
+class _Sweep:
+    """What one sweep has done so far."""
+
+    published: int = 0
+    parked: int = 0
+    #: Rows not confirmed for lack of any answer, let go at once.
+    unanswered: int = 0
+    #: Rows refused or nacked, still claimed so that this sweep skips them: id -> our claim.
+    held: dict[str, datetime] = field(default_factory=dict)
+
+
+def _merge(first: PublishOutcome, second: PublishOutcome) -> PublishOutcome:
+    return PublishOutcome(
+        first.confirmed | second.confirmed,
+        {**first.refused, **second.refused},
+        first.nacked | second.nacked,
+        first.unanswered or second.unanswered,
+        first.closed_by_broker or second.closed_by_broker,
+    )
+
+
+def run_relay(
+    relay: OutboxRelay,
+    *,
+    sweep_seconds: float,
+    prune_seconds: float,
+    retain: timedelta,
+    stop: threading.Event,
+) -> None:
+    """Sweep every ``sweep_seconds`` and prune every ``prune_seconds``, until ``stop`` is set.
+
+    The loop of ``accessflow relay``. Several may run at once: claims keep their sweeps
+    apart, and pruning skips what another holds. A sweep in progress when ``stop`` is set
+    ends first (at most a batch's confirm timeout later); nothing is left claimed.
+    """
+    older_than = timedelta(seconds=sweep_seconds)  # younger rows are the publish-after-commit's
+    next_prune = time.monotonic()
+    log.info("relay.started", sweep_seconds=sweep_seconds, prune_seconds=prune_seconds)
+    while not stop.is_set():
+        try:
+            published = relay.publish(older_than=older_than)
+        except UnconfirmedPublish as error:
+            published = error.published
+            log.warning("relay.sweep_incomplete", published=published, error=str(error))
+        except Exception as error:  # the database or broker is away: the next tick tries again
+            published = 0
+            log.warning("relay.sweep_failed", error=type(error).__name__)
+        if published:
+            log.info("relay.swept", published=published)
+        if time.monotonic() >= next_prune and not stop.is_set():
+            try:
+                relay.prune(retain)
+            except Exception as error:
+                log.warning("relay.prune_failed", error=type(error).__name__)
+            next_prune = time.monotonic() + prune_seconds
+        stop.wait(sweep_seconds)
+    log.info("relay.stopped")

@@ -25,8 +25,8 @@ class Settings(BaseSettings):
     db_pool_size: int = Field(
         12,
         ge=1,
-        description="Database connections a process keeps open: at least a worker's threads plus 2 "
-        "(the outbox's sweep and marks), or connections are opened and closed per message.",
+        description="Database connections a process keeps open: at least a worker's threads plus 3 "
+        "(the outbox's sweep, marks and pruning), or connections are opened and closed per message.",
     )
     broker_url: str = Field(
         "amqp://guest:guest@127.0.0.1:5672/%2F",
@@ -114,7 +114,19 @@ class Settings(BaseSettings):
         description="Kill an actor run after this; far below RabbitMQ's 30 min consumer_timeout.",
     )
     outbox_sweep_seconds: float = Field(
-        5.0, gt=0, description="How often workers republish unsent outbox rows."
+        5.0, gt=0, description="How often workers and the relay republish unsent outbox rows."
+    )
+    outbox_max_attempts: int = Field(
+        10,
+        ge=1,
+        description="Tries of an outbox row the broker refuses (unroutable, say) before the sweep parks it "
+        "for an operator (accessflow outbox list --parked); tries while the broker is unreachable do not count.",
+    )
+    outbox_retain_hours: float = Field(
+        24.0, gt=0, description="Delete outbox rows this long after they were sent."
+    )
+    outbox_prune_seconds: float = Field(
+        300.0, gt=0, description="How often the relay and the workers delete sent outbox rows past their age."
     )
     outbox_mark_seconds: float = Field(
         0.1,

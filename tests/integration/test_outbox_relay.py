@@ -7,13 +7,21 @@ module's own, so that no worker pool running in the session sweeps these rows.
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
+import sys
 import uuid
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import timedelta
+from pathlib import Path
+from typing import Any
 
 import pytest
 import sqlalchemy as sa
+import structlog
+import structlog.testing
 from sqlalchemy import event
 from sqlalchemy.engine import Engine
 from sqlalchemy.orm import Session, sessionmaker
@@ -23,8 +31,8 @@ from domain.events import PortalEvent
 from domain.model import NotificationKind, utcnow
 from infra import migrate, orm
 from infra.bootstrap import create_engine
-from infra.broker import Outgoing
-from infra.outbox import OutboxRelay, UnconfirmedPublish
+from infra.broker import Outgoing, PublishOutcome
+from infra.outbox import BATCH_SIZE, OutboxRelay, UnconfirmedPublish
 from infra.settings import Settings
 from infra.unit_of_work import SqlUnitOfWork
 from tests import services as svc
@@ -357,10 +365,11 @@ class TestTheSweep:
         with pytest.raises(UnconfirmedPublish):
             OutboxRelay(factory, FakeBroker(observer, confirms=lambda _: False)).publish(ids)
 
-        # Then they stay unsent and unclaimed, and the next sweep sends them
-        assert {(r.attempts, r.sent, r.claimed) for r in rows(engine, ids).values()} == {(1, False, False)}
+        # Then they stay unsent and unclaimed, the try uncounted (a broker that says nothing says
+        # nothing about the rows), and the next sweep sends them
+        assert {(r.attempts, r.sent, r.claimed) for r in rows(engine, ids).values()} == {(0, False, False)}
         assert OutboxRelay(factory, FakeBroker(observer)).publish(ids) == 2
-        assert {(r.attempts, r.sent) for r in rows(engine, ids).values()} == {(2, True)}
+        assert {(r.attempts, r.sent) for r in rows(engine, ids).values()} == {(1, True)}
 
     def test_leaves_rows_younger_than_its_interval_to_the_publish_after_the_commit(
         self, engine: Engine, factory: sessionmaker[Session], observer: Engine
@@ -375,3 +384,218 @@ class TestTheSweep:
         # Then it leaves them alone
         assert all(m.message_id not in ids for batch in broker.batches for m in batch)
         assert {(r.attempts, r.sent, r.claimed) for r in rows(engine, ids).values()} == {(0, False, False)}
+
+
+@dataclass
+class RefusingBroker(FakeBroker):
+    """A broker that says why: it returns ``unroutable`` messages, and closes the channel over ``fatal`` ones."""
+
+    unroutable: set[str] = field(default_factory=set)
+    fatal: set[str] = field(default_factory=set)
+    nacks: set[str] = field(default_factory=set)
+
+    def publish_explained(self, messages: Sequence[Outgoing]) -> PublishOutcome:
+        self.batches.append(list(messages))
+        ids = {m.message_id for m in messages}
+        if ids & self.fatal:  # the whole batch goes unanswered, as when RabbitMQ closes the channel
+            return PublishOutcome(
+                set(),
+                unanswered="the broker closed the channel: 404 NOT_FOUND - no exchange 'gone'",
+                closed_by_broker=True,
+            )
+        refused = dict.fromkeys(ids & self.unroutable, "unroutable: 312 NO_ROUTE")
+        nacked = ids & self.nacks
+        return PublishOutcome(ids - refused.keys() - nacked, refused, nacked)
+
+
+def published_ids(broker: FakeBroker) -> list[str]:
+    return [m.message_id for batch in broker.batches for m in batch]
+
+
+def outbox_rows(engine: Engine, ids: Sequence[str]) -> dict[str, sa.Row[Any]]:
+    c = orm.outbox.c
+    with engine.connect() as connection:
+        found = connection.execute(
+            sa.select(c.id, c.attempts, c.sent_at, c.claimed_until, c.last_error, c.parked_at).where(
+                c.id.in_(ids)
+            )
+        ).all()
+    return {row.id: row for row in found}
+
+
+class TestARowTheBrokerRefuses:
+    def test_does_not_end_the_sweep_every_other_row_is_published_in_one_pass(
+        self, engine: Engine, factory: sessionmaker[Session], observer: Engine
+    ) -> None:
+        # Given a backlog of more than two batches, whose oldest row the broker never confirms
+        ids = [m.message_id for m in commit_rows(factory, 2 * BATCH_SIZE + 50)]
+        poison = ids[0]
+        broker = FakeBroker(observer, confirms=lambda m: m.message_id != poison)
+
+        # When one sweep runs
+        with pytest.raises(UnconfirmedPublish) as raised:
+            OutboxRelay(factory, broker).publish(ids)
+
+        # Then it published every other row, and tried the refused one once only
+        found = outbox_rows(engine, ids)
+        assert [row_id for row_id, r in found.items() if r.sent_at is None] == [poison]
+        assert raised.value.published == len(ids) - 1
+        assert published_ids(broker).count(poison) == 1
+        # and let it go at the end, with its try counted and the reason recorded
+        assert (found[poison].attempts, found[poison].claimed_until) == (1, None)
+        assert found[poison].last_error == "not confirmed by the broker"
+
+    def test_is_parked_after_max_attempts_with_its_reason_and_no_sweep_takes_it(
+        self, engine: Engine, factory: sessionmaker[Session], observer: Engine
+    ) -> None:
+        # Given a row the broker returns as unroutable, among others, and a relay that parks after 3 tries
+        ids = [m.message_id for m in commit_rows(factory, 5)]
+        poison = ids[2]
+        broker = RefusingBroker(observer, unroutable={poison})
+        relay = OutboxRelay(factory, broker, max_attempts=3)
+
+        # When three sweeps run, each counts its try, and the third parks it
+        with structlog.testing.capture_logs() as logged:
+            for attempt in (1, 2, 3):
+                with pytest.raises(UnconfirmedPublish):
+                    relay.publish(ids)
+                row = outbox_rows(engine, ids)[poison]
+                assert (row.attempts, row.last_error) == (attempt, "unroutable: 312 NO_ROUTE")
+                assert (row.parked_at is not None) == (attempt == 3)
+                assert row.claimed_until is None
+        # and each refusal, and the parking, left a log record with the row and the reason
+        records = [(e["event"], e["row_id"], e["attempts"], e["reason"]) for e in logged if "row_id" in e]
+        assert records == [
+            ("outbox.row_refused", poison, 1, "unroutable: 312 NO_ROUTE"),
+            ("outbox.row_refused", poison, 2, "unroutable: 312 NO_ROUTE"),
+            ("outbox.row_parked", poison, 3, "unroutable: 312 NO_ROUTE"),
+        ]
+        assert all(
+            r.sent_at is not None for row_id, r in outbox_rows(engine, ids).items() if row_id != poison
+        )
+
+        # Then no later sweep tries it
+        broker.batches.clear()
+        assert relay.publish(ids) == 0
+        assert broker.batches == []
+
+    def test_a_row_over_which_the_broker_closes_the_channel_is_found_by_halves(
+        self, engine: Engine, factory: sessionmaker[Session], observer: Engine
+    ) -> None:
+        # Given a batch with one row that makes the broker close the channel (a deleted exchange)
+        ids = [m.message_id for m in commit_rows(factory, BATCH_SIZE)]
+        poison = ids[137]
+        broker = RefusingBroker(observer, fatal={poison})
+
+        # When a sweep runs
+        with pytest.raises(UnconfirmedPublish) as raised:
+            OutboxRelay(factory, broker).publish(ids)
+
+        # Then every other row is published in that sweep, in a few smaller batches
+        assert raised.value.published == BATCH_SIZE - 1
+        assert len(broker.batches) <= 2 * BATCH_SIZE.bit_length() + 1
+        row = outbox_rows(engine, ids)[poison]
+        assert (row.sent_at, row.attempts) == (None, 1)
+        assert row.last_error == "the broker closed the channel: 404 NOT_FOUND - no exchange 'gone'"
+
+    def test_a_nacked_row_is_skipped_for_the_sweep_but_not_counted(
+        self, engine: Engine, factory: sessionmaker[Session], observer: Engine
+    ) -> None:
+        # Given a row the broker nacks (it could not take it just now: a full queue)
+        ids = [m.message_id for m in commit_rows(factory, 3)]
+        broker = RefusingBroker(observer, nacks={ids[0]})
+
+        # When sweeps run, more often than the relay's limit of tries
+        relay = OutboxRelay(factory, broker, max_attempts=2)
+        for _ in range(3):
+            with pytest.raises(UnconfirmedPublish):
+                relay.publish(ids)
+
+        # Then the others are sent, and it is neither counted nor parked, only waiting
+        row = outbox_rows(engine, ids)[ids[0]]
+        assert (row.attempts, row.parked_at, row.last_error) == (0, None, "nacked by the broker")
+        assert published_ids(broker).count(ids[0]) == 3
+
+
+ACCESSFLOW = str(Path(sys.executable).with_name("accessflow"))
+
+
+def cli(database_url: str, *args: str) -> subprocess.CompletedProcess[str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("ACCESSFLOW_")}
+    env |= {"ACCESSFLOW_DATABASE_URL": database_url, "ACCESSFLOW_BROKER_URL": "stub://"}
+    return subprocess.run(
+        [ACCESSFLOW, *args], env=env, capture_output=True, text=True, timeout=120, check=False
+    )
+
+
+class TestAParkedRow:
+    def test_is_listed_with_its_reason_and_retried_by_an_operator(
+        self, own_database: str, engine: Engine, factory: sessionmaker[Session], observer: Engine
+    ) -> None:
+        # Given a row parked after the broker returned it as unroutable
+        ids = [m.message_id for m in commit_rows(factory, 2)]
+        poison = ids[0]
+        relay = OutboxRelay(factory, RefusingBroker(observer, unroutable={poison}), max_attempts=1)
+        with pytest.raises(UnconfirmedPublish):
+            relay.publish(ids)
+
+        # When an operator lists parked rows
+        listed = cli(own_database, "outbox", "list", "--parked", "--json")
+
+        # Then it is there, with its tries and reason, and the sent one is not
+        assert listed.returncode == 0, listed.stderr
+        [row] = [r for r in json.loads(listed.stdout) if r["id"] in ids]
+        assert (row["id"], row["status"], row["attempts"]) == (poison, "parked", 1)
+        assert row["last_error"] == "unroutable: 312 NO_ROUTE"
+        assert row["destination"] == f"{PREFIX}.notifications"
+        text = cli(own_database, "outbox", "list", "--parked")
+        assert poison in text.stdout and "unroutable: 312 NO_ROUTE" in text.stdout
+
+        # And when, the cause fixed, they put it back
+        retried = cli(own_database, "outbox", "retry", poison)
+        assert retried.returncode == 0, retried.stderr
+        assert cli(own_database, "outbox", "retry", poison).returncode != 0  # not parked any more
+        found = outbox_rows(engine, [poison])[poison]
+        assert (found.parked_at, found.attempts) == (None, 0)
+
+        # Then the next sweep sends it
+        assert OutboxRelay(factory, FakeBroker(observer)).publish([poison]) == 1
+        assert outbox_rows(engine, [poison])[poison].sent_at is not None
+
+
+class TestPruning:
+    def test_removes_only_rows_sent_longer_ago_than_the_age_in_bounded_batches(
+        self, engine: Engine, factory: sessionmaker[Session], observer: Engine
+    ) -> None:
+        # Given rows sent two days ago, one sent an hour ago, an unsent one and a parked one, both old
+        old_sent = [m.message_id for m in commit_rows(factory, 5)]
+        recent, unsent, parked = (m.message_id for m in commit_rows(factory, 3))
+        now = utcnow()
+        c = orm.outbox.c
+        with engine.begin() as connection:
+            connection.execute(
+                orm.outbox.update()
+                .where(c.id.in_(old_sent))
+                .values(sent_at=now - timedelta(days=2), created_at=now - timedelta(days=2))
+            )
+            connection.execute(
+                orm.outbox.update().where(c.id == recent).values(sent_at=now - timedelta(hours=1))
+            )
+            connection.execute(
+                orm.outbox.update()
+                .where(c.id.in_([unsent, parked]))
+                .values(created_at=now - timedelta(days=2))
+            )
+            connection.execute(
+                orm.outbox.update().where(c.id == parked).values(parked_at=now - timedelta(days=2))
+            )
+        statements = Statements(engine)
+
+        # When the relay prunes rows sent more than a day ago, two per statement
+        with statements as seen:
+            deleted = OutboxRelay(factory, FakeBroker(observer)).prune(timedelta(days=1), batch_size=2)
+
+        # Then only the old sent ones are gone, each statement bounded
+        assert deleted == 5
+        assert set(outbox_rows(engine, [*old_sent, recent, unsent, parked])) == {recent, unsent, parked}
+        assert seen == ["DELETE FROM"] * 3

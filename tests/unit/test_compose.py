@@ -234,6 +234,19 @@ def test_workers_restart_and_stop_gracefully() -> None:
         assert service.get("stop_grace_period"), f"{name} has no stop_grace_period"
 
 
+def test_the_outbox_relay_runs_on_its_own_restarts_and_waits_for_its_services() -> None:
+    # So that rows a crash left are published while every worker pool is scaled to zero.
+    relay = services()["relay"]
+    assert "relay" in built_services()
+    assert relay["command"] == ["relay"]
+    assert relay.get("restart") == "unless-stopped"
+    assert relay.get("stop_grace_period"), "the relay has no stop_grace_period"
+    assert "profiles" not in relay, "the relay must start with the stack"
+    depends_on = relay["depends_on"]
+    assert {"rabbitmq", "postgres", "migrate"} <= set(depends_on)
+    assert depends_on["migrate"]["condition"] == "service_completed_successfully"
+
+
 def test_notifications_worker_waits_for_mailpit() -> None:
     assert "mailpit" in services()["worker-notifications"]["depends_on"]
 
