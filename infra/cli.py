@@ -25,6 +25,7 @@ from domain.model import AdminKey, DeliveryStatus, Status, utcnow
 from infra import catalogue_file, cli_broker, producer, signing
 from infra.bootstrap import Services, build
 from infra.logging import configure as configure_logging
+from infra.outbox import run_relay
 from infra.settings import Settings
 from infra.topology import Topology
 from messages.routes import ROUTES
@@ -769,8 +770,6 @@ def relay() -> None:
     ACCESSFLOW_OUTBOX_RETAIN_HOURS ago. Safe to run several; the worker pools sweep too.
     SIGTERM or SIGINT stops it once its sweep in progress ends.
     """
-    from infra.outbox import run_relay
-
     settings = _settings()
     stop = threading.Event()
     for signum in (signal.SIGTERM, signal.SIGINT):
