@@ -670,12 +670,15 @@ class _PerThread:
         with self._lock:
             self._by_thread[threading.get_ident()] = connection
 
-    def drop(self, connection: _Connection, *, quit: bool) -> None:
-        """Forget this thread's ``connection`` and close it, saying QUIT first if ``quit``."""
+    def drop(self, connection: _Connection, *, quit: bool, deadline: _Deadline | None = None) -> None:
+        """Forget this thread's ``connection`` and close it, saying QUIT first if ``quit``.
+
+        Within a send, ``deadline`` bounds the QUIT's wait too.
+        """
         with self._lock:
             if self._by_thread.get(threading.get_ident()) is connection:
                 del self._by_thread[threading.get_ident()]
-        _close(connection.smtp, quit=quit)
+        _close(connection.smtp, quit=quit, deadline=deadline)
 
     def close_all(self, *, quit: bool) -> None:
         with self._lock:
@@ -685,11 +688,14 @@ class _PerThread:
             _close(connection.smtp, quit=quit)
 
 
-def _close(smtp: _DeadlineSMTP, *, quit: bool) -> None:
-    smtp.deadline = None  # a QUIT has its own timeout, whatever the last send had left
+def _close(smtp: _DeadlineSMTP, *, quit: bool, deadline: _Deadline | None = None) -> None:
+    smtp.deadline = None  # a QUIT has its own timeout, not what the connection's last send had left
     try:
         if quit and smtp.sock is not None:
-            smtp.sock.settimeout(QUIT_TIMEOUT_SECONDS)
+            timeout = (
+                QUIT_TIMEOUT_SECONDS if deadline is None else min(QUIT_TIMEOUT_SECONDS, deadline.timeout())
+            )
+            smtp.sock.settimeout(timeout)
             smtp.quit()
     except (smtplib.SMTPException, OSError):
         pass  # the server went first: nothing is left to say to it
@@ -829,7 +835,7 @@ class SmtpMailer:
             connection.smtp.deadline = deadline  # its NOOP check, and all that follows
             now = time.monotonic()
             if now - connection.opened_at >= REUSE_SECONDS:
-                self._connections.drop(connection, quit=True)
+                self._connections.drop(connection, quit=True, deadline=deadline)
             elif now - connection.used_at >= NOOP_AFTER_IDLE_SECONDS and not self._answers_noop(connection):
                 self._connections.drop(connection, quit=False)
             else:
