@@ -10,6 +10,7 @@
      +-- PermanentDeliveryError a dependency refused for good; never retried
      +-- IssuerRefused          the credential issuer refused for good; the request fails provisioning
  +-- Unauthorized           a party said something it may not say; recorded, never retried
+ +-- Duplicate              another delivery of the same message committed first; this one wrote nothing
 """
 
 from __future__ import annotations
@@ -63,3 +64,12 @@ class Unauthorized(AccessflowError):
     def __init__(self, reason: str) -> None:
         super().__init__(reason)
         self.reason = reason
+
+
+class Duplicate(AccessflowError):
+    """Another delivery of the same message (its request or decision id) committed first.
+
+    Raised at a write that the other one's row refuses (a unique key), when the two ran at
+    once and neither saw the other's row when it looked. The transaction wrote nothing; the
+    message is the duplicate it is, and nothing is to be retried.
+    """

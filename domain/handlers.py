@@ -14,6 +14,7 @@ from datetime import datetime, timedelta
 
 from domain import commands, events
 from domain.errors import (
+    Duplicate,
     IllegalTransition,
     IssuerRefused,
     NotFound,
@@ -148,9 +149,23 @@ def route_request(
     Returns:
       The request's status after routing (its current one if this is a redelivery).
 
+    A duplicate of a submission being routed at the same moment writes nothing and is
+    ignored as any duplicate is: one INFO line.
+
     Raises:
       Unauthorized: the sender may not submit this request; nothing was written.
     """
+    try:
+        return _route(command, uow=uow, accept_v1_submissions=accept_v1_submissions)
+    except Duplicate:
+        log.info("duplicate submission of %s ignored (routed at the same time)", command.request_id)
+        with uow:
+            routed = uow.requests.get(command.request_id)
+        assert routed is not None, "a duplicate is refused only by a committed twin"
+        return routed.status
+
+
+def _route(command: commands.RouteRequest, *, uow: UnitOfWork, accept_v1_submissions: bool) -> Status:
     with uow:
         _authenticate_submission(command, uow, accept_v1_submissions=accept_v1_submissions)
         existing = uow.requests.get(command.request_id)
@@ -188,8 +203,8 @@ def route_request(
 def _provide_app(uow: UnitOfWork, request: AccessRequest) -> None:
     """Create the new app a request asked for, as it is approved: a rejected or invalid request leaves none.
 
-    Its id derives from the request's, so a redelivery, or an approval after a retry,
-    finds the same app.
+    Its id derives from the request's: the same request handled twice at once makes one
+    app, and the second insert is refused as the :class:`Duplicate` it is.
     """
     if request.app_id is not None:
         return
@@ -199,8 +214,7 @@ def _provide_app(uow: UnitOfWork, request: AccessRequest) -> None:
         name=request.new_app_name or "",
         description=request.new_app_description or "",
     )
-    if uow.catalogue.app(app.id) is None:
-        uow.catalogue.add_app(app)
+    uow.catalogue.add_app(app)
     request.app_id = app.id
 
 
@@ -255,8 +269,25 @@ def decide(
 
     A decision that is not signed by an active key of the admin it names, was signed for
     another deployment, or is older (or newer) than ``max_skew`` is recorded as refused
-    and changes nothing. Its id is recorded either way, so a replay of it changes nothing.
+    and changes nothing. Its id is recorded either way, so a replay of it changes nothing,
+    and a duplicate applied at the same moment writes nothing: one INFO line, no retry.
     """
+    try:
+        return _decide(command, uow=uow, verify=verify, audience=audience, max_skew=max_skew, now=now)
+    except Duplicate:
+        log.info("duplicate decision message %s ignored (applied at the same time)", command.decision_id)
+        return DecisionOutcome.IGNORED
+
+
+def _decide(
+    command: commands.DecideRequest,
+    *,
+    uow: UnitOfWork,
+    verify: SignatureVerifier,
+    audience: str,
+    max_skew: timedelta,
+    now: Callable[[], datetime],
+) -> DecisionOutcome:
     with uow:
         if uow.decisions.get(command.decision_id) is not None:
             log.info("duplicate decision message %s ignored", command.decision_id)
@@ -422,47 +453,66 @@ def send_notification(
 
     The attempt is committed before SMTP is spoken to and the result after, so a
     crash in between gives at most one duplicate, which shares the same Message-ID.
-    The attempt also takes a lease of ``lease_seconds``: a redelivery of the same
-    command that arrives while the first is still talking SMTP (the broker redelivers
-    when a connection drops) backs off instead of sending a second copy.
+    The attempt also takes a lease of ``lease_seconds`` (``ACCESSFLOW_EMAIL_LEASE_SECONDS``,
+    longer than the mailer's send deadline): a redelivery of the same command that
+    arrives while the first is still talking SMTP (the broker redelivers when a
+    connection drops) backs off instead of sending a second copy.
+
+    A refusal of some recipients, while the server took the message for the others,
+    ends in ``partial``, with the refused recipients in ``last_error``.
 
     Raises:
       TransientError: the server may take it later, or another worker holds the lease.
     """
-    with uow:
-        notification = uow.notifications.get(command.request_id, command.kind, for_update=True)
-        if notification is not None and notification.status is not DeliveryStatus.SENDING:
-            return notification.status
-        if notification is not None and notification.leased_by_another(utcnow()):
-            raise TransientError(
-                f"{command.kind.value} email for {command.request_id} is being sent by another worker"
+    try:
+        with uow:
+            notification = uow.notifications.get(command.request_id, command.kind, for_update=True)
+            if notification is not None and notification.status is not DeliveryStatus.SENDING:
+                return notification.status
+            if notification is not None and notification.leased_by_another(utcnow()):
+                raise TransientError(
+                    f"{command.kind.value} email for {command.request_id} is being sent by another worker"
+                )
+            request = uow.requests.get(command.request_id)
+            if request is None:
+                log.warning("notification for unknown request %s dropped", command.request_id)
+                return None
+            email = _compose(
+                request,
+                command.kind,
+                uow=uow,
+                admin_emails=tuple(admin_emails),
+                message_id=email_message_id(request.id, command.kind, message_id_domain),
             )
-        request = uow.requests.get(command.request_id)
-        if request is None:
-            log.warning("notification for unknown request %s dropped", command.request_id)
-            return None
-        email = _compose(
-            request,
-            command.kind,
-            uow=uow,
-            admin_emails=tuple(admin_emails),
-            message_id=email_message_id(request.id, command.kind, message_id_domain),
-        )
-        if notification is None:
-            notification = Notification(request_id=request.id, kind=command.kind, message_id=email.message_id)
-            uow.notifications.add(notification)
-        notification.attempts += 1
-        notification.lease_expires_at = utcnow() + timedelta(seconds=lease_seconds)
-        uow.commit()
+            if notification is None:
+                notification = Notification(
+                    request_id=request.id, kind=command.kind, message_id=email.message_id
+                )
+                uow.notifications.add(notification)
+            notification.attempts += 1
+            notification.lease_expires_at = utcnow() + timedelta(seconds=lease_seconds)
+            uow.commit()
+    except Duplicate:
+        # A twin delivery created the notification at the same moment, and holds its lease now.
+        log.info("duplicate %s email command for %s ignored", command.kind.value, command.request_id)
+        return None
     if not email.to:  # e.g. no ACCESSFLOW_ADMIN_EMAILS: a gap the operator must see, not a success
         return _record_delivery(uow, command, DeliveryStatus.FAILED, "no recipients configured")
     try:
-        mailer.send(email)
+        sent = mailer.send(email)
     except PermanentDeliveryError as refused:
         return _record_delivery(uow, command, DeliveryStatus.FAILED, str(refused))
     except TransientError as failure:
         _record_delivery(uow, command, DeliveryStatus.SENDING, str(failure))  # frees the lease for the retry
         raise
+    if sent.refused:
+        refusals = "; ".join(f"{address} ({reply})" for address, reply in sent.refused.items())
+        return _record_delivery(
+            uow,
+            command,
+            DeliveryStatus.PARTIAL,
+            f"{len(sent.refused)} of {len(email.to)} recipients refused: {refusals}",
+        )
     return _record_delivery(uow, command, DeliveryStatus.SENT, "")
 
 
@@ -474,11 +524,58 @@ def _record_delivery(
         assert notification is not None
         notification.status = status
         notification.last_error = error[:500]
-        notification.lease_expires_at = None
-        if status is DeliveryStatus.SENT:
-            notification.sent_at = utcnow()
+        now = utcnow()
+        # Still sending: the lease ends now, free for the retry, and dates this attempt, so that
+        # the sweep can tell an email whose retries are gone from one whose retry is on its way.
+        notification.lease_expires_at = now if status is DeliveryStatus.SENDING else None
+        if status in (DeliveryStatus.SENT, DeliveryStatus.PARTIAL):
+            notification.sent_at = now
         uow.commit()
     return status
+
+
+def redrive_stuck_notifications(
+    *,
+    uow: UnitOfWork,
+    stale_after: timedelta,
+    max_attempts: int,
+    limit: int = 100,
+    now: Callable[[], datetime] = utcnow,
+) -> tuple[int, int]:
+    """Send again the emails stuck in ``sending`` whose messages are gone; give up on them after a while.
+
+    An email is stuck when its lease ran out (or, never leased, it was created) more than
+    ``stale_after`` ago: no worker is sending it, and no retry of its message has come for
+    longer than a retry waits (the message was dead-lettered, or lost with its worker). Its
+    ``SendNotification`` is queued again through the outbox, with the attempt counted and
+    the lease's time moved to now, so that it is not re-driven again before ``stale_after``;
+    once it has had ``max_attempts`` attempts it is marked ``failed`` with the reason instead.
+    One transaction; rows another sweep holds are skipped (several workers run this).
+
+    Returns:
+      How many were re-driven, and how many were given up on.
+    """
+    redriven = failed = 0
+    with uow:
+        moment = now()
+        for notification in uow.notifications.stuck(before=moment - stale_after, limit=limit):
+            if notification.attempts >= max_attempts:
+                notification.status = DeliveryStatus.FAILED
+                notification.lease_expires_at = None
+                notification.last_error = (
+                    f"gave up: stuck in sending after {notification.attempts} attempt(s); "
+                    f"last error: {notification.last_error or 'none'}"
+                )[:500]
+                failed += 1
+                continue
+            notification.attempts += 1
+            notification.lease_expires_at = moment
+            uow.outbox.put(commands.SendNotification(notification.request_id, notification.kind))
+            redriven += 1
+        uow.commit()
+    if redriven or failed:
+        log.warning("stuck emails: %d re-driven, %d given up on", redriven, failed)
+    return redriven, failed
 
 
 def _compose(

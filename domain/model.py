@@ -451,6 +451,8 @@ class NotificationKind(enum.StrEnum):
 class DeliveryStatus(enum.StrEnum):
     SENDING = "sending"
     SENT = "sent"
+    #: Sent, but some recipients were refused; ``last_error`` names them.
+    PARTIAL = "partial"
     FAILED = "failed"
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from datetime import datetime
 from types import TracebackType
 from typing import Protocol, Self
 
@@ -68,6 +69,11 @@ class NotificationRepository(Protocol):
     ) -> Notification | None: ...
 
     def add(self, notification: Notification) -> None: ...
+
+    def stuck(self, *, before: datetime, limit: int) -> list[Notification]:
+        """Up to ``limit`` emails still ``sending`` whose lease ran out (or, never leased, that were
+        created) before ``before``; held for this transaction, and skipped by any other that asks."""
+        ...
 
 
 class PortalRepository(Protocol):
@@ -191,12 +197,24 @@ class Email:
     context: object
 
 
+@dataclass(frozen=True)
+class Sent:
+    """What the server did with an :class:`Email` it took: for whom it refused it, if anyone."""
+
+    #: Each recipient the server refused while it took the message for the others, with its reply
+    #: (``"550 5.1.1 no such user"``). Empty when every recipient was taken.
+    refused: Mapping[str, str] = field(default_factory=dict)
+
+
 class Mailer(Protocol):
     """Renders and delivers an :class:`Email`.
 
+    Returns:
+      What was sent; a refusal of some recipients, but not all, is not an error.
+
     Raises:
-      TransientError: the server may accept it later (4xx, dropped connection).
-      PermanentDeliveryError: the server refused it for good (5xx).
+      TransientError: the server may accept it later (4xx, dropped connection, the send's deadline).
+      PermanentDeliveryError: the server refused it for good (5xx), or every recipient.
     """
 
-    def send(self, email: Email) -> None: ...
+    def send(self, email: Email) -> Sent: ...

@@ -23,6 +23,7 @@ from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Engine
 from sqlalchemy.orm import Session, sessionmaker
 
+from domain import handlers
 from domain.model import utcnow
 from domain.ports import Mailer
 from infra import logging as accessflow_logging
@@ -43,6 +44,7 @@ from infra.envelope import safe_text
 from infra.outbox import OutboxRelay
 from infra.settings import Settings
 from infra.unit_of_work import SqlUnitOfWork
+from messages import routes
 
 log = structlog.get_logger()
 
@@ -214,7 +216,11 @@ def build(
 
 
 class WorkerLifecycle(Middleware):
-    """Binds ids to the log context per message; runs the outbox sweep; disposes the engine on shutdown."""
+    """Binds ids to the log context per message; runs the outbox sweep; disposes the engine on shutdown.
+
+    A pool that consumes the notifications queue also sweeps for emails stuck in ``sending``
+    (:func:`sweep_stuck_notifications`): where the emails are sent, and so wherever they are.
+    """
 
     def __init__(self, services: Services) -> None:
         self.services = services
@@ -235,6 +241,14 @@ class WorkerLifecycle(Middleware):
                 lambda: relay.prune(timedelta(hours=settings.outbox_retain_hours)),
             ),
         ]
+        if consumes(worker, routes.NOTIFY.queue_name(settings.queue_prefix)):
+            self.tasks.append(
+                PeriodicTask(
+                    "notification-sweep",
+                    settings.notification_sweep_seconds,
+                    lambda: sweep_stuck_notifications(self.services),
+                )
+            )
         for task in self.tasks:
             task.start()
 
@@ -263,6 +277,28 @@ class WorkerLifecycle(Middleware):
         exception: BaseException | None = None,
     ) -> None:
         structlog.contextvars.clear_contextvars()
+
+
+def consumes(worker: dramatiq.Worker, queue_name: str) -> bool:
+    """Whether ``worker`` consumes ``queue_name``: it names it, or it names no queue and takes them all."""
+    whitelist = worker.consumer_whitelist
+    return not whitelist or queue_name in whitelist
+
+
+def sweep_stuck_notifications(services: Services) -> tuple[int, int]:
+    """Re-drive the emails stuck in ``sending``, or give up on them (:func:`handlers.redrive_stuck_notifications`).
+
+    Safe in any number of processes at once: each takes the rows no other sweep holds.
+
+    Returns:
+      How many were re-driven, and how many were marked failed.
+    """
+    settings = services.settings
+    return handlers.redrive_stuck_notifications(
+        uow=services.uow(),
+        stale_after=timedelta(seconds=settings.notification_stale_seconds),
+        max_attempts=settings.notification_max_attempts,
+    )
 
 
 def wire(services: Services) -> dramatiq.Broker:

@@ -17,11 +17,13 @@ message. They are read through :class:`ReferenceReads`, from a cache each proces
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import threading
 from collections import OrderedDict
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from datetime import datetime
 from typing import Any, Final, Generic, TypeVar, cast
 
 import psycopg
@@ -32,6 +34,7 @@ from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Dialect, Row
 from sqlalchemy.orm import Session
 
+from domain.errors import Duplicate
 from domain.model import (
     AccessRequest,
     AdminKey,
@@ -72,6 +75,31 @@ def _upsert(session: Session, table: sa.Table, values: Values, key: str = "id") 
 
 def _on_postgres(session: Session) -> bool:
     return session.get_bind().dialect.name == "postgresql"
+
+
+def _violates(error: sa.exc.IntegrityError, table: str, constraint: str, columns: str) -> bool:
+    """Whether ``error`` is a unique key's refusal: ``constraint`` on PostgreSQL, ``columns`` on SQLite."""
+    orig = error.orig
+    if isinstance(orig, psycopg.errors.UniqueViolation):
+        return orig.diag.constraint_name == constraint
+    return f"UNIQUE constraint failed: {', '.join(f'{table}.{c}' for c in columns.split(','))}" in str(orig)
+
+
+@contextlib.contextmanager
+def _duplicate_of(what: str, table: str, constraint: str, columns: str = "id") -> Iterator[None]:
+    """Turn the refusal of a key that identifies a message into :class:`Duplicate`.
+
+    Two deliveries of one message that run at once both find no row, and both write one: the
+    second waits for the first's commit and is then refused by the key. That is the duplicate
+    the message is, not a failure; the domain sees it as such (and never SQLAlchemy's error).
+    Another key's refusal, or any other error, goes through as it is.
+    """
+    try:
+        yield
+    except sa.exc.IntegrityError as error:
+        if _violates(error, table, constraint, columns):
+            raise Duplicate(f"{what} was written by another delivery of the same message") from error
+        raise
 
 
 # --- the hot path's statements -------------------------------------------------------------------
@@ -504,7 +532,8 @@ class SqlRequestRepository:
         """Write every added request, and every loaded one that changed, each with its new audit rows."""
         postgres = _on_postgres(self.session)
         for request in self._added.values():
-            self._write("insert", request, request.history, postgres)
+            with _duplicate_of(f"request {request.id}", "access_requests", "access_requests_pkey"):
+                self._write("insert", request, request.history, postgres)
         for request, values, stored in self._loaded.values():
             changed = _request_values(request) != values
             new_entries = request.history[stored:]
@@ -626,7 +655,9 @@ class SqlCatalogueRepository:
     def add_app(self, app: App) -> None:
         # The new app is uncommitted: no later read of this transaction may put it in the cache.
         self.reads.wrote()
-        self.session.connection().execute(orm.apps.insert(), dataclasses.asdict(app))
+        # A new app's id is derived from its request's: a twin delivery of the request made it.
+        with _duplicate_of(f"app {app.id}", "apps", "apps_pkey"):
+            self.session.connection().execute(orm.apps.insert(), dataclasses.asdict(app))
 
     def upsert(self, entity: Product | Plan | Consumer | App) -> None:
         self.reads.wrote()
@@ -672,11 +703,14 @@ class SqlDecisionRepository:
 
     def flush(self) -> None:
         if self._added:
-            run(
-                self.session,
-                insert_rows(_decisions, _DECISION_COLUMNS, len(self._added)),
-                rows_parameters(self._added, _DECISION_COLUMNS, "v"),
-            )
+            with _duplicate_of(
+                f"decision {', '.join(d.id for d in self._added)}", "decisions", "decisions_pkey"
+            ):
+                run(
+                    self.session,
+                    insert_rows(_decisions, _DECISION_COLUMNS, len(self._added)),
+                    rows_parameters(self._added, _DECISION_COLUMNS, "v"),
+                )
         self._added.clear()
 
     def forget(self) -> None:
@@ -860,13 +894,38 @@ class SqlNotificationRepository:
         query = sa.select(_notifications).where(_notifications.c.request_id == request_id)
         return self._load(query.order_by(_notifications.c.id))
 
+    def stuck(self, *, before: datetime, limit: int) -> list[Notification]:
+        """Emails in ``sending`` whose lease ran out (or that were never leased) before ``before``.
+
+        Locked for this transaction; rows another transaction holds are skipped, not waited for.
+        Not on the hot path: a sweep runs it about once a minute per worker process.
+        """
+        c = _notifications.c
+        query = (
+            sa.select(_notifications)
+            .where(
+                c.status == DeliveryStatus.SENDING,
+                sa.func.coalesce(c.lease_expires_at, c.created_at) < before,
+            )
+            .order_by(c.id)
+            .limit(limit)
+            .with_for_update(skip_locked=True)
+        )
+        return self._loaded.load(self.session.connection().execute(query))
+
     def flush(self) -> None:
         for notification in self._added:
-            [inserted] = run(
-                self.session,
-                _INSERT_NOTIFICATION,
-                rows_parameters([notification], _NOTIFICATION_COLUMNS, "v"),
-            )
+            with _duplicate_of(
+                f"the {notification.kind.value} email of request {notification.request_id}",
+                "notifications",
+                "uq_notifications_request_kind",
+                "request_id,kind",
+            ):
+                [inserted] = run(
+                    self.session,
+                    _INSERT_NOTIFICATION,
+                    rows_parameters([notification], _NOTIFICATION_COLUMNS, "v"),
+                )
             notification.id = inserted.id
             self._loaded.remember(notification.id, notification)
         self._added.clear()

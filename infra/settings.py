@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Literal
+from typing import Annotated, Literal, Self
 from urllib.parse import unquote, urlsplit
 
-from pydantic import Field, SecretStr, field_validator
+from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+#: How much longer than the SMTP send deadline an email's lease must last, at least.
+EMAIL_LEASE_MARGIN_SECONDS = 5.0
 
 
 class Settings(BaseSettings):
@@ -73,7 +76,38 @@ class Settings(BaseSettings):
     smtp_tls: Literal["none", "starttls", "ssl"] = Field("none", description="none, starttls or ssl.")
     smtp_username: str | None = Field(None, description="SMTP user, if the server wants a login.")
     smtp_password: SecretStr | None = Field(None, description="SMTP password.")
-    smtp_timeout_seconds: float = Field(10.0, gt=0, description="Socket timeout for every SMTP operation.")
+    smtp_timeout_seconds: float = Field(
+        10.0, gt=0, description="Socket timeout for one SMTP operation; the send deadline bounds them all."
+    )
+    smtp_send_deadline_seconds: float = Field(
+        30.0,
+        gt=0,
+        description="The longest one email's send may take, all its SMTP steps together (connect, TLS, "
+        "login, NOOP, MAIL, RCPT, DATA); then it stops and is retried.",
+    )
+    email_lease_seconds: float = Field(
+        60.0,
+        gt=0,
+        description="While a worker sends an email, a redelivery of it waits this long before sending it "
+        "too; at least the send deadline plus 5 s, so no send outlives its lease.",
+    )
+    notification_sweep_seconds: float = Field(
+        60.0,
+        gt=0,
+        description="How often workers that consume the notifications queue look for stuck emails.",
+    )
+    notification_stale_seconds: float = Field(
+        900.0,
+        gt=0,
+        description="An email still `sending` this long after its lease ran out (its message dead-lettered "
+        "or lost) is sent again through the outbox.",
+    )
+    notification_max_attempts: int = Field(
+        20,
+        ge=1,
+        description="Attempts (sends and re-drives) after which a stuck email is marked failed "
+        "instead of re-driven.",
+    )
     subject_approve: str = Field(
         "Your access request for {{ app_name }} is approved",
         description="Jinja2 subject of the approve email.",
@@ -145,6 +179,18 @@ class Settings(BaseSettings):
     log_format: Literal["auto", "json", "console"] = Field(
         "auto", description="auto: console on a terminal, JSON otherwise."
     )
+
+    @model_validator(mode="after")
+    def _lease_outlives_the_send(self) -> Self:
+        # The margin covers what the lease guards besides SMTP: rendering, and recording the outcome.
+        if self.email_lease_seconds < self.smtp_send_deadline_seconds + EMAIL_LEASE_MARGIN_SECONDS:
+            raise ValueError(
+                f"ACCESSFLOW_EMAIL_LEASE_SECONDS ({self.email_lease_seconds:g}) must be at least "
+                f"ACCESSFLOW_SMTP_SEND_DEADLINE_SECONDS ({self.smtp_send_deadline_seconds:g}) plus "
+                f"{EMAIL_LEASE_MARGIN_SECONDS:g}: a send that outlives its lease lets a redelivery send a "
+                "second copy"
+            )
+        return self
 
     @field_validator("admin_emails", "broker_internal_users", mode="before")
     @classmethod

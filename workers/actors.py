@@ -59,7 +59,5 @@ def send_notification(message: v1.SendNotification, services: Services, sender: 
         mailer=services.mailer,
         admin_emails=services.settings.admin_emails,
         message_id_domain=services.settings.message_id_domain,
-        # Covers an exchange that times out on connect and once more; shorter than the retries'
-        # total backoff, so a redelivery after a crash outlives the dead sender's lease.
-        lease_seconds=2 * services.settings.smtp_timeout_seconds + 5,
+        lease_seconds=services.settings.email_lease_seconds,
     )

@@ -214,7 +214,13 @@ class TestMailFaults:
         # A generous client timeout: on this loaded 2-core machine the in-process sink can be slow to
         # answer, and a client that gave up after the sink stored the email would add a duplicate the
         # sink cannot count. The drops are the faults under test here, not timeouts.
-        slow_ok = {"max_retries": 20, "smtp_timeout_seconds": 30}
+        # The deadline and lease are those the 30 s timeout gave before sends had a deadline.
+        slow_ok = {
+            "max_retries": 20,
+            "smtp_timeout_seconds": 30,
+            "smtp_send_deadline_seconds": 60,
+            "email_lease_seconds": 65,
+        }
         with world(private_postgres.url, private_rabbitmq.url, tmp_path, smtp_rates=rates, **slow_ok) as w:
             batch = Batch(w, size=BATCH, seed=6)
             batch.start()

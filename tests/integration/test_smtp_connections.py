@@ -336,9 +336,9 @@ class TestAnIdleConnection:
         envelopes: list[bool] = []
         envelope = SmtpMailer._envelope
 
-        def spy(smtp: Any, outgoing: infra_email.Outgoing) -> None:
+        def spy(smtp: Any, outgoing: infra_email.Outgoing) -> dict[str, tuple[int, bytes]]:
             envelopes.append(smtp.sock is not None)
-            envelope(smtp, outgoing)
+            return envelope(smtp, outgoing)
 
         monkeypatch.setattr(SmtpMailer, "_envelope", staticmethod(spy))
 

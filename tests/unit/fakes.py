@@ -30,6 +30,7 @@ from domain.model import (
     Consumer,
     Credential,
     Decision,
+    DeliveryStatus,
     Notification,
     NotificationKind,
     Plan,
@@ -37,7 +38,7 @@ from domain.model import (
     Product,
     utcnow,
 )
-from domain.ports import Email, IssuedSecret
+from domain.ports import Email, IssuedSecret, Sent
 
 K = TypeVar("K", bound=Hashable)
 V = TypeVar("V")
@@ -247,6 +248,14 @@ class FakeNotificationRepository:
         notification.id = self._next_id
         self._next_id += 1
 
+    def stuck(self, *, before: datetime, limit: int) -> list[Notification]:
+        found = [
+            key
+            for key, n in self._table.rows.items()
+            if n.status is DeliveryStatus.SENDING and (n.lease_expires_at or n.created_at) < before
+        ]
+        return [loaded for key in found[:limit] if (loaded := self._table.load(key)) is not None]
+
     def saved(self, request_id: str, kind: NotificationKind) -> Notification | None:
         return self._table.rows.get((request_id, kind))
 
@@ -451,22 +460,27 @@ def fake_verify(public_key: str, signature: str, data: bytes) -> bool:
 
 
 class FakeMailer:
-    """Records every email it accepts; ``fail_next`` makes the next sends raise instead."""
+    """Records every email it accepts; ``fail_next`` makes the next sends raise instead.
+
+    ``refuse`` names recipients the server refuses while it takes the message for the others.
+    """
 
     def __init__(self) -> None:
         self.sent: list[Email] = []
         self.attempts = 0
+        self.refuse: dict[str, str] = {}
         self._failures: list[tuple[type[AccessflowError], str]] = []
 
     def fail_next(self, error: type[AccessflowError], message: str = "refused", *, times: int = 1) -> None:
         self._failures.extend([(error, message)] * times)
 
-    def send(self, email: Email) -> None:
+    def send(self, email: Email) -> Sent:
         self.attempts += 1
         if self._failures:
             error, message = self._failures.pop(0)
             raise error(message)
         self.sent.append(email)
+        return Sent(refused={a: reply for a, reply in self.refuse.items() if a in email.to})
 
 
 # --- the standard catalogue ----------------------------------------------------------------

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 from collections.abc import Callable
+from datetime import timedelta
 
 import pytest
 
@@ -16,6 +17,7 @@ from domain.handlers import (
     derived_id,
     follow_ups,
     issue_credentials,
+    redrive_stuck_notifications,
     retry_provisioning,
     route_request,
     send_notification,
@@ -30,9 +32,10 @@ from domain.model import (
     DeliveryStatus,
     NotificationKind,
     Status,
+    utcnow,
 )
 from domain.notifications import ApproveContext, ProductLine, RejectContext, ReviewContext
-from domain.ports import Email
+from domain.ports import Email, Sent
 from tests.unit.fakes import (
     ACME_EMAIL,
     ADMIN_EMAIL,
@@ -1079,12 +1082,12 @@ class TestARedeliveryWhileTheFirstDeliveryIsStillSending:
         redelivery: list[BaseException] = []
 
         class SlowMailer(FakeMailer):
-            def send(self, email: Email) -> None:
+            def send(self, email: Email) -> Sent:
                 try:
                     notify(uow, self, request_id, NotificationKind.REJECT)
                 except TransientError as busy:
                     redelivery.append(busy)
-                super().send(email)
+                return super().send(email)
 
         mailer = SlowMailer()
 
@@ -1103,7 +1106,7 @@ class TestARedeliveryWhileTheFirstDeliveryIsStillSending:
         request_id = rejected(uow, "no")
 
         class DyingMailer(FakeMailer):
-            def send(self, email: Email) -> None:
+            def send(self, email: Email) -> Sent:
                 raise SystemExit("the worker died")
 
         with pytest.raises(SystemExit):
@@ -1154,6 +1157,105 @@ class TestAPermanentMailFailure:
         # Then the server is not asked again
         assert status is DeliveryStatus.FAILED
         assert mailer.attempts == 1
+
+
+class TestARecipientRefusedWhileOthersAreTaken:
+    def test_is_recorded_as_partial_with_who_was_refused(
+        self, uow: FakeUnitOfWork, mailer: FakeMailer
+    ) -> None:
+        # Given a review email to two admins, and a server that refuses the second of them
+        request_id = pending_review(uow)
+        mailer.refuse = {ADMIN_EMAILS[1]: "550 5.1.1 no such user"}
+
+        # When it is sent
+        status = notify(uow, mailer, request_id, NotificationKind.REVIEW)
+
+        # Then it is not recorded as sent: partial, naming the refused recipient and the reply
+        assert status is DeliveryStatus.PARTIAL
+        notification = uow.notifications.saved(request_id, NotificationKind.REVIEW)
+        assert notification is not None
+        assert notification.status is DeliveryStatus.PARTIAL
+        assert notification.last_error == (
+            f"1 of 2 recipients refused: {ADMIN_EMAILS[1]} (550 5.1.1 no such user)"
+        )
+        assert notification.sent_at is not None and notification.lease_expires_at is None
+
+    def test_is_not_sent_again_on_a_redelivery(self, uow: FakeUnitOfWork, mailer: FakeMailer) -> None:
+        request_id = pending_review(uow)
+        mailer.refuse = {ADMIN_EMAILS[1]: "550 5.1.1 no such user"}
+        notify(uow, mailer, request_id, NotificationKind.REVIEW)
+
+        assert notify(uow, mailer, request_id, NotificationKind.REVIEW) is DeliveryStatus.PARTIAL
+        assert mailer.attempts == 1
+
+
+def stuck_email(uow: FakeUnitOfWork, mailer: FakeMailer) -> str:
+    """A rejection email whose send failed transiently, and whose message then went away."""
+    request_id = rejected(uow, "no")
+    mailer.fail_next(TransientError, "451 try later")
+    with pytest.raises(TransientError):
+        notify(uow, mailer, request_id, NotificationKind.REJECT)
+    uow.outbox.published.clear()
+    return request_id
+
+
+def later(seconds: float) -> Callable[[], object]:
+    return lambda: utcnow() + timedelta(seconds=seconds)
+
+
+class TestAnEmailStuckInSending:
+    def test_is_left_alone_while_its_retries_may_still_come(
+        self, uow: FakeUnitOfWork, mailer: FakeMailer
+    ) -> None:
+        stuck_email(uow, mailer)
+
+        assert redrive_stuck_notifications(
+            uow=uow, stale_after=timedelta(minutes=15), max_attempts=5, now=later(60)
+        ) == (0, 0)
+        assert uow.published == []
+
+    def test_is_sent_again_through_the_outbox_once_stale(
+        self, uow: FakeUnitOfWork, mailer: FakeMailer
+    ) -> None:
+        # Given an email whose last attempt ended long ago, still sending
+        request_id = stuck_email(uow, mailer)
+
+        # When the sweep runs, with a clock past the stale time
+        result = redrive_stuck_notifications(
+            uow=uow, stale_after=timedelta(minutes=15), max_attempts=5, now=later(16 * 60)
+        )
+
+        # Then its command is queued again, committed, with the attempt counted
+        assert result == (1, 0)
+        assert uow.published == [SendNotification(request_id, NotificationKind.REJECT)]
+        notification = uow.notifications.saved(request_id, NotificationKind.REJECT)
+        assert notification is not None
+        assert (notification.status, notification.attempts) == (DeliveryStatus.SENDING, 2)
+        # And it is not re-driven again at once
+        assert redrive_stuck_notifications(
+            uow=uow, stale_after=timedelta(minutes=15), max_attempts=5, now=later(16 * 60)
+        ) == (0, 0)
+
+    def test_ends_failed_with_the_reason_after_the_last_attempt(
+        self, uow: FakeUnitOfWork, mailer: FakeMailer
+    ) -> None:
+        request_id = stuck_email(uow, mailer)
+        results = [
+            redrive_stuck_notifications(
+                uow=uow, stale_after=timedelta(minutes=15), max_attempts=3, now=later(16 * 60 * (n + 1))
+            )
+            for n in range(4)
+        ]
+
+        assert results == [(1, 0), (1, 0), (0, 1), (0, 0)]
+        notification = uow.notifications.saved(request_id, NotificationKind.REJECT)
+        assert notification is not None
+        assert notification.status is DeliveryStatus.FAILED
+        assert (
+            notification.last_error
+            == "gave up: stuck in sending after 3 attempt(s); last error: 451 try later"
+        )
+        assert notify(uow, mailer, request_id, NotificationKind.REJECT) is DeliveryStatus.FAILED
 
 
 class TestANotificationForAnUnknownRequest:
