@@ -603,7 +603,7 @@ def credentials_verify(client_id: str | None) -> None:
 
 @main.group()
 def notifications() -> None:
-    """Emails owed, sent and failed."""
+    """Emails owed, sent, partly sent and failed."""
 
 
 @notifications.command("list")
@@ -613,7 +613,8 @@ def notifications() -> None:
 @click.option("--limit", default=100, show_default=True, help="At most this many, newest first.")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 def notifications_list(status: str | None, limit: int, as_json: bool) -> None:
-    """List emails; `--status failed` shows those the SMTP server refused for good."""
+    """List emails; `--status failed` shows those refused for good or given up on, `--status partial`
+    those the SMTP server took for some recipients and refused for others."""
     with _services() as services, services.uow() as uow:
         rows = [
             {

@@ -165,6 +165,13 @@ notifications = sa.Table(
     sa.Column("sent_at", Timestamp, nullable=True),
     sa.Column("lease_expires_at", Timestamp, nullable=True),
     sa.UniqueConstraint("request_id", "kind", name="uq_notifications_request_kind"),
+    # The stuck-email sweep reads only these, and they are few (migration 0008).
+    sa.Index(
+        "ix_notifications_sending",
+        "id",
+        postgresql_where=sa.text("status = 'sending'"),
+        sqlite_where=sa.text("status = 'sending'"),
+    ),
 )
 
 # The transactional outbox: written with the state change, published after the commit.
