@@ -34,6 +34,7 @@ from infra.broker import (
     Publisher,
     QuorumRabbitmqBroker,
     make_broker,
+    queue_declarer,
     record_refusals_with,
 )
 from infra.credentials import FernetSealer, LocalCredentialIssuer, PortalSealedBox
@@ -203,9 +204,7 @@ def build(
             else SmtpMailer(settings, renderer)
         )
     publisher: Publisher = (
-        BatchConfirmPublisher(
-            settings.broker_url, declare=lambda queue: broker.declare_queue(queue, ensure=True)
-        )
+        BatchConfirmPublisher(settings.broker_url, declare=queue_declarer(broker))
         if isinstance(broker, RabbitmqBroker)
         else DramatiqPublisher(broker)
     )
