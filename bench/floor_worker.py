@@ -2,7 +2,7 @@
 
 ``dramatiq bench.floor_worker:boot --queues <prefix>.requests <prefix>.credentials
 <prefix>.notifications`` with the ``ACCESSFLOW_*`` environment of a bench vhost. The broker is
-:func:`infra.broker.make_broker` with those settings: quorum queues, publisher confirms and
+:func:`infra.messaging.broker.make_broker` with those settings: quorum queues, publisher confirms and
 ``mandatory``, ``user_id`` on every publish, the envelope check on every delivery, and
 accessflow's middleware. The actors carry accessflow's actor names on accessflow's queues,
 and each publishes the next hop's message the way dramatiq does (``actor.send``)::
@@ -23,7 +23,7 @@ from typing import Any
 
 import dramatiq
 
-from infra.broker import make_broker, record_refusals_with
+from infra.messaging.broker import make_broker, record_refusals_with
 from infra.settings import Settings
 from messages.routes import ISSUE, NOTIFY, SUBMIT
 

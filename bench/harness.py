@@ -60,9 +60,9 @@ from bench.world import (
     stop_pools,
     wait_ready,
 )
-from infra import signing
-from infra.broker_admin import Rabbitmqctl
-from infra.credentials import generate_portal_keypair, generate_seal_key
+from infra.credentials import signing
+from infra.credentials.issuing import generate_portal_keypair, generate_seal_key
+from infra.messaging.broker_admin import Rabbitmqctl
 from infra.settings import Settings
 
 #: The queues accessflow's workers serve, and those of the floor's three hops.

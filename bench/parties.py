@@ -26,7 +26,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from bench.publisher import ConfirmingPublisher, Message, envelope
 from bench.world import ADMIN_ID, ADMIN_KEY_ID, APP_ID, CONSUMER, PORTAL_ID, Vhost
-from infra import producer
+from infra.cli import producer
 from messages.routes import DECIDE, SUBMIT
 
 AUTO_PLAN = "starter"

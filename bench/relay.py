@@ -2,7 +2,7 @@
 
 Both publish the same rows from the same outbox to the same RabbitMQ, in the same run:
 the baseline through dramatiq's broker (a confirm per message, as pika's blocking
-channel does), the relay through :class:`infra.broker.BatchConfirmPublisher`. The
+channel does), the relay through :class:`infra.messaging.broker.BatchConfirmPublisher`. The
 report is the ratio of their throughputs, so it does not depend on the machine.
 
 Run: ``make bench-relay`` (uses ACCESSFLOW_TEST_DATABASE_URL / ACCESSFLOW_TEST_BROKER_URL or the
@@ -23,12 +23,12 @@ from sqlalchemy.orm import sessionmaker
 
 from domain import commands
 from domain.model import NotificationKind
-from infra import migrate, orm
 from infra.bootstrap import create_engine
-from infra.broker import BatchConfirmPublisher, DramatiqPublisher, Publisher, make_broker
-from infra.outbox import OutboxRelay
+from infra.db import migrate, orm
+from infra.db.unit_of_work import SqlUnitOfWork
+from infra.messaging.broker import BatchConfirmPublisher, DramatiqPublisher, Publisher, make_broker
+from infra.messaging.outbox import OutboxRelay
 from infra.settings import Settings
-from infra.unit_of_work import SqlUnitOfWork
 from messages.routes import ROUTES
 from tests import services as svc
 

@@ -21,7 +21,7 @@ import time
 from types import FrameType
 from typing import Any
 
-#: accessflow's Message-ID: <kind.request-id@domain> (infra/email.py, domain.handlers.email_message_id).
+#: accessflow's Message-ID: <kind.request-id@domain> (infra/mail/transports.py, domain.handlers.email_message_id).
 MESSAGE_ID = re.compile(rb"^message-id:[ \t]*<([a-z_]+)\.([0-9A-Za-z-]{1,64})@", re.IGNORECASE | re.MULTILINE)
 REQUEST_ID_HEADER = re.compile(
     rb"^x-accessflow-request-id:[ \t]*([0-9A-Za-z-]{1,64})", re.IGNORECASE | re.MULTILINE

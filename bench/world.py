@@ -33,9 +33,9 @@ from pydantic import SecretStr
 
 from bench import procfs
 from bench.tracking import HarnessError
-from infra.broker_admin import Rabbitmqctl, apply_definitions
+from infra.messaging.broker_admin import Rabbitmqctl, apply_definitions
+from infra.messaging.topology import Accounts, QueueArguments, Topology, definitions
 from infra.settings import Settings
-from infra.topology import Accounts, QueueArguments, Topology, definitions
 from tests.faults.private_services import PrivatePostgres
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -26,9 +26,14 @@ from sqlalchemy.orm import Session, sessionmaker
 from domain import handlers
 from domain.model import utcnow
 from domain.ports import Mailer
-from infra import logging as accessflow_logging
-from infra import orm, signing, topology
-from infra.broker import (
+from infra import logs as accessflow_logging
+from infra.credentials import signing
+from infra.credentials.issuing import FernetSealer, LocalCredentialIssuer, PortalSealedBox
+from infra.db import orm
+from infra.db.unit_of_work import SqlUnitOfWork
+from infra.mail.transports import EmailRenderer, FileMailer, SmtpMailer
+from infra.messaging import topology
+from infra.messaging.broker import (
     BatchConfirmPublisher,
     DramatiqPublisher,
     PeriodicTask,
@@ -37,13 +42,10 @@ from infra.broker import (
     make_broker,
     record_refusals_with,
 )
-from infra.credentials import FernetSealer, LocalCredentialIssuer, PortalSealedBox
-from infra.delivery import DeliveryGuard
-from infra.email import EmailRenderer, FileMailer, SmtpMailer
-from infra.envelope import safe_text
-from infra.outbox import OutboxRelay
+from infra.messaging.delivery import DeliveryGuard
+from infra.messaging.envelope import safe_text
+from infra.messaging.outbox import OutboxRelay
 from infra.settings import Settings
-from infra.unit_of_work import SqlUnitOfWork
 from messages import routes
 
 log = structlog.get_logger()
@@ -65,7 +67,7 @@ def create_engine(settings: Settings) -> Engine:
     server hung up (a restart, a terminated backend) is dropped at checkout after a look at
     its socket, with no round trip (:func:`_refuse_if_hung_up`); and one that dies in use
     fails its statement, SQLAlchemy drops it, and the message is retried
-    (:func:`infra.delivery.transient_database_error`).
+    (:func:`infra.messaging.delivery.transient_database_error`).
     """
     url = sa.make_url(settings.database_url)
     connect_args: dict[str, Any] = {}

@@ -2,7 +2,7 @@
 
 Part of the wire contract (``asyncapi.yaml``, "Signing admin decisions"): a producer in any
 language derives the same bytes, and a worker rebuilds them from the message it received.
-``infra.signing`` signs and verifies these bytes.
+``infra.credentials.signing`` signs and verifies these bytes.
 """
 
 from __future__ import annotations

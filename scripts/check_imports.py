@@ -26,25 +26,25 @@ from pathlib import Path
 
 PACKAGES = ("domain", "messages", "infra", "workers")
 #: Directories that are not modules of the application: Alembic's scripts run in its own context.
-SKIPPED = ("infra/migrations",)
+SKIPPED = ("infra/db/migrations",)
 
 #: Findings that stood when this check was written; see the module docstring.
 KNOWN = frozenset(
     {
         "function import: infra/bootstrap.py:wire imports workers.registry",
-        "function import: infra/cli.py:db_upgrade imports infra.migrate",
-        "function import: infra/cli.py:credentials_verify imports infra.credentials",
-        "function import: infra/cli.py:dlq_list imports infra.dead_letters",
-        "function import: infra/cli.py:dlq_replay imports infra.dead_letters",
-        "function import: infra/cli.py:keys_generate imports infra.credentials",
-        "function import: infra/cli.py:keys_admin_generate imports infra.signing",
-        "function import: infra/cli.py:keys_portal_generate imports infra.credentials",
-        "function import: infra/cli.py:workers imports infra.supervisor",
-        "function import: infra/cli.py:demo imports infra.demo",
-        "function import: infra/demo.py:_play imports infra.cli",
-        "function import: infra/migrate.py:current imports alembic.runtime.migration",
-        "function import: infra/migrate.py:current imports infra.bootstrap",
-        "function import: infra/migrate.py:current imports infra.settings",
+        "function import: infra/cli/main.py:db_upgrade imports infra.db.migrate",
+        "function import: infra/cli/main.py:credentials_verify imports infra.credentials.issuing",
+        "function import: infra/cli/main.py:dlq_list imports infra.messaging.dead_letters",
+        "function import: infra/cli/main.py:dlq_replay imports infra.messaging.dead_letters",
+        "function import: infra/cli/main.py:keys_generate imports infra.credentials.issuing",
+        "function import: infra/cli/main.py:keys_admin_generate imports infra.credentials.signing",
+        "function import: infra/cli/main.py:keys_portal_generate imports infra.credentials.issuing",
+        "function import: infra/cli/main.py:workers imports infra.messaging.supervisor",
+        "function import: infra/cli/main.py:demo imports infra.cli.demo",
+        "function import: infra/cli/demo.py:_play imports infra.cli.main",
+        "function import: infra/db/migrate.py:current imports alembic.runtime.migration",
+        "function import: infra/db/migrate.py:current imports infra.bootstrap",
+        "function import: infra/db/migrate.py:current imports infra.settings",
         "function import: workers/registry.py:register_all imports workers.actors",
     }
 )
@@ -78,7 +78,7 @@ def _type_checking_block(node: ast.AST) -> bool:
 def _targets(
     node: ast.Import | ast.ImportFrom, module: str, is_package: bool, modules: set[str]
 ) -> list[str]:
-    """The modules an import statement imports: ``from infra import orm`` imports infra.orm."""
+    """The modules an import statement imports: ``from infra import orm`` imports infra.db.orm."""
     if isinstance(node, ast.Import):
         return [alias.name for alias in node.names]
     base = node.module or ""

@@ -1,11 +1,11 @@
 """Emails per second from one thread: rendering alone, and rendering plus SMTP to an aiosmtpd sink.
 
 The sink runs in its own process (``python -m aiosmtpd``, the Sink handler, which keeps nothing),
-so the figures are the client's. ``--impl`` loads the mailer from another copy of infra/email.py,
+so the figures are the client's. ``--impl`` loads the mailer from another copy of infra/mail/transports.py,
 to compare two versions in one run::
 
-    git show HEAD~1:infra/email.py > /tmp/email_before.py
-    .venv/bin/python scripts/email_rate.py --impl /tmp/email_before.py --impl infra/email.py
+    git show HEAD~1:infra/mail/transports.py > /tmp/email_before.py
+    .venv/bin/python scripts/email_rate.py --impl /tmp/email_before.py --impl infra/mail/transports.py
 
 Prints one line per implementation; a figure to compare, not a test.
 """
@@ -101,7 +101,7 @@ def _measure(path: str, settings: Settings, n: int) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--impl", action="append", help="a copy of infra/email.py (repeatable)")
+    parser.add_argument("--impl", action="append", help="a copy of infra/mail/transports.py (repeatable)")
     parser.add_argument("-n", type=int, default=2000, help="emails per measurement")
     parser.add_argument("--rounds", type=int, default=3, help="measurements per implementation; all printed")
     args = parser.parse_args()
@@ -123,7 +123,9 @@ def main() -> None:
                 time.sleep(0.05)  # the sink is starting
         settings = Settings(smtp_host="127.0.0.1", smtp_port=port)
         for _ in range(args.rounds):
-            for path in args.impl or [str(Path(__file__).resolve().parent.parent / "infra" / "email.py")]:
+            for path in args.impl or [
+                str(Path(__file__).resolve().parent.parent / "infra" / "mail" / "transports.py")
+            ]:
                 print(_measure(path, settings, args.n), flush=True)
     finally:
         sink.terminate()

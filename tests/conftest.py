@@ -14,12 +14,13 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from pydantic import SecretStr
 
 from domain.model import AdminKey, Portal, utcnow
-from infra import catalogue_file, migrate, signing
 from infra.bootstrap import Services, build
-from infra.broker_admin import BrokerAdminError, Rabbitmqctl, apply_definitions
-from infra.credentials import generate_portal_keypair, generate_seal_key
+from infra.credentials import signing
+from infra.credentials.issuing import generate_portal_keypair, generate_seal_key
+from infra.db import catalogue_file, migrate
+from infra.messaging.broker_admin import BrokerAdminError, Rabbitmqctl, apply_definitions
+from infra.messaging.topology import Accounts, QueueArguments, Topology, definitions
 from infra.settings import Settings
-from infra.topology import Accounts, QueueArguments, Topology, definitions
 from tests import services as svc
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -18,8 +18,8 @@ from dramatiq.middleware import CurrentMessage
 from pydantic import BaseModel, ValidationError
 
 from domain.errors import TransientError, Unauthorized
-from infra.delivery import transient_database_error
 from infra.faults import poison_check
+from infra.messaging.delivery import transient_database_error
 from messages.routes import Route
 from messages.v1 import MAX_MESSAGE_BYTES
 
@@ -84,7 +84,7 @@ def _register(route: Route, fn: ActorFunction, services: Services) -> None:
     def consume(*args: Any, **kwargs: Any) -> None:
         current = CurrentMessage.get_current_message()
         message_id = current.message_id if current is not None else "unknown"
-        # Set where the message was received, from RabbitMQ's validated user_id (infra.envelope).
+        # Set where the message was received, from RabbitMQ's validated user_id (infra.messaging.envelope).
         origin = current.options.get("origin") if current is not None else None
         sender = origin if isinstance(origin, str) else None
 

@@ -18,11 +18,11 @@ import pytest
 import sqlalchemy as sa
 
 from domain.model import Status
-from infra import orm
 from infra.bootstrap import Services
-from infra.credentials import open_sealed_secret
+from infra.credentials.issuing import open_sealed_secret
+from infra.db import orm
+from infra.messaging.topology import Topology
 from infra.settings import Settings
-from infra.topology import Topology
 from messages.routes import DECIDE, ROUTES, SUBMIT, Route
 from tests import services as svc
 from tests.conftest import Boundary, Parties, PortalParty

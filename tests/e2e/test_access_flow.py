@@ -12,8 +12,8 @@ from nacl.exceptions import CryptoError
 
 from domain.handlers import derived_id
 from domain.model import Plan, Status
-from infra import orm
 from infra.bootstrap import Services
+from infra.db import orm
 from infra.settings import Settings
 from messages.routes import SUBMIT
 from tests import services as svc

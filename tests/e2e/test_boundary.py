@@ -19,10 +19,11 @@ import sqlalchemy as sa
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from domain.model import Status
-from infra import orm, producer
 from infra.bootstrap import Services
+from infra.cli import producer
+from infra.db import orm
+from infra.messaging.topology import Topology
 from infra.settings import Settings
-from infra.topology import Topology
 from messages import routes
 from messages.canonical import canonical_bytes
 from tests import services as svc
@@ -215,7 +216,7 @@ class TestDecisionsNotSignedByAnActiveAdminKey:
         key_id = f"rotated-{uuid.uuid4().hex[:6]}"
         cli(env, "admins", "keys", "add", ADMIN_ID, "--key-id", key_id, "--public-key", public)
         cli(env, "admins", "keys", "revoke", key_id)
-        from infra.signing import load_private_key
+        from infra.credentials.signing import load_private_key
 
         key = load_private_key(key_file)
         request_id = pending(portal, services)

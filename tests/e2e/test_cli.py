@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 from alembic.script import ScriptDirectory
 
-from infra.migrate import alembic_config
+from infra.db.migrate import alembic_config
 from infra.settings import Settings
 from tests import services as svc
 from tests.conftest import EXAMPLES

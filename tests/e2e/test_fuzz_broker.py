@@ -42,11 +42,11 @@ from hypothesis_jsonschema import from_schema
 
 import messages
 from domain.model import Status
-from infra import orm
 from infra.bootstrap import Services
-from infra.envelope import MAX_DEPTH, is_message_id
+from infra.db import orm
+from infra.messaging.envelope import MAX_DEPTH, is_message_id
+from infra.messaging.topology import Topology
 from infra.settings import Settings
-from infra.topology import Topology
 from messages.routes import DECIDE, ISSUE, NOTIFY, ROUTES, SUBMIT
 from tests import services as svc
 from tests.conftest import ADMIN_ID, Boundary

@@ -18,7 +18,7 @@ import pytest
 
 from domain.model import Status
 from infra.bootstrap import Services
-from infra.envelope import MESSAGE_ID_RULE
+from infra.messaging.envelope import MESSAGE_ID_RULE
 from infra.settings import Settings
 from messages.routes import SUBMIT
 from tests import services as svc

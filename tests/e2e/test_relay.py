@@ -22,10 +22,10 @@ from sqlalchemy.orm import sessionmaker
 
 from domain import commands
 from domain.model import NotificationKind, utcnow
-from infra import migrate, orm
 from infra.bootstrap import create_engine
+from infra.db import migrate, orm
+from infra.db.unit_of_work import SqlUnitOfWork
 from infra.settings import Settings
-from infra.unit_of_work import SqlUnitOfWork
 from messages.routes import NOTIFY
 from tests import services as svc
 from tests.e2e.conftest import ACCESSFLOW

@@ -20,10 +20,10 @@ import pytest
 import sqlalchemy as sa
 
 from domain.model import Status
-from infra import orm
 from infra.bootstrap import Services
+from infra.db import orm
+from infra.messaging.topology import Topology
 from infra.settings import Settings
-from infra.topology import Topology
 from messages.routes import DECIDE, ISSUE, ROUTES, SUBMIT
 from tests import services as svc
 from tests.conftest import ADMIN_ID, Boundary

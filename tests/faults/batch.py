@@ -33,11 +33,13 @@ from pydantic import SecretStr
 from sqlalchemy.orm import sessionmaker
 
 from domain.model import FINAL_STATUSES, AdminKey, Status, utcnow
-from infra import catalogue_file, migrate, orm, producer, signing
 from infra.bootstrap import create_engine
-from infra.credentials import generate_seal_key
+from infra.cli import producer
+from infra.credentials import signing
+from infra.credentials.issuing import generate_seal_key
+from infra.db import catalogue_file, migrate, orm
+from infra.db.unit_of_work import SqlUnitOfWork
 from infra.settings import Settings
-from infra.unit_of_work import SqlUnitOfWork
 from messages.routes import DECIDE, ROUTES, SUBMIT
 from tests import services as svc
 from tests.conftest import ADMIN, ADMIN_ID, ADMIN_KEY_ID, TEST_CATALOGUE

@@ -4,12 +4,12 @@ One private RabbitMQ node (never the shared one) serves the whole module. ``acce
 broker setup`` (the CLI, as a subprocess) applies the definitions with passwords for the
 workers, the admin tool, ops and two portals (p1, p2), and a third portal (p3) without
 one; setup makes each portal's events queue and its binding. The workers' dramatiq broker
-then declares the work queues as the workers would, and :func:`infra.topology.declare`
+then declares the work queues as the workers would, and :func:`infra.messaging.topology.declare`
 runs on top, with the portal ids, as at worker boot.
 
 Every refusal is its own test and asserts RabbitMQ's exact error: an over-permissive
 setup would let the operation through and the test would fail. A portal declares and
-binds nothing (infra/topology.py says why: a queue of its own could dead-letter other
+binds nothing (infra/messaging/topology.py says why: a queue of its own could dead-letter other
 users' messages into the submissions exchange), so every such attempt is a refusal test.
 """
 
@@ -33,10 +33,10 @@ import pika.exceptions
 import pytest
 from pika.adapters.blocking_connection import BlockingChannel
 
-from infra.broker import QuorumRabbitmqBroker, make_broker
-from infra.broker_admin import MASK, BrokerAdminError, Rabbitmqctl, apply_definitions
+from infra.messaging.broker import QuorumRabbitmqBroker, make_broker
+from infra.messaging.broker_admin import MASK, BrokerAdminError, Rabbitmqctl, apply_definitions
+from infra.messaging.topology import HASHING_ALGORITHM, WORK_QUEUES, QueueArguments, Topology, declare
 from infra.settings import Settings
-from infra.topology import HASHING_ALGORITHM, WORK_QUEUES, QueueArguments, Topology, declare
 from tests.faults.private_services import RABBITMQ_SCRIPTS, PrivateRabbitMQ
 from tests.services import IN_CI, wait_until
 
@@ -92,7 +92,7 @@ class Deployment:
 
     def setup(self, *args: str) -> subprocess.CompletedProcess[str]:
         """``accessflow broker setup`` for this node, as a subprocess."""
-        argv = [sys.executable, "-m", "infra.cli_broker", "setup", "--node", self.node.node]
+        argv = [sys.executable, "-m", "infra.cli.broker", "setup", "--node", self.node.node]
         argv += ["--rabbitmqctl", str(RABBITMQ_SCRIPTS / "rabbitmqctl"), "--json"]
         argv += ["--workers-user", WORKERS, "--admin-user", ADMIN, "--ops-user", OPS]
         for portal_id, user in PORTAL_USERS.items():

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 import sqlalchemy as sa
 
-from infra import orm
+from infra.db import orm
 from tests import services as svc
 from tests.faults.batch import Batch, Figures, World, check_invariants, make_payloads, world
 from tests.faults.private_services import PrivatePostgres, PrivateRabbitMQ

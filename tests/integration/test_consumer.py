@@ -20,9 +20,9 @@ import pytest
 import sqlalchemy as sa
 from dramatiq.brokers.stub import StubBroker
 
-from infra import orm
 from infra.bootstrap import Services, build, wire
-from infra.broker import (
+from infra.db import orm
+from infra.messaging.broker import (
     BatchConfirmPublisher,
     DramatiqPublisher,
     EnvelopeConsumer,
@@ -31,7 +31,7 @@ from infra.broker import (
     broker_user,
     make_broker,
 )
-from infra.envelope import Refused
+from infra.messaging.envelope import Refused
 from infra.settings import Settings
 from messages.routes import ISSUE, ROUTES, SUBMIT
 from tests import services as svc

@@ -16,7 +16,7 @@ from dramatiq.errors import Retry
 from domain.errors import TransientError
 from infra import bootstrap
 from infra.bootstrap import Services, build, create_engine
-from infra.delivery import transient_database_error
+from infra.messaging.delivery import transient_database_error
 from infra.settings import Settings
 from messages.routes import SUBMIT
 from tests.e2e.conftest import request_payload

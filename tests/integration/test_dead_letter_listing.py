@@ -15,9 +15,9 @@ from collections.abc import Iterator
 import pika
 import pytest
 
-from infra import dead_letters
 from infra.bootstrap import Services
-from infra.broker import QuorumRabbitmqBroker, broker_user, make_broker
+from infra.messaging import dead_letters
+from infra.messaging.broker import QuorumRabbitmqBroker, broker_user, make_broker
 from infra.settings import Settings
 from messages.routes import ISSUE, ROUTES, SUBMIT
 from tests import services as svc

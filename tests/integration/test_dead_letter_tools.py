@@ -1,4 +1,4 @@
-"""``dlq list`` and ``dlq replay`` (infra.dead_letters) on whatever a dead-letter queue holds.
+"""``dlq list`` and ``dlq replay`` (infra.messaging.dead_letters) on whatever a dead-letter queue holds.
 
 Anything can end up in ``<queue>.XQ``: both tools must read every body without raising,
 and a replay (published by an internal user) must not give a message more trust than
@@ -15,9 +15,9 @@ from typing import Any
 import pika
 import pytest
 
-from infra import dead_letters
 from infra.bootstrap import Services
-from infra.broker import QuorumRabbitmqBroker, broker_user, make_broker
+from infra.messaging import dead_letters
+from infra.messaging.broker import QuorumRabbitmqBroker, broker_user, make_broker
 from infra.settings import Settings
 from messages.routes import ISSUE, ROUTES, SUBMIT
 from tests import services as svc

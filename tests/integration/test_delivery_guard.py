@@ -21,10 +21,10 @@ from dramatiq.errors import Retry
 from dramatiq.middleware import SkipMessage
 from sqlalchemy.orm import sessionmaker
 
-from infra import orm
 from infra.bootstrap import Services, create_engine
-from infra.broker import EnvelopeConsumer, QuorumRabbitmqBroker, make_broker
-from infra.delivery import DeliveryGuard, SuspectTurn, first_delivery
+from infra.db import orm
+from infra.messaging.broker import EnvelopeConsumer, QuorumRabbitmqBroker, make_broker
+from infra.messaging.delivery import DeliveryGuard, SuspectTurn, first_delivery
 from infra.settings import Settings
 from messages.routes import ROUTES, SUBMIT
 from tests import services as svc

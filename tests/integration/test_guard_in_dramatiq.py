@@ -30,11 +30,11 @@ from dramatiq.middleware.time_limit import TimeLimitExceeded
 from dramatiq.worker import WorkerThread
 from sqlalchemy.orm import sessionmaker
 
-from infra import delivery as delivery_module
-from infra import orm
 from infra.bootstrap import Services, create_engine
-from infra.delivery import DeliveryGuard
-from infra.envelope import MESSAGE_ID_RULE, body_id
+from infra.db import orm
+from infra.messaging import delivery as delivery_module
+from infra.messaging.delivery import DeliveryGuard
+from infra.messaging.envelope import MESSAGE_ID_RULE, body_id
 from infra.settings import Settings
 from messages.routes import SUBMIT
 from tests import services as svc

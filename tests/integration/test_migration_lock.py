@@ -14,7 +14,7 @@ import pytest
 import sqlalchemy as sa
 from alembic.script import ScriptDirectory
 
-from infra import migrate
+from infra.db import migrate
 from tests import services as svc
 
 pytestmark = pytest.mark.integration
@@ -33,7 +33,7 @@ def fresh_database(postgres_server: str) -> Iterator[str]:
 #: most of a process's start, are done by then, so two runs told at once migrate at once.
 UPGRADE_ON_CUE = """
 import sys
-from infra.cli import main
+from infra.cli.main import main
 sys.stdin.readline()
 main(["db", "upgrade"])
 """

@@ -15,12 +15,12 @@ import sqlalchemy as sa
 
 from domain import commands
 from domain.model import NotificationKind
-from infra import migrate, orm
 from infra.bootstrap import Services, build
-from infra.broker import Outgoing
-from infra.outbox import UnconfirmedPublish
+from infra.db import migrate, orm
+from infra.db.unit_of_work import SqlUnitOfWork
+from infra.messaging.broker import Outgoing
+from infra.messaging.outbox import UnconfirmedPublish
 from infra.settings import Settings
-from infra.unit_of_work import SqlUnitOfWork
 from messages.routes import NOTIFY
 from tests import services as svc
 

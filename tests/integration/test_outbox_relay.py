@@ -29,12 +29,12 @@ from sqlalchemy.orm import Session, sessionmaker
 from domain import commands
 from domain.events import PortalEvent
 from domain.model import NotificationKind, utcnow
-from infra import migrate, orm
 from infra.bootstrap import create_engine
-from infra.broker import Outgoing, PublishOutcome
-from infra.outbox import BATCH_SIZE, OutboxRelay, UnconfirmedPublish
+from infra.db import migrate, orm
+from infra.db.unit_of_work import SqlUnitOfWork
+from infra.messaging.broker import Outgoing, PublishOutcome
+from infra.messaging.outbox import BATCH_SIZE, OutboxRelay, UnconfirmedPublish
 from infra.settings import Settings
-from infra.unit_of_work import SqlUnitOfWork
 from tests import services as svc
 
 pytestmark = pytest.mark.integration

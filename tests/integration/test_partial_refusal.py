@@ -18,8 +18,8 @@ from click.testing import CliRunner
 from domain import commands, handlers
 from domain.model import DeliveryStatus, NotificationKind
 from infra.bootstrap import Services
-from infra.cli import main
-from infra.email import EmailRenderer, SmtpMailer
+from infra.cli.main import main
+from infra.mail.transports import EmailRenderer, SmtpMailer
 from infra.settings import Settings
 from tests import services as svc
 from tests.conftest import ADMIN

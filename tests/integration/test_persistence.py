@@ -21,8 +21,9 @@ from domain.model import (
 from domain.model import (
     DecisionOutcome as Outcome,
 )
-from infra import orm, producer
 from infra.bootstrap import Services
+from infra.cli import producer
+from infra.db import orm
 from tests.conftest import PORTAL_ID, Parties
 
 pytestmark = pytest.mark.integration

@@ -31,11 +31,13 @@ from domain.model import (
     Status,
     utcnow,
 )
-from infra import catalogue_file, migrate, orm, producer, signing
 from infra.bootstrap import Services
-from infra.cli import reveal_credentials
-from infra.credentials import generate_portal_keypair
-from infra.unit_of_work import SqlUnitOfWork
+from infra.cli import producer
+from infra.cli.main import reveal_credentials
+from infra.credentials import signing
+from infra.credentials.issuing import generate_portal_keypair
+from infra.db import catalogue_file, migrate, orm
+from infra.db.unit_of_work import SqlUnitOfWork
 from tests import services as svc
 from tests.conftest import PORTAL_ID, TEST_CATALOGUE, Parties
 from tests.unit.fakes import FakeMailer

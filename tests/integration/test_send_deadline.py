@@ -19,9 +19,9 @@ import pytest
 from domain import commands, handlers
 from domain.errors import TransientError
 from domain.model import DeliveryStatus, NotificationKind, utcnow
-from infra import email as infra_email
 from infra.bootstrap import Services
-from infra.email import EmailRenderer, SmtpMailer
+from infra.mail import transports as infra_email
+from infra.mail.transports import EmailRenderer, SmtpMailer
 from infra.settings import Settings
 from tests import services as svc
 from tests.conftest import ADMIN

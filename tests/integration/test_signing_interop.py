@@ -19,7 +19,7 @@ from typing import Any
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from infra.signing import (
+from infra.credentials.signing import (
     canonical_bytes,
     generate_keypair,
     load_private_key,

@@ -23,9 +23,9 @@ from domain.errors import PermanentDeliveryError, TransientError
 from domain.model import NotificationKind
 from domain.notifications import ProductLine, RejectContext
 from domain.ports import Email
-from infra import email as infra_email
 from infra.bootstrap import build
-from infra.email import EmailRenderer, SmtpMailer
+from infra.mail import transports as infra_email
+from infra.mail.transports import EmailRenderer, SmtpMailer
 from infra.settings import Settings
 from tests import services as svc
 

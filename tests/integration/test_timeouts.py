@@ -10,7 +10,7 @@ import sqlalchemy as sa
 
 from domain.errors import TransientError
 from infra.bootstrap import create_engine
-from infra.email import EmailRenderer, SmtpMailer
+from infra.mail.transports import EmailRenderer, SmtpMailer
 from infra.settings import Settings
 from tests.integration.test_email import reject_email
 

@@ -6,7 +6,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from infra import orm
+from infra.db import orm
 
 
 @pytest.fixture(scope="module", autouse=True)

@@ -25,8 +25,8 @@ import structlog
 import yaml
 from click.testing import CliRunner
 
-from infra.cli import main
-from infra.credentials import generate_seal_key
+from infra.cli.main import main
+from infra.credentials.issuing import generate_seal_key
 from infra.settings import Settings
 from messages.routes import ROUTES
 

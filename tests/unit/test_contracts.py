@@ -22,7 +22,7 @@ import yaml
 from pydantic import BaseModel, ValidationError
 
 import messages
-from infra.topology import QueueArguments, Topology
+from infra.messaging.topology import QueueArguments, Topology
 from messages import export, routes, v1, v2
 from messages.canonical import canonical_bytes
 from messages.events import RequestEvent

@@ -19,9 +19,16 @@ from domain.errors import PermanentDeliveryError
 from domain.model import NotificationKind
 from domain.notifications import ProductLine, RejectContext
 from domain.ports import Email
-from infra import catalogue_file
-from infra.cli import main
-from infra.email import EXPECTED_HEADERS, EmailRenderer, FileMailer, check_header_block, header_text, mailbox
+from infra.cli.main import main
+from infra.db import catalogue_file
+from infra.mail.transports import (
+    EXPECTED_HEADERS,
+    EmailRenderer,
+    FileMailer,
+    check_header_block,
+    header_text,
+    mailbox,
+)
 from infra.settings import Settings
 
 #: Every way a name has tried to add a ``Bcc: evil@x`` line to an email.

@@ -1,4 +1,4 @@
-"""``infra.envelope.read_envelope``: what a delivered body may say, and who may say it.
+"""``infra.messaging.envelope.read_envelope``: what a delivered body may say, and who may say it.
 
 Every case here is a body as it arrives from RabbitMQ, before dramatiq sees it. Refusals
 must carry a precise reason that is safe to store and log; accepted messages keep only
@@ -15,8 +15,8 @@ from typing import Any
 
 import pytest
 
-from infra import envelope as envelope_module
-from infra.envelope import (
+from infra.messaging import envelope as envelope_module
+from infra.messaging.envelope import (
     EXCERPT_CHARS,
     MAX_DEPTH,
     MAX_ENVELOPE_BYTES,

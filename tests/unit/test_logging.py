@@ -9,7 +9,7 @@ from collections.abc import Iterator
 import pytest
 import structlog
 
-from infra.logging import configure
+from infra.logs import configure
 
 
 @pytest.fixture

@@ -7,8 +7,8 @@ import uuid
 import pytest
 import sqlalchemy as sa
 
-from infra import orm
-from infra.envelope import MAX_MESSAGE_ID_CHARS, body_id, is_message_id
+from infra.db import orm
+from infra.messaging.envelope import MAX_MESSAGE_ID_CHARS, body_id, is_message_id
 
 
 def message_id_columns() -> list[sa.Column[str]]:

@@ -7,7 +7,7 @@ from pathlib import Path
 
 from click.testing import CliRunner
 
-from infra.cli import main
+from infra.cli.main import main
 from infra.settings import Settings
 
 README = (Path(__file__).resolve().parents[2] / "README.md").read_text()

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from infra.repositories import MISSING, ReferenceCache
+from infra.db.repositories import MISSING, ReferenceCache
 
 
 class TestTheReferenceCache:

@@ -19,7 +19,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey,
 from hypothesis import given
 from hypothesis import strategies as st
 
-from infra.signing import (
+from infra.credentials.signing import (
     SigningKeyError,
     canonical_bytes,
     generate_keypair,
@@ -460,7 +460,7 @@ class TestLoadPrivateKey:
 class TestAdminGenerateCommand:
     def run(self, *args: str) -> subprocess.CompletedProcess[str]:
         return subprocess.run(
-            [sys.executable, "-m", "infra.cli", "keys", "admin-generate", *args],
+            [sys.executable, "-m", "infra.cli.main", "keys", "admin-generate", *args],
             cwd=ROOT,
             capture_output=True,
             text=True,

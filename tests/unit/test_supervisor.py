@@ -24,7 +24,7 @@ stop.wait()
 
 SUPERVISOR = """
 import sys
-from infra.supervisor import supervise
+from infra.messaging.supervisor import supervise
 sys.exit(supervise([sys.executable, "-c", sys.argv[1], sys.argv[2]], shutdown_timeout=10, max_pause=0.2))
 """
 

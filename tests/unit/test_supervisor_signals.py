@@ -47,7 +47,7 @@ while not release.exists():
 # supervisor itself: the signal arrives while the new child is being started.
 SUPERVISOR = """
 import os, signal, subprocess, sys
-from infra import supervisor
+from infra.messaging import supervisor
 signal_on_start = int(sys.argv[1])
 popen = subprocess.Popen
 starts = []

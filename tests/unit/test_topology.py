@@ -18,10 +18,9 @@ from typing import Any
 import pytest
 from click.testing import CliRunner
 
-from infra.broker import QuorumRabbitmqBroker
-from infra.cli_broker import make_group, read_passwords, vhost_of
-from infra.settings import Settings
-from infra.topology import (
+from infra.cli.broker import make_group, read_passwords, vhost_of
+from infra.messaging.broker import QuorumRabbitmqBroker
+from infra.messaging.topology import (
     HASHING_ALGORITHM,
     SHIPPED_DEFINITIONS,
     WORK_QUEUES,
@@ -36,6 +35,7 @@ from infra.topology import (
     shipped_definitions,
     verify_password,
 )
+from infra.settings import Settings
 
 TOPOLOGY = Topology("accessflow")
 ACCOUNTS = Accounts(
@@ -200,7 +200,7 @@ class TestPermissions:
             assert not matches(p["read"], refused), refused
 
     def test_a_portal_configures_nothing(self) -> None:
-        # Declaring a queue means choosing its x-dead-letter-exchange: see infra/topology.py.
+        # Declaring a queue means choosing its x-dead-letter-exchange: see infra/messaging/topology.py.
         p = permission_of(document(), "portal-p1")
         assert p["configure"] == "^$"
         for refused in (
@@ -429,7 +429,7 @@ class TestDeclare:
 class TestShippedFile:
     def test_deploy_rabbitmq_definitions_json_is_current(self) -> None:
         assert SHIPPED_DEFINITIONS.read_text(encoding="utf-8") == shipped_definitions(), (
-            "deploy/rabbitmq/definitions.json is out of date: run python -m infra.topology"
+            "deploy/rabbitmq/definitions.json is out of date: run python -m infra.messaging.topology"
         )
 
     def test_it_holds_no_password(self) -> None:

@@ -9,9 +9,7 @@ from typing import Self
 
 from sqlalchemy.orm import Session, sessionmaker
 
-from infra.faults import crash_point
-from infra.outbox import OutboxRelay, SqlOutbox
-from infra.repositories import (
+from infra.db.repositories import (
     ReferenceCache,
     ReferenceReads,
     SqlAdminKeyRepository,
@@ -22,6 +20,8 @@ from infra.repositories import (
     SqlPortalRepository,
     SqlRequestRepository,
 )
+from infra.faults import crash_point
+from infra.messaging.outbox import OutboxRelay, SqlOutbox
 
 _caches: weakref.WeakKeyDictionary[sessionmaker[Session], ReferenceCache] = weakref.WeakKeyDictionary()
 _caches_lock = threading.Lock()

@@ -31,7 +31,7 @@ message: a plain ``Retry``, or a statement the database refused, would let the m
 unguarded. So every way the guard can fail is a ``MiddlewareError``: :class:`GuardRetry`
 for a passing failure, :class:`GuardFailed` for any other. dramatiq then does not run the
 message, and Retries sends it again with backoff, and dead-letters it once its retries
-are spent. A message whose id accessflow would never give (:func:`infra.envelope.is_message_id`)
+are spent. A message whose id accessflow would never give (:func:`infra.messaging.envelope.is_message_id`)
 is refused before anything is written under that id: it is recorded in ``malformed_messages``
 with the reason and acknowledged, or, if that cannot be recorded, dead-lettered.
 """
@@ -54,8 +54,8 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from domain.errors import TransientError
 from domain.model import utcnow
-from infra import orm
-from infra.envelope import EXCERPT_CHARS, MESSAGE_ID_RULE, body_id, is_message_id, safe_text
+from infra.db import orm
+from infra.messaging.envelope import EXCERPT_CHARS, MESSAGE_ID_RULE, body_id, is_message_id, safe_text
 
 log = structlog.get_logger()
 
@@ -86,7 +86,7 @@ def first_delivery(message: dramatiq.MessageProxy) -> bool:
     """Whether RabbitMQ says no run of ``message`` can have started before this delivery.
 
     Both of its marks must say so: the ``redelivered`` flag is unset, and a quorum queue's
-    ``x-delivery-count`` header (``delivery_count``, as :class:`infra.broker.EnvelopeConsumer`
+    ``x-delivery-count`` header (``delivery_count``, as :class:`infra.messaging.broker.EnvelopeConsumer`
     exposes it) is absent or 0. A message without the flag (the in-memory broker) or with a
     count that is not a plain integer counts as a redelivery: counting is the safe side.
     """
@@ -336,7 +336,7 @@ class DeliveryGuard(Middleware):
             raise SkipMessage(reason)
 
     def _refuse_id(self, message: dramatiq.MessageProxy) -> None:
-        # The edge (infra.envelope) refuses such ids; this catches any other way in, before a
+        # The edge (infra.messaging.envelope) refuses such ids; this catches any other way in, before a
         # counter or dead letter is written under an id that does not fit, or fits only cut short.
         try:
             kept_id = record_refused_id(self.session_factory, message)

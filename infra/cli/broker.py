@@ -2,13 +2,13 @@
 
 ``broker definitions`` prints the document (users without passwords); ``broker setup``
 builds the same document, with password hashes for the users in ``--passwords FILE``,
-and imports it into a node with rabbitmqctl (:mod:`infra.broker_admin`). Passwords are
+and imports it into a node with rabbitmqctl (:mod:`infra.messaging.broker_admin`). Passwords are
 read from a file, never from arguments, and never logged or printed.
 
 The portals come from ``--portal ID=USER`` options and, for ``setup``, from a source that
 the composition root may pass to :func:`make_group` (the portals table of the database).
 Each gets its user, its permissions and its events queue, bound to its own events: a
-portal declares and binds nothing itself (:mod:`infra.topology` says why).
+portal declares and binds nothing itself (:mod:`infra.messaging.topology` says why).
 """
 
 from __future__ import annotations
@@ -24,10 +24,10 @@ import click
 import yaml
 from pydantic import ValidationError
 
-from infra.broker_admin import BrokerAdminError, Rabbitmqctl, apply_definitions
-from infra.logging import configure as configure_logging
+from infra.logs import configure as configure_logging
+from infra.messaging.broker_admin import BrokerAdminError, Rabbitmqctl, apply_definitions
+from infra.messaging.topology import Accounts, QueueArguments, Topology, definitions, render
 from infra.settings import Settings
-from infra.topology import Accounts, QueueArguments, Topology, definitions, render
 
 #: Where ``setup`` may get more portals from: settings -> (portal id, AMQP user) pairs.
 PortalSource = Callable[[Settings], Iterable[tuple[str, str]]]
@@ -237,12 +237,12 @@ def make_group(portal_source: PortalSource | None = None) -> click.Group:
     return broker
 
 
-#: The group with no portal source; infra/cli.py registers it (or one from :func:`make_group`).
+#: The group with no portal source; infra/cli/main.py registers it (or one from :func:`make_group`).
 broker = make_group()
 
 
 def main() -> None:
-    """``python -m infra.cli_broker``: the group on its own, logging to stderr as ``accessflow`` does."""
+    """``python -m infra.cli.broker``: the group on its own, logging to stderr as ``accessflow`` does."""
     settings = _settings()
     configure_logging(settings.log_level, settings.log_format)
     broker(prog_name="accessflow broker")

@@ -2,7 +2,7 @@
 
 Only the middleware we want is installed: no Callbacks, Pipelines or GroupCallbacks,
 because their options would let a producer on the wire enqueue arbitrary follow-up
-messages (RELIABILITY.md, pitfall 9). Every delivery is read by :mod:`infra.envelope`
+messages (RELIABILITY.md, pitfall 9). Every delivery is read by :mod:`infra.messaging.envelope`
 in the consumer, before dramatiq sees it: options are cleaned there, where they
 arrive, because dramatiq's consumer thread acts on ``eta`` before any middleware runs
 (pitfall 11). A body that cannot be processed is recorded and acknowledged there too,
@@ -43,7 +43,7 @@ from dramatiq.middleware import (
     TimeLimit,
 )
 
-from infra.envelope import Accepted, Refused, body_id, excerpt, read_envelope
+from infra.messaging.envelope import Accepted, Refused, body_id, excerpt, read_envelope
 from infra.settings import Settings
 from messages.routes import ROUTES
 
@@ -458,7 +458,7 @@ class QuorumRabbitmqBroker(RabbitmqBroker):
     ``x-delivery-limit`` of them, so even a message that kills every worker it reaches
     cannot loop forever. Dead-lettering is at-least-once, so nothing is lost on the way
     to ``<queue>.XQ``. A queue's type cannot change once declared, hence this choice on
-    day one. The delivery limit here is a backstop: :mod:`infra.delivery` bounds deliveries
+    day one. The delivery limit here is a backstop: :mod:`infra.messaging.delivery` bounds deliveries
     more tightly, and more precisely, in the database.
     """
 
@@ -576,7 +576,7 @@ class QuorumRabbitmqBroker(RabbitmqBroker):
 
 
 class EnvelopeConsumer(_RabbitmqConsumer):
-    """dramatiq's RabbitMQ consumer, reading each delivery with :func:`infra.envelope.read_envelope`.
+    """dramatiq's RabbitMQ consumer, reading each delivery with :func:`infra.messaging.envelope.read_envelope`.
 
     An accepted delivery goes on to dramatiq as before, with a message built only from
     checked fields and cleaned options. A refused one is recorded through the broker's
@@ -613,7 +613,7 @@ class EnvelopeConsumer(_RabbitmqConsumer):
             self.known_tags.add(method.delivery_tag)
             message = _RabbitmqMessage(method.redelivered, method.delivery_tag, verdict.message)  # type: ignore[no-untyped-call]
             # A quorum queue's count of earlier deliveries: with ``redelivered``, it tells
-            # infra.delivery a first delivery, which it need not count. Absent on a first one.
+            # infra.messaging.delivery a first delivery, which it need not count. Absent on a first one.
             # Read only on a redelivery: on a first delivery the header can only be the producer's,
             # and a portal must not make its messages run one at a time by setting it.
             headers = properties.headers or {}

@@ -24,9 +24,9 @@ import yaml
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from pydantic import BaseModel, ValidationError
 
-from infra import signing
-from infra.broker import Outgoing, amqp_url_with_timeouts
-from infra.topology import Topology
+from infra.credentials import signing
+from infra.messaging.broker import Outgoing, amqp_url_with_timeouts
+from infra.messaging.topology import Topology
 from messages import routes, v2
 from workers.registry import explain
 

@@ -53,7 +53,7 @@ from domain.model import (
     Status,
     utcnow,
 )
-from infra import orm
+from infra.db import orm
 
 T = TypeVar("T")
 K = TypeVar("K")

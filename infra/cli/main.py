@@ -22,12 +22,15 @@ from domain import handlers
 from domain.commands import RetryProvisioning
 from domain.errors import AccessflowError
 from domain.model import AdminKey, DeliveryStatus, Status, utcnow
-from infra import catalogue_file, cli_broker, producer, signing
 from infra.bootstrap import Services, build
-from infra.logging import configure as configure_logging
-from infra.outbox import run_relay
+from infra.cli import broker as cli_broker
+from infra.cli import producer
+from infra.credentials import signing
+from infra.db import catalogue_file
+from infra.logs import configure as configure_logging
+from infra.messaging.outbox import run_relay
+from infra.messaging.topology import Topology
 from infra.settings import Settings
-from infra.topology import Topology
 from messages.routes import ROUTES
 from workers.registry import explain
 
@@ -79,7 +82,7 @@ def db() -> None:
 @click.option("--revision", default="head", show_default=True, help="Alembic revision to upgrade to.")
 def db_upgrade(revision: str) -> None:
     """Apply the migrations to ACCESSFLOW_DATABASE_URL."""
-    from infra import migrate
+    from infra.db import migrate
 
     settings = _settings()
     try:
@@ -590,7 +593,7 @@ def credentials_show(app_id: str, as_json: bool) -> None:
 @click.option("--client-id", default=None, help="The OAuth2 client id; omit for an API key.")
 def credentials_verify(client_id: str | None) -> None:
     """Check a secret read from standard input, as a gateway would. Exit 0 if valid, 1 if not."""
-    from infra.credentials import api_key_public_id, verify
+    from infra.credentials.issuing import api_key_public_id, verify
 
     secret = sys.stdin.readline().strip()
     public_id = client_id or api_key_public_id(secret)
@@ -656,7 +659,7 @@ def _xq_names(settings: Settings, queue: str | None) -> list[str]:
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 def dlq_list(queue: str | None, as_json: bool) -> None:
     """Show every dead-lettered message with its reason; each stays in its queue, in order, uncounted."""
-    from infra import dead_letters
+    from infra.messaging import dead_letters
 
     with _services() as services:
         settings = services.settings
@@ -692,7 +695,7 @@ def dlq_list(queue: str | None, as_json: bool) -> None:
 @click.option("--dry-run", is_flag=True, help="Count what would be replayed; move nothing.")
 def dlq_replay(queue: str | None, limit: int | None, dry_run: bool) -> None:
     """Put dead-lettered messages back on their queues, with fresh retries."""
-    from infra import dead_letters
+    from infra.messaging import dead_letters
 
     with _services() as services:
         url = services.settings.broker_url
@@ -796,7 +799,7 @@ def keys() -> None:
 @keys.command("generate")
 def keys_generate() -> None:
     """Print a new seal key for ACCESSFLOW_SEAL_KEY."""
-    from infra.credentials import generate_seal_key
+    from infra.credentials.issuing import generate_seal_key
 
     click.echo(generate_seal_key())
 
@@ -809,7 +812,7 @@ def keys_admin_generate(path: Path) -> None:
     Existing files are never overwritten. The private key stays with the admin portal;
     accessflow's workers get only the public key, once it is registered.
     """
-    from infra.signing import generate_keypair
+    from infra.credentials.signing import generate_keypair
 
     try:
         public_key = generate_keypair(path)
@@ -832,7 +835,7 @@ def keys_portal_generate() -> None:
     A real portal makes its own keypair and registers only the public half; this is for
     trying accessflow out, and for tests.
     """
-    from infra.credentials import generate_portal_keypair
+    from infra.credentials.issuing import generate_portal_keypair
 
     private, public = generate_portal_keypair()
     click.echo(f"private: {private}")
@@ -881,7 +884,7 @@ def workers(queues: tuple[str, ...], processes: int, threads: int, supervise: bo
     SIGTERM stops it gracefully: in-flight messages get ACCESSFLOW_SHUTDOWN_TIMEOUT_SECONDS
     to finish, and anything unfinished goes back to its queue.
     """
-    from infra.supervisor import supervise as run_supervised
+    from infra.messaging.supervisor import supervise as run_supervised
 
     settings = _settings()
     chosen = queues or tuple(QUEUE_CHOICES)
@@ -922,7 +925,7 @@ def workers(queues: tuple[str, ...], processes: int, threads: int, supervise: bo
 )
 def demo(workdir: Path, examples: Path) -> None:
     """Run the whole flow in one process: SQLite, in-memory broker, emails as .eml files."""
-    from infra.demo import run
+    from infra.cli.demo import run
 
     run(workdir=workdir, examples=examples, echo=click.echo)
 

@@ -1,6 +1,6 @@
 """Tables. The schema itself is created by the Alembic migrations.
 
-The domain classes are not mapped onto them: the repositories (:mod:`infra.repositories`)
+The domain classes are not mapped onto them: the repositories (:mod:`infra.db.repositories`)
 read rows and build plain domain objects with Core, and write them back with Core, so
 the hot path pays for neither ORM loading nor the ORM's flush.
 """
@@ -283,7 +283,7 @@ dead_letters = sa.Table(
     sa.Column("replayed_at", Timestamp, nullable=True),
 )
 
-#: The tables whose rows each process caches (infra.repositories.ReferenceCache), and so whose
+#: The tables whose rows each process caches (infra.db.repositories.ReferenceCache), and so whose
 #: every change must replace ``catalogue_version.version`` in the same transaction: migration
 #: 0006 puts a trigger on each that does it. On ``apps`` only updates and deletes do: requests
 #: insert apps all the time, and a new app can make no cached entry wrong, since an app that

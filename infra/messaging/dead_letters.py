@@ -8,7 +8,7 @@ to ``Q`` with its original id and fresh retries; consumers are idempotent, so a 
 of something already applied changes nothing.
 
 Any body may sit in an XQ, so both read it the way the consumer does
-(:func:`infra.envelope.parse_json`: bounded in size and depth), and never let it raise.
+(:func:`infra.messaging.envelope.parse_json`: bounded in size and depth), and never let it raise.
 
 Looking counts no delivery. A quorum queue counts every return of a message to it (a
 nack with requeue, or a channel closed with the message unacknowledged) in
@@ -33,7 +33,7 @@ portal included, may set any header it likes.
 
 A refusal the consumer could not record (its database was down) is nacked into the XQ
 with nothing but RabbitMQ's ``rejected``; the listing then reads the body again with
-:func:`infra.envelope.read_envelope`, the consumer's own pure function, and shows its
+:func:`infra.messaging.envelope.read_envelope`, the consumer's own pure function, and shows its
 reason: an unknown actor, a body that is not JSON.
 
 A replay must not launder a message. It is published by the operator's AMQP user, which
@@ -60,10 +60,10 @@ from pika.adapters.blocking_connection import BlockingChannel
 from sqlalchemy.orm import Session, sessionmaker
 
 from domain.model import utcnow
-from infra import orm
-from infra.broker import amqp_url_with_timeouts, broker_user
-from infra.delivery import forget
-from infra.envelope import (
+from infra.db import orm
+from infra.messaging.broker import amqp_url_with_timeouts, broker_user
+from infra.messaging.delivery import forget
+from infra.messaging.envelope import (
     DELAY_SUFFIX,
     MAX_ORIGIN_CHARS,
     Refused,

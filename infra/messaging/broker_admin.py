@@ -1,4 +1,4 @@
-"""Applying a definitions document (:func:`infra.topology.definitions`) to a RabbitMQ node.
+"""Applying a definitions document (:func:`infra.messaging.topology.definitions`) to a RabbitMQ node.
 
 Everything goes through ``rabbitmqctl``, which RabbitMQ ships on every node and which
 needs no management plugin: ``import_definitions`` (RabbitMQ 3.8.2 and later; 3.10 reads
@@ -184,7 +184,7 @@ def apply_definitions(
 
     Parameters:
       ctl: how to reach the node.
-      document: one vhost's definitions (:func:`infra.topology.definitions`).
+      document: one vhost's definitions (:func:`infra.messaging.topology.definitions`).
       passwords: user -> password, set afterwards with ``change_password`` (for users the
         document gives an empty hash, e.g. one printed by ``accessflow broker definitions``).
       verify_timeout: seconds to wait for the node to show everything imported.

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from alembic import context
 
-from infra import orm
 from infra.bootstrap import create_engine
-from infra.migrate import migration_lock
+from infra.db import orm
+from infra.db.migrate import migration_lock
 from infra.settings import Settings
 
 config = context.config
@@ -23,7 +23,7 @@ def run_migrations_offline() -> None:
 def run_migrations_online() -> None:
     engine = create_engine(settings)
     # The lock is taken before Alembic reads the current revision: two runs at once must
-    # not both start from the same one (infra.migrate's docstring).
+    # not both start from the same one (infra.db.migrate's docstring).
     with engine.connect() as connection, migration_lock(connection):
         context.configure(
             connection=connection,

@@ -21,7 +21,7 @@ down_revision = "0005"
 branch_labels = None
 depends_on = None
 
-#: The tables the workers cache (infra.orm.CACHED_TABLES, copied: a migration must not change
+#: The tables the workers cache (infra.db.orm.CACHED_TABLES, copied: a migration must not change
 #: when the code does), with the changes that bump the version. Inserting an app bumps
 #: nothing: requests insert apps all the time, and no cache keeps an app that was not found.
 BUMPED_BY = {

@@ -18,10 +18,13 @@ from dramatiq.brokers.stub import StubBroker
 from pydantic import SecretStr
 
 from domain.model import AdminKey, Portal, utcnow
-from infra import catalogue_file, credentials, migrate, producer, signing
 from infra.bootstrap import Services, build, wire
-from infra.broker import DramatiqPublisher
-from infra.logging import configure as configure_logging
+from infra.cli import producer
+from infra.credentials import issuing as credentials
+from infra.credentials import signing
+from infra.db import catalogue_file, migrate
+from infra.logs import configure as configure_logging
+from infra.messaging.broker import DramatiqPublisher
 from infra.settings import Settings
 from messages import routes
 from messages.routes import ROUTES
@@ -82,7 +85,7 @@ def _play(
     workdir: Path,
     echo: Callable[[str], Any],
 ) -> None:
-    from infra.cli import request_details
+    from infra.cli.main import request_details
 
     prefix = services.settings.queue_prefix
     portal_wire = producer.StubWire(broker, prefix, sender=PORTAL_USER)

@@ -54,7 +54,7 @@ from typing import TYPE_CHECKING, Any
 
 from dramatiq.common import xq_name
 
-from infra.broker import QuorumRabbitmqBroker, make_broker
+from infra.messaging.broker import QuorumRabbitmqBroker, make_broker
 from infra.settings import Settings
 
 if TYPE_CHECKING:
@@ -72,7 +72,7 @@ NOTHING = "^$"
 #: A regex matching the binding key of a portal's events queue, ``<portal id>.#``, and no other key.
 PORTAL_EVENTS_BINDING_KEY = "^" + PORTAL_ID.pattern.removeprefix("^").removesuffix("$") + r"\.#$"
 #: Where the definitions for the default deployment are shipped, and what they are made for.
-SHIPPED_DEFINITIONS = Path(__file__).resolve().parent.parent / "deploy" / "rabbitmq" / "definitions.json"
+SHIPPED_DEFINITIONS = Path(__file__).resolve().parents[2] / "deploy" / "rabbitmq" / "definitions.json"
 SHIPPED_PREFIX = "accessflow"
 SHIPPED_VHOST = "accessflow"
 
@@ -488,7 +488,7 @@ def definitions(
 
     An import adds and replaces; it never removes, and it leaves an existing queue as it is,
     arguments included. On a node set up before portals lost configure, what a portal
-    declared or bound itself is still there: :func:`infra.broker_admin.apply_definitions`
+    declared or bound itself is still there: :func:`infra.messaging.broker_admin.apply_definitions`
     fails on a portal events queue whose arguments differ; any other queue under
     ``<prefix>.portal.``, any binding from the events exchange other than ``P.#`` to P's
     queue, and any exchange-to-exchange binding into the submissions exchange must be
@@ -582,17 +582,17 @@ def shipped_definitions() -> str:
 
 
 def main(argv: Sequence[str] | None = None, *, target: Path = SHIPPED_DEFINITIONS) -> int:
-    """``python -m infra.topology [--check]``: write (or check) the shipped definitions file."""
+    """``python -m infra.messaging.topology [--check]``: write (or check) the shipped definitions file."""
     args = list(sys.argv[1:] if argv is None else argv)
     expected = shipped_definitions()
     current = target.read_text(encoding="utf-8") if target.exists() else None
     if args == ["--check"]:
         if current != expected:
-            print(f"{target} is out of date: run python -m infra.topology", file=sys.stderr)
+            print(f"{target} is out of date: run python -m infra.messaging.topology", file=sys.stderr)
             return 1
         return 0
     if args:
-        print("usage: python -m infra.topology [--check]", file=sys.stderr)
+        print("usage: python -m infra.messaging.topology [--check]", file=sys.stderr)
         return 2
     target.parent.mkdir(parents=True, exist_ok=True)
     target.write_text(expected, encoding="utf-8")

@@ -405,7 +405,7 @@ class EmailRenderer:
         # auto_reload off: the templates ship with the package and do not change while a process
         # runs, so no render asks the loader (a stat of each file, the layout too) if they did.
         self.html = Environment(
-            loader=PackageLoader("infra", "templates"),
+            loader=PackageLoader("infra.mail", "templates"),
             autoescape=select_autoescape(enabled_extensions=("html", "html.j2"), default_for_string=True),
             undefined=StrictUndefined,
             keep_trailing_newline=True,
@@ -414,7 +414,7 @@ class EmailRenderer:
         # Plain text and subjects are not HTML: escaping them would show &amp; to the reader.
         # A rendered subject is made safe for its header by header_text, whatever the template.
         self.text = Environment(
-            loader=PackageLoader("infra", "templates"),
+            loader=PackageLoader("infra.mail", "templates"),
             autoescape=False,  # noqa: S701 - text/plain and headers, never HTML
             undefined=StrictUndefined,
             auto_reload=False,

@@ -51,11 +51,11 @@ from sqlalchemy.orm import Session, sessionmaker
 from domain.commands import Command
 from domain.events import PortalEvent
 from domain.model import utcnow
-from infra import orm
-from infra.broker import ExplainingPublisher, Outgoing, Publisher, PublishOutcome
+from infra.db import orm
+from infra.db.repositories import insert_rows, rows_parameters, run
 from infra.faults import crash_point
-from infra.repositories import insert_rows, rows_parameters, run
-from infra.topology import Topology
+from infra.messaging.broker import ExplainingPublisher, Outgoing, Publisher, PublishOutcome
+from infra.messaging.topology import Topology
 from messages.events import RequestEvent
 from messages.routes import route_for_command
 
