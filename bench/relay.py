@@ -23,8 +23,8 @@ from sqlalchemy.orm import sessionmaker
 
 from domain import commands
 from domain.model import NotificationKind
-from infra.bootstrap import create_engine
 from infra.db import migrate, orm
+from infra.db.engine import create_engine
 from infra.db.unit_of_work import SqlUnitOfWork
 from infra.messaging.broker import BatchConfirmPublisher, DramatiqPublisher, Publisher, make_broker
 from infra.messaging.outbox import OutboxRelay

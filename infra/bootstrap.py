@@ -7,7 +7,6 @@ Nothing is built at import time. A process calls :func:`build` once it boots
 from __future__ import annotations
 
 import json
-import select
 import sys
 from dataclasses import dataclass, field
 from datetime import timedelta
@@ -15,7 +14,6 @@ from pathlib import Path
 from typing import Any
 
 import dramatiq
-import sqlalchemy as sa
 import structlog
 from dramatiq.brokers.rabbitmq import RabbitmqBroker
 from dramatiq.middleware import Middleware, Retries
@@ -26,13 +24,16 @@ from sqlalchemy.orm import Session, sessionmaker
 from domain import handlers
 from domain.model import utcnow
 from domain.ports import Mailer
+from infra import faults
 from infra import logs as accessflow_logging
 from infra.credentials import signing
 from infra.credentials.issuing import FernetSealer, LocalCredentialIssuer, PortalSealedBox
 from infra.db import orm
+from infra.db.engine import create_engine
 from infra.db.unit_of_work import SqlUnitOfWork
 from infra.mail.transports import EmailRenderer, FileMailer, SmtpMailer
 from infra.messaging import topology
+from infra.messaging.actors import register
 from infra.messaging.broker import (
     BatchConfirmPublisher,
     DramatiqPublisher,
@@ -47,74 +48,12 @@ from infra.messaging.envelope import safe_text
 from infra.messaging.outbox import OutboxRelay
 from infra.settings import Settings
 from messages import routes
+from workers.actors import ACTORS
 
 log = structlog.get_logger()
 
 #: How much of an unreadable body is kept for the operator to look at.
 BODY_EXCERPT_CHARS = 2000
-
-
-#: Seconds after which a pooled database connection is replaced at its next checkout, so that
-#: none outlives the idle timeout of a server, proxy or firewall that would drop it silently.
-POOL_RECYCLE_SECONDS = 600
-
-
-def create_engine(settings: Settings) -> Engine:
-    """The engine for ``settings.database_url``; on PostgreSQL with connect, statement and lock timeouts.
-
-    No ping on checkout: ``pool_pre_ping`` cost a round trip, and a transaction, every time.
-    Instead a pooled connection is recycled after :data:`POOL_RECYCLE_SECONDS`; one whose
-    server hung up (a restart, a terminated backend) is dropped at checkout after a look at
-    its socket, with no round trip (:func:`_refuse_if_hung_up`); and one that dies in use
-    fails its statement, SQLAlchemy drops it, and the message is retried
-    (:func:`infra.messaging.delivery.transient_database_error`).
-    """
-    url = sa.make_url(settings.database_url)
-    connect_args: dict[str, Any] = {}
-    if url.get_backend_name() == "postgresql":
-        connect_args = {
-            "connect_timeout": settings.db_connect_timeout_seconds,
-            "options": f"-c statement_timeout={settings.db_statement_timeout_ms}"
-            f" -c lock_timeout={settings.db_statement_timeout_ms}",
-            # Server-side prepared statements from a statement's second run on a connection: the
-            # hot path's statements are fixed texts, parsed and planned once per connection
-            # (PostgreSQL's CPU per request falls by about a third); one-off statements are not
-            # prepared. A pooler in front would need to support them (PgBouncer >= 1.21).
-            "prepare_threshold": 1,
-        }
-        engine = sa.create_engine(
-            url,
-            connect_args=connect_args,
-            # Sized to the threads that use it: a connection beyond pool_size is closed when it
-            # is returned, and a process that needs more than that connects anew all the time.
-            pool_size=settings.db_pool_size,
-            max_overflow=max(4, settings.db_pool_size // 2),
-            pool_recycle=POOL_RECYCLE_SECONDS,
-        )
-        sa.event.listen(engine, "checkout", _refuse_if_hung_up)
-        return engine
-    return sa.create_engine(url, connect_args={"check_same_thread": False})
-
-
-def _refuse_if_hung_up(dbapi_connection: Any, record: Any, proxy: Any) -> None:
-    """Make the pool connect afresh instead of handing out a connection its server has closed.
-
-    A pooled connection is idle: the server sends it nothing, unless it hangs up, when it
-    sends its reason (``terminating connection due to ...``) and closes the socket. So a
-    socket with something to read, or an error, is dead. Looking is one poll(2) that does
-    not wait. A connection that died without a word (a host gone) is not seen here: its
-    first statement fails, and the message is retried.
-    """
-    try:
-        descriptor = dbapi_connection.fileno()
-    except Exception:  # psycopg raises once the connection is closed
-        descriptor = None
-    if descriptor is not None:
-        poller = select.poll()
-        poller.register(descriptor, select.POLLIN)  # hang-ups and errors are always reported
-        if not poller.poll(0):
-            return
-    raise sa.exc.DisconnectionError("the database server closed this pooled connection")
 
 
 @dataclass
@@ -128,6 +67,8 @@ class Services:
     relay: OutboxRelay
     mailer: Mailer
     issuer: LocalCredentialIssuer = field(default_factory=LocalCredentialIssuer)
+    #: SqlUnitOfWork; under the fault suite, one that crashes after a commit (infra.faults).
+    unit_of_work: type[SqlUnitOfWork] = SqlUnitOfWork
     portal_sealer: PortalSealedBox = field(default_factory=PortalSealedBox)
 
     @staticmethod
@@ -135,7 +76,9 @@ class Services:
         return signing.verify(public_key, signature, data)
 
     def uow(self) -> SqlUnitOfWork:
-        return SqlUnitOfWork(self.session_factory, queue_prefix=self.settings.queue_prefix, relay=self.relay)
+        return self.unit_of_work(
+            self.session_factory, queue_prefix=self.settings.queue_prefix, relay=self.relay
+        )
 
     def sealer(self) -> FernetSealer:
         keys = self.settings.seal_key.get_secret_value().split(",") if self.settings.seal_key else []
@@ -213,8 +156,14 @@ def build(
         if isinstance(broker, RabbitmqBroker)
         else DramatiqPublisher(broker)
     )
+    under_faults = faults.configured()
+    if under_faults:
+        publisher = faults.crashing_publisher(publisher)
     relay = OutboxRelay(session_factory, publisher, max_attempts=settings.outbox_max_attempts)
-    return Services(settings, engine, session_factory, broker, relay, mailer)
+    services = Services(settings, engine, session_factory, broker, relay, mailer)
+    if under_faults:
+        services.unit_of_work = faults.CrashingUnitOfWork
+    return services
 
 
 class WorkerLifecycle(Middleware):
@@ -305,14 +254,15 @@ def sweep_stuck_notifications(services: Services) -> tuple[int, int]:
 
 def wire(services: Services) -> dramatiq.Broker:
     """Register every actor on the services' broker, on the configured queues."""
-    from workers.registry import register_all
-
     services.broker.add_middleware(WorkerLifecycle(services))
     services.broker.add_middleware(
         DeliveryGuard(services.session_factory, services.settings.max_deliveries), before=Retries
     )
-    register_all(services)
+    for declared in ACTORS:
+        register(declared, services)
     record_refusals_with(services.broker, services.record_malformed)
+    if faults.configured():
+        services.broker.add_middleware(faults.PoisonMessages())  # last: runs just before the actor
     dramatiq.set_broker(services.broker)
     return services.broker
 

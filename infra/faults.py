@@ -1,9 +1,11 @@
-"""Fault injection points for the fault suite; inert unless ``ACCESSFLOW_FAULTS`` is set.
+"""Fault injection for the fault suite; installed by the composition root only when ``ACCESSFLOW_FAULTS`` is set.
 
-Production never sets it. The fault suite sets it in the environment of the worker
-processes it starts, to crash them at the exact points where at-least-once delivery
-bites: after a commit and before the ack, and between a publisher confirm and the
-outbox mark. The format is comma-separated ``name=value`` pairs::
+Production never sets it, and then nothing here is on any path: the points are held by
+wrappers and a middleware that :mod:`infra.bootstrap` puts around the real parts, not by
+calls inside them. The fault suite sets it in the environment of the worker processes it
+starts, to crash them at the exact points where at-least-once delivery bites: after a
+commit and before the ack (and before the commit's messages are published), and between a
+publisher confirm and the outbox mark. The format is comma-separated ``name=value`` pairs::
 
     ACCESSFLOW_FAULTS="after_commit=0.01,relay_after_publish=0.05,kill_request=<uuid>,raise_request=<uuid>"
 
@@ -15,6 +17,14 @@ from __future__ import annotations
 import functools
 import os
 import random
+from collections.abc import Sequence
+from typing import Any
+
+import dramatiq
+from dramatiq.middleware import Middleware
+
+from infra.db.unit_of_work import SqlUnitOfWork
+from infra.messaging.broker import ExplainingPublisher, Outgoing, Publisher, PublishOutcome
 
 #: Exit status of an injected crash, so a test can tell it from a real one.
 CRASH_EXIT_CODE = 86
@@ -28,6 +38,11 @@ class InjectedFault(RuntimeError):
 def _configured() -> dict[str, str]:
     pairs = (item.split("=", 1) for item in os.environ.get("ACCESSFLOW_FAULTS", "").split(",") if "=" in item)
     return {name.strip(): value.strip() for name, value in pairs}
+
+
+def configured() -> bool:
+    """Whether this process runs under the fault suite."""
+    return bool(_configured())
 
 
 def crash_point(name: str) -> None:
@@ -45,3 +60,61 @@ def poison_check(request_id: str | None) -> None:
         os._exit(CRASH_EXIT_CODE)
     if request_id in _configured().get("raise_request", "").split("|"):
         raise InjectedFault(f"poison request {request_id}")
+
+
+class CrashingUnitOfWork(SqlUnitOfWork):
+    """Crashes between a commit and the publishing of its messages: the outbox sweep must send them."""
+
+    def _publish_committed(self) -> None:
+        crash_point("after_commit")
+        super()._publish_committed()
+
+
+class PoisonMessages(Middleware):
+    """Kills the process, or raises, on a message of a request the fault suite marked as poison.
+
+    Added after every other middleware, so that its hook runs last before the actor: the
+    delivery guard has counted the delivery, as it would for a poison message of real life.
+    """
+
+    def before_process_message(self, broker: dramatiq.Broker, message: dramatiq.MessageProxy) -> None:
+        payload = message.args[0] if len(message.args) == 1 else None
+        request_id = payload.get("request_id") if isinstance(payload, dict) else None
+        poison_check(request_id if isinstance(request_id, str) else None)
+
+
+class _CrashingPublisher:
+    """Crashes after the broker confirmed a batch and before the relay marks its rows sent."""
+
+    def __init__(self, inner: Publisher) -> None:
+        self.inner = inner
+
+    def publish(self, *args: Any, **kwargs: Any) -> None:
+        self.inner.publish(*args, **kwargs)
+
+    def publish_batch(self, messages: Sequence[Outgoing]) -> set[str]:
+        confirmed = self.inner.publish_batch(messages)
+        crash_point("relay_after_publish")
+        return confirmed
+
+    def close(self) -> None:
+        self.inner.close()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.inner, name)
+
+
+class _CrashingExplainingPublisher(_CrashingPublisher):
+    inner: Any
+
+    def publish_explained(self, messages: Sequence[Outgoing]) -> PublishOutcome:
+        outcome: PublishOutcome = self.inner.publish_explained(messages)
+        crash_point("relay_after_publish")
+        return outcome
+
+
+def crashing_publisher(inner: Publisher) -> Publisher:
+    """``inner``, crashing at ``relay_after_publish``; it explains its outcomes if ``inner`` does."""
+    if isinstance(inner, ExplainingPublisher):
+        return _CrashingExplainingPublisher(inner)
+    return _CrashingPublisher(inner)

@@ -1,4 +1,4 @@
-"""The four actors, one per queue. Each decodes (done by the registry), calls a handler, returns.
+"""The four actors, one per queue. Each gets its contract decoded (infra.messaging.actors), calls a handler, returns.
 
 ``sender`` is the AMQP user that first published the message, as RabbitMQ validated it.
 """
@@ -6,11 +6,11 @@
 from __future__ import annotations
 
 from datetime import timedelta
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from domain import handlers
 from messages import routes, v1, v2
-from workers.registry import actor
+from workers.registry import Actor, actor
 
 if TYPE_CHECKING:
     from infra.bootstrap import Services
@@ -61,3 +61,7 @@ def send_notification(message: v1.SendNotification, services: Services, sender: 
         message_id_domain=services.settings.message_id_domain,
         lease_seconds=services.settings.email_lease_seconds,
     )
+
+
+#: Every actor; :func:`infra.bootstrap.wire` registers exactly these.
+ACTORS: tuple[Actor[Any], ...] = (route_request, apply_decision, issue_credentials, send_notification)

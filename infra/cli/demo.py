@@ -12,6 +12,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import click
 import dramatiq
 import yaml
 from dramatiq.brokers.stub import StubBroker
@@ -22,7 +23,7 @@ from infra.bootstrap import Services, build, wire
 from infra.cli import producer
 from infra.credentials import issuing as credentials
 from infra.credentials import signing
-from infra.db import catalogue_file, migrate
+from infra.db import catalogue_file, migrate, views
 from infra.logs import configure as configure_logging
 from infra.messaging.broker import DramatiqPublisher
 from infra.settings import Settings
@@ -85,7 +86,6 @@ def _play(
     workdir: Path,
     echo: Callable[[str], Any],
 ) -> None:
-    from infra.cli.main import request_details
 
     prefix = services.settings.queue_prefix
     portal_wire = producer.StubWire(broker, prefix, sender=PORTAL_USER)
@@ -128,7 +128,7 @@ def _play(
 
     echo("4. after routing:")
     for name, request_id in submitted.items():
-        details = request_details(services, request_id)
+        details = views.request_details(services.uow(), request_id)
         assert details is not None
         echo(f"   {name:<28} {details['status']:<15} {details['reason']}")
 
@@ -160,14 +160,14 @@ def _play(
     forged_payload = {**forged.model_dump(mode="json"), "decision": "approve"}
     admin_wire.send(routes.DECIDE, routing_key=ADMIN_ID, payload=forged_payload)
     drain(broker, worker, prefix)
-    refused = request_details(services, rejected_id)
+    refused = views.request_details(services.uow(), rejected_id)
     assert refused is not None
     for d in refused["decisions"]:
         echo(f"   decision {d['decision']:<7} on 03: {d['outcome']:<8} {d['outcome_reason']}")
 
     echo("6. timeline of every request (the audit trail):")
     for name, request_id in submitted.items():
-        details = request_details(services, request_id)
+        details = views.request_details(services.uow(), request_id)
         assert details is not None
         echo(f"   {name}  [{details['status']}]")
         for e in details["audit"]:
@@ -203,3 +203,23 @@ def _play(
     echo(f"8. {len(emails)} emails written to {mail_dir}/ - open them in any mail client:")
     for path in emails:
         echo(f"   {path}")
+
+
+@click.command()
+@click.option(
+    "--workdir",
+    default="var/demo",
+    show_default=True,
+    type=click.Path(file_okay=False, path_type=Path),
+    help="Where the demo keeps its SQLite database and .eml files.",
+)
+@click.option(
+    "--examples",
+    default="examples",
+    show_default=True,
+    type=click.Path(exists=True, file_okay=False, path_type=Path),
+    help="The example files to play.",
+)
+def demo(workdir: Path, examples: Path) -> None:
+    """Run the whole flow in one process: SQLite, in-memory broker, emails as .eml files."""
+    run(workdir=workdir, examples=examples, echo=click.echo)

@@ -28,7 +28,7 @@ from infra.credentials import signing
 from infra.messaging.broker import Outgoing, amqp_url_with_timeouts
 from infra.messaging.topology import Topology
 from messages import routes, v2
-from workers.registry import explain
+from messages.validation import explain
 
 
 class InvalidMessage(ValueError):

@@ -17,6 +17,10 @@ from pathlib import Path
 import sqlalchemy as sa
 from alembic import command
 from alembic.config import Config
+from alembic.runtime.migration import MigrationContext
+
+from infra.db.engine import create_engine
+from infra.settings import Settings
 
 MIGRATIONS = Path(__file__).parent / "migrations"
 #: The advisory lock key every migration run holds on PostgreSQL: fixed, so that all runs agree,
@@ -74,11 +78,6 @@ def upgrade(
 
 
 def current(database_url: str) -> str | None:
-    from alembic.runtime.migration import MigrationContext
-
-    from infra.bootstrap import create_engine
-    from infra.settings import Settings
-
     engine = create_engine(Settings(database_url=database_url))
     try:
         with engine.connect() as connection:

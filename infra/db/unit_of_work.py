@@ -20,7 +20,6 @@ from infra.db.repositories import (
     SqlPortalRepository,
     SqlRequestRepository,
 )
-from infra.faults import crash_point
 from infra.messaging.outbox import OutboxRelay, SqlOutbox
 
 _caches: weakref.WeakKeyDictionary[sessionmaker[Session], ReferenceCache] = weakref.WeakKeyDictionary()
@@ -110,7 +109,10 @@ class SqlUnitOfWork:
         self.session.commit()
         # The next transaction reads the catalogue version again, and the cache again.
         self.reads = self._new_reads()
-        crash_point("after_commit")  # the fault suite's "crash after commit, before ack"
+        self._publish_committed()
+
+    def _publish_committed(self) -> None:
+        """Publish the messages the transaction just committed; the sweep sends any left behind."""
         committed, self.outbox.added = self.outbox.added, []
         if committed and self.relay is not None:
             self.relay.publish_quietly(committed)

@@ -53,7 +53,6 @@ from domain.events import PortalEvent
 from domain.model import utcnow
 from infra.db import orm
 from infra.db.repositories import insert_rows, rows_parameters, run
-from infra.faults import crash_point
 from infra.messaging.broker import ExplainingPublisher, Outgoing, Publisher, PublishOutcome
 from infra.messaging.topology import Topology
 from messages.events import RequestEvent
@@ -245,7 +244,6 @@ class OutboxRelay:
         for start in range(0, len(messages), BATCH_SIZE):
             batch = messages[start : start + BATCH_SIZE]
             confirmed = self.publisher.publish_batch(batch)
-            crash_point("relay_after_publish")  # confirmed but not yet marked: resent later
             ids = [message.message_id for message in batch]
             if len(confirmed) < len(ids):
                 self._mark(ids, confirmed, attempts=orm.outbox.c.attempts + 1)
@@ -292,7 +290,6 @@ class OutboxRelay:
                     for row in rows
                 ]
                 outcome = self._publish_isolating(messages)
-                crash_point("relay_after_publish")  # confirmed but not yet marked: resent later
                 self._settle(rows, outcome, claimed_until, sweep)
                 if sweep.unanswered:
                     break  # the broker is not answering: the next tick tries again

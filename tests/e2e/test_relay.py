@@ -22,8 +22,8 @@ from sqlalchemy.orm import sessionmaker
 
 from domain import commands
 from domain.model import NotificationKind, utcnow
-from infra.bootstrap import create_engine
 from infra.db import migrate, orm
+from infra.db.engine import create_engine
 from infra.db.unit_of_work import SqlUnitOfWork
 from infra.settings import Settings
 from messages.routes import NOTIFY

@@ -14,13 +14,15 @@ import sqlalchemy as sa
 from dramatiq.errors import Retry
 
 from domain.errors import TransientError
-from infra import bootstrap
-from infra.bootstrap import Services, build, create_engine
+from infra.bootstrap import Services, build
+from infra.db import engine as db_engine
+from infra.db.engine import create_engine
+from infra.messaging.actors import register
 from infra.messaging.delivery import transient_database_error
 from infra.settings import Settings
 from messages.routes import SUBMIT
 from tests.e2e.conftest import request_payload
-from workers import registry
+from workers.registry import Actor
 
 pytestmark = pytest.mark.integration
 
@@ -94,7 +96,7 @@ class TestCheckingOutAPooledConnection:
         self, settings: Settings, monkeypatch: pytest.MonkeyPatch
     ) -> None:
         # Given an engine whose connections are recycled at once
-        monkeypatch.setattr(bootstrap, "POOL_RECYCLE_SECONDS", 0)
+        monkeypatch.setattr(db_engine, "POOL_RECYCLE_SECONDS", 0)
         recycling = create_engine(settings)
         try:
             # When one connection is checked out twice
@@ -165,7 +167,7 @@ class TestAnActorWhoseConnectionDies:
         def handler(message: Any, services: Services, sender: str | None) -> None:
             raise error
 
-        registry._register(SUBMIT, handler, stub_services)
+        register(Actor(SUBMIT, handler), stub_services)
         actor = stub_services.broker.get_actor(SUBMIT.actor_name)
 
         # When it runs, Then it raises dramatiq's Retry: retried with backoff, never dead-lettered at once
@@ -177,7 +179,7 @@ class TestAnActorWhoseConnectionDies:
         def handler(message: Any, services: Services, sender: str | None) -> None:
             raise LookupError("a bug")
 
-        registry._register(SUBMIT, handler, stub_services)
+        register(Actor(SUBMIT, handler), stub_services)
         actor = stub_services.broker.get_actor(SUBMIT.actor_name)
 
         # When it runs, Then the error is not disguised as a retry

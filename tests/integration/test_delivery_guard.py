@@ -21,8 +21,9 @@ from dramatiq.errors import Retry
 from dramatiq.middleware import SkipMessage
 from sqlalchemy.orm import sessionmaker
 
-from infra.bootstrap import Services, create_engine
+from infra.bootstrap import Services
 from infra.db import orm
+from infra.db.engine import create_engine
 from infra.messaging.broker import EnvelopeConsumer, QuorumRabbitmqBroker, make_broker
 from infra.messaging.delivery import DeliveryGuard, SuspectTurn, first_delivery
 from infra.settings import Settings

@@ -30,8 +30,9 @@ from dramatiq.middleware.time_limit import TimeLimitExceeded
 from dramatiq.worker import WorkerThread
 from sqlalchemy.orm import sessionmaker
 
-from infra.bootstrap import Services, create_engine
+from infra.bootstrap import Services
 from infra.db import orm
+from infra.db.engine import create_engine
 from infra.messaging import delivery as delivery_module
 from infra.messaging.delivery import DeliveryGuard
 from infra.messaging.envelope import MESSAGE_ID_RULE, body_id

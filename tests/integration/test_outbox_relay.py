@@ -29,8 +29,8 @@ from sqlalchemy.orm import Session, sessionmaker
 from domain import commands
 from domain.events import PortalEvent
 from domain.model import NotificationKind, utcnow
-from infra.bootstrap import create_engine
 from infra.db import migrate, orm
+from infra.db.engine import create_engine
 from infra.db.unit_of_work import SqlUnitOfWork
 from infra.messaging.broker import Outgoing, PublishOutcome
 from infra.messaging.outbox import BATCH_SIZE, OutboxRelay, UnconfirmedPublish

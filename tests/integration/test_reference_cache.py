@@ -33,10 +33,9 @@ from domain.model import (
 )
 from infra.bootstrap import Services
 from infra.cli import producer
-from infra.cli.main import reveal_credentials
 from infra.credentials import signing
 from infra.credentials.issuing import generate_portal_keypair
-from infra.db import catalogue_file, migrate, orm
+from infra.db import catalogue_file, migrate, orm, views
 from infra.db.unit_of_work import SqlUnitOfWork
 from tests import services as svc
 from tests.conftest import PORTAL_ID, TEST_CATALOGUE, Parties
@@ -535,7 +534,10 @@ class TestTheWrites:
             app_id = request.app_id
 
         # When an operator reveals the app's credentials twice
-        first, second = reveal_credentials(services, app_id), reveal_credentials(services, app_id)
+        first, second = (
+            views.reveal_credentials(services.uow(), services.sealer().unseal, app_id),
+            views.reveal_credentials(services.uow(), services.sealer().unseal, app_id),
+        )
 
         # Then the secret is shown the first time only
         assert first[0]["secret"] and first[0]["revealed_at"]

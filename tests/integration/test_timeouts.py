@@ -9,7 +9,7 @@ import pytest
 import sqlalchemy as sa
 
 from domain.errors import TransientError
-from infra.bootstrap import create_engine
+from infra.db.engine import create_engine
 from infra.mail.transports import EmailRenderer, SmtpMailer
 from infra.settings import Settings
 from tests.integration.test_email import reject_email

@@ -1,6 +1,6 @@
 """Bad input, from the wire to the router.
 
-``workers.registry.decode`` is the only door into the workers: whatever it lets through
+``messages.validation.decode`` is the only door into the workers: whatever it lets through
 reaches a handler, and whatever it refuses is recorded with ``explain``'s text. These
 tests throw generated and mutated messages at it, then send requests that are well
 formed but break a catalogue rule through the real ``route_request`` with the fakes.
@@ -38,8 +38,8 @@ from messages import export, routes, v1, v2
 from messages.canonical import canonical_bytes
 from messages.routes import Route
 from messages.v1 import MAX_MESSAGE_BYTES
+from messages.validation import decode, explain
 from tests.unit.fakes import ACME, ACME_PORTAL, GLOBEX, GLOBEX_PORTAL, FakePortalRepository, FakeUnitOfWork
-from workers.registry import decode, explain
 
 QUICK = settings(
     max_examples=100,

@@ -23,10 +23,9 @@ from pydantic import BaseModel, ValidationError
 
 import messages
 from infra.messaging.topology import QueueArguments, Topology
-from messages import export, routes, v1, v2
+from messages import export, routes, v1, v2, validation
 from messages.canonical import canonical_bytes
 from messages.events import RequestEvent
-from workers import registry
 
 MESSAGES_DIR = Path(messages.__file__).resolve().parent
 ASYNCAPI = MESSAGES_DIR / "asyncapi.yaml"
@@ -346,7 +345,7 @@ def test_examples_are_complete_envelopes_that_accessflow_accepts(asyncapi: dict[
         assert envelope["kwargs"] == {} and envelope["options"] == {}, name
         body = json.dumps(envelope).encode("utf-8")
         decoded = dramatiq.Message.decode(body)  # what the consumer does with the body
-        contract = registry.decode(route, decoded.args, decoded.kwargs)
+        contract = validation.decode(route, decoded.args, decoded.kwargs)
         # the contract of the example's version: the current one, or a legacy one the route still reads
         assert type(contract) is route.contract_for(envelope["args"][0]), name
 

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from alembic import context
 
-from infra.bootstrap import create_engine
 from infra.db import orm
+from infra.db.engine import create_engine
 from infra.db.migrate import migration_lock
 from infra.settings import Settings
 
