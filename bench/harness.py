@@ -61,7 +61,7 @@ from bench.world import (
     wait_ready,
 )
 from infra.credentials import signing
-from infra.credentials.issuing import generate_portal_keypair, generate_seal_key
+from infra.credentials.sealing import generate_portal_keypair, generate_seal_key
 from infra.messaging.broker_admin import Rabbitmqctl
 from infra.settings import Settings
 

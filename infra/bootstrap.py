@@ -27,11 +27,13 @@ from domain.ports import Mailer
 from infra import faults
 from infra import logs as accessflow_logging
 from infra.credentials import signing
-from infra.credentials.issuing import FernetSealer, LocalCredentialIssuer, PortalSealedBox
+from infra.credentials.issuing import LocalCredentialIssuer
+from infra.credentials.sealing import FernetSealer, PortalSealedBox
 from infra.db import orm
 from infra.db.engine import create_engine
 from infra.db.unit_of_work import SqlUnitOfWork
-from infra.mail.transports import EmailRenderer, FileMailer, SmtpMailer
+from infra.mail.render import EmailRenderer
+from infra.mail.transports import FileMailer, SmtpMailer
 from infra.messaging import topology
 from infra.messaging.actors import register
 from infra.messaging.broker import (

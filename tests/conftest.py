@@ -16,7 +16,7 @@ from pydantic import SecretStr
 from domain.model import AdminKey, Portal, utcnow
 from infra.bootstrap import Services, build
 from infra.credentials import signing
-from infra.credentials.issuing import generate_portal_keypair, generate_seal_key
+from infra.credentials.sealing import generate_portal_keypair, generate_seal_key
 from infra.db import catalogue_file, migrate
 from infra.messaging.broker_admin import BrokerAdminError, Rabbitmqctl, apply_definitions
 from infra.messaging.topology import Accounts, QueueArguments, Topology, definitions

@@ -21,8 +21,7 @@ from pydantic import SecretStr
 from domain.model import AdminKey, Portal, utcnow
 from infra.bootstrap import Services, build, wire
 from infra.cli import producer
-from infra.credentials import issuing as credentials
-from infra.credentials import signing
+from infra.credentials import issuing, sealing, signing
 from infra.db import catalogue_file, migrate, views
 from infra.logs import configure as configure_logging
 from infra.messaging.broker import DramatiqPublisher
@@ -59,7 +58,7 @@ def run(*, workdir: Path, examples: Path, echo: Callable[[str], Any]) -> None:
         queue_prefix="demo",
         mail_transport="file",
         mail_dir=str(workdir / "mail"),
-        seal_key=SecretStr(credentials.generate_seal_key()),
+        seal_key=SecretStr(sealing.generate_seal_key()),
         admin_emails=[ADMIN],
         max_retries=0,
     )
@@ -96,7 +95,7 @@ def _play(
 
     # The portal makes its own X25519 keypair and registers only the public half; the admin
     # likewise keeps the Ed25519 private key and registers the public one.
-    portal_private, portal_public = credentials.generate_portal_keypair()
+    portal_private, portal_public = sealing.generate_portal_keypair()
     admin_public = signing.generate_keypair(workdir / "admin-key.pem")
     admin_key = signing.load_private_key(workdir / "admin-key.pem")
     with services.uow() as uow:
@@ -189,10 +188,10 @@ def _play(
             echo(f"     #{event['sequence']} {event['event']:<30} {event['reason']}")
             sealed = event.get("sealed_secret")
             if isinstance(sealed, dict):
-                secret = credentials.open_sealed_secret(portal_private, str(sealed["value"]))
+                secret = sealing.open_sealed_secret(portal_private, str(sealed["value"]))
                 with services.uow() as uow:
                     credential = uow.credentials.for_request(request_id)
-                    valid = credentials.verify(secret, credential)
+                    valid = issuing.verify(secret, credential)
                 echo(
                     f"        sealed secret opened with the portal's key: {secret[:12]}... "
                     f"({len(secret)} chars), {'matches' if valid else 'DOES NOT MATCH'} the stored hash"

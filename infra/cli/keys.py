@@ -6,7 +6,7 @@ from pathlib import Path
 
 import click
 
-from infra.credentials.issuing import generate_portal_keypair, generate_seal_key
+from infra.credentials.sealing import generate_portal_keypair, generate_seal_key
 from infra.credentials.signing import generate_keypair
 
 

@@ -12,7 +12,7 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationErr
 from domain.model import AdminKey, App, AuthMethod, Consumer, Plan, Portal, Product, utcnow
 from domain.ports import UnitOfWork
 from infra.credentials import signing
-from infra.credentials.issuing import portal_public_key
+from infra.credentials.sealing import portal_public_key
 from messages.v1 import Email, Identifier, Name, Text
 
 

@@ -19,7 +19,7 @@ import sqlalchemy as sa
 
 from domain.model import Status
 from infra.bootstrap import Services
-from infra.credentials.issuing import open_sealed_secret
+from infra.credentials.sealing import open_sealed_secret
 from infra.db import orm
 from infra.messaging.topology import Topology
 from infra.settings import Settings

@@ -35,7 +35,7 @@ from sqlalchemy.orm import sessionmaker
 from domain.model import FINAL_STATUSES, AdminKey, Status, utcnow
 from infra.cli import producer
 from infra.credentials import signing
-from infra.credentials.issuing import generate_seal_key
+from infra.credentials.sealing import generate_seal_key
 from infra.db import catalogue_file, migrate, orm
 from infra.db.engine import create_engine
 from infra.db.unit_of_work import SqlUnitOfWork

@@ -13,7 +13,8 @@ from domain.errors import PermanentDeliveryError, TransientError
 from domain.model import NotificationKind
 from domain.notifications import ApproveContext, ProductLine, RejectContext
 from domain.ports import Email
-from infra.mail.transports import EmailRenderer, SmtpMailer
+from infra.mail.render import EmailRenderer
+from infra.mail.transports import SmtpMailer
 from infra.settings import Settings
 from tests import services as svc
 

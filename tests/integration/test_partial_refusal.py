@@ -19,7 +19,8 @@ from domain import commands, handlers
 from domain.model import DeliveryStatus, NotificationKind
 from infra.bootstrap import Services
 from infra.cli.main import main
-from infra.mail.transports import EmailRenderer, SmtpMailer
+from infra.mail.render import EmailRenderer
+from infra.mail.transports import SmtpMailer
 from infra.settings import Settings
 from tests import services as svc
 from tests.conftest import ADMIN

@@ -34,7 +34,7 @@ from domain.model import (
 from infra.bootstrap import Services
 from infra.cli import producer
 from infra.credentials import signing
-from infra.credentials.issuing import generate_portal_keypair
+from infra.credentials.sealing import generate_portal_keypair
 from infra.db import catalogue_file, migrate, orm, views
 from infra.db.unit_of_work import SqlUnitOfWork
 from tests import services as svc

@@ -21,7 +21,8 @@ from domain.errors import TransientError
 from domain.model import DeliveryStatus, NotificationKind, utcnow
 from infra.bootstrap import Services
 from infra.mail import transports as infra_email
-from infra.mail.transports import EmailRenderer, SmtpMailer
+from infra.mail.render import EmailRenderer
+from infra.mail.transports import SmtpMailer
 from infra.settings import Settings
 from tests import services as svc
 from tests.conftest import ADMIN

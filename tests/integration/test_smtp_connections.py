@@ -25,7 +25,8 @@ from domain.notifications import ProductLine, RejectContext
 from domain.ports import Email
 from infra.bootstrap import build
 from infra.mail import transports as infra_email
-from infra.mail.transports import EmailRenderer, SmtpMailer
+from infra.mail.render import EmailRenderer
+from infra.mail.transports import SmtpMailer
 from infra.settings import Settings
 from tests import services as svc
 

@@ -10,7 +10,8 @@ import sqlalchemy as sa
 
 from domain.errors import TransientError
 from infra.db.engine import create_engine
-from infra.mail.transports import EmailRenderer, SmtpMailer
+from infra.mail.render import EmailRenderer
+from infra.mail.transports import SmtpMailer
 from infra.settings import Settings
 from tests.integration.test_email import reject_email
 

@@ -882,7 +882,7 @@ class TestInjectionIntoAOneLineFieldIsRefused:
 
 class TestFreeTextSpansLinesButHoldsNoOtherControlCharacter:
     """justification, new_app.description and reason go into email bodies, where a line break is
-    content; infra.mail.transports._header strips control characters from anything that becomes a header."""
+    content; infra.mail.render.header_text strips control characters from anything that becomes a header."""
 
     @QUICK
     @given(

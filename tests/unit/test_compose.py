@@ -26,7 +26,7 @@ import yaml
 from click.testing import CliRunner
 
 from infra.cli.main import main
-from infra.credentials.issuing import generate_seal_key
+from infra.credentials.sealing import generate_seal_key
 from infra.settings import Settings
 from messages.routes import ROUTES
 

@@ -25,14 +25,7 @@ from domain.errors import PermanentDeliveryError
 from domain.model import NotificationKind
 from domain.notifications import ApproveContext, ProductLine, RejectContext, ReviewContext
 from domain.ports import Email
-from infra.mail.transports import (
-    EmailRenderer,
-    Outgoing,
-    _decoded,
-    _mailbox_field,
-    _template_values,
-    header_text,
-)
+from infra.mail.render import EmailRenderer, Outgoing, _decoded, _mailbox_field, _template_values, header_text
 from infra.settings import Settings
 
 #: Any text a row could hold: every code point but lone surrogates, which PostgreSQL refuses.

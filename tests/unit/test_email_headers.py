@@ -21,14 +21,8 @@ from domain.notifications import ProductLine, RejectContext
 from domain.ports import Email
 from infra.cli.main import main
 from infra.db import catalogue_file
-from infra.mail.transports import (
-    EXPECTED_HEADERS,
-    EmailRenderer,
-    FileMailer,
-    check_header_block,
-    header_text,
-    mailbox,
-)
+from infra.mail.render import EXPECTED_HEADERS, EmailRenderer, check_header_block, header_text, mailbox
+from infra.mail.transports import FileMailer
 from infra.settings import Settings
 
 #: Every way a name has tried to add a ``Bcc: evil@x`` line to an email.
