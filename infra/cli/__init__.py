@@ -1,0 +1,1 @@
+"""The ``accessflow`` command line: :mod:`infra.cli.main` assembles one module per command group."""

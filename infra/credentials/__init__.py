@@ -1,0 +1,1 @@
+"""Secrets: issuing and hashing credentials, sealing them, and checking admins' signatures."""

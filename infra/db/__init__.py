@@ -1,0 +1,1 @@
+"""PostgreSQL: engine, tables, repositories, the unit of work, migrations and read models."""

@@ -1,0 +1,1 @@
+"""RabbitMQ and dramatiq: broker, envelope check, actor wrapper, middleware, relay, dead letters, topology."""
