@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -261,10 +261,10 @@ def wire(services: Services) -> dramatiq.Broker:
         DeliveryGuard(services.session_factory, services.settings.max_deliveries), before=Retries
     )
     for declared in ACTORS:
+        if faults.configured():
+            declared = replace(declared, fn=faults.poisoning(declared.fn))
         register(declared, services)
     record_refusals_with(services.broker, services.record_malformed)
-    if faults.configured():
-        services.broker.add_middleware(faults.PoisonMessages())  # last: runs just before the actor
     dramatiq.set_broker(services.broker)
     return services.broker
 

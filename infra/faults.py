@@ -1,7 +1,7 @@
 """Fault injection for the fault suite; installed by the composition root only when ``ACCESSFLOW_FAULTS`` is set.
 
 Production never sets it, and then nothing here is on any path: the points are held by
-wrappers and a middleware that :mod:`infra.bootstrap` puts around the real parts, not by
+wrappers that :mod:`infra.bootstrap` puts around the real parts, not by
 calls inside them. The fault suite sets it in the environment of the worker processes it
 starts, to crash them at the exact points where at-least-once delivery bites: after a
 commit and before the ack (and before the commit's messages are published), and between a
@@ -17,11 +17,8 @@ from __future__ import annotations
 import functools
 import os
 import random
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
-
-import dramatiq
-from dramatiq.middleware import Middleware
 
 from infra.db.unit_of_work import SqlUnitOfWork
 from infra.messaging.broker import ExplainingPublisher, Outgoing, Publisher, PublishOutcome
@@ -70,17 +67,20 @@ class CrashingUnitOfWork(SqlUnitOfWork):
         super()._publish_committed()
 
 
-class PoisonMessages(Middleware):
-    """Kills the process, or raises, on a message of a request the fault suite marked as poison.
+def poisoning(fn: Callable[[Any, Any, str | None], None]) -> Callable[[Any, Any, str | None], None]:
+    """The actor function ``fn``, killing the process or raising first on a poison request's message.
 
-    Added after every other middleware, so that its hook runs last before the actor: the
-    delivery guard has counted the delivery, as it would for a poison message of real life.
+    Wraps the function, after its message is decoded, where a poison message of real life
+    fails: the delivery guard has counted the delivery, and the retries follow.
     """
 
-    def before_process_message(self, broker: dramatiq.Broker, message: dramatiq.MessageProxy) -> None:
-        payload = message.args[0] if len(message.args) == 1 else None
-        request_id = payload.get("request_id") if isinstance(payload, dict) else None
+    def poisoned(message: Any, services: Any, sender: str | None) -> None:
+        request_id = getattr(message, "request_id", None)
         poison_check(request_id if isinstance(request_id, str) else None)
+        fn(message, services, sender)
+
+    poisoned.__name__ = poisoned.__qualname__ = fn.__name__
+    return poisoned
 
 
 class _CrashingPublisher:
