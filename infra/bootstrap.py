@@ -39,7 +39,6 @@ from infra.messaging.actors import register
 from infra.messaging.broker import (
     BatchConfirmPublisher,
     DramatiqPublisher,
-    PeriodicTask,
     Publisher,
     QuorumRabbitmqBroker,
     make_broker,
@@ -48,6 +47,7 @@ from infra.messaging.broker import (
 from infra.messaging.delivery import DeliveryGuard
 from infra.messaging.envelope import safe_text
 from infra.messaging.outbox import OutboxRelay
+from infra.messaging.periodic import PeriodicTask
 from infra.settings import Settings
 from messages import routes
 from workers.actors import ACTORS

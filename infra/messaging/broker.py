@@ -726,23 +726,3 @@ def make_broker(settings: Settings) -> dramatiq.Broker:
             max_delay_ms=settings.max_backoff_ms + ETA_MARGIN_MS,
         )
     return broker
-
-
-class PeriodicTask(threading.Thread):
-    """Runs ``task`` every ``interval`` seconds until stopped; errors are logged, not raised."""
-
-    def __init__(self, name: str, interval: float, task: Any) -> None:
-        super().__init__(name=name, daemon=True)
-        self.interval = interval
-        self.task = task
-        self.stopped = threading.Event()
-
-    def run(self) -> None:
-        while not self.stopped.wait(self.interval):
-            try:
-                self.task()
-            except Exception as error:
-                log.warning("periodic_task.failed", task=self.name, error=type(error).__name__)
-
-    def stop(self) -> None:
-        self.stopped.set()
