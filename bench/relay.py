@@ -27,7 +27,7 @@ from infra.db import migrate, orm
 from infra.db.engine import create_engine
 from infra.db.unit_of_work import SqlUnitOfWork
 from infra.messaging.broker import BatchConfirmPublisher, DramatiqPublisher, Publisher, make_broker
-from infra.messaging.outbox import OutboxRelay
+from infra.messaging.relay import OutboxRelay
 from infra.settings import Settings
 from messages.routes import ROUTES
 from tests import services as svc

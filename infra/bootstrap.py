@@ -46,8 +46,8 @@ from infra.messaging.broker import (
 )
 from infra.messaging.delivery import DeliveryGuard
 from infra.messaging.envelope import safe_text
-from infra.messaging.outbox import OutboxRelay
 from infra.messaging.periodic import PeriodicTask
+from infra.messaging.relay import OutboxRelay
 from infra.settings import Settings
 from messages import routes
 from workers.actors import ACTORS

@@ -14,7 +14,7 @@ from infra.cli.common import (
     load_settings,
     open_services,
 )
-from infra.messaging.outbox import run_relay
+from infra.messaging.relay import run_relay
 
 
 @click.group()

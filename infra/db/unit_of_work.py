@@ -9,6 +9,7 @@ from typing import Self
 
 from sqlalchemy.orm import Session, sessionmaker
 
+from infra.db.outbox import SqlOutbox
 from infra.db.repositories import (
     ReferenceCache,
     ReferenceReads,
@@ -20,7 +21,7 @@ from infra.db.repositories import (
     SqlPortalRepository,
     SqlRequestRepository,
 )
-from infra.messaging.outbox import OutboxRelay, SqlOutbox
+from infra.messaging.relay import OutboxRelay
 
 _caches: weakref.WeakKeyDictionary[sessionmaker[Session], ReferenceCache] = weakref.WeakKeyDictionary()
 _caches_lock = threading.Lock()

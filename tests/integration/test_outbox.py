@@ -17,7 +17,7 @@ from infra.bootstrap import Services
 from infra.db import orm
 from infra.messaging.broker import DramatiqPublisher, make_broker
 from infra.messaging.broker_admin import BrokerAdminError, Rabbitmqctl
-from infra.messaging.outbox import OutboxRelay
+from infra.messaging.relay import OutboxRelay
 from infra.settings import Settings
 from messages.routes import NOTIFY
 from tests import services as svc

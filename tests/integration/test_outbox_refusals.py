@@ -19,7 +19,7 @@ from infra.bootstrap import Services, build
 from infra.db import migrate, orm
 from infra.db.unit_of_work import SqlUnitOfWork
 from infra.messaging.broker import Outgoing
-from infra.messaging.outbox import UnconfirmedPublish
+from infra.messaging.relay import UnconfirmedPublish
 from infra.settings import Settings
 from messages.routes import NOTIFY
 from tests import services as svc
