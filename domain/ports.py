@@ -25,6 +25,7 @@ from domain.model import (
     Portal,
     Product,
 )
+from domain.outcomes import Outcome
 
 
 class RequestRepository(Protocol):
@@ -143,6 +144,16 @@ class UnitOfWork(Protocol):
     def commit(self) -> None: ...
 
     def rollback(self) -> None: ...
+
+    def record_outcome(self, outcome: Outcome) -> None:
+        """Report what the handler did (:mod:`domain.outcomes`).
+
+        One that is ``committed_only`` is told when this transaction commits, and dropped if
+        it rolls back; any other is told at once, inside a transaction or not. The unit of
+        work reports them, rather than a port of their own, because only it knows whether,
+        and when, the change an outcome speaks of committed; and every handler has it already.
+        """
+        ...
 
 
 @dataclass(frozen=True)

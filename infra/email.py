@@ -772,10 +772,7 @@ class SmtpMailer:
                 refused=len(refused),
                 codes=sorted({code for code, _ in refused.values()}),
             )
-        else:
-            log.info(
-                "email.sent", kind=email.kind.value, message_id=email.message_id, recipients=len(email.to)
-            )
+        # A sent email is told by the handler, once its outcome is recorded: "email.sent".
         return Sent(
             refused={
                 address: f"{code} {reply.decode('utf-8', 'replace')}".strip()

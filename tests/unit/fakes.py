@@ -38,6 +38,7 @@ from domain.model import (
     Product,
     utcnow,
 )
+from domain.outcomes import Outcome
 from domain.ports import Email, IssuedSecret, Sent
 
 K = TypeVar("K", bound=Hashable)
@@ -357,6 +358,9 @@ class FakeUnitOfWork:
         self.portals = FakePortalRepository([ACME_PORTAL, GLOBEX_PORTAL])
         self.admin_keys = FakeAdminKeyRepository([(ADMIN_ID, ADMIN_EMAIL)], [ADMIN_KEY])
         self.outbox = FakeOutbox()
+        #: Every outcome told, oldest first: a committed-only one once its transaction committed.
+        self.outcomes: list[Outcome] = []
+        self._pending_outcomes: list[Outcome] = []
         self.committed = False
         self.commits = 0
         self._in_transaction = False
@@ -383,6 +387,8 @@ class FakeUnitOfWork:
         for table in self._tables():
             table.commit()
         self.outbox.commit()
+        self.outcomes.extend(self._pending_outcomes)
+        self._pending_outcomes = []
         self.committed = True
         self.commits += 1
 
@@ -390,6 +396,19 @@ class FakeUnitOfWork:
         for table in self._tables():
             table.rollback()
         self.outbox.rollback()
+        self._pending_outcomes = []
+
+    def record_outcome(self, outcome: Outcome) -> None:
+        if outcome.committed_only:
+            assert self._in_transaction, "an outcome about a change recorded outside its transaction"
+            self._pending_outcomes.append(outcome)
+        else:
+            self.outcomes.append(outcome)
+
+    @property
+    def told(self) -> list[str]:
+        """The names of the outcomes told, oldest first: ``["request.routed", ...]``."""
+        return [outcome.name for outcome in self.outcomes]
 
     def _tables(self) -> tuple[_Transactional, ...]:
         return (
