@@ -488,13 +488,12 @@ def send_notification(
     mailer: Mailer,
     admin_emails: Iterable[str],
     message_id_domain: str = "accessflow",
-    lease_seconds: float = 60.0,
 ) -> DeliveryStatus | None:
     """Send one email about a request, at least once and, short of a crash mid-send, at most once.
 
     The attempt is committed before SMTP is spoken to and the result after, so a
     crash in between gives at most one duplicate, which shares the same Message-ID.
-    The attempt also takes a lease of ``lease_seconds`` (``ACCESSFLOW_EMAIL_LEASE_SECONDS``,
+    The attempt also takes the mailer's lease (:attr:`Mailer.lease`, from the email settings,
     longer than the mailer's send deadline): a redelivery of the same command that
     arrives while the first is still talking SMTP (the broker redelivers when a
     connection drops) backs off instead of sending a second copy.
@@ -531,7 +530,7 @@ def send_notification(
                 )
                 uow.notifications.add(notification)
             notification.attempts += 1
-            notification.lease_expires_at = utcnow() + timedelta(seconds=lease_seconds)
+            notification.lease_expires_at = utcnow() + mailer.lease
             uow.commit()
     except Duplicate:
         # A twin delivery created the notification at the same moment, and holds its lease now.

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import datetime, timedelta
 from types import TracebackType
 from typing import Protocol, Self
 
@@ -218,7 +218,7 @@ class Sent:
 
 
 class Mailer(Protocol):
-    """Renders and delivers an :class:`Email`.
+    """Renders and delivers an :class:`Email`, within a bounded time.
 
     Returns:
       What was sent; a refusal of some recipients, but not all, is not an error.
@@ -227,5 +227,14 @@ class Mailer(Protocol):
       TransientError: the server may accept it later (4xx, dropped connection, the send's deadline).
       PermanentDeliveryError: the server refused it for good (5xx), or every recipient.
     """
+
+    @property
+    def lease(self) -> timedelta:
+        """How long a worker holds an email it sends before another may take it over.
+
+        Part of the email settings (``ACCESSFLOW_EMAIL_LEASE_SECONDS``), longer than the
+        longest one send may take, so that no send outlives its lease.
+        """
+        ...
 
     def send(self, email: Email) -> Sent: ...

@@ -200,7 +200,9 @@ def build(
     if mailer is None:
         renderer = EmailRenderer(settings)
         mailer = (
-            FileMailer(Path(settings.mail_dir), renderer)
+            FileMailer(
+                Path(settings.mail_dir), renderer, lease=timedelta(seconds=settings.email_lease_seconds)
+            )
             if settings.mail_transport == "file"
             else SmtpMailer(settings, renderer)
         )

@@ -43,7 +43,7 @@ import time
 import weakref
 from collections import Counter
 from collections.abc import Sequence
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from email.errors import HeaderParseError
 from email.header import decode_header, make_header
 from email.headerregistry import Address, AddressHeader, BaseHeader
@@ -738,6 +738,11 @@ class SmtpMailer:
         # then, as the garbage collector may run anywhere.
         weakref.finalize(self, self._connections.close_all, quit=False)
 
+    @property
+    def lease(self) -> timedelta:
+        """The lease a sender takes on an email: ``ACCESSFLOW_EMAIL_LEASE_SECONDS``, longer than the deadline."""
+        return timedelta(seconds=self.settings.email_lease_seconds)
+
     def send(self, email: Email) -> Sent:
         # The bytes checked by the renderer are the bytes sent, with the envelope it chose: smtplib
         # derives nothing from the headers.
@@ -916,9 +921,13 @@ class SmtpMailer:
 class FileMailer:
     """Writes each email as an .eml file: for the demo and for looking at templates."""
 
-    def __init__(self, directory: Path, renderer: EmailRenderer) -> None:
+    def __init__(
+        self, directory: Path, renderer: EmailRenderer, *, lease: timedelta = timedelta(seconds=60)
+    ) -> None:
         self.directory = directory
         self.renderer = renderer
+        #: The lease a sender takes on an email (``ACCESSFLOW_EMAIL_LEASE_SECONDS``).
+        self.lease = lease
 
     def send(self, email: Email) -> Sent:
         self.directory.mkdir(parents=True, exist_ok=True)

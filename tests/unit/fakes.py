@@ -14,7 +14,7 @@ import copy
 import hashlib
 import uuid
 from collections.abc import Hashable, Iterable, Sequence
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from types import TracebackType
 from typing import TYPE_CHECKING, Generic, Protocol, Self, TypeVar
 
@@ -484,7 +484,8 @@ class FakeMailer:
     ``refuse`` names recipients the server refuses while it takes the message for the others.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, *, lease: timedelta = timedelta(seconds=60)) -> None:
+        self.lease = lease
         self.sent: list[Email] = []
         self.attempts = 0
         self.refuse: dict[str, str] = {}

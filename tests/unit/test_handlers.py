@@ -1101,6 +1101,29 @@ class TestARedeliveryWhileTheFirstDeliveryIsStillSending:
             f"reject email for {request_id} is being sent by another worker"
         ]
 
+    def test_the_lease_taken_is_the_mailers_from_the_email_settings(self, uow: FakeUnitOfWork) -> None:
+        # Given a mailer whose lease (ACCESSFLOW_EMAIL_LEASE_SECONDS) is five minutes, which dies mid-send
+        request_id = rejected(uow, "no")
+
+        class DyingMailer(FakeMailer):
+            def send(self, email: Email) -> Sent:
+                raise SystemExit("the worker died")
+
+        started = utcnow()
+        with pytest.raises(SystemExit):
+            send_notification(
+                SendNotification(request_id, NotificationKind.REJECT),
+                uow=uow,
+                mailer=DyingMailer(lease=timedelta(minutes=5)),
+                admin_emails=ADMIN_EMAILS,
+            )
+
+        # Then the email is held for the mailer's lease, with no lease passed by the caller
+        notification = uow.notifications.saved(request_id, NotificationKind.REJECT)
+        assert notification is not None and notification.lease_expires_at is not None
+        held = notification.lease_expires_at - started
+        assert timedelta(minutes=5) <= held < timedelta(minutes=5, seconds=5)
+
     def test_a_crashed_sender_is_taken_over_once_its_lease_has_run_out(self, uow: FakeUnitOfWork) -> None:
         # Given an attempt whose sender died mid-send, with a lease of no length
         request_id = rejected(uow, "no")
@@ -1113,9 +1136,8 @@ class TestARedeliveryWhileTheFirstDeliveryIsStillSending:
             send_notification(
                 SendNotification(request_id, NotificationKind.REJECT),
                 uow=uow,
-                mailer=DyingMailer(),
+                mailer=DyingMailer(lease=timedelta(0)),
                 admin_emails=ADMIN_EMAILS,
-                lease_seconds=0,
             )
 
         # When the command is redelivered
