@@ -643,6 +643,55 @@ def redrive_stuck_notifications(
     return redriven, failed
 
 
+def redrive_stuck_provisioning(
+    *,
+    uow: UnitOfWork,
+    stale_after: timedelta,
+    max_attempts: int,
+    limit: int = 100,
+    now: Callable[[], datetime] = utcnow,
+) -> tuple[int, int]:
+    """Issue again the credentials of requests stuck in ``approved``; give up on them after a while.
+
+    A request is stuck when it has been ``approved`` for longer than ``stale_after`` since its
+    approval or its last re-drive: its ``IssueCredentials`` was dead-lettered (a transient
+    failure outlasted the retries) or lost. Its command is queued again through the outbox,
+    the re-drive counted in ``provision_attempts`` and dated, so that it is not re-driven again
+    before ``stale_after``. Once it has been re-driven ``max_attempts`` times it ends in
+    ``provisioning_failed`` instead, by the ``provisioning-sweep`` in its audit trail, with the
+    reason, its portal told, and waits for ``accessflow requests retry``. One transaction; rows
+    another sweep (or the worker issuing the credential) holds are skipped, so several workers
+    run this at once without issuing twice.
+
+    Returns:
+      How many were re-driven, and how many were given up on.
+    """
+    redriven = failed = 0
+    request_ids: list[str] = []
+    with uow:
+        moment = now()
+        for request in uow.requests.stuck_approved(before=moment - stale_after, limit=limit):
+            request_ids.append(request.id)
+            if request.provision_attempts >= max_attempts:
+                reason = (
+                    f"gave up: still approved with no credential after {request.provision_attempts} "
+                    f"re-drive(s) of its IssueCredentials, {stale_after.total_seconds():.0f}s apart "
+                    "(ACCESSFLOW_PROVISIONING_MAX_ATTEMPTS); see the dead letters of the credentials queue"
+                )
+                request.fail_provisioning(reason, by="provisioning-sweep")
+                _queue_follow_ups(uow, request)
+                uow.record_outcome(outcomes.ProvisioningFailed(request.id, reason))
+                failed += 1
+                continue
+            request.redrive_provisioning(moment)
+            uow.outbox.put(commands.IssueCredentials(request.id))
+            redriven += 1
+        if request_ids:
+            uow.record_outcome(outcomes.ProvisioningRedriven(redriven, failed, tuple(request_ids)))
+        uow.commit()
+    return redriven, failed
+
+
 def _compose(
     request: AccessRequest,
     kind: NotificationKind,

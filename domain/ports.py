@@ -33,6 +33,11 @@ class RequestRepository(Protocol):
 
     def get(self, request_id: str, *, for_update: bool = False) -> AccessRequest | None: ...
 
+    def stuck_approved(self, *, before: datetime, limit: int) -> list[AccessRequest]:
+        """Up to ``limit`` requests still ``approved`` whose last change (or re-drive) was before
+        ``before``; held for this transaction, and skipped by any other that asks."""
+        ...
+
 
 class CatalogueRepository(Protocol):
     def slice_for(

@@ -36,6 +36,7 @@ from domain.model import (
     Plan,
     Portal,
     Product,
+    Status,
     utcnow,
 )
 from domain.outcomes import Outcome
@@ -103,6 +104,13 @@ class FakeRequestRepository:
 
     def get(self, request_id: str, *, for_update: bool = False) -> AccessRequest | None:
         return self._table.load(request_id)
+
+    def stuck_approved(self, *, before: datetime, limit: int) -> list[AccessRequest]:
+        found = sorted(
+            (r for r in self._table.rows.values() if r.status is Status.APPROVED and r.updated_at < before),
+            key=lambda r: r.updated_at,
+        )
+        return [loaded for r in found[:limit] if (loaded := self._table.load(r.id)) is not None]
 
     def saved(self, request_id: str) -> AccessRequest | None:
         """The committed request, as a fresh transaction would see it."""

@@ -18,6 +18,7 @@ from domain.handlers import (
     follow_ups,
     issue_credentials,
     redrive_stuck_notifications,
+    redrive_stuck_provisioning,
     retry_provisioning,
     route_request,
     send_notification,
@@ -1278,6 +1279,76 @@ class TestAnEmailStuckInSending:
             == "gave up: stuck in sending after 3 attempt(s); last error: 451 try later"
         )
         assert notify(uow, mailer, request_id, NotificationKind.REJECT) is DeliveryStatus.FAILED
+
+
+def stuck_approval(uow: FakeUnitOfWork) -> str:
+    """An approved request whose IssueCredentials was dead-lettered: it stays approved."""
+    request_id = approved(uow)
+    uow.outbox.published.clear()
+    return request_id
+
+
+class TestARequestStuckInApproved:
+    def test_is_left_alone_while_its_command_may_still_come(self, uow: FakeUnitOfWork) -> None:
+        stuck_approval(uow)
+
+        assert redrive_stuck_provisioning(
+            uow=uow, stale_after=timedelta(minutes=15), max_attempts=3, now=later(60)
+        ) == (0, 0)
+        assert uow.published == []
+
+    def test_has_its_credentials_issued_again_through_the_outbox_once_stale(
+        self, uow: FakeUnitOfWork, issuer: FakeIssuer, sealer: FakeSealer
+    ) -> None:
+        # Given an approved request whose command went away long ago
+        request_id = stuck_approval(uow)
+
+        # When the sweep runs, with a clock past the stale time
+        result = redrive_stuck_provisioning(
+            uow=uow, stale_after=timedelta(minutes=15), max_attempts=3, now=later(16 * 60)
+        )
+
+        # Then its command is queued again, committed, with the re-drive counted
+        assert result == (1, 0)
+        assert uow.published == [IssueCredentials(request_id)]
+        assert (saved(uow, request_id).status, saved(uow, request_id).provision_attempts) == (
+            Status.APPROVED,
+            1,
+        )
+        # And it is not re-driven again at once
+        assert redrive_stuck_provisioning(
+            uow=uow, stale_after=timedelta(minutes=15), max_attempts=3, now=later(16 * 60)
+        ) == (0, 0)
+        # And the command provisions it
+        issue_credentials(
+            IssueCredentials(request_id),
+            uow=uow,
+            issuer=issuer,
+            sealer=sealer,
+            portal_sealer=FakePortalSealer(),
+        )
+        assert saved(uow, request_id).status is Status.PROVISIONED
+
+    def test_ends_provisioning_failed_with_the_reason_after_the_last_re_drive(
+        self, uow: FakeUnitOfWork
+    ) -> None:
+        request_id = stuck_approval(uow)
+        results = [
+            redrive_stuck_provisioning(
+                uow=uow, stale_after=timedelta(minutes=15), max_attempts=2, now=later(16 * 60 * (n + 1))
+            )
+            for n in range(4)
+        ]
+
+        assert results == [(1, 0), (1, 0), (0, 1), (0, 0)]
+        request = saved(uow, request_id)
+        assert request.status is Status.PROVISIONING_FAILED
+        last = request.history[-1]
+        assert (last.actor_kind, last.actor_id) == (ActorKind.SYSTEM, "provisioning-sweep")
+        assert last.reason.startswith("gave up: still approved with no credential after 2 re-drive(s)")
+        told = [(e.name, e.reason) for e in uow.outbox.events if e.request_id == request_id]
+        assert told[-1] == ("access_request.provisioning_failed", last.reason)
+        assert uow.told[-2:] == ["provisioning.failed", "provisioning.redriven"]
 
 
 class TestANotificationForAnUnknownRequest:
