@@ -7,12 +7,11 @@ the outbox of the same transaction, so nothing leaves before the commit.
 
 from __future__ import annotations
 
-import logging
 import uuid
 from collections.abc import Callable, Iterable, Mapping
 from datetime import datetime, timedelta
 
-from domain import commands, events
+from domain import commands, events, outcomes
 from domain.errors import (
     Duplicate,
     IllegalTransition,
@@ -44,8 +43,6 @@ from domain.ports import (
     SignatureVerifier,
     UnitOfWork,
 )
-
-log = logging.getLogger(__name__)
 
 #: Namespace for ids derived from a request id, so a redelivery derives the same ones.
 ACCESSFLOW_NAMESPACE = uuid.UUID("9b2f3c52-6f0e-4a53-9d8e-0a3c2f6e8d11")
@@ -158,10 +155,12 @@ def route_request(
     try:
         return _route(command, uow=uow, accept_v1_submissions=accept_v1_submissions)
     except Duplicate:
-        log.info("duplicate submission of %s ignored (routed at the same time)", command.request_id)
         with uow:
             routed = uow.requests.get(command.request_id)
         assert routed is not None, "a duplicate is refused only by a committed twin"
+        uow.record_outcome(
+            outcomes.RequestDuplicateIgnored(command.request_id, routed.status.value, concurrent=True)
+        )
         return routed.status
 
 
@@ -170,7 +169,9 @@ def _route(command: commands.RouteRequest, *, uow: UnitOfWork, accept_v1_submiss
         _authenticate_submission(command, uow, accept_v1_submissions=accept_v1_submissions)
         existing = uow.requests.get(command.request_id)
         if existing is not None:
-            log.info("duplicate submission of %s ignored", command.request_id)
+            uow.record_outcome(
+                outcomes.RequestDuplicateIgnored(command.request_id, existing.status.value, concurrent=False)
+            )
             return existing.status
         request = AccessRequest(
             id=command.request_id,
@@ -196,6 +197,17 @@ def _route(command: commands.RouteRequest, *, uow: UnitOfWork, accept_v1_submiss
             _provide_app(uow, request)
         uow.requests.add(request)
         _queue_follow_ups(uow, request)
+        uow.record_outcome(
+            outcomes.RequestRouted(
+                request_id=request.id,
+                outcome="auto_approved" if request.status is Status.APPROVED else request.status.value,
+                portal_id=request.portal_id,
+                consumer_id=request.consumer_id,
+                plan_id=request.plan_id,
+                app_id=request.app_id,
+                reason=request.status_reason,
+            )
+        )
         uow.commit()
         return request.status
 
@@ -275,7 +287,9 @@ def decide(
     try:
         return _decide(command, uow=uow, verify=verify, audience=audience, max_skew=max_skew, now=now)
     except Duplicate:
-        log.info("duplicate decision message %s ignored (applied at the same time)", command.decision_id)
+        uow.record_outcome(
+            outcomes.DecisionDuplicateIgnored(command.decision_id, command.request_id, concurrent=True)
+        )
         return DecisionOutcome.IGNORED
 
 
@@ -290,7 +304,9 @@ def _decide(
 ) -> DecisionOutcome:
     with uow:
         if uow.decisions.get(command.decision_id) is not None:
-            log.info("duplicate decision message %s ignored", command.decision_id)
+            uow.record_outcome(
+                outcomes.DecisionDuplicateIgnored(command.decision_id, command.request_id, concurrent=False)
+            )
             return DecisionOutcome.IGNORED
         refusal = _refusal(command, uow, verify=verify, audience=audience, max_skew=max_skew, now=now())
         request = None if refusal else uow.requests.get(command.request_id, for_update=True)
@@ -323,9 +339,23 @@ def _decide(
         )
         if request is not None:
             _queue_follow_ups(uow, request)
+        if refusal is None:
+            uow.record_outcome(
+                outcomes.RequestDecided(
+                    request_id=command.request_id,
+                    decision_id=command.decision_id,
+                    admin_id=command.admin_id,
+                    approve=command.approve,
+                    outcome=outcome.value,
+                    status=request.status.value if request is not None else None,
+                    reason=why,
+                )
+            )
         uow.commit()
-        if refusal is not None:
-            log.warning("decision %s refused: %s", command.decision_id, refusal)
+        if refusal is not None:  # told once recorded: a twin refused at the same moment is a duplicate
+            uow.record_outcome(
+                outcomes.DecisionRefused(command.decision_id, command.request_id, command.admin_id, refusal)
+            )
         return outcome
 
 
@@ -346,7 +376,8 @@ def issue_credentials(
     with uow:
         request = uow.requests.get(command.request_id, for_update=True)
         if request is None or request.status is not Status.APPROVED:
-            log.info("no credentials to issue for %s (%s)", command.request_id, request and request.status)
+            status = request.status.value if request is not None else None
+            uow.record_outcome(outcomes.CredentialsNotDue(command.request_id, status))
             return None
         plan = uow.catalogue.plan(request.plan_id)
         if plan is None:  # removed from the catalogue after approval: no retry brings it back
@@ -385,6 +416,16 @@ def issue_credentials(
             )
         request.mark_provisioned(credential.id)
         _queue_follow_ups(uow, request)
+        uow.record_outcome(
+            outcomes.CredentialsIssued(
+                request_id=request.id,
+                credential_id=credential.id,
+                public_id=credential.public_id,
+                app_id=credential.app_id,
+                kind=credential.kind.value,
+                portal_id=request.portal_id,
+            )
+        )
         uow.commit()
         return credential
 
@@ -393,8 +434,8 @@ def _fail_provisioning(uow: UnitOfWork, request: AccessRequest, reason: str) -> 
     """End an approved request in ``provisioning_failed``, told to its portal; the message is done."""
     request.fail_provisioning(reason)
     _queue_follow_ups(uow, request)
+    uow.record_outcome(outcomes.ProvisioningFailed(request.id, reason))
     uow.commit()
-    log.warning("provisioning of %s failed: %s", request.id, reason)
 
 
 def retry_provisioning(command: commands.RetryProvisioning, *, uow: UnitOfWork) -> Status:
@@ -447,13 +488,12 @@ def send_notification(
     mailer: Mailer,
     admin_emails: Iterable[str],
     message_id_domain: str = "accessflow",
-    lease_seconds: float = 60.0,
 ) -> DeliveryStatus | None:
     """Send one email about a request, at least once and, short of a crash mid-send, at most once.
 
     The attempt is committed before SMTP is spoken to and the result after, so a
     crash in between gives at most one duplicate, which shares the same Message-ID.
-    The attempt also takes a lease of ``lease_seconds`` (``ACCESSFLOW_EMAIL_LEASE_SECONDS``,
+    The attempt also takes the mailer's lease (:attr:`Mailer.lease`, from the email settings,
     longer than the mailer's send deadline): a redelivery of the same command that
     arrives while the first is still talking SMTP (the broker redelivers when a
     connection drops) backs off instead of sending a second copy.
@@ -475,7 +515,7 @@ def send_notification(
                 )
             request = uow.requests.get(command.request_id)
             if request is None:
-                log.warning("notification for unknown request %s dropped", command.request_id)
+                uow.record_outcome(outcomes.EmailDropped(command.request_id, command.kind.value))
                 return None
             email = _compose(
                 request,
@@ -490,11 +530,11 @@ def send_notification(
                 )
                 uow.notifications.add(notification)
             notification.attempts += 1
-            notification.lease_expires_at = utcnow() + timedelta(seconds=lease_seconds)
+            notification.lease_expires_at = utcnow() + mailer.lease
             uow.commit()
     except Duplicate:
         # A twin delivery created the notification at the same moment, and holds its lease now.
-        log.info("duplicate %s email command for %s ignored", command.kind.value, command.request_id)
+        uow.record_outcome(outcomes.EmailDuplicateIgnored(command.request_id, command.kind.value))
         return None
     if not email.to:  # e.g. no ACCESSFLOW_ADMIN_EMAILS: a gap the operator must see, not a success
         return _record_delivery(uow, command, DeliveryStatus.FAILED, "no recipients configured")
@@ -512,16 +552,39 @@ def send_notification(
             command,
             DeliveryStatus.PARTIAL,
             f"{len(sent.refused)} of {len(email.to)} recipients refused: {refusals}",
+            recipients=len(email.to),
+            refused=len(sent.refused),
         )
-    return _record_delivery(uow, command, DeliveryStatus.SENT, "")
+    return _record_delivery(uow, command, DeliveryStatus.SENT, "", recipients=len(email.to))
 
 
 def _record_delivery(
-    uow: UnitOfWork, command: commands.SendNotification, status: DeliveryStatus, error: str
+    uow: UnitOfWork,
+    command: commands.SendNotification,
+    status: DeliveryStatus,
+    error: str,
+    *,
+    recipients: int = 0,
+    refused: int = 0,
 ) -> DeliveryStatus:
     with uow:
         notification = uow.notifications.get(command.request_id, command.kind, for_update=True)
         assert notification is not None
+        if status in (DeliveryStatus.SENT, DeliveryStatus.PARTIAL):
+            uow.record_outcome(
+                outcomes.EmailSent(
+                    command.request_id,
+                    command.kind.value,
+                    notification.message_id,
+                    status.value,
+                    recipients,
+                    refused,
+                )
+            )
+        elif status is DeliveryStatus.FAILED:
+            uow.record_outcome(
+                outcomes.EmailFailed(command.request_id, command.kind.value, notification.message_id, error)
+            )
         notification.status = status
         notification.last_error = error[:500]
         now = utcnow()
@@ -556,9 +619,11 @@ def redrive_stuck_notifications(
       How many were re-driven, and how many were given up on.
     """
     redriven = failed = 0
+    request_ids: list[str] = []
     with uow:
         moment = now()
         for notification in uow.notifications.stuck(before=moment - stale_after, limit=limit):
+            request_ids.append(notification.request_id)
             if notification.attempts >= max_attempts:
                 notification.status = DeliveryStatus.FAILED
                 notification.lease_expires_at = None
@@ -572,9 +637,58 @@ def redrive_stuck_notifications(
             notification.lease_expires_at = moment
             uow.outbox.put(commands.SendNotification(notification.request_id, notification.kind))
             redriven += 1
+        if request_ids:
+            uow.record_outcome(outcomes.NotificationsRedriven(redriven, failed, tuple(request_ids)))
         uow.commit()
-    if redriven or failed:
-        log.warning("stuck emails: %d re-driven, %d given up on", redriven, failed)
+    return redriven, failed
+
+
+def redrive_stuck_provisioning(
+    *,
+    uow: UnitOfWork,
+    stale_after: timedelta,
+    max_attempts: int,
+    limit: int = 100,
+    now: Callable[[], datetime] = utcnow,
+) -> tuple[int, int]:
+    """Issue again the credentials of requests stuck in ``approved``; give up on them after a while.
+
+    A request is stuck when it has been ``approved`` for longer than ``stale_after`` since its
+    approval or its last re-drive: its ``IssueCredentials`` was dead-lettered (a transient
+    failure outlasted the retries) or lost. Its command is queued again through the outbox,
+    the re-drive counted in ``provision_attempts`` and dated, so that it is not re-driven again
+    before ``stale_after``. Once it has been re-driven ``max_attempts`` times it ends in
+    ``provisioning_failed`` instead, by the ``provisioning-sweep`` in its audit trail, with the
+    reason, its portal told, and waits for ``accessflow requests retry``. One transaction; rows
+    another sweep (or the worker issuing the credential) holds are skipped, so several workers
+    run this at once without issuing twice.
+
+    Returns:
+      How many were re-driven, and how many were given up on.
+    """
+    redriven = failed = 0
+    request_ids: list[str] = []
+    with uow:
+        moment = now()
+        for request in uow.requests.stuck_approved(before=moment - stale_after, limit=limit):
+            request_ids.append(request.id)
+            if request.provision_attempts >= max_attempts:
+                reason = (
+                    f"gave up: still approved with no credential after {request.provision_attempts} "
+                    f"re-drive(s) of its IssueCredentials, {stale_after.total_seconds():.0f}s apart "
+                    "(ACCESSFLOW_PROVISIONING_MAX_ATTEMPTS); see the dead letters of the credentials queue"
+                )
+                request.fail_provisioning(reason, by="provisioning-sweep")
+                _queue_follow_ups(uow, request)
+                uow.record_outcome(outcomes.ProvisioningFailed(request.id, reason))
+                failed += 1
+                continue
+            request.redrive_provisioning(moment)
+            uow.outbox.put(commands.IssueCredentials(request.id))
+            redriven += 1
+        if request_ids:
+            uow.record_outcome(outcomes.ProvisioningRedriven(redriven, failed, tuple(request_ids)))
+        uow.commit()
     return redriven, failed
 
 

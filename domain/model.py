@@ -247,6 +247,7 @@ class AccessRequest:
         status_reason: str = "",
         updated_at: datetime | None = None,
         portal_id: str | None = None,
+        provision_attempts: int = 0,
     ) -> None:
         self.id = id
         self.consumer_id = consumer_id
@@ -263,6 +264,9 @@ class AccessRequest:
         self.status_reason = status_reason
         self.updated_at = updated_at or self.received_at
         self.portal_id = portal_id
+        #: How many times the sweep issued this approved request's credentials again, its first
+        #: IssueCredentials command lost or dead-lettered (:meth:`redrive_provisioning`).
+        self.provision_attempts = provision_attempts
         #: The sequence number of the last event the portal was sent about this request.
         self.event_seq = 0
         self.history: list[AuditEntry] = []
@@ -362,14 +366,32 @@ class AccessRequest:
         self._move(Status.REJECTED, actor_kind=ActorKind.ADMIN, actor_id=admin_id, reason=reason)
         self.events.append(events.RequestRejected(self.id, reason))
 
-    def fail_provisioning(self, reason: str) -> None:
-        """No credential can be issued; the request waits, visibly, for an operator's retry."""
-        self._move(Status.PROVISIONING_FAILED, actor_kind=ActorKind.SYSTEM, actor_id="issuer", reason=reason)
+    def fail_provisioning(self, reason: str, *, by: str = "issuer") -> None:
+        """No credential can be issued; the request waits, visibly, for an operator's retry.
+
+        ``by`` names the system part that gave up, for the audit trail: the ``issuer``, or the
+        ``provisioning-sweep`` once its re-drives are spent.
+        """
+        self._move(Status.PROVISIONING_FAILED, actor_kind=ActorKind.SYSTEM, actor_id=by, reason=reason)
         self.events.append(events.ProvisioningFailed(self.id, reason))
 
+    def redrive_provisioning(self, now: datetime) -> None:
+        """Count one more issue of the credentials by the sweep; ``updated_at`` dates it.
+
+        The request stays ``approved``: only a credential, or a failure, moves it on.
+        """
+        if self.status is not Status.APPROVED:
+            raise IllegalTransition(f"request {self.id} is {self.status}: only an approved one is re-driven")
+        self.provision_attempts += 1
+        self.updated_at = now
+
     def retry_provisioning(self, *, operator: str, reason: str) -> None:
-        """Back to approved, once the cause is fixed: the credential is issued again from there."""
+        """Back to approved, once the cause is fixed: the credential is issued again from there.
+
+        The sweep's count of re-drives starts again.
+        """
         self._move(Status.APPROVED, actor_kind=ActorKind.OPERATOR, actor_id=operator, reason=reason)
+        self.provision_attempts = 0
         self.events.append(events.RequestApproved(self.id, automatically=False))
 
     def mark_provisioned(self, credential_id: str) -> None:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import datetime, timedelta
 from types import TracebackType
 from typing import Protocol, Self
 
@@ -25,12 +25,18 @@ from domain.model import (
     Portal,
     Product,
 )
+from domain.outcomes import Outcome
 
 
 class RequestRepository(Protocol):
     def add(self, request: AccessRequest) -> None: ...
 
     def get(self, request_id: str, *, for_update: bool = False) -> AccessRequest | None: ...
+
+    def stuck_approved(self, *, before: datetime, limit: int) -> list[AccessRequest]:
+        """Up to ``limit`` requests still ``approved`` whose last change (or re-drive) was before
+        ``before``; held for this transaction, and skipped by any other that asks."""
+        ...
 
 
 class CatalogueRepository(Protocol):
@@ -144,6 +150,16 @@ class UnitOfWork(Protocol):
 
     def rollback(self) -> None: ...
 
+    def record_outcome(self, outcome: Outcome) -> None:
+        """Report what the handler did (:mod:`domain.outcomes`).
+
+        One that is ``committed_only`` is told when this transaction commits, and dropped if
+        it rolls back; any other is told at once, inside a transaction or not. The unit of
+        work reports them, rather than a port of their own, because only it knows whether,
+        and when, the change an outcome speaks of committed; and every handler has it already.
+        """
+        ...
+
 
 @dataclass(frozen=True)
 class IssuedSecret:
@@ -207,7 +223,7 @@ class Sent:
 
 
 class Mailer(Protocol):
-    """Renders and delivers an :class:`Email`.
+    """Renders and delivers an :class:`Email`, within a bounded time.
 
     Returns:
       What was sent; a refusal of some recipients, but not all, is not an error.
@@ -216,5 +232,14 @@ class Mailer(Protocol):
       TransientError: the server may accept it later (4xx, dropped connection, the send's deadline).
       PermanentDeliveryError: the server refused it for good (5xx), or every recipient.
     """
+
+    @property
+    def lease(self) -> timedelta:
+        """How long a worker holds an email it sends before another may take it over.
+
+        Part of the email settings (``ACCESSFLOW_EMAIL_LEASE_SECONDS``), longer than the
+        longest one send may take, so that no send outlives its lease.
+        """
+        ...
 
     def send(self, email: Email) -> Sent: ...

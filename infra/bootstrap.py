@@ -147,7 +147,9 @@ def build(
     if mailer is None:
         renderer = EmailRenderer(settings)
         mailer = (
-            FileMailer(Path(settings.mail_dir), renderer)
+            FileMailer(
+                Path(settings.mail_dir), renderer, lease=timedelta(seconds=settings.email_lease_seconds)
+            )
             if settings.mail_transport == "file"
             else SmtpMailer(settings, renderer)
         )
@@ -173,6 +175,8 @@ class WorkerLifecycle(Middleware):
 
     A pool that consumes the notifications queue also sweeps for emails stuck in ``sending``
     (:func:`sweep_stuck_notifications`): where the emails are sent, and so wherever they are.
+    A pool that consumes the credentials queue sweeps for requests stuck in ``approved``
+    (:func:`sweep_stuck_provisioning`), for the same reason.
     """
 
     def __init__(self, services: Services) -> None:
@@ -200,6 +204,14 @@ class WorkerLifecycle(Middleware):
                     "notification-sweep",
                     settings.notification_sweep_seconds,
                     lambda: sweep_stuck_notifications(self.services),
+                )
+            )
+        if consumes(worker, routes.ISSUE.queue_name(settings.queue_prefix)):
+            self.tasks.append(
+                PeriodicTask(
+                    "provisioning-sweep",
+                    settings.provisioning_sweep_seconds,
+                    lambda: sweep_stuck_provisioning(self.services),
                 )
             )
         for task in self.tasks:
@@ -251,6 +263,23 @@ def sweep_stuck_notifications(services: Services) -> tuple[int, int]:
         uow=services.uow(),
         stale_after=timedelta(seconds=settings.notification_stale_seconds),
         max_attempts=settings.notification_max_attempts,
+    )
+
+
+def sweep_stuck_provisioning(services: Services) -> tuple[int, int]:
+    """Issue again the credentials of requests stuck in ``approved``, or give up on them
+    (:func:`handlers.redrive_stuck_provisioning`).
+
+    Safe in any number of processes at once: each takes the rows no other sweep holds.
+
+    Returns:
+      How many were re-driven, and how many ended ``provisioning_failed``.
+    """
+    settings = services.settings
+    return handlers.redrive_stuck_provisioning(
+        uow=services.uow(),
+        stale_after=timedelta(seconds=settings.provisioning_stale_seconds),
+        max_attempts=settings.provisioning_max_attempts,
     )
 
 

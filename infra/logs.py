@@ -7,6 +7,7 @@ the renderer so that a secret passed by mistake never reaches the output.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import re
 import sys
@@ -15,11 +16,33 @@ from typing import Any
 
 import structlog
 
+from domain.outcomes import Outcome
+
 #: Keys whose values are replaced wherever they appear in an event.
 SENSITIVE_KEYS = re.compile(r"(secret|password|passwd|token|api_?key|seal|authorization)", re.IGNORECASE)
 #: Values that look like our API keys (af_<prefix>_<secret>) are masked even under innocent keys.
 API_KEY_VALUE = re.compile(r"\b(af_[0-9a-f]{8})_[A-Za-z0-9_-]{20,}")
 REDACTED = "[redacted]"
+
+#: The name of the logger the handlers' outcomes are told on.
+OUTCOME_LOGGER = "accessflow.outcomes"
+
+
+def log_outcome(outcome: Outcome) -> None:
+    """Log what a handler did as one structured line: ``request.routed outcome=... request_id=...``.
+
+    The event is the outcome's ``name``; its fields are the outcome's ids and values, next to
+    the ids bound to the context (message id, actor). WARNING for refusals and failures.
+    """
+    fields = dataclasses.asdict(outcome)
+    # A logger per line, from the configuration of the moment: a module-level one is frozen to
+    # the first configuration it was used under (cache_logger_on_first_use), which would keep
+    # structlog.testing.capture_logs from seeing outcomes. It costs microseconds per message.
+    outcome_log = structlog.get_logger(OUTCOME_LOGGER)
+    if outcome.level == "warning":
+        outcome_log.warning(outcome.name, **fields)
+    else:
+        outcome_log.info(outcome.name, **fields)
 
 
 def _redact_value(value: Any) -> Any:

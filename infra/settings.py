@@ -108,6 +108,24 @@ class Settings(BaseSettings):
         description="Attempts (sends and re-drives) after which a stuck email is marked failed "
         "instead of re-driven.",
     )
+    provisioning_sweep_seconds: float = Field(
+        60.0,
+        gt=0,
+        description="How often workers that consume the credentials queue look for requests stuck in "
+        "`approved`.",
+    )
+    provisioning_stale_seconds: float = Field(
+        900.0,
+        gt=0,
+        description="A request still `approved` this long after its approval or its last re-drive (its "
+        "IssueCredentials dead-lettered or lost) has its credentials issued again through the outbox.",
+    )
+    provisioning_max_attempts: int = Field(
+        5,
+        ge=1,
+        description="Re-drives after which a request stuck in `approved` ends `provisioning_failed`, with "
+        "the reason, instead of re-driven.",
+    )
     subject_approve: str = Field(
         "Your access request for {{ app_name }} is approved",
         description="Jinja2 subject of the approve email.",

@@ -59,7 +59,6 @@ def send_notification(message: v1.SendNotification, services: Services, sender: 
         mailer=services.mailer,
         admin_emails=services.settings.admin_emails,
         message_id_domain=services.settings.message_id_domain,
-        lease_seconds=services.settings.email_lease_seconds,
     )
 
 

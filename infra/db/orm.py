@@ -91,6 +91,15 @@ access_requests = sa.Table(
     sa.Column("portal_id", sa.String(64), nullable=True),
     # The sequence number of the last event sent to the portal about this request.
     sa.Column("event_seq", sa.Integer, nullable=False, server_default="0"),
+    # How many times the sweep issued an approved request's credentials again (migration 0009).
+    sa.Column("provision_attempts", sa.Integer, nullable=False, server_default="0"),
+    # The sweep of requests stuck in approved reads only those, by age (migration 0009).
+    sa.Index(
+        "ix_access_requests_approved",
+        "updated_at",
+        postgresql_where=sa.text("status = 'approved'"),
+        sqlite_where=sa.text("status = 'approved'"),
+    ),
 )
 
 # Append-only: PostgreSQL refuses UPDATE and DELETE here (see the first migration).

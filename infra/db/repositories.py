@@ -500,6 +500,32 @@ class SqlRequestRepository:
             return _GET_REQUEST_AND_VERSION
         return _GET_REQUEST
 
+    def stuck_approved(self, *, before: datetime, limit: int) -> list[AccessRequest]:
+        """Requests ``approved`` whose last change (or re-drive) is older than ``before``, oldest first.
+
+        Locked for this transaction; rows another transaction holds (a sweep, or the worker
+        issuing the credential) are skipped, not waited for. Not on the hot path: a sweep runs
+        it about once a minute per worker process, on a partial index of approved requests.
+        """
+        c = _requests.c
+        query = (
+            sa.select(_requests)
+            .where(c.status == Status.APPROVED, c.updated_at < before)
+            .order_by(c.updated_at)
+            .limit(limit)
+            .with_for_update(skip_locked=True)
+        )
+        connection = self.session.connection()
+        requests = [_request_of(row) for row in connection.execute(query)]
+        if requests:
+            trails: dict[str, list[AuditEntry]] = {r.id: [] for r in requests}
+            for row in connection.execute(_TRAILS_OF, {"ids": list(trails)}):
+                trails[row.request_id].append(_entry_of(row))
+            for request in requests:
+                request.history = trails[request.id]
+                self._track(request)
+        return requests
+
     def list(self, *, status: Status | None = None, limit: int = 100) -> list[AccessRequest]:
         query = sa.select(_requests).order_by(_requests.c.received_at.desc()).limit(limit)
         if status is not None:

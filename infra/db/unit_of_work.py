@@ -9,6 +9,7 @@ from typing import Self
 
 from sqlalchemy.orm import Session, sessionmaker
 
+from domain.outcomes import Outcome
 from infra.db.outbox import SqlOutbox
 from infra.db.repositories import (
     ReferenceCache,
@@ -21,6 +22,7 @@ from infra.db.repositories import (
     SqlPortalRepository,
     SqlRequestRepository,
 )
+from infra.logs import log_outcome
 from infra.messaging.relay import OutboxRelay
 
 _caches: weakref.WeakKeyDictionary[sessionmaker[Session], ReferenceCache] = weakref.WeakKeyDictionary()
@@ -42,6 +44,9 @@ def reference_cache_of(session_factory: sessionmaker[Session]) -> ReferenceCache
 
 class SqlUnitOfWork:
     """Rolls back unless :meth:`commit` is called; after a commit, publishes what the outbox got.
+
+    It logs the handler's outcomes (:meth:`record_outcome`): one about a state change after
+    the commit that made it, and none if the transaction rolls back; any other at once.
 
     The repositories write what the handler changed when it commits, in one go and in the
     order the foreign keys want (:meth:`_flush`); the outbox rows are in the same transaction.
@@ -70,6 +75,8 @@ class SqlUnitOfWork:
         self.queue_prefix = queue_prefix
         self.relay = relay
         self.reference_cache = reference_cache or reference_cache_of(session_factory)
+        #: Outcomes told when the transaction commits (:meth:`record_outcome`).
+        self.outcomes: list[Outcome] = []
 
     def __enter__(self) -> Self:
         self.session = self.session_factory()
@@ -90,6 +97,7 @@ class SqlUnitOfWork:
         # close() rolls back whatever was not committed; the objects the handler loaded stay
         # readable (they are plain), so a handler can return what it loaded.
         self.outbox.added = []
+        self.outcomes = []
         self._forget()
         self.session.close()
 
@@ -115,14 +123,25 @@ class SqlUnitOfWork:
     def _publish_committed(self) -> None:
         """Publish the messages the transaction just committed; the sweep sends any left behind."""
         committed, self.outbox.added = self.outbox.added, []
+        told, self.outcomes = self.outcomes, []
+        for outcome in told:
+            log_outcome(outcome)
         if committed and self.relay is not None:
             self.relay.publish_quietly(committed)
+
+    def record_outcome(self, outcome: Outcome) -> None:
+        """Log ``outcome`` once this transaction commits if it is ``committed_only``, else now."""
+        if outcome.committed_only:
+            self.outcomes.append(outcome)
+        else:
+            log_outcome(outcome)
 
     def rollback(self) -> None:
         self.session.rollback()
         self._forget()
         self.reads = self._new_reads()
         self.outbox.added = []
+        self.outcomes = []
 
     def _new_reads(self) -> ReferenceReads:
         reads = ReferenceReads(self.session, self.reference_cache)

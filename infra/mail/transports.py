@@ -22,6 +22,7 @@ import ssl
 import threading
 import time
 import weakref
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -220,6 +221,11 @@ class SmtpMailer:
         # then, as the garbage collector may run anywhere.
         weakref.finalize(self, self._connections.close_all, quit=False)
 
+    @property
+    def lease(self) -> timedelta:
+        """The lease a sender takes on an email: ``ACCESSFLOW_EMAIL_LEASE_SECONDS``, longer than the deadline."""
+        return timedelta(seconds=self.settings.email_lease_seconds)
+
     def send(self, email: Email) -> Sent:
         # The bytes checked by the renderer are the bytes sent, with the envelope it chose: smtplib
         # derives nothing from the headers.
@@ -254,10 +260,7 @@ class SmtpMailer:
                 refused=len(refused),
                 codes=sorted({code for code, _ in refused.values()}),
             )
-        else:
-            log.info(
-                "email.sent", kind=email.kind.value, message_id=email.message_id, recipients=len(email.to)
-            )
+        # A sent email is told by the handler, once its outcome is recorded: "email.sent".
         return Sent(
             refused={
                 address: f"{code} {reply.decode('utf-8', 'replace')}".strip()
@@ -398,12 +401,20 @@ class SmtpMailer:
             self._connections.drop(connection, quit=False)
 
 
+#: The lease of an email written to a file, unless the composition root gives the configured one.
+DEFAULT_FILE_LEASE = timedelta(seconds=60)
+
+
 class FileMailer:
     """Writes each email as an .eml file: for the demo and for looking at templates."""
 
-    def __init__(self, directory: Path, renderer: EmailRenderer) -> None:
+    def __init__(
+        self, directory: Path, renderer: EmailRenderer, *, lease: timedelta = DEFAULT_FILE_LEASE
+    ) -> None:
         self.directory = directory
         self.renderer = renderer
+        #: The lease a sender takes on an email (``ACCESSFLOW_EMAIL_LEASE_SECONDS``).
+        self.lease = lease
 
     def send(self, email: Email) -> Sent:
         self.directory.mkdir(parents=True, exist_ok=True)

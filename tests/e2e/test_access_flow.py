@@ -388,6 +388,72 @@ class TestWorkerLogs:
         for log_file in worker_pools.glob("*.log"):
             assert secret not in log_file.read_text()
 
+    def test_tell_each_outcome_as_one_named_event_with_its_ids(
+        self,
+        portal: PortalClient,
+        admin_env: dict[str, str],
+        services: Services,
+        smtp: svc.SmtpSink,
+        tmp_path: Path,
+        worker_pools: Path,
+    ) -> None:
+        # Given a request for a manual plan, approved by an admin, provisioned and emailed about
+        request_id = submit_file(portal, tmp_path, request_payload(plan_id="partner"))
+        wait_for_status(services, request_id, Status.PENDING_REVIEW)
+        cli(admin_env, "decide", request_id, "approve", "--reason", "fine", "--admin", ADMIN_ID)
+        wait_for_status(services, request_id, Status.PROVISIONED)
+        wait_for_email(smtp, request_id, "approved")
+        [credential] = credentials_of(services, request_id)
+        with services.engine.connect() as connection:
+            decision_id = connection.execute(
+                sa.select(orm.decisions.c.id).where(orm.decisions.c.request_id == request_id)
+            ).scalar_one()
+
+        # When the pools' JSON log lines about it are read
+        wanted = ("request.routed", "request.decided", "credentials.issued", "email.sent")
+
+        def outcomes_told() -> dict[str, list[dict[str, object]]]:
+            told: dict[str, list[dict[str, object]]] = {}
+            for log_file in worker_pools.glob("*.log"):
+                for line in log_file.read_text().splitlines():
+                    if line.startswith("{") and request_id in line:
+                        event = json.loads(line)
+                        if event["event"] in wanted:
+                            told.setdefault(str(event["event"]), []).append(event)
+            return told
+
+        told = svc.wait_until(
+            lambda: len((found := outcomes_told()).get("email.sent", [])) == 2 and found,
+            what="the outcomes of the request in the workers' logs",
+        )
+
+        # Then each step is one event named by what happened, with the ids it concerns and the message's
+        [routed] = told["request.routed"]
+        assert (routed["outcome"], routed["portal_id"], routed["level"]) == (
+            "pending_review",
+            portal.party.id,
+            "info",
+        )
+        [decided] = told["request.decided"]
+        assert (decided["decision_id"], decided["outcome"], decided["admin_id"], decided["status"]) == (
+            decision_id,
+            "applied",
+            ADMIN_ID,
+            "approved",
+        )
+        [issued] = told["credentials.issued"]
+        assert (issued["credential_id"], issued["public_id"], issued["app_id"]) == (
+            credential.id,
+            credential.public_id,
+            credential.app_id,
+        )
+        sent = {str(line["kind"]): line for line in told["email.sent"]}
+        assert sorted(sent) == ["approve", "review"]
+        assert sent["approve"]["email_message_id"] == f"<approve.{request_id}@accessflow.local>"
+        assert sent["approve"]["outcome"] == "sent"
+        for line in [routed, decided, issued, *sent.values()]:
+            assert line["request_id"] == request_id and line["message_id"], line
+
 
 class TestAProvisioningThatCannotSucceed:
     def test_stops_visibly_and_an_operator_retries_it_once_the_cause_is_fixed(

@@ -4,7 +4,8 @@ Both deliveries look for the other's row before either has committed, find none,
 own; the second is refused by the key. That raised UniqueViolation, logged an ERROR with a
 traceback and retried the message (39 of 80 in one black-box run). Here two threads handle the
 same decision (or submission) at once on real PostgreSQL, round after round, so that the race
-is hit: each pair gives one INFO line about the duplicate, no exception and no ERROR.
+is hit: each pair gives one INFO line about the duplicate (``decision.duplicate_ignored``,
+``request.duplicate_ignored``), no exception and no ERROR.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from datetime import UTC, datetime
 from typing import TypeVar
 
 import pytest
+import structlog
 
 from domain import commands, handlers
 from domain.model import DecisionOutcome, Status
@@ -77,25 +79,32 @@ def lines(caplog: pytest.LogCaptureFixture, level: int, text: str = "") -> list[
     return [r.getMessage() for r in caplog.records if r.levelno == level and text in r.getMessage()]
 
 
+def events(logged: list[dict[str, object]], name: str, level: str) -> list[dict[str, object]]:
+    """The structured lines named ``name`` at ``level``."""
+    return [line for line in logged if line["event"] == name and line["log_level"] == level]
+
+
 class TestTheSameDecisionTwiceAtOnce:
     def test_applies_once_and_the_other_is_one_info_line_without_error(
         self, services: Services, parties: Parties, caplog: pytest.LogCaptureFixture
     ) -> None:
         caplog.set_level(logging.INFO)
-        for _ in range(ROUNDS):
-            # Given a pending request and one signed decision about it, delivered twice at once
-            command = decision(parties, routed(services), approve=True)
+        with structlog.testing.capture_logs() as logged:
+            for _ in range(ROUNDS):
+                # Given a pending request and one signed decision about it, delivered twice at once
+                command = decision(parties, routed(services), approve=True)
 
-            # When both deliveries are handled at the same moment
-            outcomes = at_once(lambda command=command: decide(services, command))  # type: ignore[misc]
+                # When both deliveries are handled at the same moment
+                outcomes = at_once(lambda command=command: decide(services, command))  # type: ignore[misc]
 
-            # Then one applies it and the other ignores it, and neither raises
-            assert sorted(map(str, outcomes)) == sorted(
-                map(str, [DecisionOutcome.APPLIED, DecisionOutcome.IGNORED])
-            ), outcomes
+                # Then one applies it and the other ignores it, and neither raises
+                assert sorted(map(str, outcomes)) == sorted(
+                    map(str, [DecisionOutcome.APPLIED, DecisionOutcome.IGNORED])
+                ), outcomes
 
         # And each duplicate is one INFO line, with no ERROR anywhere
-        assert len(lines(caplog, logging.INFO, "duplicate decision message")) == ROUNDS
+        assert len(events(logged, "decision.duplicate_ignored", "info")) == ROUNDS
+        assert [line for line in logged if line["log_level"] == "error"] == []
         assert lines(caplog, logging.ERROR) == []
 
 
@@ -105,16 +114,21 @@ class TestTheSameSubmissionTwiceAtOnce:
         self, services: Services, caplog: pytest.LogCaptureFixture, new_app: bool
     ) -> None:
         caplog.set_level(logging.INFO)
-        for _ in range(ROUNDS):
-            command = submission(services, str(uuid.uuid4()), new_app=new_app)
+        with structlog.testing.capture_logs() as logged:
+            for _ in range(ROUNDS):
+                command = submission(services, str(uuid.uuid4()), new_app=new_app)
 
-            statuses = at_once(lambda command=command: handlers.route_request(command, uow=services.uow()))  # type: ignore[misc]
+                statuses = at_once(
+                    lambda command=command: handlers.route_request(command, uow=services.uow())
+                )  # type: ignore[misc]
 
-            assert statuses == [Status.PENDING_REVIEW, Status.PENDING_REVIEW], statuses
-            with services.uow() as uow:
-                request = uow.requests.get(command.request_id)
-            assert request is not None
-            assert [e.to_status for e in request.history] == [Status.SUBMITTED, Status.PENDING_REVIEW]
+                assert statuses == [Status.PENDING_REVIEW, Status.PENDING_REVIEW], statuses
+                with services.uow() as uow:
+                    request = uow.requests.get(command.request_id)
+                assert request is not None
+                assert [e.to_status for e in request.history] == [Status.SUBMITTED, Status.PENDING_REVIEW]
 
-        assert len(lines(caplog, logging.INFO, "duplicate submission of")) == ROUNDS
+        assert len(events(logged, "request.duplicate_ignored", "info")) == ROUNDS
+        assert len(events(logged, "request.routed", "info")) == ROUNDS
+        assert [line for line in logged if line["log_level"] == "error"] == []
         assert lines(caplog, logging.ERROR) == []

@@ -13,6 +13,7 @@ import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from datetime import timedelta
 
 import pytest
 
@@ -135,7 +136,7 @@ class TestASlowSmtpServer:
         # Given a review email, and a worker that starts sending it to a server that is slow on
         # its first connection: slower, in all, than the email's lease
         configured = deadline_settings(settings, slow_server)
-        lease = 7.0  # the configured lease (a literal, so that this test also runs where none is)
+        lease = 7.0  # the configured lease, which the mailer carries (a literal, to compare with)
         request_id = routed(services)
         command = commands.SendNotification(request_id, NotificationKind.REVIEW)
         message_id = handlers.email_message_id(request_id, NotificationKind.REVIEW, "accessflow.local")
@@ -147,7 +148,6 @@ class TestASlowSmtpServer:
                 mailer=mailer,
                 admin_emails=(ADMIN,),
                 message_id_domain="accessflow.local",
-                lease_seconds=lease,
             )
 
         first: list[BaseException | DeliveryStatus | None] = []
@@ -214,6 +214,11 @@ class TestTheDeadline:
         # Then the send stopped at its deadline, inside the lease, and the server has no copy
         assert took < configured.email_lease_seconds
         assert slow_server.copies(later.message_id) == 0
+
+    def test_the_smtp_mailer_carries_the_configured_lease(self, settings: Settings) -> None:
+        configured = settings.model_copy(update={"email_lease_seconds": 42.0})
+
+        assert SmtpMailer(configured, EmailRenderer(configured)).lease == timedelta(seconds=42)
 
     def test_a_lease_not_longer_than_the_deadline_is_refused_at_start(self) -> None:
         with pytest.raises(ValueError, match="ACCESSFLOW_EMAIL_LEASE_SECONDS"):

@@ -14,7 +14,7 @@ import copy
 import hashlib
 import uuid
 from collections.abc import Hashable, Iterable, Sequence
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from types import TracebackType
 from typing import TYPE_CHECKING, Generic, Protocol, Self, TypeVar
 
@@ -36,8 +36,10 @@ from domain.model import (
     Plan,
     Portal,
     Product,
+    Status,
     utcnow,
 )
+from domain.outcomes import Outcome
 from domain.ports import Email, IssuedSecret, Sent
 
 K = TypeVar("K", bound=Hashable)
@@ -102,6 +104,13 @@ class FakeRequestRepository:
 
     def get(self, request_id: str, *, for_update: bool = False) -> AccessRequest | None:
         return self._table.load(request_id)
+
+    def stuck_approved(self, *, before: datetime, limit: int) -> list[AccessRequest]:
+        found = sorted(
+            (r for r in self._table.rows.values() if r.status is Status.APPROVED and r.updated_at < before),
+            key=lambda r: r.updated_at,
+        )
+        return [loaded for r in found[:limit] if (loaded := self._table.load(r.id)) is not None]
 
     def saved(self, request_id: str) -> AccessRequest | None:
         """The committed request, as a fresh transaction would see it."""
@@ -357,6 +366,9 @@ class FakeUnitOfWork:
         self.portals = FakePortalRepository([ACME_PORTAL, GLOBEX_PORTAL])
         self.admin_keys = FakeAdminKeyRepository([(ADMIN_ID, ADMIN_EMAIL)], [ADMIN_KEY])
         self.outbox = FakeOutbox()
+        #: Every outcome told, oldest first: a committed-only one once its transaction committed.
+        self.outcomes: list[Outcome] = []
+        self._pending_outcomes: list[Outcome] = []
         self.committed = False
         self.commits = 0
         self._in_transaction = False
@@ -383,6 +395,8 @@ class FakeUnitOfWork:
         for table in self._tables():
             table.commit()
         self.outbox.commit()
+        self.outcomes.extend(self._pending_outcomes)
+        self._pending_outcomes = []
         self.committed = True
         self.commits += 1
 
@@ -390,6 +404,19 @@ class FakeUnitOfWork:
         for table in self._tables():
             table.rollback()
         self.outbox.rollback()
+        self._pending_outcomes = []
+
+    def record_outcome(self, outcome: Outcome) -> None:
+        if outcome.committed_only:
+            assert self._in_transaction, "an outcome about a change recorded outside its transaction"
+            self._pending_outcomes.append(outcome)
+        else:
+            self.outcomes.append(outcome)
+
+    @property
+    def told(self) -> list[str]:
+        """The names of the outcomes told, oldest first: ``["request.routed", ...]``."""
+        return [outcome.name for outcome in self.outcomes]
 
     def _tables(self) -> tuple[_Transactional, ...]:
         return (
@@ -465,7 +492,8 @@ class FakeMailer:
     ``refuse`` names recipients the server refuses while it takes the message for the others.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, *, lease: timedelta = timedelta(seconds=60)) -> None:
+        self.lease = lease
         self.sent: list[Email] = []
         self.attempts = 0
         self.refuse: dict[str, str] = {}

@@ -18,6 +18,7 @@ from domain.handlers import (
     follow_ups,
     issue_credentials,
     redrive_stuck_notifications,
+    redrive_stuck_provisioning,
     retry_provisioning,
     route_request,
     send_notification,
@@ -1101,6 +1102,29 @@ class TestARedeliveryWhileTheFirstDeliveryIsStillSending:
             f"reject email for {request_id} is being sent by another worker"
         ]
 
+    def test_the_lease_taken_is_the_mailers_from_the_email_settings(self, uow: FakeUnitOfWork) -> None:
+        # Given a mailer whose lease (ACCESSFLOW_EMAIL_LEASE_SECONDS) is five minutes, which dies mid-send
+        request_id = rejected(uow, "no")
+
+        class DyingMailer(FakeMailer):
+            def send(self, email: Email) -> Sent:
+                raise SystemExit("the worker died")
+
+        started = utcnow()
+        with pytest.raises(SystemExit):
+            send_notification(
+                SendNotification(request_id, NotificationKind.REJECT),
+                uow=uow,
+                mailer=DyingMailer(lease=timedelta(minutes=5)),
+                admin_emails=ADMIN_EMAILS,
+            )
+
+        # Then the email is held for the mailer's lease, with no lease passed by the caller
+        notification = uow.notifications.saved(request_id, NotificationKind.REJECT)
+        assert notification is not None and notification.lease_expires_at is not None
+        held = notification.lease_expires_at - started
+        assert timedelta(minutes=5) <= held < timedelta(minutes=5, seconds=5)
+
     def test_a_crashed_sender_is_taken_over_once_its_lease_has_run_out(self, uow: FakeUnitOfWork) -> None:
         # Given an attempt whose sender died mid-send, with a lease of no length
         request_id = rejected(uow, "no")
@@ -1113,9 +1137,8 @@ class TestARedeliveryWhileTheFirstDeliveryIsStillSending:
             send_notification(
                 SendNotification(request_id, NotificationKind.REJECT),
                 uow=uow,
-                mailer=DyingMailer(),
+                mailer=DyingMailer(lease=timedelta(0)),
                 admin_emails=ADMIN_EMAILS,
-                lease_seconds=0,
             )
 
         # When the command is redelivered
@@ -1256,6 +1279,76 @@ class TestAnEmailStuckInSending:
             == "gave up: stuck in sending after 3 attempt(s); last error: 451 try later"
         )
         assert notify(uow, mailer, request_id, NotificationKind.REJECT) is DeliveryStatus.FAILED
+
+
+def stuck_approval(uow: FakeUnitOfWork) -> str:
+    """An approved request whose IssueCredentials was dead-lettered: it stays approved."""
+    request_id = approved(uow)
+    uow.outbox.published.clear()
+    return request_id
+
+
+class TestARequestStuckInApproved:
+    def test_is_left_alone_while_its_command_may_still_come(self, uow: FakeUnitOfWork) -> None:
+        stuck_approval(uow)
+
+        assert redrive_stuck_provisioning(
+            uow=uow, stale_after=timedelta(minutes=15), max_attempts=3, now=later(60)
+        ) == (0, 0)
+        assert uow.published == []
+
+    def test_has_its_credentials_issued_again_through_the_outbox_once_stale(
+        self, uow: FakeUnitOfWork, issuer: FakeIssuer, sealer: FakeSealer
+    ) -> None:
+        # Given an approved request whose command went away long ago
+        request_id = stuck_approval(uow)
+
+        # When the sweep runs, with a clock past the stale time
+        result = redrive_stuck_provisioning(
+            uow=uow, stale_after=timedelta(minutes=15), max_attempts=3, now=later(16 * 60)
+        )
+
+        # Then its command is queued again, committed, with the re-drive counted
+        assert result == (1, 0)
+        assert uow.published == [IssueCredentials(request_id)]
+        assert (saved(uow, request_id).status, saved(uow, request_id).provision_attempts) == (
+            Status.APPROVED,
+            1,
+        )
+        # And it is not re-driven again at once
+        assert redrive_stuck_provisioning(
+            uow=uow, stale_after=timedelta(minutes=15), max_attempts=3, now=later(16 * 60)
+        ) == (0, 0)
+        # And the command provisions it
+        issue_credentials(
+            IssueCredentials(request_id),
+            uow=uow,
+            issuer=issuer,
+            sealer=sealer,
+            portal_sealer=FakePortalSealer(),
+        )
+        assert saved(uow, request_id).status is Status.PROVISIONED
+
+    def test_ends_provisioning_failed_with_the_reason_after_the_last_re_drive(
+        self, uow: FakeUnitOfWork
+    ) -> None:
+        request_id = stuck_approval(uow)
+        results = [
+            redrive_stuck_provisioning(
+                uow=uow, stale_after=timedelta(minutes=15), max_attempts=2, now=later(16 * 60 * (n + 1))
+            )
+            for n in range(4)
+        ]
+
+        assert results == [(1, 0), (1, 0), (0, 1), (0, 0)]
+        request = saved(uow, request_id)
+        assert request.status is Status.PROVISIONING_FAILED
+        last = request.history[-1]
+        assert (last.actor_kind, last.actor_id) == (ActorKind.SYSTEM, "provisioning-sweep")
+        assert last.reason.startswith("gave up: still approved with no credential after 2 re-drive(s)")
+        told = [(e.name, e.reason) for e in uow.outbox.events if e.request_id == request_id]
+        assert told[-1] == ("access_request.provisioning_failed", last.reason)
+        assert uow.told[-2:] == ["provisioning.failed", "provisioning.redriven"]
 
 
 class TestANotificationForAnUnknownRequest:
