@@ -35,6 +35,7 @@ from infra.broker import (
     Publisher,
     QuorumRabbitmqBroker,
     make_broker,
+    queue_declarer,
     record_refusals_with,
 )
 from infra.credentials import FernetSealer, LocalCredentialIssuer, PortalSealedBox
@@ -205,9 +206,7 @@ def build(
             else SmtpMailer(settings, renderer)
         )
     publisher: Publisher = (
-        BatchConfirmPublisher(
-            settings.broker_url, declare=lambda queue: broker.declare_queue(queue, ensure=True)
-        )
+        BatchConfirmPublisher(settings.broker_url, declare=queue_declarer(broker))
         if isinstance(broker, RabbitmqBroker)
         else DramatiqPublisher(broker)
     )
