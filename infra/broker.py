@@ -376,8 +376,14 @@ class BatchConfirmPublisher:
         io.submit(batch)
         if batch.wait(self.WAIT_GRACE):
             return batch.confirmed
+        # The I/O thread did not finish the batch by its deadline, as it always should: it is
+        # stuck. It is let go (told to close, not waited for), and the next batch starts another.
         log.error("publish.io_unresponsive", messages=len(messages))
+        with self._lock:
+            if self._io is io:
+                self._io = None
         io.abandon(batch)
+        io.retire()
         return batch.confirmed_so_far()
 
     def forget_queue(self, queue_name: str) -> None:
@@ -508,9 +514,13 @@ class _ConfirmRelay(threading.Thread):
 
     def shutdown(self, timeout: float) -> None:
         """Close what this thread owns after batches in flight finish (``timeout`` s at most); wait for it."""
-        self._call(lambda: self._shut_down(timeout))
+        self.retire(timeout)
         if threading.current_thread() is not self and self.is_alive():
-            self.join(timeout + self.publisher.WAIT_GRACE)
+            self.join(timeout + self.HANG_UP_AFTER + self.publisher.WAIT_GRACE)
+
+    def retire(self, timeout: float = 0.0) -> None:
+        """Have this thread close what it owns and end, without waiting for it."""
+        self._call(lambda: self._shut_down(timeout))
 
     def _call(self, callback: Callable[[], None], otherwise: Callable[[], None] | None = None) -> None:
         try:
@@ -538,6 +548,11 @@ class _ConfirmRelay(threading.Thread):
             for batch in list(self.waiting):
                 self._finish(batch)
             self.waiting.clear()
+            # Connections whose close did not complete in time: the loop no longer serves them.
+            for services in self.closing.values():
+                if services.socket is not None:
+                    services.socket.close()
+            self.closing.clear()
             self.ioloop.close()
 
     def _submit(self, batch: _Batch) -> None:
