@@ -62,6 +62,16 @@ EXTERNAL_ACTORS = frozenset(route.actor_name for route in ROUTES if route.extern
 #: Milliseconds added to the longest backoff before an eta is clamped: clocks of two workers differ.
 ETA_MARGIN_MS = 5_000
 
+#: Headers of a copy of a message that accessflow itself put into ``<queue>.XQ`` (a dead letter
+#: moved to the tail of its XQ, or a refusal nobody could record), read by :mod:`infra.dead_letters`
+#: on copies published by an internal user only: who first published it ("" for a publisher
+#: that set no user_id), RabbitMQ's reason and queue of its first dead-lettering ("" if unknown),
+#: and why the consumer refused it.
+PUBLISHER_HEADER = "accessflow-publisher"
+DEATH_REASON_HEADER = "accessflow-death-reason"
+DEATH_QUEUE_HEADER = "accessflow-death-queue"
+REFUSAL_HEADER = "accessflow-refusal"
+
 #: Records a refused delivery: (queue it came on, the refusal, its AMQP user_id or None).
 RefusalRecorder = Callable[[str, Refused, str | None], None]
 
@@ -939,8 +949,11 @@ class EnvelopeConsumer(_RabbitmqConsumer):
 
     An accepted delivery goes on to dramatiq as before, with a message built only from
     checked fields and cleaned options. A refused one is recorded through the broker's
-    ``on_refused`` and acknowledged here; if recording fails it is nacked without requeue,
-    and RabbitMQ dead-letters it into ``<queue>.XQ``. Either way dramatiq never sees it.
+    ``on_refused`` and acknowledged here. If recording fails, its body is published to
+    ``<queue>.XQ`` with the reason in an ``accessflow-refusal`` header (publisher confirms,
+    on a channel of the consumer's own connection) and then acknowledged; only if that
+    fails too is it nacked without requeue, for RabbitMQ to dead-letter it with no reason.
+    Either way dramatiq never sees it.
     Acking here is safe: ``__next__`` runs on the consumer thread, which owns the channel.
     """
 
@@ -951,6 +964,8 @@ class EnvelopeConsumer(_RabbitmqConsumer):
         # Actors are registered before a worker starts consuming; a consumer restart reads them again.
         self.actors = {name: actor.queue_name for name, actor in broker.actors.items()}
         self.external_queues = broker.external_queues_among(self.actors)
+        #: A channel in confirm mode on this consumer's connection, for refusals it dead-letters itself.
+        self.refusals: Any = None
 
     def __next__(self) -> _RabbitmqMessage | None:
         try:
@@ -978,7 +993,7 @@ class EnvelopeConsumer(_RabbitmqConsumer):
             headers = properties.headers or {}
             message.delivery_count = headers.get("x-delivery-count") if method.redelivered else None  # type: ignore[attr-defined]
             return message
-        self._refuse(method.delivery_tag, verdict, user_id)
+        self._refuse(method.delivery_tag, verdict, user_id, body, properties)
         return None
 
     def _read(self, body: bytes, user_id: str | None, amqp_message_id: object) -> Accepted | Refused:
@@ -1004,7 +1019,9 @@ class EnvelopeConsumer(_RabbitmqConsumer):
                 body_excerpt=excerpt(body),
             )
 
-    def _refuse(self, tag: int, refused: Refused, sender: str | None) -> None:
+    def _refuse(
+        self, tag: int, refused: Refused, sender: str | None, body: bytes, properties: pika.BasicProperties
+    ) -> None:
         log.warning(
             "message.refused",
             queue=self.queue_name,
@@ -1026,12 +1043,57 @@ class EnvelopeConsumer(_RabbitmqConsumer):
             )
             recorded = False
         try:
-            if recorded:
+            if recorded or self._dead_letter(refused, sender, body, properties):
                 self.channel.basic_ack(tag)
             else:
                 self.channel.basic_nack(tag, requeue=False)  # RabbitMQ moves it to <queue>.XQ
         except (pika.exceptions.AMQPConnectionError, pika.exceptions.AMQPChannelError) as error:
             raise _closed(error) from None
+
+    def _dead_letter(
+        self, refused: Refused, sender: str | None, body: bytes, properties: pika.BasicProperties
+    ) -> bool:
+        """Put a refusal nobody could record into ``<queue>.XQ`` with its reason; True once confirmed.
+
+        The copy is published by accessflow's own user, so :mod:`infra.dead_letters` believes
+        its ``accessflow-*`` headers: who first published it, the queue, and the reason.
+        """
+        try:
+            if self.refusals is None or not self.refusals.is_open:
+                self.refusals = self.connection.channel()
+                self.refusals.confirm_delivery()
+            message_id = properties.message_id
+            self.refusals.basic_publish(
+                exchange="",
+                routing_key=xq_name(q_name(self.queue_name)),
+                body=body,
+                properties=pika.BasicProperties(
+                    delivery_mode=2,
+                    content_type=properties.content_type
+                    if isinstance(properties.content_type, str)
+                    else None,
+                    message_id=message_id if isinstance(message_id, str) else None,
+                    user_id=self.broker.user_id,
+                    headers={
+                        REFUSAL_HEADER: refused.reason[:500],
+                        PUBLISHER_HEADER: sender or "",
+                        DEATH_REASON_HEADER: "rejected",
+                        DEATH_QUEUE_HEADER: self.queue_name,
+                    },
+                ),
+                mandatory=True,
+            )
+            return True
+        except (pika.exceptions.AMQPError, OSError) as error:  # the nack dead-letters it without a reason
+            log.warning(
+                "message.refusal_not_dead_lettered",
+                queue=self.queue_name,
+                message_id=refused.message_id,
+                error=type(error).__name__,
+            )
+            if isinstance(error, pika.exceptions.AMQPConnectionError):
+                raise
+            return False
 
 
 def _closed(error: Exception) -> ConnectionClosed:
