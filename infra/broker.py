@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import itertools
 import json
 import os
 import socket
@@ -472,6 +473,10 @@ class _SocketKeepingIO(SelectorIOServicesAdapter):  # type: ignore[misc]
                 self.socket.shutdown(socket.SHUT_RDWR)
 
 
+#: Numbers the I/O threads of a process, for their connections' names.
+_relays = itertools.count(1)
+
+
 class _ConfirmRelay(threading.Thread):
     """The I/O thread of a :class:`BatchConfirmPublisher`: its ioloop, connection, channel and confirms.
 
@@ -487,8 +492,9 @@ class _ConfirmRelay(threading.Thread):
         super().__init__(name="accessflow-publisher", daemon=True)
         self.publisher = publisher
         self.pid = os.getpid()
-        # Named for rabbitmqctl list_connections and the management UI: whose connection this is.
-        publisher.parameters.client_properties = {"connection_name": f"accessflow publisher (pid {self.pid})"}
+        #: The connection's name in ``rabbitmqctl list_connections`` and the management UI: whose it is.
+        self.connection_name = f"accessflow publisher (pid {self.pid}, #{next(_relays)})"
+        publisher.parameters.client_properties = {"connection_name": self.connection_name}
         self.ioloop = IOLoop()
         self.stopping = False
         #: Set once the connection was closed for good, by :meth:`shutdown`.

@@ -23,7 +23,14 @@ import pika
 import pytest
 import structlog
 
-from infra.broker import BatchConfirmPublisher, Outgoing, QuorumRabbitmqBroker, make_broker, queue_declarer
+from infra.broker import (
+    BatchConfirmPublisher,
+    Outgoing,
+    QuorumRabbitmqBroker,
+    _ConfirmRelay,
+    make_broker,
+    queue_declarer,
+)
 from infra.broker_admin import BrokerAdminError, Rabbitmqctl
 from infra.settings import Settings
 from messages.routes import NOTIFY
@@ -88,15 +95,15 @@ def with_port(url: str, port: int) -> str:
     return urlunsplit(parts._replace(netloc=f"{netloc[0]}@127.0.0.1:{port}"))
 
 
-def publisher_connections(vhost: str) -> list[str]:
-    """The names of this machine's publisher connections on ``vhost``, as the broker lists them."""
+def publisher_connections(vhost: str, name: str) -> list[str]:
+    """The connections named ``name`` on ``vhost``, as the broker lists them."""
     try:
         listing = Rabbitmqctl().run(
             "list_connections", "-p", vhost, "client_properties", "--no-table-headers", "-q"
         )
     except BrokerAdminError as error:
         svc.unavailable(f"cannot list the broker's connections with rabbitmqctl: {error}")
-    return [line for line in listing.splitlines() if "accessflow publisher" in line]
+    return [line for line in listing.splitlines() if f'"{name}"' in line]
 
 
 class SilentListener:
@@ -190,8 +197,6 @@ class TestBoundedState:
     def test_nothing_is_kept_after_10000_confirms_with_multiple_acks(
         self, settings: Settings, prefix: str, broker: QuorumRabbitmqBroker, monkeypatch: pytest.MonkeyPatch
     ) -> None:
-        from infra.broker import _ConfirmRelay
-
         # Given a publisher, and the acks its I/O thread receives, watched
         multiple: list[bool] = []
         on_confirm = _ConfirmRelay._on_confirm
@@ -266,11 +271,14 @@ class TestOneConnectionPerProcess:
             assert sorted(len(c) for c in confirmed) == [20] * 8
             io = publisher.io
             assert io is not None and io.connects == 1
-            assert len(publisher_connections(boundary.vhost)) == 1
+            assert len(publisher_connections(boundary.vhost, io.connection_name)) == 1
         finally:
             publisher.close()
         # and once closed, none
-        svc.wait_until(lambda: not publisher_connections(boundary.vhost), what="the connection to close")
+        svc.wait_until(
+            lambda: not publisher_connections(boundary.vhost, io.connection_name),
+            what="the connection to close",
+        )
 
     def test_an_idle_connection_answers_heartbeats_and_is_kept(
         self, settings: Settings, prefix: str, broker: QuorumRabbitmqBroker
