@@ -229,6 +229,8 @@ class _Batch:
 
     __slots__ = (
         "acked",
+        "alone",
+        "closed_by_broker",
         "confirmed",
         "deadline",
         "done",
@@ -237,18 +239,29 @@ class _Batch:
         "ids",
         "passes",
         "rejected",
+        "returned",
         "timer",
         "unanswered",
+        "why",
     )
 
-    def __init__(self, frames: list[_Frame], deadline: float) -> None:
+    def __init__(self, frames: list[_Frame], deadline: float, *, alone: bool = False) -> None:
         self.frames = frames
         self.ids = {frame.message_id for frame in frames}
         self.deadline = deadline
+        #: Published only while no other batch is in flight on the channel, and none goes out
+        #: beside it: a channel the broker closes meanwhile was closed over one of its messages.
+        self.alone = alone
         self.unanswered = len(frames)
         self.acked: set[str] = set()
         #: Nacked, or returned as unroutable (``mandatory``): not confirmed even if acked after.
         self.rejected: set[str] = set()
+        #: Message id -> why the broker returned it (a subset of :attr:`rejected`).
+        self.returned: dict[str, str] = {}
+        #: Why the batch was finished with messages unanswered; None while it was not.
+        self.why: str | None = None
+        #: The broker closed the channel while the batch was in flight (its reply), if it did.
+        self.closed_by_broker: str | None = None
         self.confirmed: set[str] = set()
         self.finished = False
         self.timer: Any = None
@@ -275,6 +288,23 @@ class _Batch:
         # Copies made by C code, each atomic under the GIL; a return always precedes its ack.
         rejected = set(self.rejected)
         return set(self.acked) - rejected
+
+    def outcome(self, confirmed: set[str], why: str | None) -> PublishOutcome:
+        """What became of each message, for :meth:`BatchConfirmPublisher.publish_explained`.
+
+        ``confirmed`` is the batch's answer (or what was confirmed so far, for a batch the
+        I/O thread never finished); every message neither confirmed nor answered otherwise
+        is unanswered, and ``why`` (or the batch's own reason) says why.
+        """
+        returned = dict(self.returned)
+        refused = {mid: reason for mid, reason in returned.items() if mid not in confirmed}
+        nacked = set(self.rejected) - confirmed - refused.keys()
+        answered = len(confirmed) + len(refused) + len(nacked)
+        unanswered = None
+        if answered < len(self.ids):
+            unanswered = why or self.why or "not confirmed"
+        closed = self.closed_by_broker is not None and self.alone
+        return PublishOutcome(set(confirmed), refused, nacked, unanswered, closed_by_broker=closed)
 
 
 class _Frame(NamedTuple):
@@ -374,19 +404,43 @@ class BatchConfirmPublisher:
         """
         if not messages:
             return set()
+        return self._publish(messages, alone=False)[1]
+
+    def publish_explained(self, messages: Sequence[Outgoing]) -> PublishOutcome:
+        """:meth:`publish_batch`, saying why each message that was not confirmed was not.
+
+        A message returned as unroutable is ``refused``, with the broker's reply; a nacked
+        one is ``nacked``; the rest of a batch that got no answer is ``unanswered``, with
+        why: the connection was lost or could not be opened, the confirms did not come by
+        :attr:`CONFIRM_TIMEOUT`, or the broker closed the channel. Only in that last case is
+        ``closed_by_broker`` set, and then the broker closed it over a message of this batch:
+        an explained batch goes out alone on the channel (after the batches in flight are
+        answered, and none goes out beside it), so that another thread's message, on the
+        shared channel, is never taken for one of this batch's. It is meant for the sweep,
+        which publishes seldom; the publish after each commit takes :meth:`publish_batch`.
+        """
+        if not messages:
+            return PublishOutcome(set())
+        batch, confirmed, why = self._publish(messages, alone=True)
+        return batch.outcome(confirmed, why)
+
+    def _publish(self, messages: Sequence[Outgoing], *, alone: bool) -> tuple[_Batch, set[str], str | None]:
+        """Hand a batch to the I/O thread and wait for it: the batch, what was confirmed, and why not all if known."""
         for queue_name in {m.queue_name for m in messages if not m.exchange} - self.declared:
             self.declare(queue_name)  # with accessflow's queue arguments, before anything is routed there
             if len(self.declared) >= self.MAX_DECLARED:
                 self.declared.clear()
             self.declared.add(queue_name)
-        batch = _Batch([self._frame(m) for m in messages], time.monotonic() + self.CONFIRM_TIMEOUT)
+        batch = _Batch(
+            [self._frame(m) for m in messages], time.monotonic() + self.CONFIRM_TIMEOUT, alone=alone
+        )
         io = self._running()
         if io is None:
             log.warning("publish.closed", messages=len(messages))
-            return set()
+            return batch, set(), "the publisher is closed"
         io.submit(batch)
         if batch.wait(self.WAIT_GRACE):
-            return batch.confirmed
+            return batch, batch.confirmed, None
         # The I/O thread did not finish the batch by its deadline, as it always should: it is
         # stuck. It is let go (told to close, not waited for), and the next batch starts another.
         log.error("publish.io_unresponsive", messages=len(messages))
@@ -395,7 +449,7 @@ class BatchConfirmPublisher:
                 self._io = None
         io.abandon(batch)
         io.retire()
-        return batch.confirmed_so_far()
+        return batch, batch.confirmed_so_far(), "the publisher's I/O thread did not answer"
 
     def forget_queue(self, queue_name: str) -> None:
         """Declare ``queue_name`` again before the next publish to it: it was found missing."""
@@ -508,10 +562,13 @@ class _ConfirmRelay(threading.Thread):
         self.services: _SocketKeepingIO | None = None
         #: Connections we closed whose close has not completed yet, with their I/O services.
         self.closing: dict[pika.SelectConnection, _SocketKeepingIO] = {}
-        #: Batches handed over while no channel was ready, oldest first.
+        #: Batches handed over and not published yet, oldest first: no channel was ready, or
+        #: they wait for the channel to themselves (:attr:`_Batch.alone`), or behind one that does.
         self.waiting: collections.deque[_Batch] = collections.deque()
         #: Batches published and not yet finished, for returns to find theirs.
         self.inflight: dict[_Batch, None] = {}
+        #: The batch in flight that has the channel to itself, if one has.
+        self.alone: _Batch | None = None
         #: Delivery tag -> (batch, message id) of every message published and not yet answered.
         self.unconfirmed: collections.OrderedDict[int, tuple[_Batch, str]] = collections.OrderedDict()
         self.next_tag = 1
@@ -555,14 +612,14 @@ class _ConfirmRelay(threading.Thread):
                     break
                 except Exception as error:  # a bug in a callback costs the batches in flight, not the thread
                     log.error("publish.io_failed", error=type(error).__name__)
-                    self._abandon_connection()
+                    self._abandon_connection(f"the publisher failed ({type(error).__name__})")
                     if self.stopping:
                         break
         finally:
             self.stopping = True
-            self._lose("publisher closed")
+            self._lose("the publisher is closed")
             for batch in list(self.waiting):
-                self._finish(batch)
+                self._finish(batch, "the publisher is closed")
             self.waiting.clear()
             # Connections whose close did not complete in time: the loop no longer serves them.
             for services in self.closing.values():
@@ -573,23 +630,54 @@ class _ConfirmRelay(threading.Thread):
 
     def _submit(self, batch: _Batch) -> None:
         if self.stopping:
-            self._finish(batch)
+            self._finish(batch, "the publisher is closing")
             return
         batch.timer = self.ioloop.call_later(
             max(0.0, batch.deadline - time.monotonic()), lambda: self._expire(batch)
         )
         if self.ready:
-            self._send(batch)
+            if not self.waiting and self._may_send(batch):
+                self._send(batch)
+            else:
+                self.waiting.append(batch)
             return
         if self.setup_timer is None and time.monotonic() < self.retry_at:
-            self._finish(batch)  # the last attempt failed a moment ago: to the sweep, at once
+            # The last attempt failed a moment ago: to the sweep, at once.
+            self._finish(batch, "the broker could not be reached a moment ago")
             return
         self.waiting.append(batch)
         if self.setup_timer is None:
             self._set_up()
 
+    def _may_send(self, batch: _Batch) -> bool:
+        """Whether ``batch`` may go out now: nothing has the channel to itself, nor would it share it."""
+        return self.alone is None and not (batch.alone and self.inflight)
+
+    def _pump(self) -> None:
+        """Publish the waiting batches that may go out now, oldest first; none overtakes another."""
+        waiting = self.waiting
+        while self.ready and waiting:
+            batch = waiting[0]
+            if batch.finished:  # expired while it waited
+                waiting.popleft()
+                continue
+            if not self._may_send(batch):
+                return
+            waiting.popleft()
+            self._send(batch)
+
+    def _resume(self) -> None:
+        """Set up a channel again for batches left waiting when the last one was lost."""
+        if self.waiting and not self.ready and self.setup_timer is None and not self.stopping:
+            if time.monotonic() < self.retry_at:
+                self._setup_failed("the broker could not be reached a moment ago")
+            else:
+                self._set_up()
+
     def _send(self, batch: _Batch) -> None:
         self.inflight[batch] = None
+        if batch.alone:
+            self.alone = batch
         try:
             for frame in batch.frames:
                 self.channel.basic_publish(
@@ -599,7 +687,7 @@ class _ConfirmRelay(threading.Thread):
                 self.next_tag += 1
         except (pika.exceptions.AMQPError, OSError) as error:
             log.warning("publish.connection_lost", error=type(error).__name__)
-            self._lose("publish failed")
+            self._lose(f"the connection was lost ({type(error).__name__})")
 
     def _set_up(self) -> None:
         """Open the connection if need be, then a channel, then confirm mode: all by :attr:`CONNECT_TIMEOUT`."""
@@ -639,10 +727,7 @@ class _ConfirmRelay(threading.Thread):
         self.ready = True
         self.backoff = self.publisher.BACKOFF_MIN
         self.retry_at = 0.0
-        waiting, self.waiting = self.waiting, collections.deque()
-        for batch in waiting:
-            if not batch.finished:
-                self._send(batch)
+        self._pump()
 
     def _setup_timed_out(self) -> None:
         self.setup_timer = None
@@ -651,8 +736,9 @@ class _ConfirmRelay(threading.Thread):
             stage="confirm-select" if self.channel is not None else "connection and channel",
             seconds=self.publisher.CONNECT_TIMEOUT,
         )
-        self._setup_failed()
-        self._abandon_connection()
+        why = f"no connection in confirm mode within {self.publisher.CONNECT_TIMEOUT:g} s"
+        self._setup_failed(why)
+        self._abandon_connection(why)
 
     def _on_open_error(self, connection: pika.SelectConnection, error: BaseException) -> None:
         self.closing.pop(connection, None)
@@ -662,9 +748,9 @@ class _ConfirmRelay(threading.Thread):
             return
         log.warning("publish.connect_failed", error=type(error).__name__)
         self.connection = self.services = None
-        self._setup_failed()
+        self._setup_failed(f"could not connect ({type(error).__name__})")
 
-    def _setup_failed(self) -> None:
+    def _setup_failed(self, why: str) -> None:
         if self.setup_timer is not None:
             self.ioloop.remove_timeout(self.setup_timer)
             self.setup_timer = None
@@ -672,16 +758,17 @@ class _ConfirmRelay(threading.Thread):
         self.backoff = min(self.backoff * 2, self.publisher.BACKOFF_MAX)
         waiting, self.waiting = self.waiting, collections.deque()
         for batch in waiting:
-            self._finish(batch)
+            self._finish(batch, why)
 
     def _on_connection_closed(self, connection: pika.SelectConnection, reason: BaseException) -> None:
         self.closing.pop(connection, None)
         if connection is self.connection:
             log.warning("publish.connection_lost", error=type(reason).__name__)
             self.connection = self.services = None
+            why = f"the connection was lost ({type(reason).__name__})"
             if self.setup_timer is not None:
-                self._setup_failed()
-            self._lose("connection closed")
+                self._setup_failed(why)
+            self._lose(why)
         if self.stopping and self.connection is None and not self.closing:
             self.ioloop.stop()
 
@@ -690,9 +777,14 @@ class _ConfirmRelay(threading.Thread):
             return
         if not isinstance(reason, pika.exceptions.ChannelClosedByClient):
             log.warning("publish.channel_closed", reason=str(reason)[:200])
-        self._lose("channel closed")  # the next batch opens a new channel on the same connection
+        by_broker = None
+        if isinstance(reason, pika.exceptions.ChannelClosedByBroker):
+            by_broker = f"{reason.reply_code} {reason.reply_text}"
+        why = f"the broker closed the channel: {by_broker}" if by_broker else "the channel was closed"
+        # The next batch opens a new channel on the same connection.
+        self._lose(why, closed_by_broker=by_broker)
         if self.setup_timer is not None:
-            self._setup_failed()
+            self._setup_failed(why)
 
     def _on_confirm(self, frame: Any) -> None:
         method = frame.method
@@ -720,6 +812,7 @@ class _ConfirmRelay(threading.Thread):
         for batch in self.inflight:
             if message_id in batch.ids:
                 batch.rejected.add(message_id)
+                batch.returned[message_id] = f"unroutable: {method.reply_code} {method.reply_text}"
                 break
         if not method.exchange:  # to a queue by name: the queue is missing, declare it again
             self.publisher.forget_queue(method.routing_key)
@@ -735,33 +828,51 @@ class _ConfirmRelay(threading.Thread):
         batch.timer = None
         if batch.finished:
             return
+        why = f"not confirmed within {self.publisher.CONFIRM_TIMEOUT:g} s"
         if batch in self.inflight:
             log.warning("publish.confirm_timeout", unconfirmed=batch.unanswered, messages=len(batch.frames))
-            self._abandon_connection()  # finishes every batch on it with what was confirmed
-        self._finish(batch)
+            batch.why = why
+            # Finishes every batch on it with what was confirmed.
+            self._abandon_connection("the connection was replaced: a batch's confirms timed out")
+        self._finish(batch, why)
 
-    def _finish(self, batch: _Batch) -> None:
+    def _finish(self, batch: _Batch, why: str | None = None) -> None:
         if batch.finished:
             return
         batch.finished = True
+        if batch.why is None:
+            batch.why = why
         batch.confirmed = batch.acked - batch.rejected
         self.inflight.pop(batch, None)
+        if self.alone is batch:
+            self.alone = None
         if batch.timer is not None:
             self.ioloop.remove_timeout(batch.timer)
             batch.timer = None
         batch.done.set()
         if self.stopping and not self.inflight:
             self._close_connection()
+        elif self.waiting and self.ready:
+            self._pump()
 
-    def _lose(self, why: str) -> None:
-        """The channel is gone: every batch on it gets what was confirmed, and nothing of it is kept."""
+    def _lose(self, why: str, *, closed_by_broker: str | None = None) -> None:
+        """The channel is gone: every batch on it gets what was confirmed, and nothing of it is kept.
+
+        ``why`` is told to each batch in flight; ``closed_by_broker`` is the broker's reply, if
+        it closed the channel. Batches still waiting get a new channel.
+        """
         self.ready = False
         self.channel = None
+        self.alone = None
         self.unconfirmed.clear()
         for batch in list(self.inflight):
-            self._finish(batch)
+            if closed_by_broker is not None:
+                batch.closed_by_broker = closed_by_broker
+            self._finish(batch, why)
+        if self.waiting and not self.stopping:
+            self.ioloop.call_later(0, self._resume)
 
-    def _abandon_connection(self) -> None:
+    def _abandon_connection(self, why: str = "the connection was abandoned") -> None:
         """Stop using the current connection now; it is closed in the background, within :attr:`HANG_UP_AFTER`.
 
         pika closes an open connection gracefully only (Connection.Close, then it waits for
@@ -771,7 +882,7 @@ class _ConfirmRelay(threading.Thread):
         """
         connection, services = self.connection, self.services
         self.connection = self.services = None
-        self._lose("connection abandoned")
+        self._lose(why)
         if connection is None or services is None or connection.is_closed:
             return
         self.closing[connection] = services
@@ -790,7 +901,7 @@ class _ConfirmRelay(threading.Thread):
         self.stopping = True
         waiting, self.waiting = self.waiting, collections.deque()
         for batch in waiting:
-            self._finish(batch)
+            self._finish(batch, "the publisher is closing")
         # Batches in flight get up to ``timeout`` to finish; the last one closes the connection.
         self.ioloop.call_later(timeout, self._close_connection)
         if not self.inflight:
@@ -803,7 +914,7 @@ class _ConfirmRelay(threading.Thread):
         if self.setup_timer is not None:
             self.ioloop.remove_timeout(self.setup_timer)
             self.setup_timer = None
-        self._abandon_connection()
+        self._abandon_connection("the publisher is closed")
         if not self.closing:
             self.ioloop.stop()
         else:  # the last close to complete stops the loop; this is the backstop

@@ -7,11 +7,15 @@ order, a ``multiple`` ack after them, nacks, late acks, and that nothing stays b
 
 from __future__ import annotations
 
+import ast
+import inspect
 import random
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pika
+import pika.exceptions
 import pika.frame
 import pika.spec
 import pytest
@@ -127,3 +131,85 @@ def test_10000_confirms_in_any_mix_leave_nothing_and_take_each_entry_once(relay:
     assert all(batch.confirmed == batch.ids for batch in batches)
     assert not relay.unconfirmed and not relay.inflight
     assert looked == 10_000 - singled
+
+
+def explained_batch(publisher: BatchConfirmPublisher, count: int, prefix: str = "e") -> _Batch:
+    messages = [Outgoing("q", "actor", {"n": i}, f"{prefix}{i}") for i in range(count)]
+    return _Batch([publisher._frame(m) for m in messages], deadline=float("inf"), alone=True)
+
+
+def closed_by_broker(relay: _ConfirmRelay) -> None:
+    reason = pika.exceptions.ChannelClosedByBroker(404, "NOT_FOUND - no exchange 'x' in vhost '/'")
+    relay._on_channel_closed(relay.channel, reason)
+
+
+def test_an_explained_batch_says_why_each_message_was_not_confirmed(relay: _ConfirmRelay) -> None:
+    batch = explained_batch(relay.publisher, 4)
+    relay._submit(batch)
+    relay._on_return(*returned("e1"))
+    relay._on_confirm(nack(3))
+    relay._on_confirm(ack(4, multiple=True))
+    outcome = batch.outcome(batch.confirmed, None)
+    assert outcome.confirmed == {"e0", "e3"}
+    assert outcome.refused == {"e1": "unroutable: 312 NO_ROUTE"}
+    assert outcome.nacked == {"e2"}
+    assert (outcome.unanswered, outcome.closed_by_broker) == (None, False)
+
+
+def test_an_explained_batch_has_the_channel_to_itself_so_a_close_is_blamed_on_it_alone(
+    relay: _ConfirmRelay,
+) -> None:
+    # Given a batch of another thread in flight on the shared channel
+    other = batch_of(relay.publisher, 2)
+    relay._submit(other)
+    # When an explained batch, then another plain one, are handed over
+    explained = explained_batch(relay.publisher, 3)
+    later = batch_of(relay.publisher, 2)
+    relay._submit(explained)
+    relay._submit(later)
+    # Then the explained batch waits for the one in flight, and the later one waits behind it
+    assert relay.channel.published == 2
+    assert list(relay.waiting) == [explained, later]
+    relay._on_confirm(ack(2, multiple=True))
+    assert other.confirmed == other.ids
+    assert relay.channel.published == 5 and list(relay.inflight) == [explained]
+    assert list(relay.waiting) == [later]
+
+    # When the broker closes the channel over one of the explained batch's messages
+    relay._on_confirm(ack(3))  # the first was enqueued and confirmed before it
+    closed_by_broker(relay)
+
+    # Then the explained batch is told so, with the broker's reply; the later batch was never
+    # on that channel, and waits for the next one
+    outcome = explained.outcome(explained.confirmed, None)
+    assert outcome.confirmed == {"e0"}
+    assert outcome.closed_by_broker
+    assert outcome.unanswered is not None and "404 NOT_FOUND" in outcome.unanswered
+    assert not later.finished and list(relay.waiting) == [later]
+    assert not relay.unconfirmed and not relay.inflight and relay.alone is None
+
+
+def test_plain_batches_that_share_a_closed_channel_are_not_blamed_for_it(relay: _ConfirmRelay) -> None:
+    first, second = batch_of(relay.publisher, 2), batch_of(relay.publisher, 2)
+    relay._submit(first)
+    relay._submit(second)
+    closed_by_broker(relay)
+    for batch in (first, second):
+        outcome = batch.outcome(batch.confirmed, None)
+        assert outcome.confirmed == set() and not outcome.closed_by_broker
+        assert outcome.unanswered is not None and "closed the channel" in outcome.unanswered
+
+
+def test_the_publisher_drives_no_private_part_of_pika() -> None:
+    # Issue 8, point 2: the old publisher drove pika's private ``channel._impl``. The module the
+    # publisher lives in touches no attribute named ``_impl``, whatever object it is on.
+    path = inspect.getsourcefile(BatchConfirmPublisher)
+    assert path is not None
+    tree = ast.parse(Path(path).read_text(), filename=path)
+    touched = [
+        f"{path}:{node.lineno}"
+        for node in ast.walk(tree)
+        if (isinstance(node, ast.Attribute) and node.attr == "_impl")
+        or (isinstance(node, ast.Constant) and node.value == "_impl")  # getattr(x, "_impl")
+    ]
+    assert touched == []
