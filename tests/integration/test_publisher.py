@@ -10,11 +10,13 @@ to the real RabbitMQ that goes silent at a chosen AMQP method.
 from __future__ import annotations
 
 import contextlib
+import gc
 import socket
 import struct
 import threading
 import time
 import uuid
+import weakref
 from collections.abc import Iterator
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
@@ -280,6 +282,42 @@ class TestOneConnectionPerProcess:
             what="the connection to close",
         )
 
+    def test_a_connection_the_broker_drops_is_let_go_and_the_next_batch_opens_one(
+        self, settings: Settings, prefix: str, broker: QuorumRabbitmqBroker, boundary: Any
+    ) -> None:
+        # Given a publisher whose connection carried a batch
+        queue = NOTIFY.queue_name(prefix)
+        publisher = BatchConfirmPublisher(settings.broker_url, declare=queue_declarer(broker))
+        try:
+            assert publisher.publish_batch(first := messages(queue, 2)) == ids(first)
+            io = publisher.io
+            assert io is not None and io.connection is not None
+            dropped = weakref.ref(io.connection)
+
+            # When the broker drops that connection (as an operator's close_connection does)
+            listing = Rabbitmqctl().run(
+                "list_connections",
+                "-p",
+                boundary.vhost,
+                "pid",
+                "client_properties",
+                "--no-table-headers",
+                "-q",
+            )
+            [pid] = [line.split()[0] for line in listing.splitlines() if f'"{io.connection_name}"' in line]
+            Rabbitmqctl().run("close_connection", pid, "publisher test: dropped")
+            svc.wait_until(lambda: io.connection is None, what="the publisher to see the drop")
+
+            # Then the next batch is confirmed on a new connection, the broker lists one, and
+            # the publisher keeps nothing of the dropped one: not in a list, not anywhere
+            assert publisher.publish_batch(second := messages(queue, 2)) == ids(second)
+            assert io.connects == 2 and not io.closing
+            assert len(publisher_connections(boundary.vhost, io.connection_name)) == 1
+            gc.collect()
+            assert dropped() is None
+        finally:
+            publisher.close()
+
     def test_an_idle_connection_answers_heartbeats_and_is_kept(
         self, settings: Settings, prefix: str, broker: QuorumRabbitmqBroker
     ) -> None:
@@ -332,6 +370,54 @@ class TestDeclaredQueues:
             assert queue_exists(settings.broker_url, queue)
             assert svc.queue_depth(settings.broker_url, queue) == 3
         finally:
+            publisher.close()
+
+
+class TestExplained:
+    def test_a_channel_closed_over_an_explained_batch_is_blamed_on_it_and_costs_other_threads_nothing(
+        self, settings: Settings, prefix: str, broker: QuorumRabbitmqBroker
+    ) -> None:
+        # Given threads publishing batches after their commits, on the shared channel
+        queue = NOTIFY.queue_name(prefix)
+        publisher = BatchConfirmPublisher(settings.broker_url, declare=queue_declarer(broker))
+        stop = threading.Event()
+        results: list[bool] = []
+
+        def publish() -> None:
+            while not stop.is_set():
+                batch = messages(queue, 20)
+                results.append(publisher.publish_batch(batch) == ids(batch))
+
+        threads = [threading.Thread(target=publish) for _ in range(4)]
+        try:
+            for thread in threads:
+                thread.start()
+            svc.wait_until(lambda: len(results) >= 8, what="the threads to publish")
+
+            # When the sweep publishes, explained, a batch with an event to an exchange that
+            # does not exist, over which RabbitMQ closes the channel
+            missing = Outgoing(
+                "", "", {"event": "test"}, str(uuid.uuid4()), exchange=f"{prefix}.missing", routing_key="x"
+            )
+            swept = [*messages(queue, 2), missing]
+            outcomes = [publisher.publish_explained(swept) for _ in range(3)]
+            stop.set()
+            for thread in threads:
+                thread.join(timeout=30)
+
+            # Then each time the batch is told the broker closed the channel over it, and why
+            for outcome in outcomes:
+                assert outcome.closed_by_broker
+                assert outcome.unanswered is not None and "404" in outcome.unanswered
+                assert missing.message_id not in outcome.confirmed
+            # and no batch of the other threads lost a confirm to it
+            assert results and all(results)
+            # and a batch after it is confirmed whole, on the same connection
+            assert publisher.publish_explained(last := messages(queue, 3)).confirmed == ids(last)
+            io = publisher.io
+            assert io is not None and io.connects == 1
+        finally:
+            stop.set()
             publisher.close()
 
 
