@@ -42,6 +42,7 @@ from infra.messaging.broker import (
     Publisher,
     QuorumRabbitmqBroker,
     make_broker,
+    queue_declarer,
     record_refusals_with,
 )
 from infra.messaging.delivery import DeliveryGuard
@@ -154,9 +155,7 @@ def build(
             else SmtpMailer(settings, renderer)
         )
     publisher: Publisher = (
-        BatchConfirmPublisher(
-            settings.broker_url, declare=lambda queue: broker.declare_queue(queue, ensure=True)
-        )
+        BatchConfirmPublisher(settings.broker_url, declare=queue_declarer(broker))
         if isinstance(broker, RabbitmqBroker)
         else DramatiqPublisher(broker)
     )

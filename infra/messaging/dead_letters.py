@@ -31,10 +31,11 @@ it and why it was dead-lettered in ``accessflow-*`` headers, which are believed 
 a message whose validated ``user_id`` is an internal user's: any other publisher, a
 portal included, may set any header it likes.
 
-A refusal the consumer could not record (its database was down) is nacked into the XQ
-with nothing but RabbitMQ's ``rejected``; the listing then reads the body again with
-:func:`infra.messaging.envelope.read_envelope`, the consumer's own pure function, and shows its
-reason: an unknown actor, a body that is not JSON.
+A refusal the consumer could not record (its database was down) is published into the
+XQ by the consumer itself, with its reason in an ``accessflow-refusal`` header. Should that
+fail too, it is nacked into the XQ with nothing but RabbitMQ's ``rejected``; the listing
+then reads the body again with :func:`infra.messaging.envelope.read_envelope`, the consumer's own
+pure function, and shows its reason: an unknown actor, a body that is not JSON.
 
 A replay must not launder a message. It is published by the operator's AMQP user, which
 is internal, so the consumer would keep its bookkeeping options. Dead-lettering keeps
@@ -61,7 +62,14 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from domain.model import utcnow
 from infra.db import orm
-from infra.messaging.broker import amqp_url_with_timeouts, broker_user
+from infra.messaging.broker import (
+    DEATH_QUEUE_HEADER,
+    DEATH_REASON_HEADER,
+    PUBLISHER_HEADER,
+    REFUSAL_HEADER,
+    amqp_url_with_timeouts,
+    broker_user,
+)
 from infra.messaging.delivery import forget
 from infra.messaging.envelope import (
     DELAY_SUFFIX,
@@ -76,11 +84,6 @@ from infra.messaging.envelope import (
 )
 from messages.routes import ROUTES
 
-#: Headers a moved copy carries: who first published it ("" for a publisher that set no
-#: user_id), and RabbitMQ's reason and queue of its first dead-lettering ("" if unknown).
-PUBLISHER_HEADER = "accessflow-publisher"
-DEATH_REASON_HEADER = "accessflow-death-reason"
-DEATH_QUEUE_HEADER = "accessflow-death-queue"
 #: What each reason RabbitMQ gives in ``x-death`` means here.
 BROKER_REASONS = {
     "delivery_limit": "delivered more times than the queue's delivery limit: it kept dying mid-run, "
@@ -124,6 +127,8 @@ class _Provenance:
     publisher: str | None
     death_reason: str | None
     death_queue: str | None
+    #: Why the consumer refused it, when it put the refusal here itself (it could not record it).
+    refusal: str | None = None
 
 
 def _header_text(value: object, limit: int) -> str | None:
@@ -147,6 +152,7 @@ def _provenance(properties: pika.BasicProperties, trusted: frozenset[str]) -> _P
             publisher=_header_text(headers.get(PUBLISHER_HEADER), 255),
             death_reason=_header_text(headers.get(DEATH_REASON_HEADER), 100),
             death_queue=_header_text(headers.get(DEATH_QUEUE_HEADER), 255),
+            refusal=_header_text(headers.get(REFUSAL_HEADER), 500),
         )
     deaths = headers.get("x-death")
     first = deaths[0] if isinstance(deaths, list) and deaths else None
@@ -175,6 +181,8 @@ def _reason(
 ) -> str:
     """Why a letter with no ``dead_letters`` row is in ``xq_name``, from what RabbitMQ and the body say."""
     reason = provenance.death_reason
+    if provenance.refusal is not None:
+        return f"refused by the consumer, which could not record why: {provenance.refusal}"
     if reason == "rejected":
         # A worker records why before it nacks; one that did not was the consumer refusing
         # a delivery it could not record. The same pure reading gives the same refusal again.
@@ -217,6 +225,7 @@ def _moved_properties(
     kept[PUBLISHER_HEADER] = provenance.publisher or ""
     kept[DEATH_REASON_HEADER] = provenance.death_reason or ""
     kept[DEATH_QUEUE_HEADER] = provenance.death_queue or ""
+    kept[REFUSAL_HEADER] = provenance.refusal or ""  # believed only from one of ours, as the rest
     return pika.BasicProperties(
         content_type=properties.content_type,
         content_encoding=properties.content_encoding,

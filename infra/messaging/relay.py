@@ -60,8 +60,8 @@ MARK_BATCH_SIZE = 1000
 #: Deferred marks a process keeps owing while the database refuses them; older ones are
 #: left to the sweep, so that an outage does not grow a worker's memory without bound.
 MAX_DEFERRED_MARKS = 100_000
-#: How long a sweep's claim on its rows lasts. Longer than one publish can take (connecting,
-#: then ``BatchConfirmPublisher.CONFIRM_TIMEOUT``), so no other sweep takes them meanwhile;
+#: How long a sweep's claim on its rows lasts. Longer than one publish can take
+#: (``BatchConfirmPublisher.CONFIRM_TIMEOUT``, connecting included), so no other sweep takes them meanwhile;
 #: if the claimer dies, its rows wait this long before another worker sweeps them.
 CLAIM_SECONDS = 60.0
 #: Tries of a row the broker refuses before the sweep parks it (ACCESSFLOW_OUTBOX_MAX_ATTEMPTS).

@@ -183,9 +183,43 @@ class TestTheConsumer:
         finally:
             consumer.close()
 
-        # Then RabbitMQ has it in the dead-letter queue, not back in the queue
+        # Then it is in the dead-letter queue, not back in the queue, put there by the consumer
+        # itself (ours, confirmed) with the reason it could not record
         svc.wait_until(lambda: depth(url, f"{queue}.XQ") == 1, timeout=10, what="the dead letter")
         assert depth(url, queue) == 0
+        [(_, refused, _)] = recorder.calls
+        properties, body = get_one(url, f"{queue}.XQ")
+        assert body == b"not json"
+        assert properties.user_id == broker.user_id
+        assert properties.message_id == "unrecordable"
+        assert properties.headers["accessflow-refusal"] == refused.reason
+        assert "x-death" not in properties.headers
+
+    def test_leaves_a_refusal_to_rabbitmqs_dead_lettering_when_it_cannot_publish_it_either(
+        self,
+        broker: QuorumRabbitmqBroker,
+        prefix: str,
+        integration_settings: Settings,
+        monkeypatch: pytest.MonkeyPatch,
+    ) -> None:
+        # Given a database that is down, and a dead-letter publish that fails too
+        monkeypatch.setattr(EnvelopeConsumer, "_dead_letter", lambda *args: False)
+        url, queue = integration_settings.broker_url, SUBMIT.queue_name(prefix)
+        recorder = Recorder(fail=True)
+        broker.on_refused = recorder
+        consumer = open_consumer(broker, queue, prefetch=10)
+        publish(url, queue, b"not json", message_id="unrecordable-2")
+
+        # When the consumer refuses a body
+        try:
+            consume(consumer, recorder, expected=1)
+        finally:
+            consumer.close()
+
+        # Then it is nacked: RabbitMQ dead-letters it, with its own "rejected"
+        svc.wait_until(lambda: depth(url, f"{queue}.XQ") == 1, timeout=10, what="the dead letter")
+        properties, _ = get_one(url, f"{queue}.XQ")
+        assert properties.headers["x-death"][0]["reason"] == "rejected"
 
     def test_refuses_an_outsiders_message_on_an_internal_queue_as_forged(
         self, broker: QuorumRabbitmqBroker, prefix: str, integration_settings: Settings

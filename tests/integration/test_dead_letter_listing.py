@@ -244,6 +244,33 @@ class TestAListedLetterKeepsItsPublisher:
         assert (result.replayed, result.kept, result.untrusted) == (0, 1, 1)
         assert svc.queue_depth(url, ISSUE.queue_name(prefix)) == 0
 
+    def test_a_refusal_reason_is_believed_only_from_one_of_ours_even_after_a_listing(
+        self, integration_settings: Settings, services: Services, prefix: str
+    ) -> None:
+        # Given two letters with a refusal header and a publisher header: one the workers put
+        # there, one from a publisher that set no user_id
+        url = integration_settings.broker_url
+        xq = f"{SUBMIT.queue_name(prefix)}.XQ"
+        workers = broker_user(pika.URLParameters(url))
+        declare_xq(url, xq)
+        ours_id, ours = a_message(SUBMIT.queue_name(prefix))
+        forged_id, forged = a_message(SUBMIT.queue_name(prefix))
+        headers = {dead_letters.PUBLISHER_HEADER: "", dead_letters.REFUSAL_HEADER: "a reason of ours"}
+        put(url, xq, ours, message_id=ours_id, user_id=workers, headers=headers)
+        put(url, xq, forged, message_id=forged_id, headers={**headers, "accessflow-refusal": "forged"})
+
+        # When they are listed twice (the first listing moves them, as the workers' user)
+        dead_letters.peek(url, services.session_factory, xq)
+        letters = {
+            letter.message_id: letter for letter in dead_letters.peek(url, services.session_factory, xq)
+        }
+
+        # Then ours shows its reason, and the other's header is not believed, before or after the move
+        assert (
+            letters[ours_id].reason == "refused by the consumer, which could not record why: a reason of ours"
+        )
+        assert "forged" not in letters[forged_id].reason
+
     def test_an_internal_letter_keeps_its_origin_through_listings(
         self, integration_settings: Settings, services: Services, prefix: str
     ) -> None:

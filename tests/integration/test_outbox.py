@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import json
-import select
 import uuid
 from collections.abc import Callable
+from typing import Any
 
 import pika
 import pytest
@@ -180,26 +180,27 @@ class TestTheBatchPublisher:
     def test_returns_when_the_confirms_arrive_not_when_a_timer_runs_out(
         self, settings: Settings, private_queue: str, monkeypatch: pytest.MonkeyPatch
     ) -> None:
-        from infra.messaging.broker import BatchConfirmPublisher, Outgoing
+        from infra.messaging import broker as broker_module
+        from infra.messaging.broker import BatchConfirmPublisher, Outgoing, queue_declarer
 
         # Given a publisher whose connection is open (its first batch opened it)
         broker = make_broker(settings)
         queue = NOTIFY.queue_name(private_queue)
-        publisher = BatchConfirmPublisher(
-            settings.broker_url, declare=lambda q: broker.declare_queue(q, ensure=True)
-        )
+        publisher = BatchConfirmPublisher(settings.broker_url, declare=queue_declarer(broker))
         try:
             assert publisher.publish_batch([Outgoing(queue, NOTIFY.actor_name, {"n": -1}, "warm-up")])
-            [connection] = publisher.connections
-            # and, watched from the test: each pass of its wait, and each pika timer that fires
-            passes: list[float | None] = []
+            assert publisher.io is not None
+            ioloop = publisher.io.ioloop
+            # and, watched from the test: each batch the caller waits for (its wait loop counts
+            # its passes), and each timer of the publisher's ioloop that fires
+            waited: list[Any] = []
             fired: list[float] = []
-            process_data_events = connection.process_data_events
-            call_later = connection._impl._adapter_call_later
+            wait = broker_module._Batch.wait
+            call_later = ioloop.call_later
 
-            def counted_pass(time_limit: float | None = 0) -> None:
-                passes.append(time_limit)
-                process_data_events(time_limit)
+            def watched_wait(batch: Any, grace: float) -> bool:
+                waited.append(batch)
+                return wait(batch, grace)
 
             def watched_timer(delay: float, callback: Callable[[], None]) -> object:
                 def fire() -> None:
@@ -208,18 +209,19 @@ class TestTheBatchPublisher:
 
                 return call_later(delay, fire)
 
-            monkeypatch.setattr(connection, "process_data_events", counted_pass)
-            monkeypatch.setattr(connection._impl, "_adapter_call_later", watched_timer)
+            monkeypatch.setattr(broker_module._Batch, "wait", watched_wait)
+            monkeypatch.setattr(ioloop, "call_later", watched_timer)
 
             # When a batch of 100 goes out
             batch = [Outgoing(queue, NOTIFY.actor_name, {"n": i}, str(uuid.uuid4())) for i in range(100)]
             confirmed = publisher.publish_batch(batch)
 
-            # Then all are confirmed, the wait took one pass (a second only if pika woke it for
-            # something else), and no timer with a delay ran out: the last confirm ended the wait.
-            # (A pass with no time limit is the look at the idle connection before the batch.)
+            # Then all are confirmed, the caller's wait slept once at most (an event, set by the
+            # batch's last confirm, wakes it: it never wakes for nothing), and no timer with a
+            # delay ran out (the batch's deadline timer was cancelled by that confirm).
             assert confirmed == {m.message_id for m in batch}
-            assert 1 <= len([limit for limit in passes if limit]) <= 2
+            [mine] = waited
+            assert mine.passes <= 1
             assert [delay for delay in fired if delay > 0] == []
         finally:
             publisher.close()
@@ -228,31 +230,32 @@ class TestTheBatchPublisher:
     def test_replaces_a_connection_the_broker_closed_while_it_sat_idle(
         self, settings: Settings, private_queue: str
     ) -> None:
-        from infra.messaging.broker import BatchConfirmPublisher, Outgoing
+        from infra.messaging.broker import BatchConfirmPublisher, Outgoing, queue_declarer
 
         # Given a publisher whose connection is open (its first batch opened it)
         broker = make_broker(settings)
         queue = NOTIFY.queue_name(private_queue)
-        publisher = BatchConfirmPublisher(
-            settings.broker_url, declare=lambda q: broker.declare_queue(q, ensure=True)
-        )
+        publisher = BatchConfirmPublisher(settings.broker_url, declare=queue_declarer(broker))
         try:
             assert publisher.publish_batch([Outgoing(queue, NOTIFY.actor_name, {"n": -1}, "warm-up")])
-            [connection] = publisher.connections
-            # and a broker that hangs up on it between two batches, as after a node restart or
-            # heartbeats missed while it sat idle (pika keeps the socket to itself)
-            sock = connection._impl._transport._sock
-            close_broker_side(sock.getsockname()[1])
-            svc.wait_until(lambda: select.select([sock], [], [], 0)[0], what="the broker's close to arrive")
+            io = publisher.io
+            assert io is not None
+            connection = io.connection
+            # and a broker that hangs up on it between two batches, as after a node restart
+            close_broker_side(connection._transport._sock.getsockname()[1])
+            # (the publisher's I/O thread reads the close as it comes, the connection being idle)
+            svc.wait_until(lambda: not connection.is_open, what="the publisher to see the close")
 
             # When the next batch goes out
             batch = [Outgoing(queue, NOTIFY.actor_name, {"n": i}, str(uuid.uuid4())) for i in range(3)]
             confirmed = publisher.publish_batch(batch)
 
-            # Then it went out on a new connection, confirmed, instead of failing to the sweep
+            # Then it went out on a new connection, confirmed, instead of failing to the sweep;
+            # the publisher holds that one connection and nothing of the old one
             assert confirmed == {m.message_id for m in batch}
-            assert not connection.is_open
-            assert [c.is_open for c in publisher.connections] == [True]
+            assert io.connection is not connection and io.connection.is_open
+            assert io.closing == {}
+            assert io.connects == 2
         finally:
             publisher.close()
             broker.close()
