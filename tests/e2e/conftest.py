@@ -51,6 +51,16 @@ def env(settings: Settings) -> dict[str, str]:
     return settings_env(settings)
 
 
+#: The session's pools, as ops would run them: one for routing and decisions, one for credentials and email.
+POOLS = [("requests", "decisions"), ("credentials", "notifications")]
+
+
+@pytest.fixture(scope="session")
+def pool_ports() -> dict[tuple[str, ...], int]:
+    """The metrics and health port of each of the session's pools (ACCESSFLOW_METRICS_PORT)."""
+    return {queues: svc.free_port() for queues in POOLS}
+
+
 @pytest.fixture(scope="session")
 def worker_pools(
     env: dict[str, str],
@@ -58,18 +68,19 @@ def worker_pools(
     tmp_path_factory: pytest.TempPathFactory,
     portal: PortalClient,
     other_portal: PortalClient,
+    pool_ports: dict[tuple[str, ...], int],
 ) -> Iterator[Path]:
     """Two pools, as ops would run them: one for routing and decisions, one for credentials and email."""
     logs = tmp_path_factory.mktemp("worker-logs")
-    pools = [("requests", "decisions"), ("credentials", "notifications")]
     processes = []
-    for queues in pools:
+    for queues in POOLS:
         argv = [ACCESSFLOW, "workers", "--processes", "1", "--threads", "4"]
         for q in queues:
             argv += ["--queues", q]
         log_file = (logs / f"{'-'.join(queues)}.log").open("w")
+        pool_env = {**env, "ACCESSFLOW_METRICS_PORT": str(pool_ports[queues])}
         processes.append(
-            (subprocess.Popen(argv, env=env, stdout=log_file, stderr=subprocess.STDOUT), log_file)
+            (subprocess.Popen(argv, env=pool_env, stdout=log_file, stderr=subprocess.STDOUT), log_file)
         )
     try:
         for route in ROUTES:
