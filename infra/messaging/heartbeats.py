@@ -3,7 +3,8 @@
 Every :data:`~infra.observability.health.REPORT_SECONDS` a thread of this middleware writes
 one :class:`~infra.observability.health.ProcessReport`: how many worker threads are alive,
 since when each busy one has been on its message, whether each consumer is attached to the
-broker, and whether the database answered a ``SELECT 1`` on the process's own pool. The
+broker, and whether the database answered a ``SELECT 1`` on the process's own pool (asked
+every :data:`DATABASE_CHECK_SECONDS`, not at each report). The
 pool's HTTP process (:func:`infra.observability.server.serve_pool`, which this middleware
 asks dramatiq to fork) reads the reports for ``/healthz/live`` and ``/healthz/ready``. A
 process that hangs, or whose report thread dies, stops reporting, and its report goes stale.
@@ -28,6 +29,9 @@ from infra.observability import health
 from infra.observability.server import serve_pool
 
 log = structlog.get_logger()
+
+#: How often a worker process asks the database whether it answers, in seconds.
+DATABASE_CHECK_SECONDS = 5.0
 
 
 def consumer_attached(thread: Any) -> bool:
@@ -55,6 +59,8 @@ class Heartbeats(Middleware):
         self.worker: dramatiq.Worker | None = None
         self.stopping = threading.Event()
         self.thread: threading.Thread | None = None
+        #: The last database check: (monotonic time, answered, why not).
+        self.database: tuple[float, bool, str] | None = None
 
     @property
     def forks(self) -> list[Callable[[], int]]:
@@ -91,12 +97,7 @@ class Heartbeats(Middleware):
         worker = self.worker
         threads = list(worker.workers) if worker is not None else []
         consumers = dict(worker.consumers) if worker is not None else {}
-        database, error = True, ""
-        try:
-            with self.engine.connect() as connection:
-                connection.execute(sa.text("SELECT 1"))
-        except sa.exc.SQLAlchemyError as failure:
-            database, error = False, type(failure).__name__
+        _, database, error = self.check_database()
         return health.ProcessReport(
             pid=os.getpid(),
             written_at=time.time(),
@@ -107,6 +108,18 @@ class Heartbeats(Middleware):
             database=database,
             database_error=error,
         )
+
+    def check_database(self) -> tuple[float, bool, str]:
+        """The last database check, made again if older than :data:`DATABASE_CHECK_SECONDS`."""
+        now = time.monotonic()
+        if self.database is None or now - self.database[0] >= DATABASE_CHECK_SECONDS:
+            try:
+                with self.engine.connect() as connection:
+                    connection.execute(sa.text("SELECT 1"))
+                self.database = (now, True, "")
+            except sa.exc.SQLAlchemyError as failure:
+                self.database = (now, False, type(failure).__name__)
+        return self.database
 
     def _report_until_stopped(self) -> None:
         while not self.stopping.is_set():

@@ -11,12 +11,14 @@ milliseconds. Here the pool's directory and port come from the settings
 
 from __future__ import annotations
 
+import os
 import time
 from typing import Any
 
 import dramatiq
 from dramatiq.common import q_name
 from dramatiq.middleware import Middleware
+from prometheus_client import multiprocess
 
 from infra.observability.metrics import MessageSeries, message_series
 
@@ -62,6 +64,12 @@ class MessageMetrics(Middleware):
     ) -> None:
         if "retries" in message.options:
             self.series.retries.labels(*self._labels(message)).inc()
+
+    def after_worker_shutdown(self, broker: dramatiq.Broker, worker: dramatiq.Worker) -> None:
+        # Its in-progress gauge ("livesum") no longer counts; its counters still do.
+        directory = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
+        if directory:
+            multiprocess.mark_process_dead(os.getpid(), directory)  # type: ignore[no-untyped-call]
 
     def after_nack(self, broker: dramatiq.Broker, message: dramatiq.MessageProxy) -> None:
         self.series.dead_lettered.labels(*self._labels(message)).inc()
