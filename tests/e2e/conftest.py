@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -14,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import pika
+import pika.exceptions
 import pytest
 import sqlalchemy as sa
 
@@ -204,8 +206,11 @@ class PortalClient:
         return open_sealed_secret(self.party.private_key, sealed_value)
 
     def close(self) -> None:
-        if self.connection.is_open:
-            self.connection.close()
+        # The broker may have dropped it already: pika services heartbeats only while the
+        # connection is used, and a long session leaves it idle past the heartbeat timeout.
+        with contextlib.suppress(pika.exceptions.AMQPError):
+            if self.connection.is_open:
+                self.connection.close()
 
 
 @pytest.fixture(scope="session")
