@@ -125,6 +125,13 @@ class TestTheRelayService:
                     return len(connection.execute(sa.select(c.id).where(c.id.in_(old))).all())
 
             svc.wait_until(lambda: remaining_old() == 0, timeout=30, what="the old rows to be pruned")
+            # One relay may have done it all while the other was still importing, before its
+            # handlers were installed: a signal then would kill it, not stop it.
+            svc.wait_until(
+                lambda: all('"relay.started"' in log.read_text(encoding="utf-8") for log in logs),
+                timeout=60,
+                what="both relays to start",
+            )
         finally:
             # And stop cleanly on SIGINT and SIGTERM
             relays[0].send_signal(signal.SIGINT)
