@@ -47,6 +47,8 @@ from infra.messaging.broker import (
 )
 from infra.messaging.delivery import DeliveryGuard
 from infra.messaging.envelope import safe_text
+from infra.messaging.heartbeats import Heartbeats
+from infra.messaging.message_metrics import MessageMetrics
 from infra.messaging.periodic import PeriodicTask
 from infra.messaging.relay import OutboxRelay
 from infra.settings import Settings
@@ -311,7 +313,20 @@ def boot_workers() -> None:
     # Fail at boot, not on the first approved request: without the key no credential can be sealed.
     services.sealer()
     wire(services)
+    observe(services)
     declare_topology(services)
+
+
+def observe(services: Services) -> None:
+    """With ACCESSFLOW_METRICS_PORT set, count messages and report heartbeats; the pool serves them.
+
+    ``accessflow workers`` gives the pool its directory (ACCESSFLOW_METRICS_DIR, also
+    PROMETHEUS_MULTIPROC_DIR); the HTTP endpoint is a process dramatiq forks for Heartbeats.
+    """
+    settings = services.settings
+    if settings.metrics_port and settings.metrics_dir:
+        services.broker.add_middleware(MessageMetrics())
+        services.broker.add_middleware(Heartbeats(services.engine, Path(settings.metrics_dir)))
 
 
 def declare_topology(services: Services) -> None:

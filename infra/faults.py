@@ -9,6 +9,9 @@ publisher confirm and the outbox mark. The format is comma-separated ``name=valu
 
     ACCESSFLOW_FAULTS="after_commit=0.01,relay_after_publish=0.05,kill_request=<uuid>,raise_request=<uuid>"
 
+``hang_request=<uuid>`` (with ``hang_seconds=N``, 10 by default) holds the worker thread on
+that request for N seconds, as a call that never returns would: liveness must see it.
+
 A probability is per pass through the point; a crash is ``os._exit``, as abrupt as ``kill -9``.
 """
 
@@ -17,6 +20,7 @@ from __future__ import annotations
 import functools
 import os
 import random
+import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -50,13 +54,15 @@ def crash_point(name: str) -> None:
 
 
 def poison_check(request_id: str | None) -> None:
-    """Kill the process, or raise, for a request the fault suite marked as poison."""
+    """Kill the process, raise, or hang, for a request the fault suite marked as poison."""
     if request_id is None or not _configured():
         return
     if request_id in _configured().get("kill_request", "").split("|"):
         os._exit(CRASH_EXIT_CODE)
     if request_id in _configured().get("raise_request", "").split("|"):
         raise InjectedFault(f"poison request {request_id}")
+    if request_id in _configured().get("hang_request", "").split("|"):
+        time.sleep(float(_configured().get("hang_seconds", "10")))
 
 
 class CrashingUnitOfWork(SqlUnitOfWork):

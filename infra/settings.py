@@ -193,6 +193,34 @@ class Settings(BaseSettings):
         description="Python's thread switch interval in worker processes (sys.setswitchinterval): "
         "lower trades throughput for latency under load.",
     )
+    metrics_port: int = Field(
+        0,
+        ge=0,
+        le=65535,
+        description="Port of a worker pool's (or `accessflow metrics`') HTTP endpoint: /metrics, "
+        "/healthz/live and /healthz/ready; 0 turns it off.",
+    )
+    metrics_host: str = Field(
+        "127.0.0.1",
+        description="Address the metrics and health endpoint listens on (0.0.0.0 in a container).",
+    )
+    metrics_dir: str = Field(
+        "",
+        description="Directory where a pool's processes keep their Prometheus multiprocess files and "
+        "heartbeats; emptied when the pool starts. Empty: a fresh temporary directory per pool.",
+    )
+    metrics_refresh_seconds: float = Field(
+        15.0,
+        gt=0,
+        description="`accessflow metrics` reads the database and queue series at most this often, "
+        "whatever the scrape rate.",
+    )
+    health_stuck_seconds: float = Field(
+        300.0,
+        gt=0,
+        description="Liveness fails when a worker thread has been on one message longer than this "
+        "(keep it above the actor time limit).",
+    )
     log_level: str = Field("INFO", description="Log level.")
     log_format: Literal["auto", "json", "console"] = Field(
         "auto", description="auto: console on a terminal, JSON otherwise."

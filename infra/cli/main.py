@@ -13,6 +13,7 @@ from infra.cli import (
     demo,
     dlq,
     keys,
+    metrics,
     notifications,
     outbox,
     portals,
@@ -63,6 +64,7 @@ main.add_command(outbox.relay)
 main.add_command(keys.keys)
 main.add_command(cli_broker.make_group(portal_source=_registered_portals))
 main.add_command(workers.workers)
+main.add_command(metrics.metrics)
 main.add_command(demo.demo)
 
 

@@ -27,7 +27,7 @@ from __future__ import annotations
 import signal
 import subprocess
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
 from types import FrameType
 
 import structlog
@@ -57,13 +57,22 @@ class _Signals:
         self.received.append(signum)
 
 
-def supervise(argv: Sequence[str], *, shutdown_timeout: float, max_pause: float = 30.0) -> int:
+def supervise(
+    argv: Sequence[str],
+    *,
+    shutdown_timeout: float,
+    max_pause: float = 30.0,
+    env: Mapping[str, str] | None = None,
+    before_start: Callable[[], None] | None = None,
+) -> int:
     """Run ``argv`` until asked to stop; return its last exit status (0 if it never ran).
 
     Parameters:
       argv: the command that runs the pool.
       shutdown_timeout: seconds the pool gets to stop after a signal before it is killed.
       max_pause: the longest pause, in seconds, between restarts of a pool that keeps dying.
+      env: the pool's environment; None: this process's.
+      before_start: called before each start of the pool (it empties the pool's metrics directory).
     """
     signals = _Signals()
     previous = {s: signal.signal(s, signals.handle) for s in STOP_SIGNALS}
@@ -74,8 +83,12 @@ def supervise(argv: Sequence[str], *, shutdown_timeout: float, max_pause: float 
         # starts nothing. One that comes after this check is seen by _run, for the new child.
         while not signals.received:
             started = time.monotonic()
+            if before_start is not None:
+                before_start()
             # Its own session: no signal from the terminal reaches the pool directly (docstring).
-            child = subprocess.Popen(list(argv), start_new_session=True)
+            child = subprocess.Popen(
+                list(argv), start_new_session=True, env=None if env is None else dict(env)
+            )
             code = _run(child, signals, shutdown_timeout)
             if signals.received:
                 break

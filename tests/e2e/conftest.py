@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -14,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import pika
+import pika.exceptions
 import pytest
 import sqlalchemy as sa
 
@@ -51,6 +53,16 @@ def env(settings: Settings) -> dict[str, str]:
     return settings_env(settings)
 
 
+#: The session's pools, as ops would run them: one for routing and decisions, one for credentials and email.
+POOLS = [("requests", "decisions"), ("credentials", "notifications")]
+
+
+@pytest.fixture(scope="session")
+def pool_ports() -> dict[tuple[str, ...], int]:
+    """The metrics and health port of each of the session's pools (ACCESSFLOW_METRICS_PORT)."""
+    return {queues: svc.free_port() for queues in POOLS}
+
+
 @pytest.fixture(scope="session")
 def worker_pools(
     env: dict[str, str],
@@ -58,18 +70,19 @@ def worker_pools(
     tmp_path_factory: pytest.TempPathFactory,
     portal: PortalClient,
     other_portal: PortalClient,
+    pool_ports: dict[tuple[str, ...], int],
 ) -> Iterator[Path]:
     """Two pools, as ops would run them: one for routing and decisions, one for credentials and email."""
     logs = tmp_path_factory.mktemp("worker-logs")
-    pools = [("requests", "decisions"), ("credentials", "notifications")]
     processes = []
-    for queues in pools:
+    for queues in POOLS:
         argv = [ACCESSFLOW, "workers", "--processes", "1", "--threads", "4"]
         for q in queues:
             argv += ["--queues", q]
         log_file = (logs / f"{'-'.join(queues)}.log").open("w")
+        pool_env = {**env, "ACCESSFLOW_METRICS_PORT": str(pool_ports[queues])}
         processes.append(
-            (subprocess.Popen(argv, env=env, stdout=log_file, stderr=subprocess.STDOUT), log_file)
+            (subprocess.Popen(argv, env=pool_env, stdout=log_file, stderr=subprocess.STDOUT), log_file)
         )
     try:
         for route in ROUTES:
@@ -193,8 +206,11 @@ class PortalClient:
         return open_sealed_secret(self.party.private_key, sealed_value)
 
     def close(self) -> None:
-        if self.connection.is_open:
-            self.connection.close()
+        # The broker may have dropped it already: pika services heartbeats only while the
+        # connection is used, and a long session leaves it idle past the heartbeat timeout.
+        with contextlib.suppress(pika.exceptions.AMQPError):
+            if self.connection.is_open:
+                self.connection.close()
 
 
 @pytest.fixture(scope="session")
