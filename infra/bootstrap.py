@@ -16,12 +16,11 @@ from typing import Any
 import dramatiq
 import structlog
 from dramatiq.brokers.rabbitmq import RabbitmqBroker
-from dramatiq.middleware import Middleware, Retries
+from dramatiq.middleware import Retries
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Engine
 from sqlalchemy.orm import Session, sessionmaker
 
-from domain import handlers
 from domain.model import utcnow
 from domain.ports import Mailer
 from infra import faults
@@ -48,11 +47,10 @@ from infra.messaging.broker import (
 from infra.messaging.delivery import DeliveryGuard
 from infra.messaging.envelope import safe_text
 from infra.messaging.heartbeats import Heartbeats
+from infra.messaging.lifecycle import WorkerLifecycle
 from infra.messaging.message_metrics import MessageMetrics
-from infra.messaging.periodic import PeriodicTask
 from infra.messaging.relay import OutboxRelay
 from infra.settings import Settings
-from messages import routes
 from workers.actors import ACTORS
 
 log = structlog.get_logger()
@@ -169,119 +167,6 @@ def build(
     if under_faults:
         services.unit_of_work = faults.CrashingUnitOfWork
     return services
-
-
-class WorkerLifecycle(Middleware):
-    """Binds ids to the log context per message; runs the outbox sweep; disposes the engine on shutdown.
-
-    A pool that consumes the notifications queue also sweeps for emails stuck in ``sending``
-    (:func:`sweep_stuck_notifications`): where the emails are sent, and so wherever they are.
-    A pool that consumes the credentials queue sweeps for requests stuck in ``approved``
-    (:func:`sweep_stuck_provisioning`), for the same reason.
-    """
-
-    def __init__(self, services: Services) -> None:
-        self.services = services
-        self.tasks: list[PeriodicTask] = []
-
-    def after_worker_boot(self, broker: dramatiq.Broker, worker: dramatiq.Worker) -> None:
-        settings, relay = self.services.settings, self.services.relay
-        sweep = timedelta(seconds=settings.outbox_sweep_seconds)
-        relay.defer_marks()
-        self.tasks = [
-            PeriodicTask(
-                "outbox-sweep", settings.outbox_sweep_seconds, lambda: relay.publish(older_than=sweep)
-            ),
-            PeriodicTask("outbox-marks", settings.outbox_mark_seconds, relay.mark_deferred),
-            PeriodicTask(
-                "outbox-prune",
-                settings.outbox_prune_seconds,
-                lambda: relay.prune(timedelta(hours=settings.outbox_retain_hours)),
-            ),
-        ]
-        if consumes(worker, routes.NOTIFY.queue_name(settings.queue_prefix)):
-            self.tasks.append(
-                PeriodicTask(
-                    "notification-sweep",
-                    settings.notification_sweep_seconds,
-                    lambda: sweep_stuck_notifications(self.services),
-                )
-            )
-        if consumes(worker, routes.ISSUE.queue_name(settings.queue_prefix)):
-            self.tasks.append(
-                PeriodicTask(
-                    "provisioning-sweep",
-                    settings.provisioning_sweep_seconds,
-                    lambda: sweep_stuck_provisioning(self.services),
-                )
-            )
-        for task in self.tasks:
-            task.start()
-
-    def before_worker_shutdown(self, broker: dramatiq.Broker, worker: dramatiq.Worker) -> None:
-        for task in self.tasks:
-            task.stop()
-
-    def after_worker_shutdown(self, broker: dramatiq.Broker, worker: dramatiq.Worker) -> None:
-        # The last messages' marks: owed ones left unmarked would be published again by a sweep.
-        try:
-            self.services.relay.mark_deferred()
-        except Exception as error:  # the sweep of another process republishes them
-            log.warning("outbox.marks_lost", error=type(error).__name__)
-        self.services.close()
-
-    def before_process_message(self, broker: dramatiq.Broker, message: dramatiq.MessageProxy) -> None:
-        structlog.contextvars.clear_contextvars()
-        structlog.contextvars.bind_contextvars(message_id=message.message_id, actor=message.actor_name)
-
-    def after_process_message(
-        self,
-        broker: dramatiq.Broker,
-        message: dramatiq.MessageProxy,
-        *,
-        result: Any = None,
-        exception: BaseException | None = None,
-    ) -> None:
-        structlog.contextvars.clear_contextvars()
-
-
-def consumes(worker: dramatiq.Worker, queue_name: str) -> bool:
-    """Whether ``worker`` consumes ``queue_name``: it names it, or it names no queue and takes them all."""
-    whitelist = worker.consumer_whitelist
-    return not whitelist or queue_name in whitelist
-
-
-def sweep_stuck_notifications(services: Services) -> tuple[int, int]:
-    """Re-drive the emails stuck in ``sending``, or give up on them (:func:`handlers.redrive_stuck_notifications`).
-
-    Safe in any number of processes at once: each takes the rows no other sweep holds.
-
-    Returns:
-      How many were re-driven, and how many were marked failed.
-    """
-    settings = services.settings
-    return handlers.redrive_stuck_notifications(
-        uow=services.uow(),
-        stale_after=timedelta(seconds=settings.notification_stale_seconds),
-        max_attempts=settings.notification_max_attempts,
-    )
-
-
-def sweep_stuck_provisioning(services: Services) -> tuple[int, int]:
-    """Issue again the credentials of requests stuck in ``approved``, or give up on them
-    (:func:`handlers.redrive_stuck_provisioning`).
-
-    Safe in any number of processes at once: each takes the rows no other sweep holds.
-
-    Returns:
-      How many were re-driven, and how many ended ``provisioning_failed``.
-    """
-    settings = services.settings
-    return handlers.redrive_stuck_provisioning(
-        uow=services.uow(),
-        stale_after=timedelta(seconds=settings.provisioning_stale_seconds),
-        max_attempts=settings.provisioning_max_attempts,
-    )
 
 
 def wire(services: Services) -> dramatiq.Broker:

@@ -392,7 +392,7 @@ class TestClosing:
         services = build(settings, broker=StubBroker())
         services.mailer.send(an_email())
 
-        # When WorkerLifecycle.after_worker_shutdown closes them
+        # When WorkerLifecycle.after_worker_shutdown (infra.messaging.lifecycle) closes them
         services.close()
 
         # Then the kept connection said QUIT

@@ -16,8 +16,9 @@ from dramatiq.brokers.stub import StubBroker
 
 from domain import commands, handlers
 from domain.model import DeliveryStatus, Notification, NotificationKind, utcnow
-from infra.bootstrap import Services, WorkerLifecycle, build, consumes, sweep_stuck_notifications
+from infra.bootstrap import Services, build
 from infra.db import orm
+from infra.messaging.lifecycle import WorkerLifecycle, consumes, sweep_stuck_notifications
 from infra.settings import Settings
 from tests.conftest import ADMIN
 from tests.integration.test_persistence import routed

@@ -18,8 +18,9 @@ from dramatiq.brokers.stub import StubBroker
 
 from domain import commands, handlers
 from domain.model import AccessRequest, ActorKind, Status, utcnow
-from infra.bootstrap import Services, WorkerLifecycle, build, consumes, sweep_stuck_provisioning
+from infra.bootstrap import Services, build
 from infra.db import orm
+from infra.messaging.lifecycle import WorkerLifecycle, consumes, sweep_stuck_provisioning
 from infra.settings import Settings
 from tests.integration.test_persistence import routed
 
