@@ -2,7 +2,7 @@
 
 Both publish the same rows from the same outbox to the same RabbitMQ, in the same run:
 the baseline through dramatiq's broker (a confirm per message, as pika's blocking
-channel does), the relay through :class:`infra.messaging.broker.BatchConfirmPublisher`. The
+channel does), the relay through :class:`infra.messaging.publisher.BatchConfirmPublisher`. The
 report is the ratio of their throughputs, so it does not depend on the machine.
 
 Run: ``make bench-relay`` (uses ACCESSFLOW_TEST_DATABASE_URL / ACCESSFLOW_TEST_BROKER_URL or the
@@ -26,7 +26,8 @@ from domain.model import NotificationKind
 from infra.db import migrate, orm
 from infra.db.engine import create_engine
 from infra.db.unit_of_work import SqlUnitOfWork
-from infra.messaging.broker import BatchConfirmPublisher, DramatiqPublisher, Publisher, make_broker
+from infra.messaging.broker import make_broker
+from infra.messaging.publisher import BatchConfirmPublisher, DramatiqPublisher, Publisher
 from infra.messaging.relay import OutboxRelay
 from infra.settings import Settings
 from messages.routes import ROUTES

@@ -35,20 +35,13 @@ from infra.mail.render import EmailRenderer
 from infra.mail.transports import FileMailer, SmtpMailer
 from infra.messaging import topology
 from infra.messaging.actors import register
-from infra.messaging.broker import (
-    BatchConfirmPublisher,
-    DramatiqPublisher,
-    Publisher,
-    QuorumRabbitmqBroker,
-    make_broker,
-    queue_declarer,
-    record_refusals_with,
-)
+from infra.messaging.broker import QuorumRabbitmqBroker, make_broker, queue_declarer, record_refusals_with
 from infra.messaging.delivery import DeliveryGuard
 from infra.messaging.envelope import safe_text
 from infra.messaging.heartbeats import Heartbeats
 from infra.messaging.lifecycle import WorkerLifecycle
 from infra.messaging.message_metrics import MessageMetrics
+from infra.messaging.publisher import BatchConfirmPublisher, DramatiqPublisher, Publisher
 from infra.messaging.relay import OutboxRelay
 from infra.settings import Settings
 from workers.actors import ACTORS

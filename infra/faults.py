@@ -25,7 +25,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from infra.db.unit_of_work import SqlUnitOfWork
-from infra.messaging.broker import ExplainingPublisher, Outgoing, Publisher, PublishOutcome
+from infra.messaging.publisher import ExplainingPublisher, Outgoing, Publisher, PublishOutcome
 
 #: Exit status of an injected crash, so a test can tell it from a real one.
 CRASH_EXIT_CODE = 86

@@ -24,7 +24,7 @@ from infra.cli import producer
 from infra.credentials import issuing, sealing, signing
 from infra.db import catalogue_file, migrate, views
 from infra.logs import configure as configure_logging
-from infra.messaging.broker import DramatiqPublisher
+from infra.messaging.publisher import DramatiqPublisher
 from infra.settings import Settings
 from messages import routes
 from messages.routes import ROUTES

@@ -25,7 +25,8 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from pydantic import BaseModel, ValidationError
 
 from infra.credentials import signing
-from infra.messaging.broker import Outgoing, amqp_url_with_timeouts
+from infra.messaging.amqp import amqp_url_with_timeouts
+from infra.messaging.publisher import Outgoing
 from infra.messaging.topology import Topology
 from messages import routes, v2
 from messages.validation import explain

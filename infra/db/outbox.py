@@ -17,7 +17,7 @@ from domain.events import PortalEvent
 from domain.model import utcnow
 from infra.db import orm
 from infra.db.repositories import insert_rows, rows_parameters, run
-from infra.messaging.broker import Outgoing
+from infra.messaging.publisher import Outgoing
 from infra.messaging.topology import Topology
 from messages.events import RequestEvent
 from messages.routes import route_for_command

@@ -62,14 +62,8 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from domain.model import utcnow
 from infra.db import orm
-from infra.messaging.broker import (
-    DEATH_QUEUE_HEADER,
-    DEATH_REASON_HEADER,
-    PUBLISHER_HEADER,
-    REFUSAL_HEADER,
-    amqp_url_with_timeouts,
-    broker_user,
-)
+from infra.messaging.amqp import amqp_url_with_timeouts, broker_user
+from infra.messaging.broker import DEATH_QUEUE_HEADER, DEATH_REASON_HEADER, PUBLISHER_HEADER, REFUSAL_HEADER
 from infra.messaging.delivery import forget
 from infra.messaging.envelope import (
     DELAY_SUFFIX,

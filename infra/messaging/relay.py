@@ -49,7 +49,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from domain.model import utcnow
 from infra.db import orm
-from infra.messaging.broker import ExplainingPublisher, Outgoing, Publisher, PublishOutcome
+from infra.messaging.publisher import ExplainingPublisher, Outgoing, Publisher, PublishOutcome
 
 log = structlog.get_logger()
 

@@ -22,16 +22,10 @@ from dramatiq.brokers.stub import StubBroker
 
 from infra.bootstrap import Services, build, wire
 from infra.db import orm
-from infra.messaging.broker import (
-    BatchConfirmPublisher,
-    DramatiqPublisher,
-    EnvelopeConsumer,
-    Outgoing,
-    QuorumRabbitmqBroker,
-    broker_user,
-    make_broker,
-)
+from infra.messaging.amqp import broker_user
+from infra.messaging.broker import EnvelopeConsumer, QuorumRabbitmqBroker, make_broker
 from infra.messaging.envelope import Refused
+from infra.messaging.publisher import BatchConfirmPublisher, DramatiqPublisher, Outgoing
 from infra.settings import Settings
 from messages.routes import ISSUE, ROUTES, SUBMIT
 from tests import services as svc

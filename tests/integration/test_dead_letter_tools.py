@@ -17,7 +17,8 @@ import pytest
 
 from infra.bootstrap import Services
 from infra.messaging import dead_letters
-from infra.messaging.broker import QuorumRabbitmqBroker, broker_user, make_broker
+from infra.messaging.amqp import broker_user
+from infra.messaging.broker import QuorumRabbitmqBroker, make_broker
 from infra.settings import Settings
 from messages.routes import ISSUE, ROUTES, SUBMIT
 from tests import services as svc

@@ -15,8 +15,9 @@ from domain import commands
 from domain.model import NotificationKind
 from infra.bootstrap import Services
 from infra.db import orm
-from infra.messaging.broker import DramatiqPublisher, make_broker
+from infra.messaging.broker import make_broker
 from infra.messaging.broker_admin import BrokerAdminError, Rabbitmqctl
+from infra.messaging.publisher import DramatiqPublisher
 from infra.messaging.relay import OutboxRelay
 from infra.settings import Settings
 from messages.routes import NOTIFY
@@ -146,7 +147,7 @@ class TestTheBatchPublisher:
     def test_confirms_a_whole_batch_and_nothing_that_could_not_be_routed(
         self, settings: Settings, private_queue: str
     ) -> None:
-        from infra.messaging.broker import BatchConfirmPublisher, Outgoing
+        from infra.messaging.publisher import BatchConfirmPublisher, Outgoing
 
         # Given a publisher whose queue exists, and a second queue that does not
         broker = make_broker(settings)
@@ -180,8 +181,9 @@ class TestTheBatchPublisher:
     def test_returns_when_the_confirms_arrive_not_when_a_timer_runs_out(
         self, settings: Settings, private_queue: str, monkeypatch: pytest.MonkeyPatch
     ) -> None:
-        from infra.messaging import broker as broker_module
-        from infra.messaging.broker import BatchConfirmPublisher, Outgoing, queue_declarer
+        from infra.messaging import publisher as broker_module
+        from infra.messaging.broker import queue_declarer
+        from infra.messaging.publisher import BatchConfirmPublisher, Outgoing
 
         # Given a publisher whose connection is open (its first batch opened it)
         broker = make_broker(settings)
@@ -230,7 +232,8 @@ class TestTheBatchPublisher:
     def test_replaces_a_connection_the_broker_closed_while_it_sat_idle(
         self, settings: Settings, private_queue: str
     ) -> None:
-        from infra.messaging.broker import BatchConfirmPublisher, Outgoing, queue_declarer
+        from infra.messaging.broker import queue_declarer
+        from infra.messaging.publisher import BatchConfirmPublisher, Outgoing
 
         # Given a publisher whose connection is open (its first batch opened it)
         broker = make_broker(settings)

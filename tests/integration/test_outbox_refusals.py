@@ -18,7 +18,7 @@ from domain.model import NotificationKind
 from infra.bootstrap import Services, build
 from infra.db import migrate, orm
 from infra.db.unit_of_work import SqlUnitOfWork
-from infra.messaging.broker import Outgoing
+from infra.messaging.publisher import Outgoing
 from infra.messaging.relay import UnconfirmedPublish
 from infra.settings import Settings
 from messages.routes import NOTIFY

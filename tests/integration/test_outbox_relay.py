@@ -32,7 +32,7 @@ from domain.model import NotificationKind, utcnow
 from infra.db import migrate, orm
 from infra.db.engine import create_engine
 from infra.db.unit_of_work import SqlUnitOfWork
-from infra.messaging.broker import Outgoing, PublishOutcome
+from infra.messaging.publisher import Outgoing, PublishOutcome
 from infra.messaging.relay import BATCH_SIZE, OutboxRelay, UnconfirmedPublish
 from infra.settings import Settings
 from tests import services as svc

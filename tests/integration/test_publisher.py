@@ -1,4 +1,4 @@
-"""The batch-confirm publisher (``infra.messaging.broker.BatchConfirmPublisher``) against the real RabbitMQ.
+"""The batch-confirm publisher (``infra.messaging.publisher.BatchConfirmPublisher``) against the real RabbitMQ.
 
 Issue 8, point 2: bounded state whatever the acks, one connection per process that answers
 heartbeats while idle, a queue deleted at runtime declared again, a deadline on every wait
@@ -25,15 +25,9 @@ import pika
 import pytest
 import structlog
 
-from infra.messaging.broker import (
-    BatchConfirmPublisher,
-    Outgoing,
-    QuorumRabbitmqBroker,
-    _ConfirmRelay,
-    make_broker,
-    queue_declarer,
-)
+from infra.messaging.broker import QuorumRabbitmqBroker, make_broker, queue_declarer
 from infra.messaging.broker_admin import BrokerAdminError, Rabbitmqctl
+from infra.messaging.publisher import BatchConfirmPublisher, Outgoing, _ConfirmRelay
 from infra.settings import Settings
 from messages.routes import NOTIFY
 from tests import services as svc

@@ -20,7 +20,7 @@ import pika.frame
 import pika.spec
 import pytest
 
-from infra.messaging.broker import BatchConfirmPublisher, Outgoing, _Batch, _ConfirmRelay
+from infra.messaging.publisher import BatchConfirmPublisher, Outgoing, _Batch, _ConfirmRelay
 
 
 class Channel:
