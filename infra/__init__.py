@@ -7,5 +7,7 @@
 - :mod:`infra.mail`: rendering emails and delivering them;
 - :mod:`infra.credentials`: issuing, hashing and sealing secrets, and admins' signatures;
 - :mod:`infra.cli`: the ``accessflow`` command, one module per command group;
+- :mod:`infra.status`: what ``accessflow status`` reads from the broker and the database, and
+  what of it needs a human;
 - :mod:`infra.settings`, :mod:`infra.logs`, :mod:`infra.faults` (the fault suite's hooks).
 """

@@ -74,6 +74,7 @@ from infra.messaging.envelope import (
     read_envelope,
     safe_text,
 )
+from infra.messaging.queue_depths import quiet_channel_closes
 from messages.routes import ROUTES
 
 #: Headers a moved copy carries: who first published it ("" for a publisher that set no
@@ -261,7 +262,8 @@ def _move_to_tail(
 def _channel(broker_url: str) -> Iterator[BlockingChannel]:
     connection = pika.BlockingConnection(pika.URLParameters(amqp_url_with_timeouts(broker_url)))
     try:
-        yield connection.channel()
+        with quiet_channel_closes():  # an XQ never declared answers 404: an answer, not news
+            yield connection.channel()
     finally:
         if connection.is_open:
             connection.close()

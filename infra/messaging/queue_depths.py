@@ -34,7 +34,7 @@ class QueueDepth:
 
 
 @contextmanager
-def _quiet_channel_closes() -> Iterator[None]:
+def quiet_channel_closes() -> Iterator[None]:
     """pika logs a warning for every channel the broker closes; here a 404 is an answer, not news."""
     logger = logging.getLogger("pika.channel")
     level = logger.level
@@ -61,7 +61,7 @@ def queue_depths(broker_url: str, names: Iterable[str]) -> list[QueueDepth]:
     """
     connection = pika.BlockingConnection(pika.URLParameters(amqp_url_with_timeouts(broker_url)))
     try:
-        with _quiet_channel_closes():
+        with quiet_channel_closes():
             channel = connection.channel()
             found = []
             for name in names:
