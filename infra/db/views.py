@@ -79,6 +79,13 @@ def request_details(uow: SqlUnitOfWork, request_id: str) -> dict[str, Any] | Non
         }
 
 
+def app_of_request(uow: SqlUnitOfWork, request_id: str) -> str | None:
+    """The app a request is for: the one it named, or the one its approval created; None if neither."""
+    with uow:
+        request = uow.requests.get(request_id)
+        return request.app_id if request is not None else None
+
+
 def reveal_credentials(
     uow: SqlUnitOfWork, unseal: Callable[[bytes], str], app_id: str
 ) -> list[dict[str, Any]]:
