@@ -25,7 +25,7 @@ def credentials() -> None:
     "--request",
     "request_id",
     default=None,
-    help="Instead of APP_ID: the app of this request (one a request created has an id of accessflow's making).",
+    help="Instead of APP_ID: the app this request is for (a new app gets its id when the request is approved).",
 )
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 def credentials_show(app_id: str | None, request_id: str | None, as_json: bool) -> None:

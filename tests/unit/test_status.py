@@ -1,6 +1,6 @@
 """``accessflow status``'s read model and rules, on SQLite and the in-memory broker (no service).
 
-The same against real PostgreSQL and RabbitMQ, through the command: tests/e2e/test_status.py.
+The same against real PostgreSQL and RabbitMQ, through the command: tests/e2e/operator/test_status.py.
 """
 
 from __future__ import annotations
