@@ -7,5 +7,6 @@
 - :mod:`infra.mail`: rendering emails and delivering them;
 - :mod:`infra.credentials`: issuing, hashing and sealing secrets, and admins' signatures;
 - :mod:`infra.cli`: the ``accessflow`` command, one module per command group;
+- :mod:`infra.observability`: metrics, health, and what ``accessflow status`` reads;
 - :mod:`infra.settings`, :mod:`infra.logs`, :mod:`infra.faults` (the fault suite's hooks).
 """

@@ -221,6 +221,23 @@ class Settings(BaseSettings):
         description="Liveness fails when a worker thread has been on one message longer than this "
         "(keep it above the actor time limit).",
     )
+    status_pending_review_max_seconds: float = Field(
+        86_400.0,
+        gt=0,
+        description="accessflow status exits 2 when a request has waited for review longer than this.",
+    )
+    status_approved_max_seconds: float = Field(
+        900.0,
+        gt=0,
+        description="accessflow status exits 2 when a request has been approved longer than this "
+        "without its credential.",
+    )
+    status_outbox_max_age_seconds: float = Field(
+        300.0,
+        gt=0,
+        description="accessflow status exits 2 when an unsent outbox row is older than this "
+        "(no relay or worker is sweeping, or the broker is away).",
+    )
     log_level: str = Field("INFO", description="Log level.")
     log_format: Literal["auto", "json", "console"] = Field(
         "auto", description="auto: console on a terminal, JSON otherwise."

@@ -11,6 +11,7 @@ from domain.model import AdminKey, utcnow
 from infra.cli.common import (
     echo_json,
     open_services,
+    print_table,
     validated_entry,
 )
 from infra.credentials import signing
@@ -58,13 +59,21 @@ def admins_list(as_json: bool) -> None:
     if as_json:
         echo_json(rows)
         return
-    for row in rows:
-        click.echo(f"{row['id']}  {row['email']}")
-        for k in row["keys"]:
-            state = f"revoked {k['revoked_at']}" if k["revoked_at"] else "active"
-            click.echo(f"    key {k['key_id']}  {state}")
-    if not rows:
-        click.echo("no admins")
+    print_table(
+        ["admin", "email", "key", "state", "public key"],
+        [
+            (
+                row["id"],
+                row["email"],
+                k["key_id"] if k else "",
+                ("revoked " + k["revoked_at"] if k["revoked_at"] else "active") if k else "no key",
+                k["public_key"] if k else "",
+            )
+            for row in rows
+            for k in (row["keys"] or [None])
+        ],
+        empty="no admins",
+    )
 
 
 @admins.group("keys")

@@ -20,11 +20,29 @@ def credentials() -> None:
 
 
 @credentials.command("show")
-@click.argument("app_id")
+@click.argument("app_id", required=False)
+@click.option(
+    "--request",
+    "request_id",
+    default=None,
+    help="Instead of APP_ID: the app this request is for (a new app gets its id when the request is approved).",
+)
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
-def credentials_show(app_id: str, as_json: bool) -> None:
-    """Show APP_ID's credentials. A secret is printed once, on its first reveal, and never again."""
+def credentials_show(app_id: str | None, request_id: str | None, as_json: bool) -> None:
+    """Show the credentials of APP_ID, or of the app of --request ID.
+
+    A secret is printed once, on its first reveal, and never again.
+    """
+    if (app_id is None) == (request_id is None):
+        raise click.UsageError("give APP_ID or --request ID")
     with open_services() as services:
+        if request_id is not None:
+            app_id = views.app_of_request(services.uow(), request_id)
+            if app_id is None:
+                raise click.ClickException(
+                    f"no request {request_id}, or it has no app yet (a new app is created when approved)"
+                )
+        assert app_id is not None
         shown = views.reveal_credentials(services.uow(), services.sealer().unseal, app_id)
     if as_json:
         echo_json(shown)

@@ -3,15 +3,18 @@
 from __future__ import annotations
 
 import dataclasses
-import sys
+import functools
 
 import click
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
 from infra.cli.common import (
     QUEUE_CHOICES,
+    console,
     echo_json,
     load_settings,
     open_services,
+    print_table,
 )
 from infra.messaging import dead_letters
 from infra.settings import Settings
@@ -53,11 +56,20 @@ def dlq_list(queue: str | None, as_json: bool) -> None:
     click.echo(
         f"{len(letters)} dead letter(s); kept {'until replayed or purged' if not ttl else f'{ttl} days'}"
     )
-    for letter in letters:
-        click.echo(
-            f"{letter.queue_name}  {letter.message_id or '(not a message)'}  {letter.actor_name or ''}"
-        )
-        click.echo(f"    {letter.reason}")
+    print_table(
+        ["queue", "message id", "actor", "dead-lettered", "reason"],
+        [
+            (
+                letter.queue_name,
+                letter.message_id or "(not a message)",
+                letter.actor_name,
+                letter.dead_lettered_at.isoformat() if letter.dead_lettered_at else None,
+                letter.reason,
+            )
+            for letter in letters
+        ],
+        empty="",
+    )
 
 
 @dlq.command("replay")
@@ -72,14 +84,21 @@ def dlq_replay(queue: str | None, limit: int | None, dry_run: bool) -> None:
             total = min(dead_letters.depth(url, xq), limit or 10**9)
             if total == 0:
                 continue
-            with click.progressbar(length=total, label=xq, file=sys.stderr) as bar:
+            with Progress(
+                TextColumn("{task.description}"),
+                BarColumn(),
+                MofNCompleteColumn(),
+                TimeRemainingColumn(),
+                console=console(stderr=True),
+            ) as progress:
+                task = progress.add_task(xq, total=total)
                 result = dead_letters.replay(
                     url,
                     services.session_factory,
                     xq,
                     limit=limit,
                     dry_run=dry_run,
-                    on_each=lambda: bar.update(1),
+                    on_each=functools.partial(progress.advance, task),
                     internal_senders=services.settings.internal_users(),
                     external_queues=[
                         r.queue_name(services.settings.queue_prefix) for r in ROUTES if r.external

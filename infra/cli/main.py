@@ -19,6 +19,7 @@ from infra.cli import (
     portals,
     publish,
     requests,
+    status,
     workers,
 )
 from infra.cli import broker as cli_broker
@@ -61,6 +62,7 @@ main.add_command(notifications.notifications)
 main.add_command(dlq.dlq)
 main.add_command(outbox.outbox)
 main.add_command(outbox.relay)
+main.add_command(status.status)
 main.add_command(keys.keys)
 main.add_command(cli_broker.make_group(portal_source=_registered_portals))
 main.add_command(workers.workers)

@@ -8,6 +8,7 @@ from domain.model import DeliveryStatus
 from infra.cli.common import (
     echo_json,
     open_services,
+    print_table,
 )
 
 
@@ -41,9 +42,11 @@ def notifications_list(status: str | None, limit: int, as_json: bool) -> None:
     if as_json:
         echo_json(rows)
         return
-    for r in rows:
-        click.echo(
-            f"{r['request_id']}  {r['kind']:<8} {r['status']:<8} {r['attempts']} attempt(s)  {r['last_error']}"
-        )
-    if not rows:
-        click.echo("no emails")
+    print_table(
+        ["request", "kind", "status", "attempts", "created", "last error"],
+        [
+            (r["request_id"], r["kind"], r["status"], r["attempts"], r["created_at"], r["last_error"])
+            for r in rows
+        ],
+        empty="no emails",
+    )

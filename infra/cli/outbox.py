@@ -13,6 +13,7 @@ from infra.cli.common import (
     echo_json,
     load_settings,
     open_services,
+    print_table,
 )
 from infra.messaging.relay import run_relay
 
@@ -33,12 +34,14 @@ def outbox_list(parked: bool, limit: int, as_json: bool) -> None:
     if as_json:
         echo_json(rows)
         return
-    for r in rows:
-        click.echo(f"{r['id']}  {r['status']:<7} {r['destination']}  {r['attempts']} attempt(s)")
-        if r["last_error"]:
-            click.echo(f"    {r['last_error']}")
-    if not rows:
-        click.echo("no parked rows" if parked else "no unsent rows")
+    print_table(
+        ["id", "status", "destination", "created", "attempts", "last error"],
+        [
+            (r["id"], r["status"], r["destination"], r["created_at"], r["attempts"], r["last_error"])
+            for r in rows
+        ],
+        empty="no parked rows" if parked else "no unsent rows",
+    )
 
 
 @outbox.command("retry")

@@ -7,6 +7,7 @@ import click
 from infra.cli.common import (
     echo_json,
     open_services,
+    print_table,
     validated_entry,
 )
 from infra.db import catalogue_file
@@ -69,9 +70,8 @@ def portals_list(as_json: bool) -> None:
     if as_json:
         echo_json(rows)
         return
-    for row in rows:
-        click.echo(
-            f"{row['id']}  {row['name']}  as {row['broker_user']}  consumers {','.join(row['consumers'])}"
-        )
-    if not rows:
-        click.echo("no portals")
+    print_table(
+        ["portal", "name", "AMQP user", "consumers", "url"],
+        [(r["id"], r["name"], r["broker_user"], ",".join(r["consumers"]), r["url"]) for r in rows],
+        empty="no portals",
+    )

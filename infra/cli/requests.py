@@ -11,6 +11,7 @@ from infra.cli.common import (
     echo_json,
     open_services,
     operator_name,
+    print_table,
 )
 from infra.db import views
 
@@ -36,12 +37,22 @@ def requests_list(status: str | None, limit: int, as_json: bool) -> None:
     if as_json:
         echo_json(rows)
         return
-    for r in rows:
-        click.echo(
-            f"{r['id']}  {r['status']:<15} {r['plan_id']:<12} {','.join(r['product_ids']):<30} {r['reason']}"
-        )
-    if not rows:
-        click.echo("no requests")
+    print_table(
+        ["id", "status", "app", "plan", "products", "updated", "reason"],
+        [
+            (
+                r["id"],
+                r["status"],
+                r["app_id"],
+                r["plan_id"],
+                ",".join(r["product_ids"]),
+                r["updated_at"],
+                r["reason"],
+            )
+            for r in rows
+        ],
+        empty="no requests",
+    )
 
 
 @requests.command("show")
@@ -61,12 +72,12 @@ def requests_show(request_id: str, as_json: bool) -> None:
         f"  consumer {details['consumer_id']}, app {details['app_id']}, plan {details['plan_id']}, "
         f"products {', '.join(details['product_ids'])}"
     )
-    click.echo("  audit trail:")
-    for entry in details["audit"]:
-        click.echo(
-            f"    {entry['at']}  {entry['from'] or '-':>14} -> {entry['to']:<15} {entry['actor']:<22} "
-            f"{entry['reason']}"
-        )
+    print_table(
+        ["at", "from", "to", "actor", "reason"],
+        [(e["at"], e["from"] or "-", e["to"], e["actor"], e["reason"]) for e in details["audit"]],
+        empty="  no audit trail",
+        title="audit trail",
+    )
     for d in details["decisions"]:
         click.echo(
             f"  decision {d['decision']} by {d['admin']}: {d['outcome']} {d['outcome_reason']}".rstrip()

@@ -7,9 +7,13 @@ other; each takes a unit of work, so it reads what one transaction saw.
 from __future__ import annotations
 
 from collections.abc import Callable
+from datetime import datetime
 from typing import Any
 
-from domain.model import AccessRequest
+import sqlalchemy as sa
+
+from domain.model import AccessRequest, DeliveryStatus, Status
+from infra.db import orm
 from infra.db.unit_of_work import SqlUnitOfWork
 
 
@@ -75,6 +79,13 @@ def request_details(uow: SqlUnitOfWork, request_id: str) -> dict[str, Any] | Non
         }
 
 
+def app_of_request(uow: SqlUnitOfWork, request_id: str) -> str | None:
+    """The app a request is for: the one it named, or the one its approval created; None if neither."""
+    with uow:
+        request = uow.requests.get(request_id)
+        return request.app_id if request is not None else None
+
+
 def reveal_credentials(
     uow: SqlUnitOfWork, unseal: Callable[[bytes], str], app_id: str
 ) -> list[dict[str, Any]]:
@@ -101,3 +112,94 @@ def reveal_credentials(
             )
         uow.commit()
     return shown
+
+
+def _age_seconds(now: datetime, then: datetime | None) -> float | None:
+    if then is None:
+        return None
+    if then.tzinfo is None:  # SQLite hands back naive UTC
+        then = then.replace(tzinfo=now.tzinfo)
+    return round(max((now - then).total_seconds(), 0.0), 1)
+
+
+def backlog(
+    uow: SqlUnitOfWork,
+    *,
+    now: datetime,
+    pending_before: datetime,
+    approved_before: datetime,
+    outbox_before: datetime,
+    sending_before: datetime,
+) -> dict[str, dict[str, Any]]:
+    """What waits in the database, for ``accessflow status``: three statements, one transaction.
+
+    Parameters:
+      now: the moment ages are measured from.
+      pending_before: a request in ``pending_review`` since before this counts as overdue.
+      approved_before: a request ``approved`` since before this, and not provisioned, counts as stuck.
+      outbox_before: an unsent (not parked) outbox row created before this counts as overdue.
+      sending_before: an email still ``sending`` whose lease ran out (or, never leased, that was
+        created) before this counts as stuck: the sweep should have sent it again by then.
+
+    Returns:
+      ``requests``, ``outbox`` and ``emails``, each a dict of counts and ages in seconds
+      (None where there is nothing to be old).
+    """
+    r, o, n = orm.access_requests.c, orm.outbox.c, orm.notifications.c
+    pending = r.status == Status.PENDING_REVIEW
+    approved = r.status == Status.APPROVED
+    unsent = o.parked_at.is_(None)
+    sending = n.status == DeliveryStatus.SENDING
+    count = sa.func.count
+    with uow:
+        connection = uow.session.connection()
+        requests = connection.execute(
+            sa.select(
+                count().filter(pending),
+                sa.func.min(r.updated_at).filter(pending),
+                count().filter(pending, r.updated_at < pending_before),
+                count().filter(approved),
+                sa.func.min(r.updated_at).filter(approved),
+                count().filter(approved, r.updated_at < approved_before),
+                count().filter(r.status == Status.PROVISIONING_FAILED),
+            ).where(r.status.in_([Status.PENDING_REVIEW, Status.APPROVED, Status.PROVISIONING_FAILED]))
+        ).one()
+        outbox = connection.execute(
+            sa.select(
+                count().filter(unsent),
+                sa.func.min(o.created_at).filter(unsent),
+                count().filter(unsent, o.created_at < outbox_before),
+                count().filter(o.parked_at.is_not(None)),
+            ).where(o.sent_at.is_(None))
+        ).one()
+        emails = connection.execute(
+            sa.select(
+                count().filter(sending),
+                count().filter(sending, sa.func.coalesce(n.lease_expires_at, n.created_at) < sending_before),
+                count().filter(n.status == DeliveryStatus.FAILED),
+                count().filter(n.status == DeliveryStatus.PARTIAL),
+            ).where(n.status.in_([DeliveryStatus.SENDING, DeliveryStatus.FAILED, DeliveryStatus.PARTIAL]))
+        ).one()
+    return {
+        "requests": {
+            "pending_review": requests[0],
+            "oldest_pending_review_seconds": _age_seconds(now, requests[1]),
+            "pending_review_overdue": requests[2],
+            "approved": requests[3],
+            "oldest_approved_seconds": _age_seconds(now, requests[4]),
+            "approved_stuck": requests[5],
+            "provisioning_failed": requests[6],
+        },
+        "outbox": {
+            "unsent": outbox[0],
+            "oldest_unsent_seconds": _age_seconds(now, outbox[1]),
+            "unsent_overdue": outbox[2],
+            "parked": outbox[3],
+        },
+        "emails": {
+            "sending": emails[0],
+            "stuck_sending": emails[1],
+            "failed": emails[2],
+            "partial": emails[3],
+        },
+    }

@@ -76,6 +76,7 @@ from infra.messaging.envelope import (
     read_envelope,
     safe_text,
 )
+from infra.messaging.queue_depths import quiet_channel_closes
 from messages.routes import ROUTES
 
 #: What each reason RabbitMQ gives in ``x-death`` means here.
@@ -264,7 +265,8 @@ def _move_to_tail(
 def _channel(broker_url: str) -> Iterator[BlockingChannel]:
     connection = pika.BlockingConnection(pika.URLParameters(amqp_url_with_timeouts(broker_url)))
     try:
-        yield connection.channel()
+        with quiet_channel_closes():  # an XQ never declared answers 404: an answer, not news
+            yield connection.channel()
     finally:
         if connection.is_open:
             connection.close()

@@ -10,6 +10,8 @@ dramatiq's threads, and the HTTP endpoint serves them all. It is read by nothing
   message series and the collector of the database and queue series;
 - :mod:`infra.observability.health`: the heartbeat reports of worker processes, and the
   liveness and readiness verdicts drawn from them;
+- :mod:`infra.observability.status`: what ``accessflow status`` reads from the broker and the
+  database, and which of it needs a human;
 - :mod:`infra.observability.server`: the HTTP endpoint (``/metrics``, ``/healthz/live``,
   ``/healthz/ready``) of a pool, and of ``accessflow metrics``.
 """

@@ -45,6 +45,7 @@ from sqlalchemy.engine import Engine
 
 from domain.model import FINAL_STATUSES, DecisionOutcome, Status
 from infra.db import orm
+from infra.messaging.queue_depths import queue_depths
 from messages.routes import ROUTES
 
 log = structlog.get_logger()
@@ -58,8 +59,6 @@ MESSAGE_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0
 COMPLETION_BUCKETS = (0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0, 900.0, 3600.0, 14400.0, 86400.0, 604800.0)
 #: The refusal recorded for a decision that is not shown to come from an admin.
 REFUSED_DECISION = "refused_decision"
-#: How long one look at a queue may take before the broker counts as unreachable, in seconds.
-BROKER_TIMEOUT_SECONDS = 5.0
 
 
 @dataclass(frozen=True)
@@ -246,33 +245,21 @@ def dead_letter_queue(queue_name: str) -> str:
 def read_broker(broker_url: str, prefix: str, snapshot: Snapshot) -> None:
     """Fill ``snapshot``'s queue series: one passive declare per queue, on one connection.
 
-    A queue that does not exist (no pool has declared it yet) is left out.
+    Read as ``accessflow status`` reads them (:func:`infra.messaging.queue_depths.queue_depths`);
+    a queue that does not exist (no pool has declared it yet) is left out.
     """
-    parameters = pika.URLParameters(broker_url)
-    parameters.socket_timeout = BROKER_TIMEOUT_SECONDS
-    parameters.blocked_connection_timeout = BROKER_TIMEOUT_SECONDS
-    parameters.connection_attempts = 1
-    connection = pika.BlockingConnection(parameters)
-    try:
-        queues: dict[str, tuple[int, int]] = {}
-        channel = connection.channel()
-        for queue in work_queues(prefix):
-            for name in (queue, dead_letter_queue(queue)):
-                try:
-                    ok = channel.queue_declare(name, passive=True).method
-                except pika.exceptions.ChannelClosedByBroker:  # 404: not declared yet
-                    channel = connection.channel()
-                    continue
-                queues[name] = (int(ok.message_count), int(ok.consumer_count))
-        snapshot.queues = queues
-        snapshot.dead_letters = {
-            queue: queues[dead_letter_queue(queue)][0]
-            for queue in work_queues(prefix)
-            if dead_letter_queue(queue) in queues
-        }
-    finally:
-        if connection.is_open:
-            connection.close()
+    names = [name for queue in work_queues(prefix) for name in (queue, dead_letter_queue(queue))]
+    queues = {
+        depth.name: (depth.messages, depth.consumers)
+        for depth in queue_depths(broker_url, names)
+        if depth.messages is not None and depth.consumers is not None
+    }
+    snapshot.queues = queues
+    snapshot.dead_letters = {
+        queue: queues[dead_letter_queue(queue)][0]
+        for queue in work_queues(prefix)
+        if dead_letter_queue(queue) in queues
+    }
     snapshot.broker_up = True
 
 

@@ -96,6 +96,6 @@ class TestARecipientRefusedWhileAnotherIsTaken:
         [row] = [r for r in json.loads(listed.output) if r["request_id"] == request_id]
         assert (row["status"], row["last_error"]) == ("partial", notification.last_error)
         shown = CliRunner().invoke(main, ["notifications", "list", "--status", "partial"], env=env)
-        assert (
-            f"{request_id}  review   partial  1 attempt(s)  1 of 2 recipients refused: {GONE}" in shown.output
-        )
+        [line] = [line for line in shown.output.splitlines() if request_id in line]
+        assert line.split()[1:4] == ["review", "partial", "1"]
+        assert f"1 of 2 recipients refused: {GONE}" in line
