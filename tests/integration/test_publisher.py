@@ -25,6 +25,7 @@ import pika
 import pytest
 import structlog
 
+from infra.messaging import publisher as publisher_module
 from infra.messaging.broker import QuorumRabbitmqBroker, make_broker, queue_declarer
 from infra.messaging.broker_admin import BrokerAdminError, Rabbitmqctl
 from infra.messaging.publisher import BatchConfirmPublisher, Outgoing, _ConfirmRelay
@@ -454,6 +455,9 @@ class TestDeadlines:
         try:
             # When a batch goes out
             with structlog.testing.capture_logs() as logs:
+                # A logger bound under capture_logs: the module's own was cached, on first use, with
+                # whatever configuration an earlier test of the session left.
+                monkeypatch.setattr(publisher_module, "log", structlog.get_logger())
                 started = time.monotonic()
                 confirmed = publisher.publish_batch(messages(queue, 3))
                 elapsed = time.monotonic() - started
