@@ -50,7 +50,7 @@ from pika.adapters.select_connection import IOLoop
 from pika.adapters.utils.selector_ioloop_adapter import SelectorIOServicesAdapter
 
 from infra.messaging.envelope import Accepted, Refused, body_id, excerpt, read_envelope
-from infra.settings import Settings
+from infra.settings import Settings, split_broker_urls
 from messages.routes import ROUTES
 
 log = structlog.get_logger()
@@ -370,13 +370,14 @@ class BatchConfirmPublisher:
     #: Queues the declared-queue cache remembers at most; beyond that it starts again.
     MAX_DECLARED = 1024
 
-    def __init__(self, url: str, declare: Callable[[str], None]) -> None:
-        """``declare(queue)`` must declare the queue on the broker each time it is called.
+    def __init__(self, url: str | Sequence[str], declare: Callable[[str], None]) -> None:
+        """``url``: one AMQP URL, or the URLs of a cluster's nodes (:func:`connection_parameters`).
 
+        ``declare(queue)`` must declare the queue on the broker each time it is called.
         It is called from the publishing thread, before a batch for the queue goes out,
         the first time and after the queue was found missing.
         """
-        self.parameters = pika.URLParameters(amqp_url_with_timeouts(url))
+        self.parameters = connection_parameters(url)
         self.user_id = broker_user(self.parameters)
         self.declare = declare
         self.declared: set[str] = set()
@@ -697,8 +698,11 @@ class _ConfirmRelay(threading.Thread):
             return
         self.connects += 1
         self.services = _SocketKeepingIO(self.ioloop)
+        # A SelectConnection takes one node's parameters: each attempt takes the next node of the
+        # list, so after a node is lost (or refuses) the next attempt goes to another one.
+        nodes = self.publisher.parameters
         self.connection = pika.SelectConnection(
-            self.publisher.parameters,
+            nodes[(self.connects - 1) % len(nodes)],
             on_open_callback=self._open_channel,
             on_open_error_callback=self._on_open_error,
             on_close_callback=self._on_connection_closed,
@@ -1261,16 +1265,35 @@ def amqp_url_with_timeouts(url: str) -> str:
     return urlunsplit(parts._replace(query=urlencode({**defaults, **query})))
 
 
+def connection_parameters(url: str | Sequence[str]) -> list[pika.URLParameters]:
+    """pika's parameters for each node ``url`` names, with :func:`amqp_url_with_timeouts` applied.
+
+    ``url`` is one AMQP URL, several separated by commas (``ACCESSFLOW_BROKER_URL``, read by
+    :func:`infra.settings.split_broker_urls`), or a list of URLs. pika's connections accept the
+    list and try each node in turn, in this order, until one answers: so every reconnect, after
+    a node died, lands on a surviving one.
+    """
+    urls = split_broker_urls(url) if isinstance(url, str) else list(url)
+    if not urls:
+        raise ValueError("no broker URL given")
+    return [pika.URLParameters(amqp_url_with_timeouts(u)) for u in urls]
+
+
 def make_broker(settings: Settings) -> dramatiq.Broker:
-    """Build the broker ``settings.broker_url`` names: RabbitMQ, or ``stub://`` in memory."""
+    """Build the broker ``settings.broker_url`` names: RabbitMQ, or ``stub://`` in memory.
+
+    Several comma-separated URLs give dramatiq the list of a cluster's nodes: each
+    connection, and each reconnect of a consumer or a publisher, goes to the first that answers.
+    """
     broker: dramatiq.Broker
     if settings.broker_url.startswith("stub://"):
         broker = StubBroker(middleware=middleware_for(settings))
         broker.emit_after("process_boot")
     else:
         ttl_days = settings.dead_letter_ttl_days
+        urls = [amqp_url_with_timeouts(url) for url in settings.broker_urls()]
         broker = QuorumRabbitmqBroker(
-            url=amqp_url_with_timeouts(settings.broker_url),
+            url=urls[0] if len(urls) == 1 else urls,  # one URL: exactly as before there were several
             confirm_delivery=True,
             middleware=middleware_for(settings),
             delivery_limit=settings.max_deliveries * 4,
