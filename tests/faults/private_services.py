@@ -510,6 +510,23 @@ class PrivateRabbitMQ(_PrivateService):
             connection.close()
         return True
 
+    def cpu_seconds(self) -> float:
+        """CPU time (user + system) the node's VM and its children (erl_child_setup) have used so far.
+
+        Read from ``/proc/<pid>/stat``; 0.0 while the node is not running.
+        """
+        pid = self._find_pid()
+        if pid is None:
+            return 0.0
+        total = 0
+        for process in [pid, *_children(pid)]:
+            try:
+                fields = Path(f"/proc/{process}/stat").read_text().rpartition(")")[2].split()
+            except OSError:
+                continue
+            total += int(fields[11]) + int(fields[12])  # utime, stime (fields 14 and 15 of stat)
+        return total / os.sysconf("SC_CLK_TCK")
+
     def stop(self, timeout: float | None = None) -> None:
         """Stop the node cleanly (``rabbitmqctl stop``) and wait until the VM is gone.
 

@@ -55,6 +55,15 @@ def private_cluster() -> Iterator[PrivateRabbitMQCluster]:
         yield cluster
 
 
+def idle_cpu_rates(nodes: list[PrivateRabbitMQ], seconds: float = 5.0) -> list[float]:
+    """Each node's CPU seconds per second while the world sits idle, over a ``seconds`` window."""
+    before = [node.cpu_seconds() for node in nodes]
+    started = time.monotonic()
+    svc.wait_until(lambda: time.monotonic() - started >= seconds, interval=0.5, what="an idle window")
+    elapsed = time.monotonic() - started
+    return [(node.cpu_seconds() - b) / elapsed for node, b in zip(nodes, before, strict=True)]
+
+
 def report(figures: Figures) -> None:
     # Printed, so that `pytest -s` and the CI log carry the table of figures.
     print(f"\n{figures.line()}")
@@ -103,15 +112,27 @@ class TestWorkerCrashes:
     ) -> None:
         with world(private_postgres.url, private_rabbitmq.url, tmp_path) as w:
             batch = Batch(w, size=BATCH)
+            idle = idle_cpu_rates([private_rabbitmq])[0]
+            cpu_before = private_rabbitmq.cpu_seconds()
             batch.start()
             faults = []
             for i, pool in enumerate([w.pools[0], w.pools[1], w.pools[0]]):
                 wait_for_progress(batch, (i + 1) * BATCH // 5)
                 assert pool.kill_workers() > 0
                 faults.append(time.monotonic())
+            seconds = batch.wait_until_final()
+            # The one node's CPU for the batch, less what it uses idle: case 10 reports the same for three.
+            cpu_ms = (private_rabbitmq.cpu_seconds() - cpu_before - idle * seconds) * 1000 / BATCH
             # A kill between the SMTP server's 250 and our record of it resends that email: at most
             # one duplicate per sending thread per kill (issue: "a crash in between may produce one").
-            run("1 kill -9 workers x3", w, batch, faults_at=faults, allowed_duplicate_emails=3 * THREADS)
+            run(
+                "1 kill -9 workers x3",
+                w,
+                batch,
+                faults_at=faults,
+                notes=f"rabbitmq_cpu_ms_per_request(1 node)={cpu_ms:.2f} ",
+                allowed_duplicate_emails=3 * THREADS,
+            )
 
     def test_a_crash_after_the_commit_and_before_the_ack(
         self, private_postgres: PrivatePostgres, private_rabbitmq: PrivateRabbitMQ, tmp_path: Path
@@ -180,10 +201,15 @@ class TestBrokerCluster:
             leaders = Counter(replicas[name].leader for name in queues)
             victim = cluster.node(leaders.most_common(1)[0][0])
             batch = Batch(w, size=BATCH, seed=10)
+            survivors = [node for node in cluster.nodes if node is not victim]
+            idle = dict(zip([n.node for n in cluster.nodes], idle_cpu_rates(cluster.nodes), strict=True))
+            cpu_before = {node.node: node.cpu_seconds() for node in cluster.nodes}
             batch.start()
             wait_for_progress(batch, BATCH // 3)
             # When the node that leads the queues is killed in the middle of the batch
             done_at_kill = batch.final_count()
+            victim_cpu = victim.cpu_seconds() - cpu_before[victim.node]
+            victim_cpu -= idle[victim.node] * (time.monotonic() - batch.started)
             victim.kill9()
             killed_at = time.monotonic()
             # Then the other two elect new leaders, and requests reach their final state again
@@ -210,6 +236,14 @@ class TestBrokerCluster:
                 what=f"{victim.node} back online in every queue",
             )
             back = time.monotonic() - killed_at
+            seconds = batch.wait_until_final()
+            # The cluster's CPU for the batch, less what each node uses idle: the survivors throughout,
+            # the killed node until its kill (its reboot and catching up are left out). Case 1 reports
+            # the same for one node.
+            survivors_cpu = sum(
+                n.cpu_seconds() - cpu_before[n.node] - idle[n.node] * seconds for n in survivors
+            )
+            cpu_ms = (survivors_cpu + victim_cpu) * 1000 / BATCH
             figures = run(
                 "10 kill -9 of the leading node of a 3-node cluster",
                 w,
@@ -218,6 +252,7 @@ class TestBrokerCluster:
                 notes=(
                     f"led={leaders[victim.node]}/{len(queues)} new_leaders={elected:.1f}s "
                     f"progress_resumed={resumed:.1f}s node_back={back:.1f}s "
+                    f"rabbitmq_cpu_ms_per_request(3 nodes)={cpu_ms:.2f} "
                 ),
             )
             # (check_invariants already insists on exactly one credential per provisioned request.)
