@@ -549,7 +549,8 @@ class _ConfirmRelay(threading.Thread):
         self.pid = os.getpid()
         #: The connection's name in ``rabbitmqctl list_connections`` and the management UI: whose it is.
         self.connection_name = f"accessflow publisher (pid {self.pid}, #{next(_relays)})"
-        publisher.parameters.client_properties = {"connection_name": self.connection_name}
+        for node in publisher.parameters:  # whichever node of the list it connects to
+            node.client_properties = {"connection_name": self.connection_name}
         self.ioloop = IOLoop()
         self.stopping = False
         #: Set once the connection was closed for good, by :meth:`shutdown`.
