@@ -45,6 +45,7 @@ from sqlalchemy.engine import Engine
 
 from domain.model import FINAL_STATUSES, DecisionOutcome, Status
 from infra.db import orm
+from infra.settings import split_broker_urls
 from messages.routes import ROUTES
 
 log = structlog.get_logger()
@@ -248,11 +249,12 @@ def read_broker(broker_url: str, prefix: str, snapshot: Snapshot) -> None:
 
     A queue that does not exist (no pool has declared it yet) is left out.
     """
-    parameters = pika.URLParameters(broker_url)
-    parameters.socket_timeout = BROKER_TIMEOUT_SECONDS
-    parameters.blocked_connection_timeout = BROKER_TIMEOUT_SECONDS
-    parameters.connection_attempts = 1
-    connection = pika.BlockingConnection(parameters)
+    nodes = [pika.URLParameters(url) for url in split_broker_urls(broker_url)]  # a cluster: the first up
+    for parameters in nodes:
+        parameters.socket_timeout = BROKER_TIMEOUT_SECONDS
+        parameters.blocked_connection_timeout = BROKER_TIMEOUT_SECONDS
+        parameters.connection_attempts = 1
+    connection = pika.BlockingConnection(nodes)
     try:
         queues: dict[str, tuple[int, int]] = {}
         channel = connection.channel()
