@@ -18,6 +18,7 @@ from infra.messaging.broker import (
     make_broker,
     queue_declarer,
 )
+from infra.observability.metrics import Snapshot, read_broker
 from infra.settings import Settings
 from messages.routes import NOTIFY
 from tests import services as svc
@@ -89,3 +90,11 @@ class TestThePublisherWithADeadFirstNode:
             assert publisher.io is not None and publisher.io.connects == 2
         finally:
             publisher.close()
+
+
+class TestTheMetricsCollectorWithADeadFirstNode:
+    def test_it_reads_the_queues_through_the_surviving_node(self, broker_url: str) -> None:
+        snapshot = Snapshot()
+        read_broker(f"{_dead_node(broker_url)},{broker_url}", "accessflow-failover-none", snapshot)
+        assert snapshot.broker_up
+        assert snapshot.queues == {}  # no queue of that prefix exists: none is listed
