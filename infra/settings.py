@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from typing import Annotated, Literal, Self
 from urllib.parse import unquote, urlsplit
 
@@ -10,6 +11,25 @@ from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 #: How much longer than the SMTP send deadline an email's lease must last, at least.
 EMAIL_LEASE_MARGIN_SECONDS = 5.0
+#: Where ACCESSFLOW_BROKER_URL holds another address: a comma that starts a new amqp:// or amqps:// URL,
+#: so that a comma inside a password or a query stays part of its URL.
+BROKER_URL_SEPARATOR = re.compile(r"\s*,\s*(?=amqps?://)", re.IGNORECASE)
+
+
+def split_broker_urls(value: str) -> list[str]:
+    """The AMQP URLs in an ``ACCESSFLOW_BROKER_URL`` value: one, or several separated by commas.
+
+    Several name the nodes of one RabbitMQ cluster; clients connect to the first that
+    answers, in this order, and to the next surviving one when that connection is lost.
+
+    Returns:
+      The URLs, stripped, in their order; one URL comes back unchanged as a list of one.
+    """
+    return [url for url in BROKER_URL_SEPARATOR.split(value.strip()) if url]
+
+
+def _vhost(path: str) -> str:
+    return unquote(path[1:]) if len(path) > 1 else "/"
 
 
 class Settings(BaseSettings):
@@ -33,7 +53,9 @@ class Settings(BaseSettings):
     )
     broker_url: str = Field(
         "amqp://guest:guest@127.0.0.1:5672/%2F",
-        description="AMQP URL of RabbitMQ, or stub:// for the in-memory broker.",
+        description="AMQP URL of RabbitMQ, or stub:// for the in-memory broker. Comma-separate the URLs "
+        "of several nodes of one cluster (same user and vhost): clients connect to the first that answers, "
+        "and reconnect to a surviving one.",
     )
     queue_prefix: str = Field(
         "accessflow",
@@ -255,6 +277,21 @@ class Settings(BaseSettings):
             )
         return self
 
+    @field_validator("broker_url")
+    @classmethod
+    def _one_user_and_vhost_across_nodes(cls, value: str) -> str:
+        urls = split_broker_urls(value)
+        if not urls:
+            raise ValueError("ACCESSFLOW_BROKER_URL is empty")
+        if len(urls) > 1:
+            if any(not url.lower().startswith(("amqp://", "amqps://")) for url in urls):
+                raise ValueError("only amqp:// and amqps:// URLs may be listed together")
+            # user_id is validated per connection: a node reached as another user would refuse our publishes.
+            parts = {(urlsplit(url).username, _vhost(urlsplit(url).path)) for url in urls}
+            if len(parts) > 1:
+                raise ValueError("the URLs of ACCESSFLOW_BROKER_URL must share one user and one vhost")
+        return value
+
     @field_validator("admin_emails", "broker_internal_users", mode="before")
     @classmethod
     def _split_commas(cls, value: object) -> object:
@@ -262,8 +299,12 @@ class Settings(BaseSettings):
             return [part.strip() for part in value.split(",") if part.strip()]
         return value
 
+    def broker_urls(self) -> list[str]:
+        """The AMQP URL of each broker node in ``broker_url``, in order (:func:`split_broker_urls`)."""
+        return split_broker_urls(self.broker_url)
+
     def internal_users(self) -> frozenset[str]:
         """The AMQP users trusted as accessflow's own: the configured ones, or the broker URL's."""
         if self.broker_internal_users:
             return frozenset(self.broker_internal_users)
-        return frozenset({unquote(urlsplit(self.broker_url).username or "guest")})
+        return frozenset({unquote(urlsplit(self.broker_urls()[0]).username or "guest")})

@@ -27,6 +27,8 @@ import pika
 import pytest
 import sqlalchemy as sa
 
+from infra.settings import split_broker_urls
+
 LOCAL_POSTGRES = "postgresql+psycopg://postgres@127.0.0.1:5432/postgres"
 LOCAL_RABBITMQ = "amqp://guest:guest@127.0.0.1:5672/%2F"
 T = TypeVar("T")
@@ -129,8 +131,13 @@ def fresh_database(server_url: str) -> Iterator[str]:
         admin.dispose()
 
 
+def amqp_parameters(broker_url: str) -> list[pika.URLParameters]:
+    """pika's parameters for ``broker_url``: one node's URL, or a cluster's, comma-separated."""
+    return [pika.URLParameters(url) for url in split_broker_urls(broker_url)]
+
+
 def delete_queues(broker_url: str, prefix: str, queues: list[str]) -> None:
-    connection = pika.BlockingConnection(pika.URLParameters(broker_url))
+    connection = pika.BlockingConnection(amqp_parameters(broker_url))
     try:
         channel = connection.channel()
         for queue in queues:
@@ -141,7 +148,7 @@ def delete_queues(broker_url: str, prefix: str, queues: list[str]) -> None:
 
 
 def queue_depth(broker_url: str, queue_name: str) -> int:
-    connection = pika.BlockingConnection(pika.URLParameters(broker_url))
+    connection = pika.BlockingConnection(amqp_parameters(broker_url))
     try:
         channel = connection.channel()
         try:
@@ -153,7 +160,7 @@ def queue_depth(broker_url: str, queue_name: str) -> int:
 
 
 def consumers_on(broker_url: str, queue_name: str) -> int:
-    connection = pika.BlockingConnection(pika.URLParameters(broker_url))
+    connection = pika.BlockingConnection(amqp_parameters(broker_url))
     try:
         return int(connection.channel().queue_declare(queue=queue_name, passive=True).method.consumer_count)
     except pika.exceptions.ChannelClosedByBroker:

@@ -27,15 +27,18 @@ from pydantic import ValidationError
 from infra.logs import configure as configure_logging
 from infra.messaging.broker_admin import BrokerAdminError, Rabbitmqctl, apply_definitions
 from infra.messaging.topology import Accounts, QueueArguments, Topology, definitions, render
-from infra.settings import Settings
+from infra.settings import Settings, split_broker_urls
 
 #: Where ``setup`` may get more portals from: settings -> (portal id, AMQP user) pairs.
 PortalSource = Callable[[Settings], Iterable[tuple[str, str]]]
 
 
 def vhost_of(broker_url: str) -> str:
-    """The vhost an AMQP URL names: its path, percent-decoded; ``/`` when it names none."""
-    path = urlsplit(broker_url).path
+    """The vhost an AMQP URL names: its path, percent-decoded; ``/`` when it names none.
+
+    Of several comma-separated URLs (a cluster's nodes, which share one vhost), the first's.
+    """
+    path = urlsplit(split_broker_urls(broker_url)[0]).path
     return unquote(path[1:]) if len(path) > 1 else "/"
 
 

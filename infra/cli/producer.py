@@ -15,7 +15,6 @@ from collections.abc import Mapping
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Protocol
-from urllib.parse import unquote, urlsplit
 
 import dramatiq
 import pika
@@ -25,7 +24,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from pydantic import BaseModel, ValidationError
 
 from infra.credentials import signing
-from infra.messaging.amqp import amqp_url_with_timeouts
+from infra.messaging.amqp import broker_user, connection_parameters
 from infra.messaging.publisher import Outgoing
 from infra.messaging.topology import Topology
 from messages import routes, v2
@@ -46,19 +45,20 @@ class AmqpWire:
     """Publishes as a portal or admin tool does: to accessflow's exchanges, with confirms.
 
     The body is dramatiq's envelope around the payload; ``user_id`` is the connection's
-    user, so RabbitMQ refuses the message if it is anyone else's.
+    user, so RabbitMQ refuses the message if it is anyone else's. ``broker_url`` may list
+    several nodes of a cluster, comma-separated: each send connects to the first that answers.
     """
 
     def __init__(self, broker_url: str, topology: Topology) -> None:
-        self.url = amqp_url_with_timeouts(broker_url)
-        self.user = unquote(urlsplit(broker_url).username or "guest")
+        self.parameters = connection_parameters(broker_url)
+        self.user = broker_user(self.parameters)
         self.topology = topology
 
     def send(self, route: routes.Route, *, routing_key: str, payload: Mapping[str, Any]) -> str:
         exchange = _exchange_of(self.topology, route)
         message_id = str(uuid.uuid4())
         body = Outgoing(route.queue_name(self.topology.prefix), route.actor_name, payload, message_id)
-        connection = pika.BlockingConnection(pika.URLParameters(self.url))
+        connection = pika.BlockingConnection(self.parameters)
         try:
             channel = connection.channel()
             channel.confirm_delivery()

@@ -10,6 +10,8 @@ import pika.exceptions
 import pika.spec
 from dramatiq.errors import ConnectionClosed
 
+from infra.settings import split_broker_urls
+
 
 def connection_closed(error: Exception) -> ConnectionClosed:
     return ConnectionClosed(error)  # type: ignore[no-untyped-call]
@@ -27,3 +29,17 @@ def amqp_url_with_timeouts(url: str) -> str:
     parts = urlsplit(url)
     query = dict(parse_qsl(parts.query))
     return urlunsplit(parts._replace(query=urlencode({**defaults, **query})))
+
+
+def connection_parameters(url: str | Sequence[str]) -> list[pika.URLParameters]:
+    """pika's parameters for each node ``url`` names, with :func:`amqp_url_with_timeouts` applied.
+
+    ``url`` is one AMQP URL, several separated by commas (``ACCESSFLOW_BROKER_URL``, read by
+    :func:`infra.settings.split_broker_urls`), or a list of URLs. pika's connections accept the
+    list and try each node in turn, in this order, until one answers: so every reconnect, after
+    a node died, lands on a surviving one.
+    """
+    urls = split_broker_urls(url) if isinstance(url, str) else list(url)
+    if not urls:
+        raise ValueError("no broker URL given")
+    return [pika.URLParameters(amqp_url_with_timeouts(u)) for u in urls]

@@ -388,15 +388,20 @@ def record_refusals_with(broker: dramatiq.Broker, record_malformed: Callable[...
 
 
 def make_broker(settings: Settings) -> dramatiq.Broker:
-    """Build the broker ``settings.broker_url`` names: RabbitMQ, or ``stub://`` in memory."""
+    """Build the broker ``settings.broker_url`` names: RabbitMQ, or ``stub://`` in memory.
+
+    Several comma-separated URLs give dramatiq the list of a cluster's nodes: each
+    connection, and each reconnect of a consumer or a publisher, goes to the first that answers.
+    """
     broker: dramatiq.Broker
     if settings.broker_url.startswith("stub://"):
         broker = StubBroker(middleware=middleware_for(settings))
         broker.emit_after("process_boot")
     else:
         ttl_days = settings.dead_letter_ttl_days
+        urls = [amqp_url_with_timeouts(url) for url in settings.broker_urls()]
         broker = QuorumRabbitmqBroker(
-            url=amqp_url_with_timeouts(settings.broker_url),
+            url=urls[0] if len(urls) == 1 else urls,  # one URL: exactly as before there were several
             confirm_delivery=True,
             middleware=middleware_for(settings),
             delivery_limit=settings.max_deliveries * 4,

@@ -62,7 +62,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from domain.model import utcnow
 from infra.db import orm
-from infra.messaging.amqp import amqp_url_with_timeouts, broker_user
+from infra.messaging.amqp import broker_user, connection_parameters
 from infra.messaging.broker import DEATH_QUEUE_HEADER, DEATH_REASON_HEADER, PUBLISHER_HEADER, REFUSAL_HEADER
 from infra.messaging.delivery import forget
 from infra.messaging.envelope import (
@@ -263,7 +263,7 @@ def _move_to_tail(
 
 @contextmanager
 def _channel(broker_url: str) -> Iterator[BlockingChannel]:
-    connection = pika.BlockingConnection(pika.URLParameters(amqp_url_with_timeouts(broker_url)))
+    connection = pika.BlockingConnection(connection_parameters(broker_url))  # one node, or a cluster's
     try:
         with quiet_channel_closes():  # an XQ never declared answers 404: an answer, not news
             yield connection.channel()
@@ -303,7 +303,7 @@ def _parties(
     external_queues: Iterable[str] | None,
 ) -> tuple[str, frozenset[str], frozenset[str]]:
     """The user of ``broker_url`` (who moves and replays), the internal users, and the external queues."""
-    user = broker_user(pika.URLParameters(broker_url))
+    user = broker_user(connection_parameters(broker_url))
     internal = frozenset(internal_senders or {user})
     if external_queues is None:
         target, _ = _routes_of(xq_name)

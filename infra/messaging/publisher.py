@@ -33,7 +33,7 @@ from dramatiq.brokers.rabbitmq import (
 from pika.adapters.select_connection import IOLoop
 from pika.adapters.utils.selector_ioloop_adapter import SelectorIOServicesAdapter
 
-from infra.messaging.amqp import amqp_url_with_timeouts, broker_user
+from infra.messaging.amqp import broker_user, connection_parameters
 
 log = structlog.get_logger()
 
@@ -331,13 +331,14 @@ class BatchConfirmPublisher:
     #: Queues the declared-queue cache remembers at most; beyond that it starts again.
     MAX_DECLARED = 1024
 
-    def __init__(self, url: str, declare: Callable[[str], None]) -> None:
-        """``declare(queue)`` must declare the queue on the broker each time it is called.
+    def __init__(self, url: str | Sequence[str], declare: Callable[[str], None]) -> None:
+        """``url``: one AMQP URL, or the URLs of a cluster's nodes (:func:`connection_parameters`).
 
+        ``declare(queue)`` must declare the queue on the broker each time it is called.
         It is called from the publishing thread, before a batch for the queue goes out,
         the first time and after the queue was found missing.
         """
-        self.parameters = pika.URLParameters(amqp_url_with_timeouts(url))
+        self.parameters = connection_parameters(url)
         self.user_id = broker_user(self.parameters)
         self.declare = declare
         self.declared: set[str] = set()
@@ -509,7 +510,8 @@ class _ConfirmRelay(threading.Thread):
         self.pid = os.getpid()
         #: The connection's name in ``rabbitmqctl list_connections`` and the management UI: whose it is.
         self.connection_name = f"accessflow publisher (pid {self.pid}, #{next(_relays)})"
-        publisher.parameters.client_properties = {"connection_name": self.connection_name}
+        for node in publisher.parameters:  # whichever node of the list it connects to
+            node.client_properties = {"connection_name": self.connection_name}
         self.ioloop = IOLoop()
         self.stopping = False
         #: Set once the connection was closed for good, by :meth:`shutdown`.
@@ -658,8 +660,11 @@ class _ConfirmRelay(threading.Thread):
             return
         self.connects += 1
         self.services = _SocketKeepingIO(self.ioloop)
+        # A SelectConnection takes one node's parameters: each attempt takes the next node of the
+        # list, so after a node is lost (or refuses) the next attempt goes to another one.
+        nodes = self.publisher.parameters
         self.connection = pika.SelectConnection(
-            self.publisher.parameters,
+            nodes[(self.connects - 1) % len(nodes)],
             on_open_callback=self._open_channel,
             on_open_error_callback=self._on_open_error,
             on_close_callback=self._on_connection_closed,

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import pika
 import pika.exceptions
 
-from infra.messaging.amqp import amqp_url_with_timeouts
+from infra.messaging.amqp import connection_parameters
 
 #: The AMQP reply code for a queue that does not exist.
 NOT_FOUND = 404
@@ -49,7 +49,8 @@ def queue_depths(broker_url: str, names: Iterable[str]) -> list[QueueDepth]:
     """Each of ``names`` with its ready messages and consumers, in order, over one connection.
 
     Parameters:
-      broker_url: the AMQP URL to ask; any user with access to the vhost will do.
+      broker_url: the AMQP URL to ask, or a cluster's comma-separated URLs; any user with
+        access to the vhost will do.
       names: full queue names (``<prefix>.requests.XQ``...).
 
     Returns:
@@ -59,7 +60,7 @@ def queue_depths(broker_url: str, names: Iterable[str]) -> list[QueueDepth]:
     Raises:
       pika.exceptions.AMQPError: the broker is unreachable, or refused the connection.
     """
-    connection = pika.BlockingConnection(pika.URLParameters(amqp_url_with_timeouts(broker_url)))
+    connection = pika.BlockingConnection(connection_parameters(broker_url))  # a cluster: the first up
     try:
         with quiet_channel_closes():
             channel = connection.channel()

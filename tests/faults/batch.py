@@ -44,7 +44,7 @@ from messages.routes import DECIDE, ROUTES, SUBMIT
 from tests import services as svc
 from tests.conftest import ADMIN, ADMIN_ID, ADMIN_KEY_ID, TEST_CATALOGUE
 from tests.e2e.conftest import settings_env
-from tests.services import consumers_on, envelope, queue_depth
+from tests.services import amqp_parameters, consumers_on, envelope, queue_depth
 
 ACCESSFLOW = str(Path(sys.executable).with_name("accessflow"))
 
@@ -359,7 +359,7 @@ class ResilientPublisher:
         while True:
             try:
                 if self.channel is None:
-                    self.connection = pika.BlockingConnection(pika.URLParameters(self.broker_url))
+                    self.connection = pika.BlockingConnection(amqp_parameters(self.broker_url))
                     self.channel = self.connection.channel()
                     self.channel.confirm_delivery()
                 self.channel.basic_publish(

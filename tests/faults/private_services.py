@@ -29,6 +29,7 @@ Why each piece is the way it is:
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import os
 import secrets
@@ -40,6 +41,7 @@ import subprocess
 import tempfile
 import time
 from collections.abc import Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
@@ -405,8 +407,11 @@ class PrivateRabbitMQ(_PrivateService):
         *,
         start_timeout: float = 90.0,
         stop_timeout: float = 60.0,
+        cookie: str | None = None,
     ) -> None:
+        """``cookie``: the Erlang cookie, shared by the nodes of one cluster; default a fresh one."""
         self.port = port or free_port()
+        self.cookie = cookie or secrets.token_hex(20).upper()
         # Set explicitly: the default (AMQP port + 20000) is not a valid port above 45535.
         self.dist_port = free_port()
         node = name or f"accessflow-fault-{secrets.token_hex(4)}"
@@ -504,6 +509,23 @@ class PrivateRabbitMQ(_PrivateService):
         with contextlib.suppress(pika.exceptions.AMQPError, OSError):
             connection.close()
         return True
+
+    def cpu_seconds(self) -> float:
+        """CPU time (user + system) the node's VM and its children (erl_child_setup) have used so far.
+
+        Read from ``/proc/<pid>/stat``; 0.0 while the node is not running.
+        """
+        pid = self._find_pid()
+        if pid is None:
+            return 0.0
+        total = 0
+        for process in [pid, *_children(pid)]:
+            try:
+                fields = Path(f"/proc/{process}/stat").read_text().rpartition(")")[2].split()
+            except OSError:
+                continue
+            total += int(fields[11]) + int(fields[12])  # utime, stime (fields 14 and 15 of stat)
+        return total / os.sysconf("SC_CLK_TCK")
 
     def stop(self, timeout: float | None = None) -> None:
         """Stop the node cleanly (``rabbitmqctl stop``) and wait until the VM is gone.
@@ -611,7 +633,7 @@ class PrivateRabbitMQ(_PrivateService):
         for sub in ("home", "mnesia", "log", "conf.d"):
             (workdir / sub).mkdir()
         cookie = workdir / "home" / ".erlang.cookie"
-        cookie.write_text(secrets.token_hex(20).upper())
+        cookie.write_text(self.cookie)
         cookie.chmod(0o400)
         (workdir / "rabbitmq-env.conf").write_text("# empty: keeps /etc/rabbitmq/rabbitmq-env.conf out\n")
         (workdir / "enabled_plugins").write_text("[].\n")  # no management plugin: no port 15672
@@ -707,6 +729,121 @@ class PrivateRabbitMQ(_PrivateService):
             f"--- {self._dir / 'server-start.out'}\n{_tail(self._dir / 'server-start.out')}\n"
             f"--- {self._log_file}\n{_tail(self._log_file)}"
         )
+
+
+class PrivateRabbitMQCluster(_PrivateService):
+    """Several :class:`PrivateRabbitMQ` nodes joined into one cluster, each on ports of its own.
+
+    The nodes share one Erlang cookie (in each node's private ``HOME``), which no other
+    node on the machine has. The first node starts the cluster; each other one is reset and
+    joined to it (``stop_app``, ``reset``, ``join_cluster``, ``start_app``), so every
+    queue declared afterwards can have members on all of them: a quorum queue's initial
+    group size defaults to every node of the cluster. A node killed with ``kill9`` comes
+    back with ``start`` on its own data and rejoins by itself.
+    """
+
+    def __init__(self, size: int = 3, *, start_timeout: float = 180.0) -> None:
+        if size < 1:
+            raise ValueError("a cluster needs a node")
+        cookie = secrets.token_hex(20).upper()
+        stem = f"accessflow-fault-{secrets.token_hex(3)}"
+        self.nodes = [
+            PrivateRabbitMQ(name=f"{stem}-{i + 1}", cookie=cookie, start_timeout=start_timeout)
+            for i in range(size)
+        ]
+        self.start_timeout = start_timeout
+
+    @property
+    def url(self) -> str:
+        """Every node's AMQP URL, comma-separated, as ``ACCESSFLOW_BROKER_URL`` takes them."""
+        return ",".join(node.url for node in self.nodes)
+
+    @staticmethod
+    def available() -> str | None:
+        """Why this machine cannot run a private cluster, or None when it can."""
+        return PrivateRabbitMQ.available()
+
+    def start(self, timeout: float | None = None) -> None:
+        """Start every node, then join the others to the first; wait until all run as one cluster."""
+        timeout = timeout or self.start_timeout
+        first, *others = self.nodes
+        # The nodes boot side by side (each VM's boot is mostly waiting); they join one at a time.
+        with ThreadPoolExecutor(len(self.nodes)) as pool:
+            for started in [pool.submit(node.start, timeout) for node in self.nodes]:
+                started.result()
+        for node in others:
+            node.stop_app()
+            node.ctl("reset", timeout=60.0).check()
+            node.ctl("join_cluster", first.node, timeout=120.0).check()
+            node.start_app(timeout)
+        self.wait_running(self.nodes, timeout)
+
+    def running_nodes(self, via: PrivateRabbitMQ | None = None) -> set[str]:
+        """The names of the nodes that ``via`` (default: any live node) sees running in its cluster."""
+        for node in [via] if via is not None else self.live_nodes():
+            result = node.ctl("cluster_status", "--formatter", "json", timeout=60.0)
+            if result.returncode == 0:
+                status = json.loads(result.output[result.output.index("{") :])
+                return set(status.get("running_nodes", []))
+        return set()
+
+    def wait_running(self, nodes: Sequence[PrivateRabbitMQ], timeout: float) -> None:
+        """Wait until every node of ``nodes`` is running in the cluster, as the others see it."""
+        want = {node.node for node in nodes}
+        poll_until(
+            lambda: want <= self.running_nodes(),
+            timeout=timeout,
+            interval=0.5,
+            what=f"{sorted(want)} to run as one cluster",
+        )
+
+    def live_nodes(self) -> list[PrivateRabbitMQ]:
+        return [node for node in self.nodes if node._find_pid() is not None]
+
+    def node(self, name: str) -> PrivateRabbitMQ:
+        """The node called ``name`` (``short@host``)."""
+        for node in self.nodes:
+            if node.node == name:
+                return node
+        raise KeyError(name)
+
+    def quorum_queues(self, vhost: str = "/") -> dict[str, QueueReplicas]:
+        """Each quorum queue of ``vhost``: its leader, its members and which of them are online.
+
+        Asked of a live node with ``rabbitmqctl list_queues``; empty if none answers.
+        """
+        for node in self.live_nodes():
+            result = node.ctl(
+                "list_queues", "-p", vhost, "name", "type", "leader", "members", "online",
+                "--formatter", "json", timeout=60.0,
+            )  # fmt: skip
+            if result.returncode != 0:
+                continue
+            rows = json.loads(result.output[result.output.index("[") :])
+            return {
+                row["name"]: QueueReplicas(
+                    leader=str(row.get("leader", "")),
+                    members=tuple(str(m) for m in row.get("members") or ()),
+                    online=tuple(str(m) for m in row.get("online") or ()),
+                )
+                for row in rows
+                if row.get("type") == "quorum"
+            }
+        return {}
+
+    def close(self) -> None:
+        """Stop and remove every node, the joined ones first."""
+        for node in reversed(self.nodes):
+            node.close()
+
+
+@dataclass(frozen=True)
+class QueueReplicas:
+    """Where a quorum queue lives: its leader node, its member nodes, and the members online."""
+
+    leader: str
+    members: tuple[str, ...]
+    online: tuple[str, ...]
 
 
 # --------------------------------------------------------------------------------------
