@@ -218,9 +218,12 @@ def declare_topology(services: Services) -> None:
     if isinstance(broker, QuorumRabbitmqBroker):
         with services.uow() as uow:
             portal_ids = [portal.id for portal in uow.portals.list()]
-        topology.declare(
-            broker.channel,
-            topology.Topology(services.settings.queue_prefix),
-            queue_arguments=topology.QueueArguments.from_broker(broker),
-            portal_ids=portal_ids,
-        )
+        try:
+            topology.declare(
+                broker.channel,
+                topology.Topology(services.settings.queue_prefix),
+                queue_arguments=topology.QueueArguments.from_broker(broker),
+                portal_ids=portal_ids,
+            )
+        finally:
+            del broker.connection  # idle from now on, it would be dropped for missed heartbeats

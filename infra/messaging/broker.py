@@ -366,9 +366,15 @@ def queue_declarer(broker: RabbitmqBroker) -> Callable[[str], None]:
     """
 
     def declare(queue_name: str) -> None:
-        broker.declare_queue(queue_name)  # registers a queue new to the broker, as dramatiq does
-        broker.queues_pending.add(q_name(queue_name))
-        broker.declare_queue(queue_name, ensure=True)
+        try:
+            broker.declare_queue(queue_name)  # registers a queue new to the broker, as dramatiq does
+            broker.queues_pending.add(q_name(queue_name))
+            broker.declare_queue(queue_name, ensure=True)
+        finally:
+            # The calling thread's connection was opened for this declare alone (a thread declares
+            # a queue once), and an idle BlockingConnection answers no heartbeats: RabbitMQ would
+            # drop it two heartbeats later, and its close at shutdown would log an ERROR.
+            del broker.connection
 
     return declare
 

@@ -338,6 +338,22 @@ class TestOneConnectionPerProcess:
 
 
 class TestDeclaredQueues:
+    def test_a_declare_leaves_no_connection_open_on_the_calling_thread(
+        self, prefix: str, broker: QuorumRabbitmqBroker
+    ) -> None:
+        # Given the broker's connections before a worker thread declares a queue for the publisher
+        before = set(broker.connections)
+
+        # When a thread declares one, as a worker thread's first batch to a queue does
+        thread = threading.Thread(target=queue_declarer(broker), args=(NOTIFY.queue_name(prefix),))
+        thread.start()
+        thread.join(timeout=30)
+
+        # Then the connection it opened is closed and forgotten: left idle, it would answer no
+        # heartbeat, be dropped by RabbitMQ, and log an ERROR when the pool shuts down
+        assert not thread.is_alive()
+        assert set(broker.connections) == before
+
     def test_a_queue_deleted_at_runtime_is_declared_again(
         self, settings: Settings, prefix: str, broker: QuorumRabbitmqBroker
     ) -> None:
