@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import uuid
 from collections.abc import Iterator
 
 import pytest
 
 from infra.bootstrap import Services, build, declare_topology
+from infra.messaging.broker import QuorumRabbitmqBroker, make_broker
 from infra.settings import Settings
+from messages.routes import NOTIFY
+from tests import services as svc
 
 
 @pytest.fixture(scope="session")
@@ -25,4 +29,22 @@ def services(integration_settings: Settings) -> Iterator[Services]:
         yield built
     finally:
         built.broker.close()
+        built.close()
+
+
+@pytest.fixture
+def prefix(settings: Settings, broker_url: str) -> Iterator[str]:
+    """A queue prefix of this test's own, so that no worker consumes what it publishes."""
+    name = f"{settings.queue_prefix}.own-{uuid.uuid4().hex[:6]}"
+    yield name
+    svc.delete_queues(broker_url, name, [NOTIFY.queue])
+
+
+@pytest.fixture
+def broker(settings: Settings) -> Iterator[QuorumRabbitmqBroker]:
+    built = make_broker(settings)
+    assert isinstance(built, QuorumRabbitmqBroker)
+    try:
+        yield built
+    finally:
         built.close()

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import uuid
-from collections.abc import Iterator
 
 import pika
 import pytest
@@ -11,7 +10,7 @@ from pika.adapters.blocking_connection import BlockingConnection
 
 from infra.messaging import dead_letters
 from infra.messaging.amqp import connection_parameters
-from infra.messaging.broker import QuorumRabbitmqBroker, make_broker, queue_declarer
+from infra.messaging.broker import QuorumRabbitmqBroker, queue_declarer
 from infra.messaging.publisher import BatchConfirmPublisher, Outgoing
 from infra.observability.metrics import Snapshot, read_broker
 from infra.settings import Settings
@@ -46,24 +45,6 @@ class TestAListWithADeadFirstNode:
     def test_the_dead_letter_tools_read_through_the_surviving_node(self, broker_url: str) -> None:
         listed = f"{_dead_node(broker_url)},{broker_url}"
         assert dead_letters.depth(listed, "accessflow-never-declared.XQ") == 0
-
-
-@pytest.fixture
-def prefix(settings: Settings, broker_url: str) -> Iterator[str]:
-    """A queue prefix of this test's own, so that no worker consumes what it publishes."""
-    name = f"{settings.queue_prefix}.failover-{uuid.uuid4().hex[:6]}"
-    yield name
-    svc.delete_queues(broker_url, name, [NOTIFY.queue])
-
-
-@pytest.fixture
-def broker(settings: Settings) -> Iterator[QuorumRabbitmqBroker]:
-    built = make_broker(settings)
-    assert isinstance(built, QuorumRabbitmqBroker)
-    try:
-        yield built
-    finally:
-        built.close()
 
 
 class TestThePublisherWithADeadFirstNode:

@@ -17,7 +17,6 @@ import threading
 import time
 import uuid
 import weakref
-from collections.abc import Iterator
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
@@ -26,7 +25,7 @@ import pytest
 import structlog
 
 from infra.messaging import publisher as publisher_module
-from infra.messaging.broker import QuorumRabbitmqBroker, make_broker, queue_declarer
+from infra.messaging.broker import QuorumRabbitmqBroker, queue_declarer
 from infra.messaging.broker_admin import BrokerAdminError, Rabbitmqctl
 from infra.messaging.publisher import BatchConfirmPublisher, Outgoing, _ConfirmRelay
 from infra.settings import Settings
@@ -37,24 +36,6 @@ pytestmark = pytest.mark.integration
 
 CONFIRM_SELECT = (85, 10)
 BASIC_PUBLISH = (60, 40)
-
-
-@pytest.fixture
-def prefix(settings: Settings, broker_url: str) -> Iterator[str]:
-    """A queue prefix of this test's own, so that no worker consumes what it publishes."""
-    name = f"{settings.queue_prefix}.publisher-{uuid.uuid4().hex[:6]}"
-    yield name
-    svc.delete_queues(broker_url, name, [NOTIFY.queue])
-
-
-@pytest.fixture
-def broker(settings: Settings) -> Iterator[QuorumRabbitmqBroker]:
-    built = make_broker(settings)
-    assert isinstance(built, QuorumRabbitmqBroker)
-    try:
-        yield built
-    finally:
-        built.close()
 
 
 def messages(queue: str, count: int) -> list[Outgoing]:
