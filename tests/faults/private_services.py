@@ -39,6 +39,7 @@ import signal
 import socket
 import subprocess
 import tempfile
+import threading
 import time
 from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -63,6 +64,8 @@ RABBITMQ_CLI_DIST_PORTS = range(35672, 35683)  # RABBITMQ_CTL_DIST_PORT_MIN..MAX
 RABBITMQ_DIR_PREFIX = "accessflow-fault-rabbitmq-"
 POSTGRES_DIR_PREFIX = "accessflow-fault-postgres-"
 OWNER_FILE = "owner.pid"
+#: Held while a service reaps what crashed runs left and makes its own directory.
+_REAP_AND_PREPARE = threading.Lock()
 # A directory without an owner file is either being made right now or was half made by a
 # crashed run; only the second kind is old.
 OWNERLESS_GRACE_SECONDS = 60.0
@@ -294,9 +297,16 @@ def kill_and_wait(pids: Sequence[int], *, timeout: float = 30.0) -> None:
 
 
 def _make_workdir(prefix: str) -> Path:
-    """A fresh temporary directory that records which process owns it."""
+    """A fresh temporary directory that records which process owns it.
+
+    The owner file appears whole (written aside, then renamed): a reaper in another thread
+    that read it half-written would see no valid owner, call the directory stale, and
+    remove it under the service being prepared in it.
+    """
     path = Path(tempfile.mkdtemp(prefix=prefix))
-    (path / OWNER_FILE).write_text(f"{os.getpid()}\n")
+    partial = path / f"{OWNER_FILE}.partial"
+    partial.write_text(f"{os.getpid()}\n")
+    partial.rename(path / OWNER_FILE)
     return path
 
 
@@ -304,13 +314,15 @@ def _is_stale(workdir: Path) -> bool:
     """Whether ``workdir`` belongs to no live test process (so its services may be killed)."""
     try:
         owner = int((workdir / OWNER_FILE).read_text().strip())
-    except FileNotFoundError:
+    except (FileNotFoundError, ValueError):
+        # No owner yet, or one being written: a directory this young may be another
+        # thread's, mid-way through _make_workdir.
         try:
             age = time.time() - workdir.stat().st_mtime
         except FileNotFoundError:
             return True  # the directory itself is gone: its service is an orphan
         return age > OWNERLESS_GRACE_SECONDS
-    except (OSError, ValueError):
+    except OSError:
         return True
     return not pid_alive(owner)
 
@@ -444,8 +456,9 @@ class PrivateRabbitMQ(_PrivateService):
         """Start the node (first time: in a fresh directory; later: on the same data) and wait for it."""
         timeout = timeout or self.start_timeout
         if self.workdir is None:
-            reap_stale_services()
-            self._prepare()
+            with _REAP_AND_PREPARE:  # a cluster's nodes start side by side: one reaper at a time
+                reap_stale_services()
+                self._prepare()
         elif self._find_pid() is not None:
             raise ServiceError(f"{self.node} is already running")
         self._wait_name_free(timeout=15.0)
@@ -912,8 +925,9 @@ class PrivatePostgres(_PrivateService):
         """Start the cluster (``initdb`` first the first time) and wait until it accepts connections."""
         timeout = timeout or self.start_timeout
         if self.workdir is None:
-            reap_stale_services()
-            self._prepare()
+            with _REAP_AND_PREPARE:
+                reap_stale_services()
+                self._prepare()
         elif self.postmaster_pid() is not None:
             raise ServiceError(f"the cluster on port {self.port} is already running")
         else:

@@ -7,10 +7,13 @@ checks what survives. Around every test a fixture checks that the shared service
 
 from __future__ import annotations
 
+import shutil
 import subprocess
+import threading
 import time
 import uuid
 from collections.abc import Iterator
+from pathlib import Path
 
 import pika
 import pika.exceptions
@@ -20,10 +23,14 @@ import sqlalchemy as sa
 from tests.faults.private_services import (
     OWNER_FILE,
     POSTGRES_BIN,
+    RABBITMQ_DIR_PREFIX,
     PrivatePostgres,
     PrivateRabbitMQ,
+    _is_stale,
+    _make_workdir,
     epmd_names,
     pid_alive,
+    reap_stale_services,
     run_command,
 )
 from tests.services import IN_CI
@@ -218,6 +225,44 @@ def test_a_node_left_by_a_crashed_run_does_not_block_its_name() -> None:
             assert not orphan_dir.exists()
     finally:
         orphan.close()
+
+
+def test_a_fresh_directory_whose_owner_is_half_written_is_not_stale() -> None:
+    workdir = _make_workdir(RABBITMQ_DIR_PREFIX)
+    try:
+        (workdir / OWNER_FILE).write_text("")  # opened, truncated, not yet written
+        assert not _is_stale(workdir)
+        (workdir / OWNER_FILE).write_text(f"{dead_pid()}\n")
+        assert _is_stale(workdir)
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
+
+
+def test_a_reaper_running_beside_new_directories_never_removes_one() -> None:
+    """A cluster's nodes prepare side by side; one node's reap must not take another's fresh directory.
+
+    It did once (CI, fault case 10): the reaper read an owner file that was opened but not
+    yet written, took the empty PID for a dead owner, and removed the directory.
+    """
+    made: list[Path] = []
+    stop = threading.Event()
+
+    def reap_until_stopped() -> None:
+        while not stop.is_set():
+            reap_stale_services()
+
+    reaper = threading.Thread(target=reap_until_stopped)
+    reaper.start()
+    try:
+        for _ in range(300):
+            made.append(_make_workdir(RABBITMQ_DIR_PREFIX))
+    finally:
+        stop.set()
+        reaper.join()
+        survivors = [path for path in made if path.is_dir()]
+        for path in made:
+            shutil.rmtree(path, ignore_errors=True)
+    assert len(survivors) == len(made)
 
 
 # --------------------------------------------------------------------------------------
