@@ -6,9 +6,9 @@ They are what the wire messages in ``messages`` decode into; the domain never se
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import datetime, timedelta
 
-from domain.model import NotificationKind
+from domain.model import CredentialOperationKind, NotificationKind, OperationTarget
 
 
 @dataclass(frozen=True)
@@ -70,6 +70,8 @@ class IssueCredentials(Command):
 class SendNotification(Command):
     request_id: str
     kind: NotificationKind
+    #: Tells apart emails of one kind about one request (an expiry notice's credential, point and date).
+    topic: str = ""
 
 
 @dataclass(frozen=True)
@@ -80,3 +82,24 @@ class RetryProvisioning(Command):
     #: Who asked: their login on the machine the CLI ran on.
     operator: str
     reason: str
+
+
+@dataclass(frozen=True)
+class OperateCredentials(Command):
+    """An admin's signed operation on credentials: rotate, revoke, suspend, resume, set expiry, change plan."""
+
+    operation_id: str
+    operation: CredentialOperationKind
+    target: OperationTarget
+    target_id: str
+    admin_id: str
+    reason: str
+    issued_at: datetime
+    #: Rotate: how long the previous secret still verifies.
+    grace: timedelta = timedelta(0)
+    #: Change plan: the plan to move to.
+    plan_id: str | None = None
+    #: Set expiry: the new end of life; ``None`` for none.
+    expires_at: datetime | None = None
+    signature: Signature | None = None
+    sender: str | None = None

@@ -8,8 +8,8 @@ the outbox of the same transaction, so nothing leaves before the commit.
 from __future__ import annotations
 
 import uuid
-from collections.abc import Callable, Iterable, Mapping
-from datetime import datetime, timedelta
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from datetime import UTC, datetime, timedelta
 
 from domain import commands, events, outcomes
 from domain.errors import (
@@ -23,17 +23,26 @@ from domain.errors import (
 )
 from domain.model import (
     AccessRequest,
+    ActorKind,
     App,
+    AuthMethod,
     Credential,
+    CredentialChanged,
+    CredentialChangeKind,
+    CredentialOperation,
+    CredentialOperationKind,
+    CredentialStatus,
     Decision,
     DecisionOutcome,
     DeliveryStatus,
     Notification,
     NotificationKind,
+    Plan,
+    RequestKind,
     Status,
     utcnow,
 )
-from domain.notifications import ApproveContext, ProductLine, RejectContext, ReviewContext
+from domain.notifications import ApproveContext, ExpiryContext, ProductLine, RejectContext, ReviewContext
 from domain.ports import (
     CredentialIssuer,
     Email,
@@ -83,10 +92,11 @@ def _announce(
     uow: UnitOfWork,
     request: AccessRequest,
     name: str,
-    status: Status,
+    status: Status | CredentialStatus,
     details: Mapping[str, object],
     reason: str | None = None,
 ) -> None:
+    """Tell the request's portal, in the request's sequence; ``status`` is the request's, or its credential's."""
     if request.portal_id is None:  # a v1 submission names no portal to tell
         return
     if reason is None:  # the reason of the transition into this status, from the audit trail
@@ -231,21 +241,26 @@ def _provide_app(uow: UnitOfWork, request: AccessRequest) -> None:
 
 
 def _refusal(
-    command: commands.DecideRequest,
     uow: UnitOfWork,
     *,
+    sender: str | None,
+    signature: commands.Signature | None,
+    admin_id: str,
+    signed_at: datetime,
     verify: SignatureVerifier,
     audience: str,
     max_skew: timedelta,
     now: datetime,
+    noun: str = "decision",
+    time_field: str = "decided_at",
 ) -> str | None:
-    """Why this decision is not shown to come from an admin, or ``None`` if it is.
+    """Why a message is not shown to come from the admin it names, or ``None`` if it is.
 
-    The signature is checked before anything else is believed, and before any side effect.
+    The signature is checked before anything else is believed, and before any side effect;
+    decisions and credential operations are authenticated alike.
     """
-    if command.sender is not None and uow.portals.by_broker_user(command.sender) is not None:
-        return f"rejected_auth: decisions are not accepted from portal user {command.sender!r}"
-    signature = command.signature
+    if sender is not None and uow.portals.by_broker_user(sender) is not None:
+        return f"rejected_auth: {noun}s are not accepted from portal user {sender!r}"
     if signature is None:
         return "rejected_auth: missing signature (an unsigned v1 decision)"
     key = uow.admin_keys.key(signature.key_id)
@@ -253,16 +268,16 @@ def _refusal(
         return f"rejected_auth: unknown key {signature.key_id!r}"
     if key.revoked_at is not None:
         return f"rejected_auth: key {signature.key_id!r} was revoked"
-    if key.admin_id != command.admin_id:
-        return f"rejected_auth: key {signature.key_id!r} is not admin {command.admin_id!r}'s"
+    if key.admin_id != admin_id:
+        return f"rejected_auth: key {signature.key_id!r} is not admin {admin_id!r}'s"
     if not verify(key.public_key, signature.value, signature.signed_bytes):
         return "rejected_auth: bad signature"
     if signature.audience != audience:
         return f"rejected_auth: signed for {signature.audience!r}, not this deployment ({audience!r})"
-    age = now - command.decided_at
+    age = now - signed_at
     if abs(age) > max_skew:
         return (
-            f"rejected_auth: stale decision: decided_at is {age.total_seconds():.0f}s off this "
+            f"rejected_auth: stale {noun}: {time_field} is {age.total_seconds():.0f}s off this "
             f"worker's clock, more than the {max_skew.total_seconds():.0f}s allowed"
         )
     return None
@@ -308,7 +323,17 @@ def _decide(
                 outcomes.DecisionDuplicateIgnored(command.decision_id, command.request_id, concurrent=False)
             )
             return DecisionOutcome.IGNORED
-        refusal = _refusal(command, uow, verify=verify, audience=audience, max_skew=max_skew, now=now())
+        refusal = _refusal(
+            uow,
+            sender=command.sender,
+            signature=command.signature,
+            admin_id=command.admin_id,
+            signed_at=command.decided_at,
+            verify=verify,
+            audience=audience,
+            max_skew=max_skew,
+            now=now(),
+        )
         request = None if refusal else uow.requests.get(command.request_id, for_update=True)
         outcome, why = DecisionOutcome.APPLIED, ""
         if refusal is not None:
@@ -366,8 +391,11 @@ def issue_credentials(
     issuer: CredentialIssuer,
     sealer: SecretSealer,
     portal_sealer: PortalSealer,
+    now: Callable[[], datetime] = utcnow,
 ) -> Credential | None:
     """Issue the app's credential for an approved request, with the plan's limits, exactly once.
+
+    A plan-change request issues nothing: the credential it names takes the plan's limits.
 
     A request from a portal gets its secret sealed to that portal's public key, in the
     ``credentials.issued`` event, and nowhere else: no copy is kept for an operator to
@@ -384,6 +412,8 @@ def issue_credentials(
             _fail_provisioning(uow, request, f"plan {request.plan_id!r} no longer exists")
             return None
         assert request.app_id is not None and request.auth_method is not None  # set on approval
+        if request.kind is RequestKind.PLAN_CHANGE:
+            return _apply_plan_change(uow, request, plan)
         portal = uow.portals.get(request.portal_id) if request.portal_id else None
         existing = uow.credentials.for_request(request.id)
         delivery: Mapping[str, str] | None = None
@@ -408,7 +438,11 @@ def issue_credentials(
                 product_ids=list(request.product_ids),
                 rate_limit_per_minute=plan.rate_limit_per_minute,
                 monthly_quota=plan.monthly_quota,
+                plan_id=plan.id,
+                consumer_id=request.consumer_id,
+                expires_at=_lifetime_end(plan, now()),
             )
+            credential.record_issue(now=credential.created_at, reason=f"issued for request {request.id}")
             uow.credentials.add(credential)
         if delivery is not None:
             _announce(
@@ -463,22 +497,426 @@ def retry_provisioning(command: commands.RetryProvisioning, *, uow: UnitOfWork) 
 
 
 def _issued_details(credential: Credential, sealed_secret: Mapping[str, str]) -> dict[str, object]:
+    return {"credential": _credential_details(credential), "sealed_secret": dict(sealed_secret)}
+
+
+def _credential_details(credential: Credential) -> dict[str, object]:
+    """The public part of a credential, as a portal's event carries it: never a secret, nor its hash."""
     return {
-        "credential": {
-            "id": credential.id,
-            "kind": credential.kind.value,
-            "public_id": credential.public_id,
-            "app_id": credential.app_id,
-            "product_ids": list(credential.product_ids),
-            "rate_limit_per_minute": credential.rate_limit_per_minute,
-            "monthly_quota": credential.monthly_quota,
-        },
-        "sealed_secret": dict(sealed_secret),
+        "id": credential.id,
+        "kind": credential.kind.value,
+        "public_id": credential.public_id,
+        "app_id": credential.app_id,
+        "product_ids": list(credential.product_ids),
+        "rate_limit_per_minute": credential.rate_limit_per_minute,
+        "monthly_quota": credential.monthly_quota,
+        "status": credential.status.value,
+        "plan_id": credential.plan_id,
+        "revision": credential.revision,
+        "expires_at": _iso(credential.expires_at),
+        "previous_public_id": credential.previous_public_id if credential.previous_valid_until else None,
+        "previous_valid_until": _iso(credential.previous_valid_until),
     }
 
 
-def email_message_id(request_id: str, kind: NotificationKind, domain: str) -> str:
-    return f"<{kind.value}.{request_id}@{domain}>"
+def _iso(moment: datetime | None) -> str | None:
+    return moment.isoformat() if moment is not None else None
+
+
+def _lifetime_end(plan: Plan, now: datetime) -> datetime | None:
+    return now + timedelta(days=plan.credential_lifetime_days) if plan.credential_lifetime_days else None
+
+
+# --- the credential lifecycle ----------------------------------------------------------------------
+
+#: The portal event of each change; ``issued`` has its own, with the request's status.
+CREDENTIAL_EVENTS: dict[CredentialChangeKind, str] = {
+    change: f"credentials.{change.value}"
+    for change in CredentialChangeKind
+    if change is not CredentialChangeKind.ISSUED
+}
+
+
+def _follow_credential_change(
+    uow: UnitOfWork,
+    credential: Credential,
+    change: CredentialChanged,
+    *,
+    sealed_secret: Mapping[str, str] | None = None,
+) -> None:
+    """Tell the owning portal of a credential's change, and queue the emails it calls for.
+
+    The event goes in the sequence of the request the credential was issued for, so a
+    portal orders it with the rest of that request's story.
+    """
+    owner = uow.requests.get(credential.request_id, for_update=True)
+    if owner is not None:
+        details: dict[str, object] = {"credential": _credential_details(credential)}
+        if sealed_secret is not None:
+            details["sealed_secret"] = dict(sealed_secret)
+        _announce(uow, owner, CREDENTIAL_EVENTS[change.change], credential.status, details, change.reason)
+    if change.change is CredentialChangeKind.EXPIRING:
+        topic = (
+            f"{credential.id}/{credential.expiry_notices.rsplit(',', 1)[-1]}/{_iso(credential.expires_at)}"
+        )
+        uow.outbox.put(
+            commands.SendNotification(credential.request_id, NotificationKind.EXPIRY_NOTICE, topic[:80])
+        )
+    elif change.change is CredentialChangeKind.EXPIRED:
+        uow.outbox.put(
+            commands.SendNotification(credential.request_id, NotificationKind.EXPIRED, credential.id)
+        )
+
+
+def _apply_plan_change(uow: UnitOfWork, request: AccessRequest, plan: Plan) -> Credential | None:
+    """Give an approved plan change's credential the new plan's limits; the key stays the same."""
+    assert request.credential_id is not None  # a plan-change request names its credential
+    credential = uow.credentials.get(request.credential_id, for_update=True)
+    if credential is None or credential.status not in (CredentialStatus.ACTIVE, CredentialStatus.SUSPENDED):
+        status = credential.status.value if credential is not None else "gone"
+        _fail_provisioning(
+            uow, request, f"credential {request.credential_id} is {status}: its plan cannot change"
+        )
+        return None
+    if credential.plan_id != plan.id:  # not already changed by a delivery that crashed before its commit
+        change = credential.change_plan(
+            plan,
+            now=utcnow(),
+            actor_kind=ActorKind.SYSTEM,
+            actor_id="issuer",
+            reason=f"request {request.id} approved",
+            cause_id=request.id,
+        )
+        _follow_credential_change(uow, credential, change)
+    request.mark_provisioned(credential.id)
+    _queue_follow_ups(uow, request)
+    uow.record_outcome(
+        outcomes.CredentialsIssued(
+            request_id=request.id,
+            credential_id=credential.id,
+            public_id=credential.public_id,
+            app_id=credential.app_id,
+            kind=credential.kind.value,
+            portal_id=request.portal_id,
+        )
+    )
+    uow.commit()
+    return credential
+
+
+def operate_credentials(
+    command: commands.OperateCredentials,
+    *,
+    uow: UnitOfWork,
+    issuer: CredentialIssuer,
+    sealer: SecretSealer,
+    portal_sealer: PortalSealer,
+    verify: SignatureVerifier,
+    audience: str,
+    max_skew: timedelta = timedelta(minutes=5),
+    now: Callable[[], datetime] = utcnow,
+) -> CredentialOperation:
+    """Apply an admin's signed operation to the credentials it names, once.
+
+    Authenticated as a decision is, before anything else. The operation is recorded with a
+    result per credential it reached, so that a replay of its id changes nothing, and a
+    credential in a state the operation does not apply to (revoking one revoked already) is
+    left as it is, with the reason. Each change is in the credential's audit trail, told to
+    its portal, and pushed to the gateway. A plan change opens a request of kind
+    ``plan_change``, routed as an access request is: at once on an auto-approve plan, else
+    parked for review.
+    """
+    try:
+        return _operate(
+            command,
+            uow=uow,
+            issuer=issuer,
+            sealer=sealer,
+            portal_sealer=portal_sealer,
+            verify=verify,
+            audience=audience,
+            max_skew=max_skew,
+            now=now,
+        )
+    except Duplicate:
+        uow.record_outcome(
+            outcomes.CredentialOperationDuplicateIgnored(command.operation_id, concurrent=True)
+        )
+        with uow:
+            recorded = uow.credential_operations.get(command.operation_id)
+        assert recorded is not None, "a duplicate is refused only by a committed twin"
+        return recorded
+
+
+def _operate(
+    command: commands.OperateCredentials,
+    *,
+    uow: UnitOfWork,
+    issuer: CredentialIssuer,
+    sealer: SecretSealer,
+    portal_sealer: PortalSealer,
+    verify: SignatureVerifier,
+    audience: str,
+    max_skew: timedelta,
+    now: Callable[[], datetime],
+) -> CredentialOperation:
+    with uow:
+        recorded = uow.credential_operations.get(command.operation_id)
+        if recorded is not None:
+            uow.record_outcome(
+                outcomes.CredentialOperationDuplicateIgnored(command.operation_id, concurrent=False)
+            )
+            return recorded
+        moment = now()
+        refusal = _refusal(
+            uow,
+            sender=command.sender,
+            signature=command.signature,
+            admin_id=command.admin_id,
+            signed_at=command.issued_at,
+            verify=verify,
+            audience=audience,
+            max_skew=max_skew,
+            now=moment,
+            noun="operation",
+            time_field="issued_at",
+        )
+        operation = CredentialOperation(
+            id=command.operation_id,
+            operation=command.operation,
+            target=command.target,
+            target_id=command.target_id,
+            admin_id=command.admin_id,
+            reason=command.reason,
+            issued_at=command.issued_at,
+            outcome=DecisionOutcome.REFUSED if refusal else DecisionOutcome.APPLIED,
+            outcome_reason=refusal or "",
+            key_id=command.signature.key_id if command.signature and not refusal else None,
+        )
+        if refusal is None:
+            if command.operation is CredentialOperationKind.CHANGE_PLAN:
+                _open_plan_change(uow, command, operation)
+            else:
+                for credential in uow.credentials.targets(command.target, command.target_id):
+                    operation.results[credential.id] = _apply(
+                        uow,
+                        command,
+                        credential,
+                        issuer=issuer,
+                        sealer=sealer,
+                        portal_sealer=portal_sealer,
+                        now=moment,
+                    )
+            if not operation.results:
+                operation.outcome, operation.outcome_reason = DecisionOutcome.IGNORED, "no credential matches"
+            elif (
+                "applied" not in operation.results.values()
+                and command.operation is not CredentialOperationKind.CHANGE_PLAN
+            ):
+                operation.outcome, operation.outcome_reason = DecisionOutcome.IGNORED, "nothing to change"
+        uow.credential_operations.add(operation)
+        if refusal is None:
+            uow.record_outcome(
+                outcomes.CredentialsOperated(
+                    operation_id=operation.id,
+                    operation=operation.operation.value,
+                    target=operation.target.value,
+                    target_id=operation.target_id,
+                    admin_id=operation.admin_id,
+                    outcome=operation.outcome.value,
+                    reason=operation.outcome_reason,
+                    results=tuple(operation.results.items()),
+                )
+            )
+        uow.commit()
+        if refusal is not None:  # told once recorded: a twin refused at the same moment is a duplicate
+            uow.record_outcome(outcomes.CredentialOperationRefused(operation.id, operation.admin_id, refusal))
+        return operation
+
+
+def _apply(
+    uow: UnitOfWork,
+    command: commands.OperateCredentials,
+    credential: Credential,
+    *,
+    issuer: CredentialIssuer,
+    sealer: SecretSealer,
+    portal_sealer: PortalSealer,
+    now: datetime,
+) -> str:
+    """Apply one operation to one credential: ``applied``, or why it was left as it is."""
+    admin, why, cause = command.admin_id, command.reason, command.operation_id
+    sealed: Mapping[str, str] | None = None
+    try:
+        match command.operation:
+            case CredentialOperationKind.REVOKE:
+                change = credential.revoke(
+                    now=now, actor_kind=ActorKind.ADMIN, actor_id=admin, reason=why, cause_id=cause
+                )
+            case CredentialOperationKind.SUSPEND:
+                change = credential.suspend(
+                    now=now, actor_kind=ActorKind.ADMIN, actor_id=admin, reason=why, cause_id=cause
+                )
+            case CredentialOperationKind.RESUME:
+                change = credential.resume(
+                    now=now, actor_kind=ActorKind.ADMIN, actor_id=admin, reason=why, cause_id=cause
+                )
+            case CredentialOperationKind.SET_EXPIRY:
+                change = credential.set_expiry(
+                    command.expires_at,
+                    now=now,
+                    actor_kind=ActorKind.ADMIN,
+                    actor_id=admin,
+                    reason=why,
+                    cause_id=cause,
+                )
+            case CredentialOperationKind.ROTATE:
+                change, sealed = _rotate(
+                    uow,
+                    command,
+                    credential,
+                    issuer=issuer,
+                    sealer=sealer,
+                    portal_sealer=portal_sealer,
+                    now=now,
+                )
+            case _:
+                raise AssertionError(f"{command.operation} is not applied credential by credential")
+    except IllegalTransition as refused:
+        return str(refused)
+    _follow_credential_change(uow, credential, change, sealed_secret=sealed)
+    return "applied"
+
+
+def _rotate(
+    uow: UnitOfWork,
+    command: commands.OperateCredentials,
+    credential: Credential,
+    *,
+    issuer: CredentialIssuer,
+    sealer: SecretSealer,
+    portal_sealer: PortalSealer,
+    now: datetime,
+) -> tuple[CredentialChanged, Mapping[str, str] | None]:
+    """A new secret for the same credential, delivered the way its first one was.
+
+    Sealed to the portal's key in the ``credentials.rotated`` event for a portal's request;
+    for a v1 request, sealed at rest for one more reveal. An OAuth2 client keeps its id.
+    """
+    if credential.status not in (CredentialStatus.ACTIVE, CredentialStatus.SUSPENDED):
+        raise IllegalTransition(
+            f"credential {credential.id} is {credential.status.value}: it cannot be rotated"
+        )
+    issued = issuer.issue(credential.kind)
+    public_id = (
+        credential.public_id if credential.kind is AuthMethod.OAUTH2_CLIENT_CREDENTIALS else issued.public_id
+    )
+    change = credential.rotate(
+        public_id=public_id,
+        secret_hash=issued.secret_hash,
+        grace=command.grace,
+        now=now,
+        actor_kind=ActorKind.ADMIN,
+        actor_id=command.admin_id,
+        reason=command.reason,
+        cause_id=command.operation_id,
+    )
+    owner = uow.requests.get(credential.request_id)
+    portal = uow.portals.get(owner.portal_id) if owner is not None and owner.portal_id else None
+    if portal is not None:
+        return change, portal_sealer.seal_to(portal.public_key, issued.secret)
+    credential.sealed_secret = sealer.seal(issued.secret)
+    credential.revealed_at = None
+    return change, None
+
+
+def _open_plan_change(
+    uow: UnitOfWork, command: commands.OperateCredentials, operation: CredentialOperation
+) -> None:
+    """Open a request to move the credential to ``command.plan_id``, and route it as any request."""
+    assert command.plan_id is not None  # the contract requires it with change_plan
+    credential = uow.credentials.get(command.target_id)
+    if credential is None:
+        return
+    owner = uow.requests.get(credential.request_id)
+    request = AccessRequest(
+        id=derived_id("plan-change", command.operation_id),
+        kind=RequestKind.PLAN_CHANGE,
+        credential_id=credential.id,
+        consumer_id=credential.consumer_id,
+        plan_id=command.plan_id,
+        product_ids=list(credential.product_ids),
+        app_id=credential.app_id,
+        justification=command.reason,
+        submitted_at=command.issued_at,
+        portal_id=owner.portal_id if owner is not None else None,
+    )
+    request.record_submission(
+        f"plan change of credential {credential.id} to {command.plan_id!r}, asked by admin {command.admin_id}"
+    )
+    catalogue = uow.catalogue.slice_for(
+        plan_id=request.plan_id,
+        product_ids=request.product_ids,
+        consumer_id=request.consumer_id,
+        app_id=request.app_id,
+    )
+    catalogue.credential = credential
+    request.route(catalogue)
+    uow.requests.add(request)
+    _queue_follow_ups(uow, request)
+    operation.results[credential.id] = f"plan change request {request.id}: {request.status.value}"
+    if request.status is Status.INVALID:
+        operation.outcome, operation.outcome_reason = DecisionOutcome.IGNORED, request.status_reason
+
+
+def expire_credentials(
+    *,
+    uow: UnitOfWork,
+    notice_points: Sequence[timedelta],
+    limit: int = 100,
+    now: Callable[[], datetime] = utcnow,
+) -> tuple[int, int]:
+    """Expire the credentials whose lifetime ended; queue the notices due before others end.
+
+    One transaction over the live credentials that expire within the longest notice point,
+    soonest first. One whose ``expires_at`` has passed becomes ``expired``; another gets the
+    notice of the nearest point it has reached (``notice_points``: time before expiry, such
+    as 14 and 3 days) and not yet had, by email and by its portal's event. A credential stops
+    verifying at its ``expires_at`` whether or not this has run: the sweep only records it.
+    Rows another sweep (or an operation) holds are skipped, so many workers run it at once;
+    ``now`` is injected, so tests move the clock rather than wait.
+
+    Returns:
+      How many expired, and how many notices were queued.
+    """
+    expired = noticed = 0
+    touched: list[str] = []
+    with uow:
+        moment = now()
+        horizon = moment + max(notice_points, default=timedelta(0))
+        for credential in uow.credentials.expiring(before=horizon + timedelta(microseconds=1), limit=limit):
+            if credential.has_expired(moment):
+                change = credential.expire(now=moment)
+                expired += 1
+            else:
+                due = credential.notices_due(notice_points, moment)
+                if not due:
+                    continue
+                change = credential.note_expiry_notice(due, now=moment)
+                noticed += 1
+            _follow_credential_change(uow, credential, change)
+            touched.append(credential.id)
+        if touched:
+            uow.record_outcome(outcomes.CredentialExpirySwept(expired, noticed, tuple(touched)))
+        uow.commit()
+    return expired, noticed
+
+
+def email_message_id(request_id: str, kind: NotificationKind, domain: str, topic: str = "") -> str:
+    """Stable per (request, kind, topic); a topic adds a short digest of itself, which needs no quoting."""
+    if not topic:
+        return f"<{kind.value}.{request_id}@{domain}>"
+    return f"<{kind.value}.{request_id}.{derived_id('topic', topic)[:8]}@{domain}>"
 
 
 def send_notification(
@@ -506,7 +944,9 @@ def send_notification(
     """
     try:
         with uow:
-            notification = uow.notifications.get(command.request_id, command.kind, for_update=True)
+            notification = uow.notifications.get(
+                command.request_id, command.kind, command.topic, for_update=True
+            )
             if notification is not None and notification.status is not DeliveryStatus.SENDING:
                 return notification.status
             if notification is not None and notification.leased_by_another(utcnow()):
@@ -522,11 +962,11 @@ def send_notification(
                 command.kind,
                 uow=uow,
                 admin_emails=tuple(admin_emails),
-                message_id=email_message_id(request.id, command.kind, message_id_domain),
+                message_id=email_message_id(request.id, command.kind, message_id_domain, command.topic),
             )
             if notification is None:
                 notification = Notification(
-                    request_id=request.id, kind=command.kind, message_id=email.message_id
+                    request_id=request.id, kind=command.kind, message_id=email.message_id, topic=command.topic
                 )
                 uow.notifications.add(notification)
             notification.attempts += 1
@@ -568,7 +1008,7 @@ def _record_delivery(
     refused: int = 0,
 ) -> DeliveryStatus:
     with uow:
-        notification = uow.notifications.get(command.request_id, command.kind, for_update=True)
+        notification = uow.notifications.get(command.request_id, command.kind, command.topic, for_update=True)
         assert notification is not None
         if status in (DeliveryStatus.SENT, DeliveryStatus.PARTIAL):
             uow.record_outcome(
@@ -635,7 +1075,9 @@ def redrive_stuck_notifications(
                 continue
             notification.attempts += 1
             notification.lease_expires_at = moment
-            uow.outbox.put(commands.SendNotification(notification.request_id, notification.kind))
+            uow.outbox.put(
+                commands.SendNotification(notification.request_id, notification.kind, notification.topic)
+            )
             redriven += 1
         if request_ids:
             uow.record_outcome(outcomes.NotificationsRedriven(redriven, failed, tuple(request_ids)))
@@ -734,6 +1176,22 @@ def _compose(
             plan_name=plan.name,
             products=products,
             reason=request.status_reason,
+        )
+        to = (consumer.email,)
+    elif kind in (NotificationKind.EXPIRY_NOTICE, NotificationKind.EXPIRED):
+        credential = uow.credentials.for_request(request.id)
+        assert credential is not None and credential.expires_at is not None, "only an expiring credential"
+        portal = uow.portals.get(request.portal_id) if request.portal_id else None
+        context = ExpiryContext(
+            request_id=request.id,
+            consumer_name=consumer.name,
+            app_name=app_name,
+            plan_name=plan.name,
+            credential_kind=credential.kind.value,
+            credential_public_id=credential.public_id,
+            expires_at=f"{credential.expires_at.astimezone(UTC):%Y-%m-%d %H:%M} UTC",
+            portal_name=portal.name if portal else "",
+            portal_url=portal.url if portal else "",
         )
         to = (consumer.email,)
     else:

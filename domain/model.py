@@ -1,4 +1,4 @@
-"""Catalogue entities and the :class:`AccessRequest` aggregate with its state machine.
+r"""Catalogue entities and the :class:`AccessRequest` aggregate with its state machine.
 
 The state machine::
 
@@ -12,6 +12,20 @@ The state machine::
 
 Every transition appends an :class:`AuditEntry` and records a domain event in
 ``events``; the aggregate never publishes anything itself.
+
+A request of kind ``plan_change`` travels the same states: it asks to move an issued
+credential to another plan, is approved at once or reviewed as the new plan says, and is
+``provisioned`` when the credential carries the new plan's limits; no new key is made.
+
+An issued :class:`Credential` has a life of its own::
+
+    ACTIVE <--suspend/resume--> SUSPENDED
+      |  \                        |
+      |   +--expires_at passes--> EXPIRED (final) <--+
+      +--revoke--> REVOKED (final) <--revoke--------+
+
+Rotation gives an active or suspended credential a new secret, and may let the old one
+verify until a grace period ends; a change of plan gives it the new plan's limits.
 """
 
 from __future__ import annotations
@@ -19,7 +33,7 @@ from __future__ import annotations
 import enum
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 
 from domain import events
 from domain.errors import IllegalTransition, RuleViolation
@@ -64,6 +78,13 @@ ALLOWED_TRANSITIONS: dict[Status, frozenset[Status]] = {
 }
 
 
+class RequestKind(enum.StrEnum):
+    #: A consumer asks for products under a plan: a new credential when approved.
+    ACCESS = "access"
+    #: A consumer (or an admin on their behalf) asks to move an issued credential to another plan.
+    PLAN_CHANGE = "plan_change"
+
+
 class ActorKind(enum.StrEnum):
     """Who caused a state change, for the audit trail."""
 
@@ -90,6 +111,8 @@ class Plan:
     #: Requests per calendar month; ``None`` means unlimited.
     monthly_quota: int | None
     product_ids: list[str] = field(default_factory=list)
+    #: How long each credential issued under this plan lives, in days; ``None``: for ever.
+    credential_lifetime_days: int | None = None
 
 
 @dataclass
@@ -164,6 +187,8 @@ class Catalogue:
     products: dict[str, Product]
     consumer: Consumer | None
     app: App | None
+    #: For a plan change: the credential it would change (``None`` if there is no such credential).
+    credential: Credential | None = None
 
 
 @dataclass
@@ -248,6 +273,8 @@ class AccessRequest:
         updated_at: datetime | None = None,
         portal_id: str | None = None,
         provision_attempts: int = 0,
+        kind: RequestKind = RequestKind.ACCESS,
+        credential_id: str | None = None,
     ) -> None:
         self.id = id
         self.consumer_id = consumer_id
@@ -267,6 +294,9 @@ class AccessRequest:
         #: How many times the sweep issued this approved request's credentials again, its first
         #: IssueCredentials command lost or dead-lettered (:meth:`redrive_provisioning`).
         self.provision_attempts = provision_attempts
+        self.kind = kind
+        #: The credential whose plan a ``plan_change`` request would change; ``None`` for access.
+        self.credential_id = credential_id
         #: The sequence number of the last event the portal was sent about this request.
         self.event_seq = 0
         self.history: list[AuditEntry] = []
@@ -293,8 +323,10 @@ class AccessRequest:
         self.status_reason = reason
         self.updated_at = now
 
-    def record_submission(self) -> None:
-        """Write the first audit row: the request exists, as the portal sent it."""
+    def record_submission(self, reason: str | None = None) -> None:
+        """Write the first audit row: the request exists, as the portal (or ``reason`` says who) sent it."""
+        if reason is None:
+            reason = f"received from portal {self.portal_id}" if self.portal_id else "received from portal"
         self.history.append(
             AuditEntry(
                 request_id=self.id,
@@ -302,7 +334,7 @@ class AccessRequest:
                 to_status=Status.SUBMITTED,
                 actor_kind=ActorKind.SYSTEM,
                 actor_id="router",
-                reason=f"received from portal {self.portal_id}" if self.portal_id else "received from portal",
+                reason=reason,
                 at=self.received_at,
             )
         )
@@ -332,6 +364,11 @@ class AccessRequest:
         except RuleViolation as violation:
             self.invalidate(violation.reason)
             return
+        if self.kind is RequestKind.PLAN_CHANGE:
+            refusal = self._plan_change_refusal(catalogue.credential, auth_method)
+            if refusal is not None:
+                self.invalidate(refusal)
+                return
         self.auth_method = auth_method
         assert catalogue.plan is not None  # check_rules guarantees it
         if catalogue.plan.auto_approve:
@@ -344,6 +381,22 @@ class AccessRequest:
             self.events.append(events.RequestApproved(self.id, automatically=True))
         else:
             self.park_for_review()
+
+    def _plan_change_refusal(self, credential: Credential | None, auth_method: AuthMethod) -> str | None:
+        if credential is None:
+            return f"unknown credential {self.credential_id!r}"
+        if credential.app_id != self.app_id:
+            return f"credential {credential.id!r} is not app {self.app_id!r}'s"
+        if credential.status not in (CredentialStatus.ACTIVE, CredentialStatus.SUSPENDED):
+            return f"credential {credential.id!r} is {credential.status.value}: its plan cannot change"
+        if credential.plan_id == self.plan_id:
+            return f"credential {credential.id!r} is on plan {self.plan_id!r} already"
+        if credential.kind is not auth_method:
+            return (
+                f"credential {credential.id!r} is {credential.kind.value}, "
+                f"but plan {self.plan_id!r}'s products use {auth_method.value}"
+            )
+        return None
 
     def invalidate(self, reason: str) -> None:
         self._move(Status.INVALID, actor_kind=ActorKind.SYSTEM, actor_id="router", reason=reason)
@@ -430,13 +483,57 @@ class Decision:
     key_id: str | None = None
 
 
+class CredentialStatus(enum.StrEnum):
+    ACTIVE = "active"
+    #: Stops verifying until resumed; the secret is kept.
+    SUSPENDED = "suspended"
+    #: Stops verifying for good.
+    REVOKED = "revoked"
+    #: Its lifetime ran out; stops verifying for good (a new request gets a new one).
+    EXPIRED = "expired"
+
+
+class CredentialChangeKind(enum.StrEnum):
+    """What happened to a credential: the portal's event is ``credentials.<value>``, the gateway's change too."""
+
+    ISSUED = "issued"
+    ROTATED = "rotated"
+    REVOKED = "revoked"
+    SUSPENDED = "suspended"
+    RESUMED = "resumed"
+    EXPIRY_SET = "expiry_set"
+    EXPIRING = "expiring"
+    EXPIRED = "expired"
+    PLAN_CHANGED = "plan_changed"
+
+
+@dataclass(frozen=True)
+class CredentialChanged:
+    """A credential changed; recorded by the credential, handled after commit like any domain event."""
+
+    credential_id: str
+    change: CredentialChangeKind
+    #: The credential's revision after the change: gateways apply a change only over an older one.
+    revision: int
+    reason: str
+    actor_kind: ActorKind
+    actor_id: str
+    at: datetime
+    from_status: CredentialStatus
+    to_status: CredentialStatus
+    #: The admin operation (its id) or request that caused it, if any.
+    cause_id: str | None = None
+
+
 @dataclass
 class Credential:
-    """Credentials issued to an app for one request.
+    """Credentials issued to an app for one request, through their whole life.
 
     The plaintext secret is never stored: ``secret_hash`` lets a gateway check a
     presented secret, and ``sealed_secret`` (encrypted) exists only until the
-    consumer's side reveals it once.
+    consumer's side reveals it once. After a rotation with a grace period, the previous
+    secret (``previous_public_id``, ``previous_secret_hash``) verifies too until
+    ``previous_valid_until``.
     """
 
     id: str
@@ -453,6 +550,38 @@ class Credential:
     created_at: datetime = field(default_factory=utcnow)
     revealed_at: datetime | None = None
     revoked_at: datetime | None = None
+    status: CredentialStatus = CredentialStatus.ACTIVE
+    #: The plan whose limits it carries; changes with a plan change.
+    plan_id: str = ""
+    consumer_id: str = ""
+    #: When it stops verifying; ``None``: never.
+    expires_at: datetime | None = None
+    previous_public_id: str | None = None
+    previous_secret_hash: str | None = None
+    previous_valid_until: datetime | None = None
+    #: 1 when issued, one more with every change.
+    revision: int = 1
+    updated_at: datetime | None = None
+    #: The expiry notices already queued for the current ``expires_at``, as days before it ("14,3").
+    expiry_notices: str = ""
+    changes: list[CredentialChanged] = field(default_factory=list, repr=False, compare=False)
+
+    def record_issue(self, *, now: datetime, reason: str) -> CredentialChanged:
+        """The first row of its trail: issued at revision 1, by the issuer."""
+        recorded = CredentialChanged(
+            credential_id=self.id,
+            change=CredentialChangeKind.ISSUED,
+            revision=self.revision,
+            reason=reason,
+            actor_kind=ActorKind.SYSTEM,
+            actor_id="issuer",
+            at=now,
+            from_status=self.status,
+            to_status=self.status,
+            cause_id=self.request_id,
+        )
+        self.changes.append(recorded)
+        return recorded
 
     def reveal(self, unseal: Callable[[bytes], str]) -> str | None:
         """Return the plaintext secret once, then forget it; ``None`` on every later call."""
@@ -463,11 +592,307 @@ class Credential:
         self.revealed_at = utcnow()
         return secret
 
+    # --- what verifies ------------------------------------------------------------------------
+
+    def usable_at(self, now: datetime) -> bool:
+        """Active and not past its expiry: whether any secret of it may verify at ``now``."""
+        if self.status is not CredentialStatus.ACTIVE:
+            return False
+        return self.expires_at is None or now < _aware(self.expires_at)
+
+    def hashes_for(self, public_id: str, now: datetime) -> list[str]:
+        """The stored hashes a secret presented under ``public_id`` may match at ``now``; none: it cannot verify.
+
+        The current secret verifies while the credential is usable; the previous one, after a
+        rotation, only until its grace period ends. An OAuth2 client keeps its id through a
+        rotation, so both may be under the same id.
+        """
+        if not self.usable_at(now):
+            return []
+        hashes = [self.secret_hash] if public_id == self.public_id else []
+        grace_ends = self.previous_valid_until
+        if (
+            public_id == self.previous_public_id
+            and self.previous_secret_hash is not None
+            and grace_ends is not None
+            and now < _aware(grace_ends)
+        ):
+            hashes.append(self.previous_secret_hash)
+        return hashes
+
+    # --- changes ------------------------------------------------------------------------------
+
+    def _change(
+        self,
+        change: CredentialChangeKind,
+        *,
+        to: CredentialStatus | None = None,
+        now: datetime,
+        actor_kind: ActorKind,
+        actor_id: str,
+        reason: str,
+        cause_id: str | None = None,
+    ) -> CredentialChanged:
+        before = self.status
+        if to is not None:
+            self.status = to
+        self.revision += 1
+        self.updated_at = now
+        recorded = CredentialChanged(
+            credential_id=self.id,
+            change=change,
+            revision=self.revision,
+            reason=reason,
+            actor_kind=actor_kind,
+            actor_id=actor_id,
+            at=now,
+            from_status=before,
+            to_status=self.status,
+            cause_id=cause_id,
+        )
+        self.changes.append(recorded)
+        return recorded
+
+    def _refuse_unless(self, action: str, *allowed: CredentialStatus) -> None:
+        if self.status not in allowed:
+            raise IllegalTransition(f"credential {self.id} is {self.status.value}: it cannot be {action}")
+
+    def rotate(
+        self,
+        *,
+        public_id: str,
+        secret_hash: str,
+        grace: timedelta,
+        now: datetime,
+        actor_kind: ActorKind,
+        actor_id: str,
+        reason: str,
+        cause_id: str | None = None,
+    ) -> CredentialChanged:
+        """Take a new secret; the old one verifies until ``now + grace`` (not at all with no grace)."""
+        self._refuse_unless("rotated", CredentialStatus.ACTIVE, CredentialStatus.SUSPENDED)
+        if grace > timedelta(0):
+            self.previous_public_id, self.previous_secret_hash = self.public_id, self.secret_hash
+            self.previous_valid_until = now + grace
+        else:
+            self.previous_public_id = self.previous_secret_hash = self.previous_valid_until = None
+        self.public_id, self.secret_hash = public_id, secret_hash
+        why = (
+            f"{reason} (the previous secret verifies until {now + grace:%Y-%m-%dT%H:%M:%SZ})"
+            if grace
+            else reason
+        )
+        return self._change(
+            CredentialChangeKind.ROTATED,
+            now=now,
+            actor_kind=actor_kind,
+            actor_id=actor_id,
+            reason=why,
+            cause_id=cause_id,
+        )
+
+    def revoke(
+        self, *, now: datetime, actor_kind: ActorKind, actor_id: str, reason: str, cause_id: str | None = None
+    ) -> CredentialChanged:
+        self._refuse_unless(
+            "revoked", CredentialStatus.ACTIVE, CredentialStatus.SUSPENDED, CredentialStatus.EXPIRED
+        )
+        self.revoked_at = now
+        self.previous_valid_until = None  # nothing of a revoked credential verifies
+        return self._change(
+            CredentialChangeKind.REVOKED,
+            to=CredentialStatus.REVOKED,
+            now=now,
+            actor_kind=actor_kind,
+            actor_id=actor_id,
+            reason=reason,
+            cause_id=cause_id,
+        )
+
+    def suspend(
+        self, *, now: datetime, actor_kind: ActorKind, actor_id: str, reason: str, cause_id: str | None = None
+    ) -> CredentialChanged:
+        self._refuse_unless("suspended", CredentialStatus.ACTIVE)
+        return self._change(
+            CredentialChangeKind.SUSPENDED,
+            to=CredentialStatus.SUSPENDED,
+            now=now,
+            actor_kind=actor_kind,
+            actor_id=actor_id,
+            reason=reason,
+            cause_id=cause_id,
+        )
+
+    def resume(
+        self, *, now: datetime, actor_kind: ActorKind, actor_id: str, reason: str, cause_id: str | None = None
+    ) -> CredentialChanged:
+        self._refuse_unless("resumed", CredentialStatus.SUSPENDED)
+        return self._change(
+            CredentialChangeKind.RESUMED,
+            to=CredentialStatus.ACTIVE,
+            now=now,
+            actor_kind=actor_kind,
+            actor_id=actor_id,
+            reason=reason,
+            cause_id=cause_id,
+        )
+
+    def set_expiry(
+        self,
+        expires_at: datetime | None,
+        *,
+        now: datetime,
+        actor_kind: ActorKind,
+        actor_id: str,
+        reason: str,
+        cause_id: str | None = None,
+    ) -> CredentialChanged:
+        """Give it a new end of life (``None``: none); the notices start again for the new date."""
+        self._refuse_unless("given an expiry", CredentialStatus.ACTIVE, CredentialStatus.SUSPENDED)
+        self.expires_at = expires_at
+        self.expiry_notices = ""
+        until = f"{expires_at:%Y-%m-%dT%H:%M:%SZ}" if expires_at else "never"
+        return self._change(
+            CredentialChangeKind.EXPIRY_SET,
+            now=now,
+            actor_kind=actor_kind,
+            actor_id=actor_id,
+            reason=f"{reason} (expires: {until})",
+            cause_id=cause_id,
+        )
+
+    def notices_due(self, points: Sequence[timedelta], now: datetime) -> list[timedelta]:
+        """The notice points (time before expiry) reached at ``now`` and not yet noticed, longest first."""
+        if self.expires_at is None or self.status not in (
+            CredentialStatus.ACTIVE,
+            CredentialStatus.SUSPENDED,
+        ):
+            return []
+        expires_at = _aware(self.expires_at)
+        if now >= expires_at:
+            return []
+        sent = set(self.expiry_notices.split(",")) - {""}
+        return [p for p in sorted(points, reverse=True) if now >= expires_at - p and _days(p) not in sent]
+
+    def note_expiry_notice(self, due: Sequence[timedelta], *, now: datetime) -> CredentialChanged:
+        """Record the notice points reached (:meth:`notices_due`); one notice goes out, for the nearest.
+
+        A credential first seen 2 days before its end needs no 14-day notice as well.
+        """
+        assert due and self.expires_at is not None
+        self.expiry_notices = ",".join(filter(None, [self.expiry_notices, *(_days(p) for p in due)]))
+        return self._change(
+            CredentialChangeKind.EXPIRING,
+            now=now,
+            actor_kind=ActorKind.SYSTEM,
+            actor_id="expiry-sweep",
+            reason=f"expires at {_aware(self.expires_at):%Y-%m-%dT%H:%M:%SZ} ({_days(due[-1])} notice)",
+        )
+
+    def has_expired(self, now: datetime) -> bool:
+        return self.expires_at is not None and now >= _aware(self.expires_at)
+
+    def expire(self, *, now: datetime) -> CredentialChanged:
+        self._refuse_unless("expired", CredentialStatus.ACTIVE, CredentialStatus.SUSPENDED)
+        if self.expires_at is None or now < _aware(self.expires_at):
+            raise IllegalTransition(f"credential {self.id} does not expire before {self.expires_at}")
+        self.previous_valid_until = None
+        return self._change(
+            CredentialChangeKind.EXPIRED,
+            to=CredentialStatus.EXPIRED,
+            now=now,
+            actor_kind=ActorKind.SYSTEM,
+            actor_id="expiry-sweep",
+            reason=f"its lifetime ended at {_aware(self.expires_at):%Y-%m-%dT%H:%M:%SZ}",
+        )
+
+    def change_plan(
+        self,
+        plan: Plan,
+        *,
+        now: datetime,
+        actor_kind: ActorKind,
+        actor_id: str,
+        reason: str,
+        cause_id: str | None = None,
+    ) -> CredentialChanged:
+        """Carry ``plan``'s limits from now on; the key stays the same."""
+        self._refuse_unless("moved to another plan", CredentialStatus.ACTIVE, CredentialStatus.SUSPENDED)
+        before = self.plan_id
+        self.plan_id = plan.id
+        self.rate_limit_per_minute = plan.rate_limit_per_minute
+        self.monthly_quota = plan.monthly_quota
+        return self._change(
+            CredentialChangeKind.PLAN_CHANGED,
+            now=now,
+            actor_kind=actor_kind,
+            actor_id=actor_id,
+            reason=f"plan {before!r} -> {plan.id!r}: {reason}",
+            cause_id=cause_id,
+        )
+
+
+def _aware(moment: datetime) -> datetime:
+    # SQLite hands back naive datetimes; they were written in UTC.
+    return moment if moment.tzinfo is not None else moment.replace(tzinfo=UTC)
+
+
+def _days(point: timedelta) -> str:
+    """A notice point as the notices list spells it: ``14d``, or ``90s`` for one shorter than a day."""
+    seconds = int(point.total_seconds())
+    return f"{seconds // 86400}d" if seconds % 86400 == 0 else f"{seconds}s"
+
+
+class CredentialOperationKind(enum.StrEnum):
+    """What an admin may do to credentials, by a signed operation."""
+
+    ROTATE = "rotate"
+    REVOKE = "revoke"
+    SUSPEND = "suspend"
+    RESUME = "resume"
+    SET_EXPIRY = "set_expiry"
+    CHANGE_PLAN = "change_plan"
+
+
+class OperationTarget(enum.StrEnum):
+    """Which credentials an operation names: one, every one of an app, or every one of a consumer."""
+
+    CREDENTIAL = "credential"
+    APP = "app"
+    CONSUMER = "consumer"
+
+
+@dataclass
+class CredentialOperation:
+    """An admin's operation on credentials as received, kept whether or not it was applied.
+
+    ``results`` says, per credential it reached, what happened to it: ``applied``, or why not
+    (``credential ... is revoked: it cannot be suspended``); a plan change names the request
+    it opened.
+    """
+
+    id: str
+    operation: CredentialOperationKind
+    target: OperationTarget
+    target_id: str
+    admin_id: str
+    reason: str
+    issued_at: datetime
+    outcome: DecisionOutcome
+    outcome_reason: str = ""
+    results: dict[str, str] = field(default_factory=dict)
+    received_at: datetime = field(default_factory=utcnow)
+    key_id: str | None = None
+
 
 class NotificationKind(enum.StrEnum):
     APPROVE = "approve"
     REJECT = "reject"
     REVIEW = "review"
+    #: To the consumer, at each configured point before a credential expires.
+    EXPIRY_NOTICE = "expiry_notice"
+    #: To the consumer, when a credential has expired.
+    EXPIRED = "expired"
 
 
 class DeliveryStatus(enum.StrEnum):
@@ -480,12 +905,14 @@ class DeliveryStatus(enum.StrEnum):
 
 @dataclass
 class Notification:
-    """One email we owe about one request; at most one per (request, kind)."""
+    """One email we owe about one request; at most one per (request, kind, topic)."""
 
     request_id: str
     kind: NotificationKind
     message_id: str
     status: DeliveryStatus = DeliveryStatus.SENDING
+    #: Tells apart emails of one kind about one request (``credential-id/14d/2026-12-11``); usually empty.
+    topic: str = ""
     attempts: int = 0
     last_error: str = ""
     created_at: datetime = field(default_factory=utcnow)

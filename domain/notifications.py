@@ -50,3 +50,20 @@ class ReviewContext:
     plan_name: str
     products: tuple[ProductLine, ...]
     justification: str
+
+
+@dataclass(frozen=True)
+class ExpiryContext:
+    """A credential's coming end (the notice), or its end (expired); to the consumer."""
+
+    request_id: str
+    consumer_name: str
+    app_name: str
+    plan_name: str
+    credential_kind: str
+    #: The API key prefix or the OAuth2 client id; never the secret.
+    credential_public_id: str
+    #: ``2026-12-11 09:00 UTC``
+    expires_at: str
+    portal_name: str = ""
+    portal_url: str = ""

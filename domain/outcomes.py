@@ -192,3 +192,51 @@ class NotificationsRedriven(Outcome):
     redriven: int
     failed: int
     request_ids: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class CredentialsOperated(Outcome):
+    """An authentic admin operation on credentials was recorded: ``applied``, or ``ignored`` with its reason."""
+
+    name: ClassVar[str] = "credentials.operated"
+    operation_id: str
+    operation: str
+    target: str
+    target_id: str
+    admin_id: str
+    outcome: str
+    reason: str
+    #: Per credential reached (or the plan-change request opened): ``applied``, or why not.
+    results: tuple[tuple[str, str], ...]
+
+
+@dataclass(frozen=True)
+class CredentialOperationDuplicateIgnored(Outcome):
+    """An operation already recorded, or recorded by a twin delivery at the same moment."""
+
+    name: ClassVar[str] = "credentials.operation_duplicate_ignored"
+    committed_only: ClassVar[bool] = False
+    operation_id: str
+    concurrent: bool
+
+
+@dataclass(frozen=True)
+class CredentialOperationRefused(Outcome):
+    """An operation not shown to come from the admin it names; recorded, and nothing changed."""
+
+    name: ClassVar[str] = "credentials.operation_refused"
+    level: ClassVar[Level] = "warning"
+    committed_only: ClassVar[bool] = False
+    operation_id: str
+    admin_id: str
+    reason: str
+
+
+@dataclass(frozen=True)
+class CredentialExpirySwept(Outcome):
+    """The expiry sweep expired some credentials and queued notices for others."""
+
+    name: ClassVar[str] = "credentials.expiry_swept"
+    expired: int
+    noticed: int
+    credential_ids: tuple[str, ...]

@@ -18,9 +18,11 @@ from domain.model import (
     Catalogue,
     Consumer,
     Credential,
+    CredentialOperation,
     Decision,
     Notification,
     NotificationKind,
+    OperationTarget,
     Plan,
     Portal,
     Product,
@@ -68,10 +70,27 @@ class CredentialRepository(Protocol):
 
     def for_request(self, request_id: str) -> Credential | None: ...
 
+    def get(self, credential_id: str, *, for_update: bool = False) -> Credential | None: ...
+
+    def targets(self, target: OperationTarget, target_id: str) -> list[Credential]:
+        """The credentials an operation names (one, an app's, a consumer's), locked for this transaction."""
+        ...
+
+    def expiring(self, *, before: datetime, limit: int) -> list[Credential]:
+        """Up to ``limit`` live credentials that expire before ``before``, soonest first; held for this
+        transaction, and skipped by any other that asks."""
+        ...
+
+
+class CredentialOperationRepository(Protocol):
+    def get(self, operation_id: str) -> CredentialOperation | None: ...
+
+    def add(self, operation: CredentialOperation) -> None: ...
+
 
 class NotificationRepository(Protocol):
     def get(
-        self, request_id: str, kind: NotificationKind, *, for_update: bool = False
+        self, request_id: str, kind: NotificationKind, topic: str = "", *, for_update: bool = False
     ) -> Notification | None: ...
 
     def add(self, notification: Notification) -> None: ...
@@ -127,6 +146,9 @@ class UnitOfWork(Protocol):
 
     @property
     def credentials(self) -> CredentialRepository: ...
+
+    @property
+    def credential_operations(self) -> CredentialOperationRepository: ...
 
     @property
     def notifications(self) -> NotificationRepository: ...

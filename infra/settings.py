@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+from datetime import timedelta
 from typing import Annotated, Literal, Self
 from urllib.parse import unquote, urlsplit
 
@@ -160,6 +161,26 @@ class Settings(BaseSettings):
         "Access request {{ request_id }} awaits review",
         description="Jinja2 subject of the review email to admins.",
     )
+    subject_expiry_notice: str = Field(
+        "The credential of {{ app_name }} expires on {{ expires_at }}",
+        description="Jinja2 subject of the notice to a consumer before a credential expires.",
+    )
+    subject_expired: str = Field(
+        "The credential of {{ app_name }} has expired",
+        description="Jinja2 subject of the email to a consumer when a credential has expired.",
+    )
+    expiry_notice_days: str = Field(
+        "14,3",
+        pattern=r"^\s*(\d+(\.\d+)?\s*(,\s*\d+(\.\d+)?\s*)*)?$",
+        description="Days before a credential expires at which its consumer is told, by email and by "
+        "the portal's event: comma-separated, e.g. `14,3`; empty for no notices.",
+    )
+    expiry_sweep_seconds: float = Field(
+        60.0,
+        gt=0,
+        description="How often each pool that issues credentials expires the credentials whose "
+        "lifetime ended and queues the notices due; safe with many replicas.",
+    )
     message_id_domain: str = Field(
         "accessflow.local", description="Right-hand side of each email's Message-ID."
     )
@@ -308,3 +329,7 @@ class Settings(BaseSettings):
         if self.broker_internal_users:
             return frozenset(self.broker_internal_users)
         return frozenset({unquote(urlsplit(self.broker_urls()[0]).username or "guest")})
+
+    def expiry_notice_points(self) -> list[timedelta]:
+        """The points before a credential's expiry at which its consumer is told (``expiry_notice_days``)."""
+        return [timedelta(days=float(part)) for part in self.expiry_notice_days.split(",") if part.strip()]

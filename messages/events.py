@@ -32,6 +32,14 @@ EventName = Literal[
     "access_request.provisioned",
     "access_request.provisioning_failed",
     "credentials.issued",
+    "credentials.rotated",
+    "credentials.revoked",
+    "credentials.suspended",
+    "credentials.resumed",
+    "credentials.expiry_set",
+    "credentials.expiring",
+    "credentials.expired",
+    "credentials.plan_changed",
 ]
 
 
@@ -47,6 +55,16 @@ class IssuedCredential(BaseModel):
     product_ids: list[Identifier]
     rate_limit_per_minute: int
     monthly_quota: int | None
+    status: Literal["active", "suspended", "revoked", "expired"] = "active"
+    plan_id: str = Field("", description="The plan whose limits it carries.")
+    revision: int = Field(1, ge=1, description="1 when issued, one more with each change.")
+    expires_at: datetime | None = Field(None, description="When it stops verifying; null: never.")
+    previous_public_id: str | None = Field(
+        None, description="After a rotation with a grace period: the previous secret's public id."
+    )
+    previous_valid_until: datetime | None = Field(
+        None, description="After a rotation with a grace period: when the previous secret stops verifying."
+    )
 
 
 class SealedSecret(BaseModel):
@@ -63,7 +81,12 @@ class SealedSecret(BaseModel):
 
 
 class RequestEvent(BaseModel):
-    """One change of a portal's access request, or the credentials it was issued."""
+    """One change of a portal's access request, or of the credential it was issued.
+
+    ``credentials.*`` events other than ``issued`` report the credential's life after issue
+    (rotated, revoked, suspended, resumed, expiry_set, expiring, expired, plan_changed), in
+    the sequence of the request it was issued for; their ``status`` is the credential's.
+    """
 
     model_config = ConfigDict(extra="forbid", frozen=True, title="PortalEvent")
 
@@ -77,8 +100,12 @@ class RequestEvent(BaseModel):
     status: str = Field(description="The request's status this event reports.")
     reason: str = Field(description="Why, in words: the admin's reason, the rule that failed...")
     occurred_at: datetime
-    credential: IssuedCredential | None = Field(None, description="With credentials.issued only.")
-    sealed_secret: SealedSecret | None = Field(None, description="With credentials.issued only.")
+    credential: IssuedCredential | None = Field(
+        None, description="With every credentials.* event: the credential as it is after the change."
+    )
+    sealed_secret: SealedSecret | None = Field(
+        None, description="With credentials.issued and credentials.rotated: the new secret, sealed."
+    )
 
     @classmethod
     def of(cls, event: PortalEvent) -> RequestEvent:

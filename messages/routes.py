@@ -48,11 +48,18 @@ SUBMIT = Route(
 DECIDE = Route(
     "access_request.decide", "decisions", v2.AdminDecision, legacy={1: v1.AdminDecision}, external=True
 )
+#: Admin operations on credentials share the decisions queue: the same signers, the same exchange and pool.
+OPERATE = Route("credentials.operate", "decisions", v2.CredentialOperation, external=True)
 ISSUE = Route("credentials.issue", "credentials", v1.IssueCredentials)
 NOTIFY = Route("notifications.send", "notifications", v1.SendNotification)
 
 #: Every route, in the order a request travels them.
-ROUTES: tuple[Route, ...] = (SUBMIT, DECIDE, ISSUE, NOTIFY)
+ROUTES: tuple[Route, ...] = (SUBMIT, DECIDE, OPERATE, ISSUE, NOTIFY)
+#: One route per queue, the first that consumes it: for whatever walks the queues rather than the actors
+#: (depths, consumers, pools), which would count the decisions queue twice in :data:`ROUTES`.
+QUEUE_ROUTES: tuple[Route, ...] = tuple({route.queue: route for route in reversed(ROUTES)}.values())[::-1]
+#: Every queue the routes consume, once each, in the order of :data:`ROUTES`.
+QUEUES: tuple[str, ...] = tuple(route.queue for route in QUEUE_ROUTES)
 
 
 def route_for_command(command: commands.Command) -> tuple[Route, dict[str, object]]:
@@ -61,6 +68,10 @@ def route_for_command(command: commands.Command) -> tuple[Route, dict[str, objec
         case commands.IssueCredentials():
             return ISSUE, v1.IssueCredentials(request_id=command.request_id).model_dump(mode="json")
         case commands.SendNotification():
-            payload = v1.SendNotification(request_id=command.request_id, kind=command.kind.value)
-            return NOTIFY, payload.model_dump(mode="json")
+            payload = v1.SendNotification(
+                request_id=command.request_id, kind=command.kind.value, topic=command.topic
+            ).model_dump(mode="json")
+            if not command.topic:  # left out, as before topics: a worker not yet upgraded reads it
+                del payload["topic"]
+            return NOTIFY, payload
     raise TypeError(f"no route for {type(command).__name__}")

@@ -224,7 +224,10 @@ class SendNotification(Contract):
 
     type: Literal["notification.send"] = "notification.send"
     request_id: RequestId
-    kind: Literal["approve", "reject", "review"]
+    kind: Literal["approve", "reject", "review", "expiry_notice", "expired"]
+    topic: Annotated[str, StringConstraints(max_length=80, pattern=r"^[A-Za-z0-9._:/-]*$")] = Field(
+        "", description="Tells apart emails of one kind about one request, e.g. an expiry notice's point."
+    )
 
     def to_command(self) -> commands.SendNotification:
-        return commands.SendNotification(self.request_id, NotificationKind(self.kind))
+        return commands.SendNotification(self.request_id, NotificationKind(self.kind), self.topic)

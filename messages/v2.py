@@ -18,12 +18,21 @@ is refused unless ``ACCESSFLOW_ACCEPT_V1_SUBMISSIONS`` is on (README: moving fro
 from __future__ import annotations
 
 import dataclasses
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Annotated, Literal
 
-from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, StringConstraints
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    StringConstraints,
+    model_validator,
+)
 
 from domain import commands
+from domain.model import CredentialOperationKind, OperationTarget
 from messages import v1
 from messages.canonical import canonical_bytes
 from messages.v1 import Identifier, Text, _not_a_bool
@@ -104,7 +113,7 @@ class AdminDecision(BaseModel):
         return canonical_bytes(self.model_dump(mode="json", exclude={"signature"}))
 
     def to_command(self, sender: str | None = None) -> commands.DecideRequest:
-        decided_at = datetime.fromisoformat(self.decided_at.replace("Z", "+00:00")).astimezone(UTC)
+        decided_at = _instant(self.decided_at)
         return commands.DecideRequest(
             decision_id=self.decision_id,
             request_id=self.request_id,
@@ -121,3 +130,81 @@ class AdminDecision(BaseModel):
             ),
             sender=sender,
         )
+
+
+#: Seconds a rotated credential's previous secret may go on verifying: at most 30 days.
+MAX_GRACE_SECONDS = 30 * 24 * 3600
+
+
+class CredentialOperation(BaseModel):
+    """An admin rotates, revokes, suspends, resumes, changes the plan of, or sets the expiry of credentials.
+
+    Signed like a decision: Ed25519 over :func:`messages.canonical.canonical_bytes` of every
+    member but ``signature``; members left out of the message are left out of the signed
+    bytes. ``target`` names one credential, every credential of an app, or every credential
+    of a consumer (revoke, suspend and resume only); rotate, set_expiry and change_plan
+    name one credential.
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    version: Version2 = Field(description="Contract version: 2.")
+    type: Literal["credentials.operate"]
+    operation_id: CanonicalUuid = Field(description="Lower-case UUID; the idempotency key of the operation.")
+    operation: Literal["rotate", "revoke", "suspend", "resume", "set_expiry", "change_plan"]
+    target: Literal["credential", "app", "consumer"]
+    target_id: Identifier
+    admin_id: Identifier = Field(description="The admin, as registered with `accessflow admins add`.")
+    reason: Annotated[Text, StringConstraints(min_length=1)]
+    issued_at: UtcInstant = Field(
+        description="When the admin signed it, UTC with a Z; refused beyond the allowed skew, as a decision is."
+    )
+    audience: Identifier = Field(description="The deployment this is meant for: its queue prefix.")
+    grace_seconds: int | None = Field(
+        None, ge=0, le=MAX_GRACE_SECONDS, description="rotate: how long the previous secret still verifies."
+    )
+    plan_id: Identifier | None = Field(None, description="change_plan: the plan to move the credential to.")
+    expires_at: UtcInstant | None = Field(
+        None, description="set_expiry: the new end of life; left out, the credential never expires."
+    )
+    signature: SignatureBlock
+
+    @model_validator(mode="after")
+    def _fits_its_operation(self) -> CredentialOperation:
+        if self.operation in ("rotate", "set_expiry", "change_plan") and self.target != "credential":
+            raise ValueError(f"{self.operation} names one credential: target must be 'credential'")
+        if (self.plan_id is not None) != (self.operation == "change_plan"):
+            raise ValueError("plan_id is given with change_plan, and only with it")
+        if self.grace_seconds is not None and self.operation != "rotate":
+            raise ValueError("grace_seconds is given with rotate only")
+        if self.expires_at is not None and self.operation != "set_expiry":
+            raise ValueError("expires_at is given with set_expiry only")
+        return self
+
+    def signed_bytes(self) -> bytes:
+        return canonical_bytes(self.model_dump(mode="json", exclude={"signature"}, exclude_none=True))
+
+    def to_command(self, sender: str | None = None) -> commands.OperateCredentials:
+        return commands.OperateCredentials(
+            operation_id=self.operation_id,
+            operation=CredentialOperationKind(self.operation),
+            target=OperationTarget(self.target),
+            target_id=self.target_id,
+            admin_id=self.admin_id,
+            reason=self.reason,
+            issued_at=_instant(self.issued_at),
+            grace=timedelta(seconds=self.grace_seconds or 0),
+            plan_id=self.plan_id,
+            expires_at=_instant(self.expires_at) if self.expires_at else None,
+            signature=commands.Signature(
+                key_id=self.signature.key_id,
+                value=self.signature.value,
+                signed_bytes=self.signed_bytes(),
+                audience=self.audience,
+            ),
+            sender=sender,
+        )
+
+
+def _instant(value: str) -> datetime:
+    return datetime.fromisoformat(value.replace("Z", "+00:00")).astimezone(UTC)

@@ -1,4 +1,4 @@
-"""The four actors, one per queue. Each gets its contract decoded (infra.messaging.actors), calls a handler, returns.
+"""The actors: one per route; the admin's credential operations share the decisions queue. Each gets its contract decoded (infra.messaging.actors), calls a handler, returns.
 
 ``sender`` is the AMQP user that first published the message, as RabbitMQ validated it.
 """
@@ -40,6 +40,20 @@ def apply_decision(
     )
 
 
+@actor(routes.OPERATE)
+def operate_credentials(message: v2.CredentialOperation, services: Services, sender: str | None) -> None:
+    handlers.operate_credentials(
+        message.to_command(sender),
+        uow=services.uow(),
+        issuer=services.issuer,
+        sealer=services.sealer(),
+        portal_sealer=services.portal_sealer,
+        verify=services.verify_signature,
+        audience=services.settings.queue_prefix,
+        max_skew=timedelta(seconds=services.settings.decision_max_skew_seconds),
+    )
+
+
 @actor(routes.ISSUE)
 def issue_credentials(message: v1.IssueCredentials, services: Services, sender: str | None) -> None:
     handlers.issue_credentials(
@@ -63,4 +77,10 @@ def send_notification(message: v1.SendNotification, services: Services, sender: 
 
 
 #: Every actor; :func:`infra.bootstrap.wire` registers exactly these.
-ACTORS: tuple[Actor[Any], ...] = (route_request, apply_decision, issue_credentials, send_notification)
+ACTORS: tuple[Actor[Any], ...] = (
+    route_request,
+    apply_decision,
+    operate_credentials,
+    issue_credentials,
+    send_notification,
+)

@@ -20,10 +20,10 @@ from domain.errors import AccessflowError
 from infra.bootstrap import Services, build
 from infra.db import catalogue_file
 from infra.settings import Settings
-from messages.routes import ROUTES
+from messages.routes import QUEUES
 from messages.validation import explain
 
-QUEUE_CHOICES = [route.queue for route in ROUTES]
+QUEUE_CHOICES = list(QUEUES)
 #: How wide a table may be when the output is not a terminal: wide enough never to wrap a
 #: cell, so that what a script greps for stays on one line.
 PIPED_WIDTH = 10_000

@@ -6,6 +6,7 @@ import sys
 
 import click
 
+from domain.model import utcnow
 from infra.cli.common import (
     echo_json,
     open_services,
@@ -65,12 +66,37 @@ def credentials_show(app_id: str | None, request_id: str | None, as_json: bool) 
 
 @credentials.command("verify")
 @click.option("--client-id", default=None, help="The OAuth2 client id; omit for an API key.")
-def credentials_verify(client_id: str | None) -> None:
-    """Check a secret read from standard input, as a gateway would. Exit 0 if valid, 1 if not."""
+@click.option("--json", "as_json", is_flag=True, help="Print the answer as JSON.")
+def credentials_verify(client_id: str | None, as_json: bool) -> None:
+    """Check a secret read from standard input, as a gateway would. Exit 0 if valid, 1 if not.
+
+    A valid secret's answer names the app, the products and the limits it grants. A suspended,
+    revoked or expired credential is invalid, and so is a rotated-out secret after its grace period.
+    """
     secret = sys.stdin.readline().strip()
     public_id = client_id or api_key_public_id(secret)
     with open_services() as services, services.uow() as uow:
         credential = uow.credentials.by_public_id(public_id) if public_id else None
-        valid = verify(secret, credential)
-    click.echo("valid" if valid else "invalid")
+        valid = verify(secret, public_id or "", credential, utcnow())
+    answer: dict[str, object] = {"valid": valid}
+    if valid and credential is not None:
+        answer.update(
+            credential_id=credential.id,
+            app_id=credential.app_id,
+            consumer_id=credential.consumer_id,
+            plan_id=credential.plan_id,
+            product_ids=list(credential.product_ids),
+            rate_limit_per_minute=credential.rate_limit_per_minute,
+            monthly_quota=credential.monthly_quota,
+            expires_at=credential.expires_at.isoformat() if credential.expires_at else None,
+        )
+    if as_json:
+        echo_json(answer)
+    elif valid and credential is not None:
+        click.echo(
+            f"valid  app {credential.app_id}  products {','.join(credential.product_ids)}  "
+            f"{credential.rate_limit_per_minute}/min, quota {credential.monthly_quota or 'unlimited'}"
+        )
+    else:
+        click.echo("invalid")
     sys.exit(0 if valid else 1)

@@ -191,7 +191,8 @@ def _play(
                 secret = sealing.open_sealed_secret(portal_private, str(sealed["value"]))
                 with services.uow() as uow:
                     credential = uow.credentials.for_request(request_id)
-                    valid = issuing.verify(secret, credential)
+                    public_id = credential.public_id if credential is not None else ""
+                    valid = issuing.verify(secret, public_id, credential, utcnow())
                 echo(
                     f"        sealed secret opened with the portal's key: {secret[:12]}... "
                     f"({len(secret)} chars), {'matches' if valid else 'DOES NOT MATCH'} the stored hash"

@@ -13,6 +13,7 @@ import hashlib
 import hmac
 import re
 import secrets
+from datetime import datetime
 
 from domain.model import AuthMethod, Credential
 from domain.ports import IssuedSecret
@@ -50,10 +51,17 @@ def api_key_public_id(api_key: str) -> str | None:
     return match.group(1) if match else None
 
 
-def verify(presented_secret: str, credential: Credential | None) -> bool:
-    """What a gateway does: check a presented secret against the stored hash, in constant time."""
-    if credential is None or credential.revoked_at is not None:
-        # Still spend the hash, so a miss and a mismatch take the same time.
-        secret_matches(presented_secret, hash_secret(""))
-        return False
-    return secret_matches(presented_secret, credential.secret_hash)
+def verify(presented_secret: str, public_id: str, credential: Credential | None, now: datetime) -> bool:
+    """What a gateway does: check a presented secret against the stored hashes, in constant time.
+
+    It verifies only while the credential is active and unexpired at ``now``; after a rotation
+    the previous secret verifies too, under its own public id, until its grace period ends.
+    """
+    hashes = credential.hashes_for(public_id, now) if credential is not None else []
+    presented = hash_secret(presented_secret)
+    # Every candidate is compared, and a miss still spends a comparison: a miss, a mismatch and
+    # a match take about the same time.
+    matched = False
+    for stored in hashes or ["sha256:"]:
+        matched |= hmac.compare_digest(presented, stored)
+    return matched and bool(hashes)

@@ -39,6 +39,8 @@ class PlanEntry(Entry):
     rate_limit_per_minute: int = Field(gt=0)
     monthly_quota: int | None = Field(None, gt=0)
     products: list[Identifier] = Field(min_length=1)
+    #: Days each credential issued under the plan lives; none: for ever.
+    credential_lifetime_days: int | None = Field(None, gt=0, le=36_500)
 
 
 class ConsumerEntry(Entry):
@@ -148,6 +150,7 @@ def load(catalogue: CatalogueFile, uow: UnitOfWork) -> dict[str, int]:
                     rate_limit_per_minute=plan.rate_limit_per_minute,
                     monthly_quota=plan.monthly_quota,
                     product_ids=list(plan.products),
+                    credential_lifetime_days=plan.credential_lifetime_days,
                 )
             )
         for a in catalogue.apps:

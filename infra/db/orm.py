@@ -15,9 +15,13 @@ from sqlalchemy import orm as sa_orm
 from domain.model import (
     ActorKind,
     AuthMethod,
+    CredentialChangeKind,
+    CredentialOperationKind,
+    CredentialStatus,
     DecisionOutcome,
     DeliveryStatus,
     NotificationKind,
+    RequestKind,
     Status,
 )
 
@@ -31,6 +35,8 @@ def _enum(cls: type[enum.Enum]) -> sa.Enum:
 
 
 Timestamp = sa.DateTime(timezone=True)
+#: The credentials the expiry sweep looks at: live ones that expire.
+_LIVE_EXPIRING = "status IN ('active', 'suspended') AND expires_at IS NOT NULL"
 
 products = sa.Table(
     "products",
@@ -49,6 +55,8 @@ plans = sa.Table(
     sa.Column("rate_limit_per_minute", sa.Integer, nullable=False),
     sa.Column("monthly_quota", sa.Integer, nullable=True),
     sa.Column("product_ids", sa.JSON, nullable=False),
+    # How long each credential issued under the plan lives; None: for ever (migration 0010).
+    sa.Column("credential_lifetime_days", sa.Integer, nullable=True),
 )
 
 consumers = sa.Table(
@@ -93,6 +101,9 @@ access_requests = sa.Table(
     sa.Column("event_seq", sa.Integer, nullable=False, server_default="0"),
     # How many times the sweep issued an approved request's credentials again (migration 0009).
     sa.Column("provision_attempts", sa.Integer, nullable=False, server_default="0"),
+    # An access request, or a plan change of ``credential_id`` (migration 0010).
+    sa.Column("kind", _enum(RequestKind), nullable=False, server_default="access"),
+    sa.Column("credential_id", sa.String(36), nullable=True),
     # The sweep of requests stuck in approved reads only those, by age (migration 0009).
     sa.Index(
         "ix_access_requests_approved",
@@ -158,6 +169,58 @@ credentials = sa.Table(
     sa.Column("created_at", Timestamp, nullable=False),
     sa.Column("revealed_at", Timestamp, nullable=True),
     sa.Column("revoked_at", Timestamp, nullable=True),
+    # Its life after issue (migration 0010): see domain.model.Credential.
+    sa.Column("status", _enum(CredentialStatus), nullable=False, server_default="active"),
+    sa.Column("plan_id", sa.String(64), nullable=False, server_default=""),
+    sa.Column("consumer_id", sa.String(64), nullable=False, server_default="", index=True),
+    sa.Column("expires_at", Timestamp, nullable=True),
+    sa.Column("previous_public_id", sa.String(64), nullable=True, index=True),
+    sa.Column("previous_secret_hash", sa.String(128), nullable=True),
+    sa.Column("previous_valid_until", Timestamp, nullable=True),
+    sa.Column("revision", sa.Integer, nullable=False, server_default="1"),
+    sa.Column("updated_at", Timestamp, nullable=True),
+    sa.Column("expiry_notices", sa.String(200), nullable=False, server_default=""),
+    sa.Index(
+        "ix_credentials_expiring",
+        "expires_at",
+        postgresql_where=sa.text(_LIVE_EXPIRING),
+        sqlite_where=sa.text(_LIVE_EXPIRING),
+    ),
+)
+
+# Append-only like audit_log: every change of a credential, who made it and why (migration 0010).
+credential_audit = sa.Table(
+    "credential_audit",
+    metadata,
+    sa.Column("id", sa.BigInteger().with_variant(sa.Integer, "sqlite"), primary_key=True, autoincrement=True),
+    sa.Column("credential_id", sa.String(36), sa.ForeignKey("credentials.id"), nullable=False, index=True),
+    sa.Column("change", _enum(CredentialChangeKind), nullable=False),
+    sa.Column("from_status", _enum(CredentialStatus), nullable=False),
+    sa.Column("to_status", _enum(CredentialStatus), nullable=False),
+    sa.Column("revision", sa.Integer, nullable=False),
+    sa.Column("actor_kind", _enum(ActorKind), nullable=False),
+    sa.Column("actor_id", sa.String(254), nullable=False),
+    sa.Column("reason", sa.Text, nullable=False),
+    sa.Column("cause_id", sa.String(36), nullable=True),
+    sa.Column("at", Timestamp, nullable=False),
+)
+
+# Admin operations on credentials as received, applied or not; the id makes a replay change nothing.
+credential_operations = sa.Table(
+    "credential_operations",
+    metadata,
+    sa.Column("id", sa.String(36), primary_key=True),
+    sa.Column("operation", _enum(CredentialOperationKind), nullable=False),
+    sa.Column("target", sa.String(40), nullable=False),
+    sa.Column("target_id", sa.String(64), nullable=False),
+    sa.Column("admin_id", sa.String(64), nullable=False),
+    sa.Column("reason", sa.Text, nullable=False),
+    sa.Column("issued_at", Timestamp, nullable=False),
+    sa.Column("received_at", Timestamp, nullable=False),
+    sa.Column("outcome", _enum(DecisionOutcome), nullable=False),
+    sa.Column("outcome_reason", sa.Text, nullable=False, server_default=""),
+    sa.Column("results", sa.JSON, nullable=False),
+    sa.Column("key_id", sa.String(64), nullable=True),
 )
 
 notifications = sa.Table(
@@ -166,6 +229,8 @@ notifications = sa.Table(
     sa.Column("id", sa.BigInteger().with_variant(sa.Integer, "sqlite"), primary_key=True, autoincrement=True),
     sa.Column("request_id", sa.String(36), sa.ForeignKey("access_requests.id"), nullable=False),
     sa.Column("kind", _enum(NotificationKind), nullable=False),
+    # Tells apart emails of one kind about one request: the 14-day expiry notice from the 3-day one.
+    sa.Column("topic", sa.String(80), nullable=False, server_default=""),
     sa.Column("message_id", sa.String(200), nullable=False),
     sa.Column("status", _enum(DeliveryStatus), nullable=False),
     sa.Column("attempts", sa.Integer, nullable=False),
@@ -173,7 +238,7 @@ notifications = sa.Table(
     sa.Column("created_at", Timestamp, nullable=False),
     sa.Column("sent_at", Timestamp, nullable=True),
     sa.Column("lease_expires_at", Timestamp, nullable=True),
-    sa.UniqueConstraint("request_id", "kind", name="uq_notifications_request_kind"),
+    sa.UniqueConstraint("request_id", "kind", "topic", name="uq_notifications_request_kind_topic"),
     # The stuck-email sweep reads only these, and they are few (migration 0008).
     sa.Index(
         "ix_notifications_sending",

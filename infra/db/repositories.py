@@ -43,10 +43,13 @@ from domain.model import (
     Catalogue,
     Consumer,
     Credential,
+    CredentialOperation,
+    CredentialStatus,
     Decision,
     DeliveryStatus,
     Notification,
     NotificationKind,
+    OperationTarget,
     Plan,
     Portal,
     Product,
@@ -612,6 +615,7 @@ def _plan_of(row: Row[Any]) -> Plan:
         rate_limit_per_minute=row.rate_limit_per_minute,
         monthly_quota=row.monthly_quota,
         product_ids=list(row.product_ids),
+        credential_lifetime_days=row.credential_lifetime_days,
     )
 
 
@@ -745,13 +749,34 @@ class SqlDecisionRepository:
 
 _credentials = orm.credentials
 _CREDENTIAL_COLUMNS: Final = tuple(c.name for c in _credentials.columns)
-#: What may change once a credential is stored: its one reveal, and its revocation.
-_CREDENTIAL_CHANGES: Final = ("sealed_secret", "revealed_at", "revoked_at")
+#: What may change once a credential is stored: its one reveal, and its whole life after issue.
+_CREDENTIAL_CHANGES: Final = (
+    "sealed_secret",
+    "revealed_at",
+    "revoked_at",
+    "status",
+    "public_id",
+    "secret_hash",
+    "previous_public_id",
+    "previous_secret_hash",
+    "previous_valid_until",
+    "plan_id",
+    "rate_limit_per_minute",
+    "monthly_quota",
+    "expires_at",
+    "revision",
+    "updated_at",
+    "expiry_notices",
+)
 _UPDATE_CREDENTIAL: Final = (
     _credentials.update()
     .where(_credentials.c.id == sa.bindparam("credential_id"))
     .values({n: sa.bindparam(f"new_{n}") for n in _CREDENTIAL_CHANGES})
 )
+_credential_audit = orm.credential_audit
+_CREDENTIAL_AUDIT_COLUMNS: Final = tuple(c.name for c in _credential_audit.columns if c.name != "id")
+#: The statuses a credential may still change from, but for a revocation.
+_LIVE: Final = (CredentialStatus.ACTIVE, CredentialStatus.SUSPENDED)
 
 
 _CREDENTIAL_OF_REQUEST: Final = sa.select(_credentials).where(
@@ -841,8 +866,61 @@ class SqlCredentialRepository:
         return self._load(query)
 
     def by_public_id(self, public_id: str) -> Credential | None:
-        found = self._load(sa.select(_credentials).where(_credentials.c.public_id == public_id))
+        """The credential a presented secret names: by its public id, or its previous one in a grace period."""
+        c = _credentials.c
+        query = (
+            sa.select(_credentials)
+            .where(sa.or_(c.public_id == public_id, c.previous_public_id == public_id))
+            .order_by(sa.case((c.public_id == public_id, 0), else_=1))
+            .limit(1)
+        )
+        found = self._load(query)
         return found[0] if found else None
+
+    def get(self, credential_id: str, *, for_update: bool = False) -> Credential | None:
+        for credential in self._added:
+            if credential.id == credential_id:
+                return credential
+        query = sa.select(_credentials).where(_credentials.c.id == credential_id)
+        found = self._load(query.with_for_update() if for_update else query)
+        return found[0] if found else None
+
+    def targets(self, target: OperationTarget, target_id: str) -> list[Credential]:
+        """The credentials an operation names, locked for this transaction, in a fixed order (no deadlock)."""
+        column = {
+            OperationTarget.CREDENTIAL: _credentials.c.id,
+            OperationTarget.APP: _credentials.c.app_id,
+            OperationTarget.CONSUMER: _credentials.c.consumer_id,
+        }[target]
+        query = sa.select(_credentials).where(column == target_id).order_by(_credentials.c.id)
+        return self._load(query.with_for_update())
+
+    def expiring(self, *, before: datetime, limit: int) -> list[Credential]:
+        """Live credentials that expire before ``before``, soonest first.
+
+        Locked for this transaction; rows another transaction holds (another sweep, an
+        operation) are skipped, not waited for, so that many workers sweep side by side.
+        """
+        c = _credentials.c
+        query = (
+            sa.select(_credentials)
+            .where(c.status.in_(_LIVE), c.expires_at.is_not(None), c.expires_at < before)
+            .order_by(c.expires_at, c.id)
+            .limit(limit)
+            .with_for_update(skip_locked=True)
+        )
+        return self._loaded.load(self.session.connection().execute(query))
+
+    def trail(self, credential_id: str) -> list[dict[str, Any]]:
+        query = (
+            sa.select(_credential_audit)
+            .where(_credential_audit.c.credential_id == credential_id)
+            .order_by(_credential_audit.c.id)
+        )
+        return [
+            _record(_credential_audit, (*_CREDENTIAL_AUDIT_COLUMNS, "id"), row)
+            for row in self.session.connection().execute(query)
+        ]
 
     def flush(self) -> None:
         for credential_id, _, now in self._loaded.changed():
@@ -860,10 +938,61 @@ class SqlCredentialRepository:
         for credential in self._added:
             self._loaded.remember(credential.id, credential)
         self._added.clear()
+        # Each change a credential recorded is a row of its audit trail, written once.
+        changes = [change for credential, _ in self._loaded.entries.values() for change in credential.changes]
+        if changes:
+            run(
+                self.session,
+                insert_rows(_credential_audit, _CREDENTIAL_AUDIT_COLUMNS, len(changes)),
+                rows_parameters(changes, _CREDENTIAL_AUDIT_COLUMNS, "v"),
+            )
+            for credential, _ in self._loaded.entries.values():
+                credential.changes.clear()
 
     def forget(self) -> None:
         self._added.clear()
         self._loaded.clear()
+
+
+_operations = orm.credential_operations
+_OPERATION_COLUMNS: Final = tuple(c.name for c in _operations.columns)
+
+
+class SqlCredentialOperationRepository:
+    """Admin operations on credentials as received: added once, never changed."""
+
+    def __init__(self, session: Session) -> None:
+        self.session = session
+        self._added: list[CredentialOperation] = []
+
+    def get(self, operation_id: str) -> CredentialOperation | None:
+        for operation in self._added:
+            if operation.id == operation_id:
+                return operation
+        rows = run(self.session, sa.select(_operations).where(_operations.c.id == operation_id))
+        if not rows:
+            return None
+        values = _record(_operations, _OPERATION_COLUMNS, rows[0])
+        values["target"] = OperationTarget(values["target"])
+        return CredentialOperation(**values)
+
+    def add(self, operation: CredentialOperation) -> None:
+        self._added.append(operation)
+
+    def flush(self) -> None:
+        for operation in self._added:
+            with _duplicate_of(
+                f"operation {operation.id}", "credential_operations", "credential_operations_pkey"
+            ):
+                run(
+                    self.session,
+                    insert_rows(_operations, _OPERATION_COLUMNS, 1),
+                    rows_parameters([operation], _OPERATION_COLUMNS, "v"),
+                )
+        self._added.clear()
+
+    def forget(self) -> None:
+        self._added.clear()
 
 
 _notifications = orm.notifications
@@ -871,7 +1000,9 @@ _NOTIFICATION_COLUMNS: Final = tuple(c.name for c in _notifications.columns if c
 #: What a send changes on a notification it loaded.
 _NOTIFICATION_CHANGES: Final = ("status", "attempts", "last_error", "sent_at", "lease_expires_at")
 _GET_NOTIFICATION = sa.select(_notifications).where(
-    _notifications.c.request_id == sa.bindparam("request_id"), _notifications.c.kind == sa.bindparam("kind")
+    _notifications.c.request_id == sa.bindparam("request_id"),
+    _notifications.c.kind == sa.bindparam("kind"),
+    _notifications.c.topic == sa.bindparam("topic"),
 )
 _GET_NOTIFICATION_LOCKED: Final = _GET_NOTIFICATION.with_for_update()
 _INSERT_NOTIFICATION: Final = insert_rows(_notifications, _NOTIFICATION_COLUMNS, 1, returning="id")
@@ -895,13 +1026,13 @@ class SqlNotificationRepository:
         self._loaded: _Tracked[int, Notification] = _Tracked(_notification_of, _NOTIFICATION_CHANGES)
 
     def get(
-        self, request_id: str, kind: NotificationKind, *, for_update: bool = False
+        self, request_id: str, kind: NotificationKind, topic: str = "", *, for_update: bool = False
     ) -> Notification | None:
         for notification in self._added:
-            if (notification.request_id, notification.kind) == (request_id, kind):
+            if (notification.request_id, notification.kind, notification.topic) == (request_id, kind, topic):
                 return notification
         query = _GET_NOTIFICATION_LOCKED if for_update else _GET_NOTIFICATION
-        found = self._load(query, {"request_id": request_id, "kind": kind})
+        found = self._load(query, {"request_id": request_id, "kind": kind, "topic": topic})
         return found[0] if found else None
 
     def _load(self, query: sa.Select[Any], parameters: Mapping[str, Any] | None = None) -> list[Notification]:
@@ -944,8 +1075,8 @@ class SqlNotificationRepository:
             with _duplicate_of(
                 f"the {notification.kind.value} email of request {notification.request_id}",
                 "notifications",
-                "uq_notifications_request_kind",
-                "request_id,kind",
+                "uq_notifications_request_kind_topic",
+                "request_id,kind,topic",
             ):
                 [inserted] = run(
                     self.session,

@@ -16,6 +16,7 @@ from infra.db.repositories import (
     ReferenceReads,
     SqlAdminKeyRepository,
     SqlCatalogueRepository,
+    SqlCredentialOperationRepository,
     SqlCredentialRepository,
     SqlDecisionRepository,
     SqlNotificationRepository,
@@ -58,6 +59,7 @@ class SqlUnitOfWork:
     catalogue: SqlCatalogueRepository
     decisions: SqlDecisionRepository
     credentials: SqlCredentialRepository
+    credential_operations: SqlCredentialOperationRepository
     notifications: SqlNotificationRepository
     portals: SqlPortalRepository
     admin_keys: SqlAdminKeyRepository
@@ -85,6 +87,7 @@ class SqlUnitOfWork:
         self.catalogue = SqlCatalogueRepository(self.session, self.reads)
         self.decisions = SqlDecisionRepository(self.session)
         self.credentials = SqlCredentialRepository(self.session)
+        self.credential_operations = SqlCredentialOperationRepository(self.session)
         self.notifications = SqlNotificationRepository(self.session)
         self.portals = SqlPortalRepository(self.session, self.reads)
         self.admin_keys = SqlAdminKeyRepository(self.session, self.reads)
@@ -106,11 +109,18 @@ class SqlUnitOfWork:
         self.requests.flush()
         self.decisions.flush()
         self.credentials.flush()
+        self.credential_operations.flush()
         self.notifications.flush()
         self.outbox.flush()
 
     def _forget(self) -> None:
-        for repository in (self.requests, self.decisions, self.credentials, self.notifications):
+        for repository in (
+            self.requests,
+            self.decisions,
+            self.credentials,
+            self.credential_operations,
+            self.notifications,
+        ):
             repository.forget()
 
     def commit(self) -> None:

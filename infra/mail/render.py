@@ -406,6 +406,8 @@ class EmailRenderer:
             NotificationKind.APPROVE: self.text.from_string(settings.subject_approve),
             NotificationKind.REJECT: self.text.from_string(settings.subject_reject),
             NotificationKind.REVIEW: self.text.from_string(settings.subject_review),
+            NotificationKind.EXPIRY_NOTICE: self.text.from_string(settings.subject_expiry_notice),
+            NotificationKind.EXPIRED: self.text.from_string(settings.subject_expired),
         }
         display_name, addr_spec = self.mail_from.display_name, self.mail_from.addr_spec
         self._from_line = _mailbox_field("From", display_name, addr_spec)

@@ -1,8 +1,9 @@
 """The worker lifecycle middleware: the log context per message, the periodic sweeps, a clean shutdown.
 
 The sweeps run in every pool that holds what they sweep: the outbox in all of them, the emails
-stuck in ``sending`` where the emails are sent, the requests stuck in ``approved`` where the
-credentials are issued. Each is safe in any number of processes at once.
+stuck in ``sending`` where the emails are sent, the requests stuck in ``approved`` and the
+credentials whose lifetime ends where the credentials are issued. Each is safe in any number
+of processes at once.
 """
 
 from __future__ import annotations
@@ -66,6 +67,13 @@ class WorkerLifecycle(Middleware):
                     "provisioning-sweep",
                     settings.provisioning_sweep_seconds,
                     lambda: sweep_stuck_provisioning(self.services),
+                )
+            )
+            self.tasks.append(
+                PeriodicTask(
+                    "expiry-sweep",
+                    settings.expiry_sweep_seconds,
+                    lambda: sweep_credential_expiry(self.services),
                 )
             )
         for task in self.tasks:
@@ -134,4 +142,18 @@ def sweep_stuck_provisioning(services: Services) -> tuple[int, int]:
         uow=services.uow(),
         stale_after=timedelta(seconds=settings.provisioning_stale_seconds),
         max_attempts=settings.provisioning_max_attempts,
+    )
+
+
+def sweep_credential_expiry(services: Services) -> tuple[int, int]:
+    """Expire the credentials whose lifetime ended, and queue the notices due
+    (:func:`handlers.expire_credentials`).
+
+    Safe in any number of processes at once: each takes the rows no other sweep holds.
+
+    Returns:
+      How many expired, and how many notices were queued.
+    """
+    return handlers.expire_credentials(
+        uow=services.uow(), notice_points=services.settings.expiry_notice_points()
     )

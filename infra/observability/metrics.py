@@ -46,7 +46,7 @@ from sqlalchemy.engine import Engine
 from domain.model import FINAL_STATUSES, DecisionOutcome, Status
 from infra.db import orm
 from infra.messaging.queue_depths import queue_depths
-from messages.routes import ROUTES
+from messages.routes import QUEUE_ROUTES
 
 log = structlog.get_logger()
 
@@ -234,7 +234,7 @@ def read_database(engine: Engine, snapshot: Snapshot) -> None:
 
 def work_queues(prefix: str) -> list[str]:
     """Every work queue's full name, in route order."""
-    return [route.queue_name(prefix) for route in ROUTES]
+    return [route.queue_name(prefix) for route in QUEUE_ROUTES]
 
 
 def dead_letter_queue(queue_name: str) -> str:

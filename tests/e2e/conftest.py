@@ -25,7 +25,7 @@ from infra.credentials.sealing import open_sealed_secret
 from infra.db import orm
 from infra.messaging.topology import Topology
 from infra.settings import Settings
-from messages.routes import DECIDE, ROUTES, SUBMIT, Route
+from messages.routes import DECIDE, QUEUE_ROUTES, SUBMIT, Route
 from tests import services as svc
 from tests.conftest import Boundary, Parties, PortalParty
 from tests.services import consumers_on
@@ -85,7 +85,7 @@ def worker_pools(
             (subprocess.Popen(argv, env=pool_env, stdout=log_file, stderr=subprocess.STDOUT), log_file)
         )
     try:
-        for route in ROUTES:
+        for route in QUEUE_ROUTES:
             name = route.queue_name(settings.queue_prefix)
             svc.wait_until(
                 lambda n=name: consumers_on(settings.broker_url, n) > 0,

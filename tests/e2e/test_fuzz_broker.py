@@ -47,7 +47,7 @@ from infra.db import orm
 from infra.messaging.envelope import MAX_DEPTH, is_message_id
 from infra.messaging.topology import Topology
 from infra.settings import Settings
-from messages.routes import DECIDE, ISSUE, NOTIFY, ROUTES, SUBMIT
+from messages.routes import DECIDE, ISSUE, NOTIFY, QUEUE_ROUTES, SUBMIT
 from tests import services as svc
 from tests.conftest import ADMIN_ID, Boundary
 from tests.e2e.conftest import PortalClient
@@ -587,7 +587,7 @@ class TestHostileBodiesThroughTheRealBroker:
             raise
         # And every queue drained
         wait_for(lambda: all_queues_drained(settings), timeout=deadline, what="every queue to drain")
-        delay_queues = [f"{route.queue_name(settings.queue_prefix)}.DQ" for route in ROUTES]
+        delay_queues = [f"{route.queue_name(settings.queue_prefix)}.DQ" for route in QUEUE_ROUTES]
         wait_for(
             lambda: all(svc.queue_depth(settings.broker_url, q) == 0 for q in delay_queues),
             timeout=60,
@@ -609,7 +609,7 @@ class TestHostileBodiesThroughTheRealBroker:
             + str(
                 {
                     r.queue: svc.queue_depth(settings.broker_url, f"{r.queue_name(settings.queue_prefix)}.XQ")
-                    for r in ROUTES
+                    for r in QUEUE_ROUTES
                 }
             ),
             sep="\n",
@@ -617,5 +617,5 @@ class TestHostileBodiesThroughTheRealBroker:
         # And no worker thread died, no consumer restarted, no pool was restarted
         crashes = logs.lines_with(POOL_FAILURE_SIGNS)
         assert crashes == [], f"{len(crashes)} crash lines, first: {crashes[0][:500]}"
-        for route in ROUTES:
+        for route in QUEUE_ROUTES:
             assert svc.consumers_on(settings.broker_url, route.queue_name(settings.queue_prefix)) > 0

@@ -23,7 +23,7 @@ from domain.model import Status
 from infra.bootstrap import Services
 from infra.db import orm
 from infra.settings import Settings
-from messages.routes import ROUTES, SUBMIT
+from messages.routes import QUEUE_ROUTES, SUBMIT
 from tests import services as svc
 from tests.e2e.conftest import (
     ACCESSFLOW,
@@ -253,7 +253,7 @@ class TestMetricsOfRealProcesses:
         assert value(samples, "accessflow_pending_review_requests") >= len(manual)
         assert value(samples, "accessflow_pending_review_oldest_age_seconds") > 0
         # every work queue has its pool attached, and no dead letter came of this batch
-        for route in ROUTES:
+        for route in QUEUE_ROUTES:
             queue = route.queue_name(settings.queue_prefix)
             assert value(samples, "accessflow_queue_consumers", queue=queue) >= 1, queue
             assert ("accessflow_dead_letter_messages", frozenset({("queue", queue)})) in samples

@@ -40,7 +40,7 @@ from infra.db import catalogue_file, migrate, orm
 from infra.db.engine import create_engine
 from infra.db.unit_of_work import SqlUnitOfWork
 from infra.settings import Settings
-from messages.routes import DECIDE, ROUTES, SUBMIT
+from messages.routes import DECIDE, QUEUE_ROUTES, SUBMIT
 from tests import services as svc
 from tests.conftest import ADMIN, ADMIN_ID, ADMIN_KEY_ID, TEST_CATALOGUE
 from tests.e2e.conftest import settings_env
@@ -218,7 +218,7 @@ class World:
     def start_pools(self) -> None:
         for pool in self.pools:
             pool.start()
-        for route in ROUTES:
+        for route in QUEUE_ROUTES:
             name = route.queue_name(self.settings.queue_prefix)
             svc.wait_until(
                 lambda n=name: consumers_on(self.broker_url, n) > 0, timeout=90, what=f"a consumer on {name}"
@@ -556,7 +556,7 @@ def check_invariants(
     engine = w.engine()
     try:
         # Queues drain: nothing waits in a queue or its delay queue.
-        for route in ROUTES:
+        for route in QUEUE_ROUTES:
             for name in (route.queue_name(prefix), route.queue_name(prefix) + ".DQ"):
                 svc.wait_until(
                     lambda n=name: queue_depth(w.broker_url, n) == 0, timeout=120, what=f"{name} to drain"
@@ -656,7 +656,7 @@ def check_invariants(
         assert copies <= recorded, f"{copies} {kind} emails for {request_id}, {recorded} recorded attempts"
 
     def dead_letters() -> int:
-        return sum(queue_depth(w.broker_url, route.queue_name(prefix) + ".XQ") for route in ROUTES)
+        return sum(queue_depth(w.broker_url, route.queue_name(prefix) + ".XQ") for route in QUEUE_ROUTES)
 
     # A poison message may still be serving its retries: give it until its last one.
     svc.wait_until(

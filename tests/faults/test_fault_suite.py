@@ -19,7 +19,7 @@ import pytest
 import sqlalchemy as sa
 
 from infra.db import orm
-from messages.routes import ROUTES
+from messages.routes import QUEUE_ROUTES
 from tests import services as svc
 from tests.faults.batch import Batch, Figures, World, check_invariants, make_payloads, world
 from tests.faults.private_services import PrivatePostgres, PrivateRabbitMQ, PrivateRabbitMQCluster
@@ -192,7 +192,7 @@ class TestBrokerCluster:
         # given all three nodes' URLs
         cluster = private_cluster
         with world(private_postgres.url, cluster.url, tmp_path) as w:
-            queues = [route.queue_name(w.settings.queue_prefix) for route in ROUTES]
+            queues = [route.queue_name(w.settings.queue_prefix) for route in QUEUE_ROUTES]
             replicas = cluster.quorum_queues()
             everyone = {node.node for node in cluster.nodes}
             # and every queue replicated on every node (a quorum queue's default membership)
@@ -314,22 +314,22 @@ def _settled(w: World) -> bool:
     from tests.services import queue_depth
 
     prefix = w.settings.queue_prefix
-    from messages.routes import ROUTES
+    from messages.routes import QUEUE_ROUTES
 
     busy = sum(
         queue_depth(w.broker_url, name)
-        for route in ROUTES
+        for route in QUEUE_ROUTES
         for name in (route.queue_name(prefix), route.queue_name(prefix) + ".DQ")
     )
     return busy == 0
 
 
 def _dead_letters(w: World) -> int:
-    from messages.routes import ROUTES
+    from messages.routes import QUEUE_ROUTES
     from tests.services import queue_depth
 
     return sum(
-        queue_depth(w.broker_url, route.queue_name(w.settings.queue_prefix) + ".XQ") for route in ROUTES
+        queue_depth(w.broker_url, route.queue_name(w.settings.queue_prefix) + ".XQ") for route in QUEUE_ROUTES
     )
 
 

@@ -27,7 +27,7 @@ from infra.messaging.broker import EnvelopeConsumer, QuorumRabbitmqBroker, make_
 from infra.messaging.envelope import Refused
 from infra.messaging.publisher import BatchConfirmPublisher, DramatiqPublisher, Outgoing
 from infra.settings import Settings
-from messages.routes import ISSUE, ROUTES, SUBMIT
+from messages.routes import ISSUE, QUEUE_ROUTES, SUBMIT
 from tests import services as svc
 from tests.services import envelope
 
@@ -68,7 +68,7 @@ def nothing(*args: Any, **kwargs: Any) -> None:
 def prefix(integration_settings: Settings) -> Iterator[str]:
     name = f"{integration_settings.queue_prefix}-consumer-{uuid.uuid4().hex[:6]}"
     yield name
-    svc.delete_queues(integration_settings.broker_url, name, [route.queue for route in ROUTES])
+    svc.delete_queues(integration_settings.broker_url, name, [route.queue for route in QUEUE_ROUTES])
 
 
 @pytest.fixture

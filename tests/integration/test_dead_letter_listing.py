@@ -20,7 +20,7 @@ from infra.messaging import dead_letters
 from infra.messaging.amqp import broker_user
 from infra.messaging.broker import QuorumRabbitmqBroker, make_broker
 from infra.settings import Settings
-from messages.routes import ISSUE, ROUTES, SUBMIT
+from messages.routes import ISSUE, QUEUE_ROUTES, SUBMIT
 from tests import services as svc
 from tests.integration.test_dead_letter_tools import put, take
 from tests.services import envelope
@@ -37,7 +37,7 @@ DELIVERY_LIMIT = 2
 def prefix(integration_settings: Settings) -> Iterator[str]:
     name = f"{integration_settings.queue_prefix}-dlq-{uuid.uuid4().hex[:6]}"
     yield name
-    svc.delete_queues(integration_settings.broker_url, name, [route.queue for route in ROUTES])
+    svc.delete_queues(integration_settings.broker_url, name, [route.queue for route in QUEUE_ROUTES])
 
 
 @pytest.fixture

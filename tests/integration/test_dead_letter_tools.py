@@ -20,7 +20,7 @@ from infra.messaging import dead_letters
 from infra.messaging.amqp import broker_user
 from infra.messaging.broker import QuorumRabbitmqBroker, make_broker
 from infra.settings import Settings
-from messages.routes import ISSUE, ROUTES, SUBMIT
+from messages.routes import ISSUE, QUEUE_ROUTES, SUBMIT
 from tests import services as svc
 from tests.services import envelope
 
@@ -51,7 +51,7 @@ def xq(integration_settings: Settings) -> Iterator[tuple[str, str, QuorumRabbitm
         yield requests, credentials, broker
     finally:
         broker.close()
-        svc.delete_queues(integration_settings.broker_url, prefix, [route.queue for route in ROUTES])
+        svc.delete_queues(integration_settings.broker_url, prefix, [route.queue for route in QUEUE_ROUTES])
 
 
 def put(broker_url: str, queue: str, body: bytes, **properties: Any) -> None:

@@ -27,7 +27,7 @@ from infra.db.engine import create_engine
 from infra.messaging.broker import EnvelopeConsumer, QuorumRabbitmqBroker, make_broker
 from infra.messaging.delivery import DeliveryGuard, SuspectTurn, first_delivery
 from infra.settings import Settings
-from messages.routes import ROUTES, SUBMIT
+from messages.routes import QUEUE_ROUTES, SUBMIT
 from tests import services as svc
 from tests.services import envelope
 
@@ -336,7 +336,7 @@ class TestADatabaseThatIsDown:
 def prefix(integration_settings: Settings) -> Iterator[str]:
     name = f"{integration_settings.queue_prefix}-guard-{uuid.uuid4().hex[:6]}"
     yield name
-    svc.delete_queues(integration_settings.broker_url, name, [route.queue for route in ROUTES])
+    svc.delete_queues(integration_settings.broker_url, name, [route.queue for route in QUEUE_ROUTES])
 
 
 @pytest.fixture

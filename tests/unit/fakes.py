@@ -29,10 +29,14 @@ from domain.model import (
     Catalogue,
     Consumer,
     Credential,
+    CredentialChanged,
+    CredentialOperation,
+    CredentialStatus,
     Decision,
     DeliveryStatus,
     Notification,
     NotificationKind,
+    OperationTarget,
     Plan,
     Portal,
     Product,
@@ -224,6 +228,8 @@ class FakeCredentialRepository:
 
     def __init__(self) -> None:
         self._table: _Table[str, Credential] = _Table("credentials")
+        #: Every change a committed transaction recorded, oldest first: the credential audit trail.
+        self.trail: list[CredentialChanged] = []
 
     def add(self, credential: Credential) -> None:
         if any(c.id == credential.id for c in self._table.rows.values()):
@@ -233,27 +239,78 @@ class FakeCredentialRepository:
     def for_request(self, request_id: str) -> Credential | None:
         return self._table.load(request_id)
 
+    def get(self, credential_id: str, *, for_update: bool = False) -> Credential | None:
+        return next(
+            (self._table.load(key) for key, c in self._rows_and_session() if c.id == credential_id), None
+        )
+
+    def targets(self, target: OperationTarget, target_id: str) -> list[Credential]:
+        field = {"credential": "id", "app": "app_id", "consumer": "consumer_id"}[target.value]
+        keys = sorted(key for key, c in self._rows_and_session() if getattr(c, field) == target_id)
+        return [loaded for key in keys if (loaded := self._table.load(key)) is not None]
+
+    def expiring(self, *, before: datetime, limit: int) -> list[Credential]:
+        live = (CredentialStatus.ACTIVE, CredentialStatus.SUSPENDED)
+        keys = sorted(
+            (c.expires_at, key)
+            for key, c in self._table.rows.items()
+            if c.status in live and c.expires_at is not None and c.expires_at < before
+        )
+        return [loaded for _, key in keys[:limit] if (loaded := self._table.load(key)) is not None]
+
+    def _rows_and_session(self) -> list[tuple[str, Credential]]:
+        return [
+            *self._table.rows.items(),
+            *((k, v) for k, v in self._table._session.items() if k not in self._table.rows),
+        ]
+
     def saved(self, request_id: str) -> Credential | None:
         return self._table.rows.get(request_id)
+
+    def saved_by_id(self, credential_id: str) -> Credential | None:
+        return next((c for c in self._table.rows.values() if c.id == credential_id), None)
+
+    def commit(self) -> None:
+        for credential in self._table._session.values():
+            self.trail.extend(credential.changes)
+            credential.changes.clear()
+        self._table.commit()
+
+    def rollback(self) -> None:
+        self._table.rollback()
 
     def __len__(self) -> int:
         return len(self._table.rows)
 
 
+class FakeCredentialOperationRepository:
+    def __init__(self) -> None:
+        self._table: _Table[str, CredentialOperation] = _Table("credential_operations")
+
+    def get(self, operation_id: str) -> CredentialOperation | None:
+        return self._table.load(operation_id)
+
+    def add(self, operation: CredentialOperation) -> None:
+        self._table.insert(operation.id, operation)
+
+    def saved(self, operation_id: str) -> CredentialOperation | None:
+        return self._table.rows.get(operation_id)
+
+
 class FakeNotificationRepository:
-    """At most one notification per (request, kind), with ids assigned on insert like a serial column."""
+    """At most one notification per (request, kind, topic), with ids assigned on insert like a serial column."""
 
     def __init__(self) -> None:
-        self._table: _Table[tuple[str, NotificationKind], Notification] = _Table("notifications")
+        self._table: _Table[tuple[str, NotificationKind, str], Notification] = _Table("notifications")
         self._next_id = 1
 
     def get(
-        self, request_id: str, kind: NotificationKind, *, for_update: bool = False
+        self, request_id: str, kind: NotificationKind, topic: str = "", *, for_update: bool = False
     ) -> Notification | None:
-        return self._table.load((request_id, kind))
+        return self._table.load((request_id, kind, topic))
 
     def add(self, notification: Notification) -> None:
-        self._table.insert((notification.request_id, notification.kind), notification)
+        self._table.insert((notification.request_id, notification.kind, notification.topic), notification)
         notification.id = self._next_id
         self._next_id += 1
 
@@ -265,8 +322,11 @@ class FakeNotificationRepository:
         ]
         return [loaded for key in found[:limit] if (loaded := self._table.load(key)) is not None]
 
-    def saved(self, request_id: str, kind: NotificationKind) -> Notification | None:
-        return self._table.rows.get((request_id, kind))
+    def saved(self, request_id: str, kind: NotificationKind, topic: str = "") -> Notification | None:
+        return self._table.rows.get((request_id, kind, topic))
+
+    def saved_all(self) -> list[Notification]:
+        return list(self._table.rows.values())
 
     def __len__(self) -> int:
         return len(self._table.rows)
@@ -362,6 +422,7 @@ class FakeUnitOfWork:
         self.catalogue = catalogue if catalogue is not None else build_catalogue()
         self.decisions = FakeDecisionRepository()
         self.credentials = FakeCredentialRepository()
+        self.credential_operations = FakeCredentialOperationRepository()
         self.notifications = FakeNotificationRepository()
         self.portals = FakePortalRepository([ACME_PORTAL, GLOBEX_PORTAL])
         self.admin_keys = FakeAdminKeyRepository([(ADMIN_ID, ADMIN_EMAIL)], [ADMIN_KEY])
@@ -423,7 +484,8 @@ class FakeUnitOfWork:
             self.requests._table,
             self.catalogue,
             self.decisions._table,
-            self.credentials._table,
+            self.credentials,
+            self.credential_operations._table,
             self.notifications._table,
             self.portals._table,
             self.admin_keys,

@@ -28,7 +28,7 @@ from click.testing import CliRunner
 from infra.cli.main import main
 from infra.credentials.sealing import generate_seal_key
 from infra.settings import Settings
-from messages.routes import ROUTES
+from messages.routes import QUEUE_ROUTES
 
 ROOT = Path(__file__).resolve().parents[2]
 COMPOSE_FILE = ROOT / "docker-compose.yml"
@@ -212,7 +212,7 @@ def test_built_services_use_the_dockerfile() -> None:
         assert (ROOT / context / dockerfile).resolve() == DOCKERFILE, f"{name} builds {dockerfile}"
 
 
-@pytest.mark.parametrize("route", ROUTES, ids=lambda route: route.queue)
+@pytest.mark.parametrize("route", QUEUE_ROUTES, ids=lambda route: route.queue)
 def test_one_worker_per_route_consumes_its_queue(route: Any) -> None:
     name = f"worker-{route.queue}"
     assert name in worker_services(), f"no worker service {name} for queue {route.queue}"
@@ -223,7 +223,7 @@ def test_every_worker_consumes_exactly_one_queue_and_each_queue_has_one_worker()
     consumed = {name: queues_of(service["command"]) for name, service in worker_services().items()}
     assert all(len(queues) == 1 for queues in consumed.values()), consumed  # none left to consume all
     every_queue = sorted(queue for queues in consumed.values() for queue in queues)
-    assert every_queue == sorted(route.queue for route in ROUTES)
+    assert every_queue == sorted(route.queue for route in QUEUE_ROUTES)
 
 
 def test_workers_restart_and_stop_gracefully() -> None:

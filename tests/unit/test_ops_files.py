@@ -23,7 +23,7 @@ from infra.cli.main import main
 from infra.observability.metrics import exported_names
 from infra.observability.server import LIVE_PATH, METRICS_PATH, READY_PATH
 from infra.settings import Settings
-from messages.routes import ROUTES
+from messages.routes import QUEUE_ROUTES
 from tests.unit.test_compose import SETTINGS_VARIABLES, compose, resolve, restore_logging, worker_services
 
 __all__ = ["restore_logging"]  # a fixture, used by name
@@ -248,7 +248,9 @@ class TestTheKubernetesManifests:
 
     def test_one_deployment_per_queue_without_accessflow_s_supervisor(self) -> None:
         consumed = {name: queues_of(containers(d)[0]["args"]) for name, d in workers().items()}
-        assert sorted(q for queues in consumed.values() for q in queues) == sorted(r.queue for r in ROUTES)
+        assert sorted(q for queues in consumed.values() for q in queues) == sorted(
+            r.queue for r in QUEUE_ROUTES
+        )
         for name, queues in consumed.items():
             assert len(queues) == 1, name
             assert "--no-supervise" in containers(workers()[name])[0]["args"], name
