@@ -556,11 +556,12 @@ def _follow_credential_change(
             details["sealed_secret"] = dict(sealed_secret)
         _announce(uow, owner, CREDENTIAL_EVENTS[change.change], credential.status, details, change.reason)
     if change.change is CredentialChangeKind.EXPIRING:
-        topic = (
-            f"{credential.id}/{credential.expiry_notices.rsplit(',', 1)[-1]}/{_iso(credential.expires_at)}"
-        )
+        assert credential.expires_at is not None  # only a credential that expires is noticed
+        # One email per credential, point and end date: a new expiry date gets its notices again.
+        point = credential.expiry_notices.rsplit(",", 1)[-1]
+        topic = f"{credential.id}/{point}/{credential.expires_at.astimezone(UTC):%Y%m%dT%H%M%S}"
         uow.outbox.put(
-            commands.SendNotification(credential.request_id, NotificationKind.EXPIRY_NOTICE, topic[:80])
+            commands.SendNotification(credential.request_id, NotificationKind.EXPIRY_NOTICE, topic)
         )
     elif change.change is CredentialChangeKind.EXPIRED:
         uow.outbox.put(

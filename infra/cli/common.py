@@ -2,15 +2,19 @@
 
 from __future__ import annotations
 
+import functools
 import getpass
 import json
 import os
 import sys
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import click
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from pydantic import ValidationError
 from rich import box
 from rich.console import Console
@@ -18,7 +22,10 @@ from rich.table import Table
 
 from domain.errors import AccessflowError
 from infra.bootstrap import Services, build
+from infra.cli import producer
+from infra.credentials import signing
 from infra.db import catalogue_file
+from infra.messaging.topology import Topology
 from infra.settings import Settings
 from messages.routes import QUEUES
 from messages.validation import explain
@@ -46,6 +53,61 @@ def open_services() -> Iterator[Services]:
         raise click.ClickException(str(error)) from None
     finally:
         services.close()
+
+
+@contextmanager
+def publishing() -> Iterator[tuple[producer.AmqpWire, Settings]]:
+    """A wire to accessflow's exchanges, as ``ACCESSFLOW_BROKER_URL``'s user; failures as one-line errors."""
+    settings = load_settings()
+    try:
+        yield producer.AmqpWire(settings.broker_url, Topology(settings.queue_prefix)), settings
+    except producer.InvalidMessage as error:
+        raise click.ClickException(str(error)) from None
+    except Exception as error:  # the broker is unreachable or refused the message
+        raise click.ClickException(f"could not publish: {type(error).__name__}: {error}") from None
+
+
+@dataclass(frozen=True)
+class AdminSigner:
+    """Who signs what a command publishes as an admin: the admin, and the key registered for them."""
+
+    admin_id: str
+    key_id: str
+    private_key: Ed25519PrivateKey
+
+
+def signed_by_admin(command: Callable[..., None]) -> Callable[..., None]:
+    """Give a command the admin's id and signing key (``--admin``, ``--key-file``, ``--key-id``), as ``admin``.
+
+    Decisions and credential operations are authenticated alike: signed by a key registered
+    for the admin they name (``accessflow admins keys add``).
+    """
+
+    @click.option("--admin", "admin_id", required=True, help="The admin's id (accessflow admins list).")
+    @click.option(
+        "--key-file",
+        envvar="ACCESSFLOW_ADMIN_KEY_FILE",
+        type=click.Path(exists=True, dir_okay=False, path_type=Path),
+        help="The admin's Ed25519 private key (accessflow keys admin-generate); env ACCESSFLOW_ADMIN_KEY_FILE.",
+    )
+    @click.option(
+        "--key-id",
+        envvar="ACCESSFLOW_ADMIN_KEY_ID",
+        help="The id the key's public half is registered under; env ACCESSFLOW_ADMIN_KEY_ID.",
+    )
+    @functools.wraps(command)
+    def with_signer(
+        *args: Any, admin_id: str, key_file: Path | None, key_id: str | None, **kwargs: Any
+    ) -> None:
+        if key_file is None or not key_id:
+            raise click.UsageError("it is signed: give --key-file and --key-id (or their variables)")
+        try:
+            private_key = signing.load_private_key(key_file)
+        except (ValueError, AccessflowError) as error:
+            raise click.ClickException(str(error)) from None
+        command(*args, admin=AdminSigner(admin_id, key_id, private_key), **kwargs)
+
+    return with_signer
 
 
 def echo_json(value: Any) -> None:

@@ -1,18 +1,19 @@
-"""``accessflow credentials``: revealing and verifying issued credentials."""
+"""``accessflow credentials``: revealing, verifying, and managing issued credentials through their life."""
 
 from __future__ import annotations
 
 import sys
+from datetime import UTC, datetime
+from typing import Any
 
 import click
 
 from domain.model import utcnow
-from infra.cli.common import (
-    echo_json,
-    open_services,
-)
+from infra.cli import producer
+from infra.cli.common import AdminSigner, echo_json, open_services, print_table, publishing, signed_by_admin
 from infra.credentials.issuing import api_key_public_id, verify
 from infra.db import views
+from messages.v2 import MAX_GRACE_SECONDS
 
 
 @click.group()
@@ -53,8 +54,10 @@ def credentials_show(app_id: str | None, request_id: str | None, as_json: bool) 
     for c in shown:
         label = "client_id" if c["kind"] == "oauth2_client_credentials" else "key prefix"
         click.echo(
-            f"{c['kind']}  {label} {c['public_id']}  products {','.join(c['products'])}  "
+            f"{c['id']}  {c['status']}  {c['kind']}  {label} {c['public_id']}  plan {c['plan_id']}  "
+            f"products {','.join(c['products'])}  "
             f"{c['rate_limit_per_minute']}/min, quota {c['monthly_quota'] or 'unlimited'}"
+            + (f"  expires {c['expires_at']}" if c["expires_at"] else "")
         )
         if c["secret"] is not None:
             click.echo(f"  secret (shown once, store it now): {c['secret']}")
@@ -100,3 +103,184 @@ def credentials_verify(client_id: str | None, as_json: bool) -> None:
     else:
         click.echo("invalid")
     sys.exit(0 if valid else 1)
+
+
+def _publish_operation(
+    admin: AdminSigner,
+    operation: str,
+    target: tuple[str, str],
+    reason: str,
+    as_json: bool,
+    **extra: Any,
+) -> None:
+    """Sign the operation as ``admin`` and publish it; the workers apply it (``credentials history`` shows it)."""
+    with publishing() as (wire, settings):
+        message = producer.operate(
+            wire,
+            producer.signed_operation(
+                operation=operation,
+                target=target[0],
+                target_id=target[1],
+                admin_id=admin.admin_id,
+                reason=reason,
+                audience=settings.queue_prefix,
+                key_id=admin.key_id,
+                private_key=admin.private_key,
+                **extra,
+            ),
+        )
+    if as_json:
+        echo_json(message.model_dump(mode="json", exclude_none=True))
+    else:
+        click.echo(f"operation {message.operation_id} published: {operation} {target[0]} {target[1]}")
+
+
+def _one_target(credential_id: str | None, app_id: str | None, consumer_id: str | None) -> tuple[str, str]:
+    given = [
+        (kind, value)
+        for kind, value in (("credential", credential_id), ("app", app_id), ("consumer", consumer_id))
+        if value
+    ]
+    if len(given) != 1:
+        raise click.UsageError("name exactly one of --credential, --app and --consumer")
+    return given[0]
+
+
+_REASON = click.option("--reason", required=True, help="Why; kept in the audit trail and told to the portal.")
+_JSON = click.option("--json", "as_json", is_flag=True, help="Print the published operation as JSON.")
+
+
+def _targets(command: Any) -> Any:
+    for option in reversed(
+        (
+            click.option("--credential", "credential_id", default=None, help="One credential, by its id."),
+            click.option("--app", "app_id", default=None, help="Every credential of this app."),
+            click.option(
+                "--consumer", "consumer_id", default=None, help="Every credential of this consumer."
+            ),
+        )
+    ):
+        command = option(command)
+    return command
+
+
+def _status_command(operation: str, summary: str) -> None:
+    @credentials.command(operation, help=summary)
+    @_targets
+    @_REASON
+    @signed_by_admin
+    @_JSON
+    def change_status(
+        credential_id: str | None,
+        app_id: str | None,
+        consumer_id: str | None,
+        reason: str,
+        admin: AdminSigner,
+        as_json: bool,
+    ) -> None:
+        _publish_operation(admin, operation, _one_target(credential_id, app_id, consumer_id), reason, as_json)
+
+
+_status_command(
+    "revoke", "Revoke credentials for good, by credential, app or consumer: they stop verifying at once."
+)
+_status_command(
+    "suspend", "Suspend credentials, by credential, app or consumer: they stop verifying until resumed."
+)
+_status_command("resume", "Resume suspended credentials, by credential, app or consumer.")
+
+
+@credentials.command("rotate")
+@click.argument("credential_id")
+@click.option(
+    "--grace",
+    "grace_seconds",
+    type=click.IntRange(0, MAX_GRACE_SECONDS),
+    default=0,
+    show_default=True,
+    help="Seconds the previous secret still verifies.",
+)
+@_REASON
+@signed_by_admin
+@_JSON
+def credentials_rotate(
+    credential_id: str, grace_seconds: int, reason: str, admin: AdminSigner, as_json: bool
+) -> None:
+    """Give CREDENTIAL_ID a new secret, delivered as its first one was (sealed to its portal)."""
+    _publish_operation(
+        admin, "rotate", ("credential", credential_id), reason, as_json, grace_seconds=grace_seconds
+    )
+
+
+@credentials.command("set-expiry")
+@click.argument("credential_id")
+@click.option(
+    "--at",
+    "expires_at",
+    type=click.DateTime(formats=["%Y-%m-%dT%H:%M:%S%z", "%Y-%m-%dT%H:%M:%S"]),
+    default=None,
+    help="When it stops verifying, ISO 8601 (UTC unless an offset is given).",
+)
+@click.option("--never", is_flag=True, help="Take its expiry away.")
+@_REASON
+@signed_by_admin
+@_JSON
+def credentials_set_expiry(
+    credential_id: str,
+    expires_at: datetime | None,
+    never: bool,
+    reason: str,
+    admin: AdminSigner,
+    as_json: bool,
+) -> None:
+    """Give CREDENTIAL_ID a new end of life (--at), or none (--never); its notices start again."""
+    if (expires_at is None) == (not never):
+        raise click.UsageError("give --at or --never")
+    if expires_at is not None and expires_at.tzinfo is None:
+        expires_at = expires_at.replace(tzinfo=UTC)
+    _publish_operation(
+        admin, "set_expiry", ("credential", credential_id), reason, as_json, expires_at=expires_at
+    )
+
+
+@credentials.command("change-plan")
+@click.argument("credential_id")
+@click.argument("plan_id")
+@_REASON
+@signed_by_admin
+@_JSON
+def credentials_change_plan(
+    credential_id: str, plan_id: str, reason: str, admin: AdminSigner, as_json: bool
+) -> None:
+    """Ask to move CREDENTIAL_ID to PLAN_ID, keeping its key.
+
+    The request is routed as an access request is: applied at once under an auto-approve
+    plan, else parked for review (``accessflow requests list --status pending_review``).
+    """
+    _publish_operation(admin, "change_plan", ("credential", credential_id), reason, as_json, plan_id=plan_id)
+
+
+@credentials.command("history")
+@click.argument("credential_id")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+def credentials_history(credential_id: str, as_json: bool) -> None:
+    """The audit trail of CREDENTIAL_ID: every change, who made it, and why."""
+    with open_services() as services, services.uow() as uow:
+        trail = uow.credentials.trail(credential_id)
+    if as_json:
+        echo_json(trail)
+        return
+    if not trail:
+        raise click.ClickException(f"no credential {credential_id}, or it has no recorded history")
+    rows = [
+        [
+            str(e["at"]),
+            str(e["change"]),
+            f"{e['from_status']} -> {e['to_status']}",
+            str(e["revision"]),
+            f"{e['actor_kind']}:{e['actor_id']}",
+            str(e["reason"]),
+        ]
+        for e in trail
+    ]
+    print_table(["at", "change", "status", "rev", "by", "reason"], rows, empty="")
