@@ -69,11 +69,24 @@ def publishing() -> Iterator[tuple[producer.AmqpWire, Settings]]:
 
 @dataclass(frozen=True)
 class AdminSigner:
-    """Who signs what a command publishes as an admin: the admin, and the key registered for them."""
+    """Who signs what a command publishes as an admin: the admin, and the key registered for them.
+
+    The key is read when the command signs, after it has checked its own arguments, so that a
+    usage error is told as such whatever the key options say.
+    """
 
     admin_id: str
-    key_id: str
-    private_key: Ed25519PrivateKey
+    key_file: Path | None
+    key_id: str | None
+
+    def key(self) -> tuple[str, Ed25519PrivateKey]:
+        """The key's registered id and the private key itself."""
+        if self.key_file is None or not self.key_id:
+            raise click.UsageError("it is signed: give --key-file and --key-id (or their variables)")
+        try:
+            return self.key_id, signing.load_private_key(self.key_file)
+        except (ValueError, AccessflowError) as error:
+            raise click.ClickException(str(error)) from None
 
 
 def signed_by_admin(command: Callable[..., None]) -> Callable[..., None]:
@@ -99,13 +112,7 @@ def signed_by_admin(command: Callable[..., None]) -> Callable[..., None]:
     def with_signer(
         *args: Any, admin_id: str, key_file: Path | None, key_id: str | None, **kwargs: Any
     ) -> None:
-        if key_file is None or not key_id:
-            raise click.UsageError("it is signed: give --key-file and --key-id (or their variables)")
-        try:
-            private_key = signing.load_private_key(key_file)
-        except (ValueError, AccessflowError) as error:
-            raise click.ClickException(str(error)) from None
-        command(*args, admin=AdminSigner(admin_id, key_id, private_key), **kwargs)
+        command(*args, admin=AdminSigner(admin_id, key_file, key_id), **kwargs)
 
     return with_signer
 

@@ -114,6 +114,7 @@ def _publish_operation(
     **extra: Any,
 ) -> None:
     """Sign the operation as ``admin`` and publish it; the workers apply it (``credentials history`` shows it)."""
+    key_id, private_key = admin.key()
     with publishing() as (wire, settings):
         message = producer.operate(
             wire,
@@ -124,8 +125,8 @@ def _publish_operation(
                 admin_id=admin.admin_id,
                 reason=reason,
                 audience=settings.queue_prefix,
-                key_id=admin.key_id,
-                private_key=admin.private_key,
+                key_id=key_id,
+                private_key=private_key,
                 **extra,
             ),
         )

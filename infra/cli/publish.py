@@ -47,6 +47,7 @@ def decide(
     """Sign an admin's decision on a pending request with the admin's key, and publish it."""
     if decision == "reject" and not reason:
         raise click.UsageError("a rejection needs --reason: the consumer reads it")
+    key_id, private_key = admin.key()
     with publishing() as (wire, settings):
         message = producer.decide(
             wire,
@@ -56,8 +57,8 @@ def decide(
                 admin_id=admin.admin_id,
                 reason=reason or "approved",
                 audience=settings.queue_prefix,
-                key_id=admin.key_id,
-                private_key=admin.private_key,
+                key_id=key_id,
+                private_key=private_key,
             ),
         )
     if as_json:
