@@ -160,8 +160,13 @@ class CredentialOperation(BaseModel):
         description="When the admin signed it, UTC with a Z; refused beyond the allowed skew, as a decision is."
     )
     audience: Identifier = Field(description="The deployment this is meant for: its queue prefix.")
+    # Strict: signed as sent, so "5", true or 5.0 are refused rather than read as the integer 5.
     grace_seconds: int | None = Field(
-        None, ge=0, le=MAX_GRACE_SECONDS, description="rotate: how long the previous secret still verifies."
+        None,
+        ge=0,
+        le=MAX_GRACE_SECONDS,
+        strict=True,
+        description="rotate: how long the previous secret still verifies.",
     )
     plan_id: Identifier | None = Field(None, description="change_plan: the plan to move the credential to.")
     expires_at: UtcInstant | None = Field(

@@ -9,7 +9,8 @@ Outside parties publish contract v2 (the current one) and, while they move over,
 legacy one, read by the payload's ``version``): both are generated, mutated and decoded
 here, and each must decode to its own contract or be refused in words. A v2 decision's
 signature is not checked by ``decode`` (the handler checks it), so generated decisions
-carry schema-valid garbage signatures.
+carry schema-valid garbage signatures; so do the admins' credential operations
+(``credentials.operate``, v2 only: it has no legacy contract), which share the decisions queue.
 
 ``TestFormerFindings`` keeps the edge cases these tests first found, now fixed, so they stay fixed.
 """
@@ -69,6 +70,7 @@ SUBMITTED_SCHEMA = _schema("access_request.submitted.v2.json")
 DECIDED_SCHEMA = _schema("access_request.decided.v2.json")
 V1_SUBMITTED_SCHEMA = _schema("access_request.submitted.v1.json")
 V1_DECIDED_SCHEMA = _schema("access_request.decided.v1.json")
+OPERATE_SCHEMA = _schema("credentials.operate.v2.json")
 ENVELOPE_SCHEMA = _schema("envelope.json")
 #: The schema of each contract outside parties publish: the current ones and the legacy ones.
 SCHEMA_OF: dict[type[BaseModel], dict[str, Any]] = {
@@ -76,6 +78,7 @@ SCHEMA_OF: dict[type[BaseModel], dict[str, Any]] = {
     v2.AdminDecision: DECIDED_SCHEMA,
     v1.AccessRequestSubmitted: V1_SUBMITTED_SCHEMA,
     v1.AdminDecision: V1_DECIDED_SCHEMA,
+    v2.CredentialOperation: OPERATE_SCHEMA,
 }
 
 #: Offsets as far as RFC 3339 goes: -23:59 to +23:59.
@@ -207,10 +210,48 @@ def decisions(schema: dict[str, Any]) -> st.SearchStrategy[dict[str, Any]]:
     return st.one_of(_from(constrained(schema)), _from(stricter(schema)))
 
 
+def operations(schema: dict[str, Any]) -> st.SearchStrategy[dict[str, Any]]:
+    """As the schema allows, some narrowed to what the contract checks too, and some narrowed
+    further to the members each operation takes: the schema cannot say which go together, so
+    without these few generated operations would pass the rule across members."""
+    strict = stricter(schema)
+    properties = strict["properties"]
+
+    def shaped(operation: str, target: str, member: str | None) -> dict[str, Any]:
+        shape = copy.deepcopy(strict)
+        shape["properties"] = {
+            **{name: sub for name, sub in properties.items() if name not in OPERATION_MEMBERS},
+            "operation": {"const": operation},
+            "target": {"const": target},
+        }
+        if member is not None:
+            shape["properties"][member] = next(
+                branch for branch in properties[member]["anyOf"] if branch.get("type") != "null"
+            )
+            shape["required"] = [*shape["required"], member]
+        return shape
+
+    shapes = [
+        shaped("rotate", "credential", "grace_seconds"),
+        shaped("set_expiry", "credential", "expires_at"),
+        shaped("change_plan", "credential", "plan_id"),
+        *(
+            shaped(op, target, None)
+            for op in ("revoke", "suspend", "resume")
+            for target in ("app", "consumer")
+        ),
+    ]
+    return st.one_of(_from(constrained(schema)), _from(strict), *(_from(shape) for shape in shapes))
+
+
+#: The members of a credential operation that only some operations take.
+OPERATION_MEMBERS = ("grace_seconds", "plan_id", "expires_at")
+
 SUBMISSIONS = submissions(SUBMITTED_SCHEMA)
 V1_SUBMISSIONS = submissions(V1_SUBMITTED_SCHEMA)
 DECISIONS = decisions(DECIDED_SCHEMA)
 V1_DECISIONS = decisions(V1_DECIDED_SCHEMA)
+OPERATIONS = operations(OPERATE_SCHEMA)
 #: Each contract outside parties publish, with the payloads generated from its schema.
 GENERATED_SUBMISSIONS = [
     (v2.AccessRequestSubmitted, SUBMISSIONS),
@@ -218,6 +259,8 @@ GENERATED_SUBMISSIONS = [
 ]
 GENERATED_DECISIONS = [(v2.AdminDecision, DECISIONS), (v1.AdminDecision, V1_DECISIONS)]
 GENERATED_IDS = ["v2", "v1"]
+#: Born in v2: no legacy contract to generate.
+GENERATED_OPERATIONS = [(v2.CredentialOperation, OPERATIONS)]
 
 
 # --- decode's answer -------------------------------------------------------------------------------
@@ -321,6 +364,33 @@ DECISION: dict[str, Any] = {
         "value": "AAECAwQFBgcICQoLDA0ODxAREhMUFRYXGBkaGxwdHh8gISIjJCUmJygpKissLS4vMDEyMzQ1Njc4OTo7PD0+Pw==",
     },
 }
+#: An admin's credential operations: one with each member only some operations take.
+ROTATION: dict[str, Any] = {
+    "version": 2,
+    "type": "credentials.operate",
+    "operation_id": "8b1d4f6a-2e9c-4a73-b0d5-6c3e1f8a2d47",
+    "operation": "rotate",
+    "target": "credential",
+    "target_id": "7e2b9c41-5d3a-5f86-a0c4-1b8e6d2f9a57",
+    "admin_id": "dana",
+    "reason": "Scheduled rotation.",
+    "issued_at": "2026-11-27T11:00:00Z",
+    "audience": "accessflow",
+    "grace_seconds": 86400,
+    "signature": DECISION["signature"],
+}
+NEW_EXPIRY: dict[str, Any] = {
+    **{name: value for name, value in ROTATION.items() if name != "grace_seconds"},
+    "operation_id": "2d6f8a1c-3b5e-4c7d-9e0f-1a2b3c4d5e6f",
+    "operation": "set_expiry",
+    "expires_at": "2027-01-31T00:00:00Z",
+}
+PLAN_CHANGE: dict[str, Any] = {
+    **{name: value for name, value in ROTATION.items() if name != "grace_seconds"},
+    "operation_id": "1c7e5a93-4b2d-4f86-a1e0-9d3b6c8f2a51",
+    "operation": "change_plan",
+    "plan_id": "partner",
+}
 V1_REQUEST_FOR_AN_EXISTING_APP: dict[str, Any] = {
     "version": 1,
     "type": "access_request.submitted",
@@ -357,6 +427,9 @@ CURRENT_EXAMPLES: list[tuple[Route, dict[str, Any]]] = [
     (routes.SUBMIT, REQUEST_FOR_AN_EXISTING_APP),
     (routes.SUBMIT, REQUEST_FOR_A_NEW_APP),
     (routes.DECIDE, DECISION),
+    (routes.OPERATE, ROTATION),
+    (routes.OPERATE, NEW_EXPIRY),
+    (routes.OPERATE, PLAN_CHANGE),
 ]
 #: Contract v1, still read off the wire while producers move over.
 LEGACY_EXAMPLES: list[tuple[Route, dict[str, Any]]] = [
@@ -364,11 +437,23 @@ LEGACY_EXAMPLES: list[tuple[Route, dict[str, Any]]] = [
     (routes.SUBMIT, V1_REQUEST_FOR_A_NEW_APP),
     (routes.DECIDE, V1_DECISION),
 ]
-CURRENT_IDS = ["existing-app", "new-app", "decision"]
+CURRENT_IDS = ["existing-app", "new-app", "decision", "rotation", "new-expiry", "plan-change"]
 LEGACY_IDS = ["existing-app-v1", "new-app-v1", "decision-v1"]
 EXAMPLES = [*CURRENT_EXAMPLES, *LEGACY_EXAMPLES]
 EXAMPLE_IDS = [*CURRENT_IDS, *LEGACY_IDS]
 SUBMISSION_EXAMPLES = [(route, payload) for route, payload in EXAMPLES if route is routes.SUBMIT]
+#: The examples of routes that still read a legacy contract, and of those that never had one.
+WITH_LEGACY = [
+    (example, id_) for example, id_ in zip(EXAMPLES, EXAMPLE_IDS, strict=True) if example[0].legacy
+]
+CURRENT_WITH_LEGACY = [
+    (example, id_) for example, id_ in zip(CURRENT_EXAMPLES, CURRENT_IDS, strict=True) if example[0].legacy
+]
+CURRENT_WITHOUT_LEGACY = [
+    (example, id_)
+    for example, id_ in zip(CURRENT_EXAMPLES, CURRENT_IDS, strict=True)
+    if not example[0].legacy
+]
 
 
 def get(payload: Any, path: JsonPath) -> Any:
@@ -567,6 +652,14 @@ ONE_LINE_FIELDS: list[tuple[Route, dict[str, Any], JsonPath]] = [
     (routes.DECIDE, DECISION, ("decided_at",)),
     (routes.DECIDE, DECISION, ("audience",)),
     (routes.DECIDE, DECISION, ("signature", "key_id")),
+    (routes.OPERATE, ROTATION, ("operation_id",)),
+    (routes.OPERATE, ROTATION, ("target_id",)),
+    (routes.OPERATE, ROTATION, ("admin_id",)),
+    (routes.OPERATE, ROTATION, ("issued_at",)),
+    (routes.OPERATE, ROTATION, ("audience",)),
+    (routes.OPERATE, ROTATION, ("signature", "key_id")),
+    (routes.OPERATE, NEW_EXPIRY, ("expires_at",)),
+    (routes.OPERATE, PLAN_CHANGE, ("plan_id",)),
     (routes.SUBMIT, V1_REQUEST_FOR_AN_EXISTING_APP, ("consumer", "email")),
     (routes.SUBMIT, V1_REQUEST_FOR_A_NEW_APP, ("consumer", "email")),
     (routes.SUBMIT, V1_REQUEST_FOR_AN_EXISTING_APP, ("consumer", "id")),
@@ -582,6 +675,7 @@ FREE_TEXT_FIELDS: list[tuple[Route, dict[str, Any], JsonPath]] = [
     (routes.SUBMIT, REQUEST_FOR_AN_EXISTING_APP, ("justification",)),
     (routes.SUBMIT, REQUEST_FOR_A_NEW_APP, ("new_app", "description")),
     (routes.DECIDE, DECISION, ("reason",)),
+    (routes.OPERATE, ROTATION, ("reason",)),
     (routes.SUBMIT, V1_REQUEST_FOR_AN_EXISTING_APP, ("justification",)),
     (routes.SUBMIT, V1_REQUEST_FOR_A_NEW_APP, ("new_app", "description")),
     (routes.DECIDE, V1_DECISION, ("reason",)),
@@ -615,7 +709,9 @@ class TestMessagesGeneratedFromTheSchemasAreDecodedOrRefusedInWords:
         }
 
         # Then each has its generator, drawing from the schema file exported for it
-        generated = {contract for contract, _ in GENERATED_SUBMISSIONS + GENERATED_DECISIONS}
+        generated = {
+            contract for contract, _ in GENERATED_SUBMISSIONS + GENERATED_DECISIONS + GENERATED_OPERATIONS
+        }
         assert generated == published == set(SCHEMA_OF)
         for contract, schema in SCHEMA_OF.items():
             assert schema == _schema(export.contract_filename(contract)), contract
@@ -667,13 +763,53 @@ class TestMessagesGeneratedFromTheSchemasAreDecodedOrRefusedInWords:
             assert decode(routes.DECIDE, (message.model_dump(mode="json"),), {}) == message
             assert not CONTROL.search(message.admin.email)
 
+    @pytest.mark.parametrize(("contract", "strategy"), GENERATED_OPERATIONS, ids=["v2"])
+    @QUICK
+    @given(data=st.data())
+    def test_an_operation(
+        self, contract: type[BaseModel], strategy: st.SearchStrategy[dict[str, Any]], data: st.DataObject
+    ) -> None:
+        # Given a credential operation the JSON Schema allows, with a garbage signature
+        payload = data.draw(strategy, label="payload")
+
+        # When a worker decodes it, off the decisions queue it shares with the decisions
+        message = assert_decoded_or_explained(routes.OPERATE, payload, contract)
+
+        # Then it is that contract, or a ValueError/ValidationError whose explanation names a field
+        if isinstance(message, v2.CredentialOperation):
+            assert decode(routes.OPERATE, (message.model_dump(mode="json"),), {}) == message
+            for text in (
+                message.operation_id,
+                message.target_id,
+                message.admin_id,
+                message.audience,
+                message.issued_at,
+                message.signature.key_id,
+                message.plan_id,
+                message.expires_at,
+            ):
+                assert not CONTROL.search(text or ""), text
+            # ... it takes only the members its operation takes ...
+            if message.operation in ("rotate", "set_expiry", "change_plan"):
+                assert message.target == "credential"
+            assert (message.plan_id is not None) == (message.operation == "change_plan")
+            assert message.grace_seconds is None or message.operation == "rotate"
+            assert message.expires_at is None or message.operation == "set_expiry"
+            # ... and nothing was normalised: the worker checks the signature over the bytes as
+            # sent, of which a member sent as null is no part, as one left out is not
+            sent = {name: value for name, value in payload.items() if value is not None}
+            assert message.signed_bytes() == canonical_bytes(sent)
+
     @pytest.mark.parametrize(
         ("route", "contract", "strategy"),
         [
             *[(routes.SUBMIT, contract, strategy) for contract, strategy in GENERATED_SUBMISSIONS],
             *[(routes.DECIDE, contract, strategy) for contract, strategy in GENERATED_DECISIONS],
+            *[(routes.OPERATE, contract, strategy) for contract, strategy in GENERATED_OPERATIONS],
         ],
-        ids=[f"submission-{v}" for v in GENERATED_IDS] + [f"decision-{v}" for v in GENERATED_IDS],
+        ids=[f"submission-{v}" for v in GENERATED_IDS]
+        + [f"decision-{v}" for v in GENERATED_IDS]
+        + ["operation-v2"],
     )
     def test_the_generators_reach_both_acceptance_and_refusal(
         self, route: Route, contract: type[BaseModel], strategy: st.SearchStrategy[dict[str, Any]]
@@ -718,6 +854,7 @@ class TestTheValidExamplesAreAccepted:
         assert {type(decode(route, (payload,), {})) for route, payload in CURRENT_EXAMPLES} == {
             routes.SUBMIT.contract,
             routes.DECIDE.contract,
+            routes.OPERATE.contract,
         }
 
 
@@ -795,7 +932,9 @@ class TestAnotherVersionIsRefused:
         assert locations(error) == [("version",)]
         assert_explained(error)
 
-    @pytest.mark.parametrize(("route", "payload"), EXAMPLES, ids=EXAMPLE_IDS)
+    @pytest.mark.parametrize(
+        ("route", "payload"), [example for example, _ in WITH_LEGACY], ids=[id_ for _, id_ in WITH_LEGACY]
+    )
     def test_the_other_known_version_is_refused_naming_what_differs(
         self, route: Route, payload: dict[str, Any]
     ) -> None:
@@ -813,12 +952,34 @@ class TestAnotherVersionIsRefused:
         assert named <= set(SCHEMA_OF[own]["properties"]) | set(SCHEMA_OF[other]["properties"])
         assert_explained(error)
 
+    @pytest.mark.parametrize(
+        ("route", "payload"),
+        [example for example, _ in CURRENT_WITHOUT_LEGACY],
+        ids=[id_ for _, id_ in CURRENT_WITHOUT_LEGACY],
+    )
+    def test_a_contract_born_in_v2_refuses_v1_at_version_alone(
+        self, route: Route, payload: dict[str, Any]
+    ) -> None:
+        # Given a valid example of a route with no legacy contract, claiming to be v1
+        assert not route.legacy
+
+        # When it is decoded
+        error = refusal(route, replaced(payload, ("version",), 1))
+
+        # Then its one contract refuses it, at version and nowhere else
+        assert locations(error) == [("version",)]
+        assert_explained(error)
+
 
 class TestAMissingVersionPicksTheLegacyContract:
     """A payload without ``version`` is v1 (``Route.contract_for``): v2 requires it in its decision,
     which signs it, and defaults it in its submission, yet neither is ever read without it."""
 
-    @pytest.mark.parametrize(("route", "payload"), CURRENT_EXAMPLES, ids=CURRENT_IDS)
+    @pytest.mark.parametrize(
+        ("route", "payload"),
+        [example for example, _ in CURRENT_WITH_LEGACY],
+        ids=[id_ for _, id_ in CURRENT_WITH_LEGACY],
+    )
     def test_a_current_example_without_it_is_refused_by_v1_naming_what_v1_lacks(
         self, route: Route, payload: dict[str, Any]
     ) -> None:
@@ -839,6 +1000,21 @@ class TestAMissingVersionPicksTheLegacyContract:
 
         # Then it is v1
         assert type(message) is route.legacy[1]
+
+    @pytest.mark.parametrize(
+        ("route", "payload"),
+        [example for example, _ in CURRENT_WITHOUT_LEGACY],
+        ids=[id_ for _, id_ in CURRENT_WITHOUT_LEGACY],
+    )
+    def test_without_a_legacy_contract_it_is_refused_as_missing(
+        self, route: Route, payload: dict[str, Any]
+    ) -> None:
+        # Given / When a valid example of a route born in v2 is decoded without its version
+        error = refusal(route, dropped(payload, ("version",)))
+
+        # Then there is no v1 to read it as: its contract refuses it, for the missing version alone
+        assert locations(error) == [("version",)]
+        assert_explained(error)
 
 
 class TestInjectionIntoAOneLineFieldIsRefused:
@@ -1028,6 +1204,8 @@ class TestFormerFindings:
             (routes.SUBMIT, REQUEST_FOR_AN_EXISTING_APP, "submitted_at", "0001-01-01T00:30:00+01:00"),
             (routes.SUBMIT, REQUEST_FOR_AN_EXISTING_APP, "submitted_at", "9999-12-31T23:30:00-01:00"),
             (routes.DECIDE, DECISION, "decided_at", "0000-01-01T00:00:00Z"),
+            (routes.OPERATE, ROTATION, "issued_at", "0000-01-01T00:00:00Z"),
+            (routes.OPERATE, NEW_EXPIRY, "expires_at", "0000-01-01T00:00:00Z"),
             (routes.SUBMIT, V1_REQUEST_FOR_AN_EXISTING_APP, "submitted_at", "0001-01-01T00:30:00+01:00"),
             (routes.SUBMIT, V1_REQUEST_FOR_AN_EXISTING_APP, "submitted_at", "9999-12-31T23:30:00-01:00"),
             (routes.DECIDE, V1_DECISION, "decided_at", "0001-01-01T00:00:00+00:01"),
@@ -1037,6 +1215,8 @@ class TestFormerFindings:
             "submitted-year-1",
             "submitted-year-9999",
             "decided-year-0",
+            "issued-year-0",
+            "expires-year-0",
             "submitted-year-1-v1",
             "submitted-year-9999-v1",
             "decided-year-1-v1",
@@ -1074,10 +1254,12 @@ class TestFormerFindings:
         [
             (routes.SUBMIT, REQUEST_FOR_AN_EXISTING_APP, "submitted_at"),
             (routes.DECIDE, DECISION, "decided_at"),
+            (routes.OPERATE, ROTATION, "issued_at"),
+            (routes.OPERATE, NEW_EXPIRY, "expires_at"),
             (routes.SUBMIT, V1_REQUEST_FOR_AN_EXISTING_APP, "submitted_at"),
             (routes.DECIDE, V1_DECISION, "decided_at"),
         ],
-        ids=["submitted", "decided", "submitted-v1", "decided-v1"],
+        ids=["submitted", "decided", "issued", "expires", "submitted-v1", "decided-v1"],
     )
     def test_a_time_sent_as_a_number_is_refused(
         self, route: Route, payload: dict[str, Any], field: str, when: float
@@ -1101,6 +1283,19 @@ class TestFormerFindings:
         # Then it is refused, at version among others
         assert isinstance(answer, ValidationError), answer
         assert ("version",) in locations(answer)
+
+    @pytest.mark.parametrize("grace", ["86400", 86400.0, True, "1e5", " 86400"])
+    def test_a_grace_period_that_is_not_a_json_integer_is_refused(self, grace: object) -> None:
+        # Given a rotation whose grace_seconds pydantic's lax mode once read as an integer, so that
+        # the worker rebuilt other bytes than the admin signed and refused it as badly signed
+        payload = replaced(ROTATION, ("grace_seconds",), grace)
+
+        # When it is decoded
+        error = refusal(routes.OPERATE, payload)
+
+        # Then the contract refuses it, at grace_seconds, before any signature is looked at
+        assert locations(error) == [("grace_seconds",)]
+        assert_explained(error)
 
 
 # --- 3. well-formed requests that break a catalogue rule -------------------------------------------

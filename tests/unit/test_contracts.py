@@ -3,6 +3,10 @@
 Outside parties publish contract v2 (the current one); v1 (the legacy one) is still read off
 the wire by the payload's ``version``, so the document and the schemas describe both. The
 events accessflow sends portals have a schema of their own, without dramatiq's envelope.
+
+A queue may carry more than one route: admin decisions and credential operations share the
+decisions queue and the decisions exchange. A channel therefore stands for the routes of its
+queue (or of its exchange), and each message on it for one of them, by its ``actor_name``.
 """
 
 from __future__ import annotations
@@ -12,9 +16,9 @@ import dataclasses
 import json
 import re
 from collections.abc import Callable, Iterator
-from datetime import datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Any
+from typing import Any, get_args
 
 import dramatiq
 import pytest
@@ -22,10 +26,13 @@ import yaml
 from pydantic import BaseModel, ValidationError
 
 import messages
+from domain.model import CredentialOperationKind, OperationTarget
+from infra.credentials.signing import verify
 from infra.messaging.topology import QueueArguments, Topology
 from messages import export, routes, v1, v2, validation
 from messages.canonical import canonical_bytes
-from messages.events import RequestEvent
+from messages.events import EventName, RequestEvent
+from tests import signing_doc
 
 MESSAGES_DIR = Path(messages.__file__).resolve().parent
 ASYNCAPI = MESSAGES_DIR / "asyncapi.yaml"
@@ -38,6 +45,7 @@ TOPOLOGY = Topology(PREFIX)
 EXCHANGE_OF = {
     routes.SUBMIT.actor_name: TOPOLOGY.submissions_exchange,
     routes.DECIDE.actor_name: TOPOLOGY.decisions_exchange,
+    routes.OPERATE.actor_name: TOPOLOGY.decisions_exchange,
 }
 
 
@@ -56,6 +64,7 @@ def test_one_schema_file_per_contract_plus_the_envelope() -> None:
             "access_request.submitted.v1.json",
             "access_request.decided.v2.json",
             "access_request.decided.v1.json",
+            "credentials.operate.v2.json",
             "credentials.issue.v1.json",
             "notification.send.v1.json",
             "portal.event.v1.json",
@@ -69,20 +78,33 @@ def test_the_schema_files_are_named_after_each_contracts_type_and_version() -> N
     assert export.contract_filename(v1.AccessRequestSubmitted) == "access_request.submitted.v1.json"
     assert export.contract_filename(v2.AdminDecision) == "access_request.decided.v2.json"
     assert export.contract_filename(v1.AdminDecision) == "access_request.decided.v1.json"
+    assert export.contract_filename(v2.CredentialOperation) == "credentials.operate.v2.json"
     assert export.contract_filename(RequestEvent) == "portal.event.v1.json"
 
 
-def test_the_current_contract_of_each_external_route_is_v2_and_v1_its_legacy() -> None:
+def test_the_current_contract_of_each_external_route_is_v2_and_v1_its_legacy_if_it_had_one() -> None:
     assert {route.actor_name for route in routes.ROUTES if route.external} == {
         routes.SUBMIT.actor_name,
         routes.DECIDE.actor_name,
+        routes.OPERATE.actor_name,
     }
     assert (routes.SUBMIT.contract, dict(routes.SUBMIT.legacy)) == (
         v2.AccessRequestSubmitted,
         {1: v1.AccessRequestSubmitted},
     )
     assert (routes.DECIDE.contract, dict(routes.DECIDE.legacy)) == (v2.AdminDecision, {1: v1.AdminDecision})
+    # born in v2: no v1 to read, so a payload of any other version is refused by v2 itself
+    assert (routes.OPERATE.contract, dict(routes.OPERATE.legacy)) == (v2.CredentialOperation, {})
+    assert routes.OPERATE.contract_for({"version": 1}) is v2.CredentialOperation
     assert not routes.ISSUE.legacy and not routes.NOTIFY.legacy
+
+
+def test_credential_operations_share_the_decisions_queue_which_is_listed_once() -> None:
+    assert routes.OPERATE.queue == routes.DECIDE.queue == "decisions"
+    assert routes.OPERATE.actor_name != routes.DECIDE.actor_name  # the envelope's actor_name tells them apart
+    assert routes.QUEUES == ("requests", "decisions", "credentials", "notifications")
+    assert routes.QUEUE_ROUTES == (routes.SUBMIT, routes.DECIDE, routes.ISSUE, routes.NOTIFY)
+    assert {route.queue for route in routes.ROUTES} == set(routes.QUEUES)
 
 
 def test_rendered_schemas_are_deterministic_json() -> None:
@@ -165,28 +187,42 @@ def _is_portal_events(channel: dict[str, Any]) -> bool:
     return _binding(channel)["is"] == "routingKey" and _amqp_name(channel) == TOPOLOGY.events_exchange
 
 
-def _route_of(channel: dict[str, Any]) -> routes.Route:
-    """The route of a queue's channel, or of the exchange outside parties publish its messages to."""
+def _routes_of(channel: dict[str, Any]) -> tuple[routes.Route, ...]:
+    """The routes of a queue's channel, or of the exchange outside parties publish their messages to:
+    one or more, in the order of :data:`routes.ROUTES`."""
     if _binding(channel)["is"] == "routingKey":
-        matching = [
+        matching = tuple(
             route for route in routes.ROUTES if EXCHANGE_OF.get(route.actor_name) == _amqp_name(channel)
-        ]
-        assert len(matching) == 1, f"no route for exchange {_amqp_name(channel)}"
-        return matching[0]
-    matching = [route for route in routes.ROUTES if route.queue_name(PREFIX) == channel["address"]]
-    assert len(matching) == 1, f"no route for channel address {channel['address']}"
-    return matching[0]
+        )
+        assert matching, f"no route for exchange {_amqp_name(channel)}"
+        return matching
+    matching = tuple(route for route in routes.ROUTES if route.queue_name(PREFIX) == channel["address"])
+    assert matching, f"no route for channel address {channel['address']}"
+    return matching
 
 
 def _messages(document: dict[str, Any], channel: dict[str, Any]) -> list[dict[str, Any]]:
     return [_resolve(document, message_ref["$ref"]) for message_ref in channel["messages"].values()]
 
 
-def _route_channels(document: dict[str, Any]) -> Iterator[tuple[dict[str, Any], routes.Route]]:
-    """Every channel but the portal events', with its route: each of them must have one."""
+def _actor_of(message: dict[str, Any]) -> str:
+    """The ``actor_name`` a message's envelope must carry."""
+    _, specific = message["payload"]["allOf"]
+    return str(specific["properties"]["actor_name"]["const"])
+
+
+def _route_of_message(channel: dict[str, Any], message: dict[str, Any]) -> routes.Route:
+    """The one route of the channel the message is for, by its envelope's actor_name."""
+    matching = [route for route in _routes_of(channel) if route.actor_name == _actor_of(message)]
+    assert len(matching) == 1, f"{message['name']}: actor {_actor_of(message)} is no route of its channel"
+    return matching[0]
+
+
+def _route_channels(document: dict[str, Any]) -> Iterator[tuple[dict[str, Any], tuple[routes.Route, ...]]]:
+    """Every channel but the portal events', with its routes: each of them must have one or more."""
     for channel in document["channels"].values():
         if not _is_portal_events(channel):
-            yield channel, _route_of(channel)
+            yield channel, _routes_of(channel)
 
 
 def _contract_files(route: routes.Route) -> set[str]:
@@ -195,9 +231,10 @@ def _contract_files(route: routes.Route) -> set[str]:
 
 
 def _examples(document: dict[str, Any]) -> Iterator[tuple[str, routes.Route, dict[str, Any]]]:
-    """Every example of every message on a route's channel, with the route."""
-    for channel, route in _route_channels(document):
+    """Every example of every message on a route's channel, with the route of its message."""
+    for channel, _ in _route_channels(document):
         for message in _messages(document, channel):
+            route = _route_of_message(channel, message)
             for example in message.get("examples", []):
                 yield example["name"], route, example["payload"]
 
@@ -210,19 +247,42 @@ def test_asyncapi_version_and_info(asyncapi: dict[str, Any]) -> None:
     assert {server["protocol"] for server in asyncapi["servers"].values()} == {"amqp"}
 
 
-def test_one_channel_per_route_and_per_exchange_outside_parties_use(asyncapi: dict[str, Any]) -> None:
+def test_one_channel_per_queue_and_per_exchange_outside_parties_use(asyncapi: dict[str, Any]) -> None:
     channels = list(asyncapi["channels"].values())
     queues = [channel for channel in channels if _binding(channel)["is"] == "queue"]
     exchanges = [channel for channel in channels if _binding(channel)["is"] == "routingKey"]
     assert len(queues) + len(exchanges) == len(channels)
-    assert len(queues) == len(routes.ROUTES)
+    assert len(queues) == len(routes.QUEUES)
     assert sorted(channel["address"] for channel in queues) == sorted(
-        route.queue_name(PREFIX) for route in routes.ROUTES
+        f"{PREFIX}.{queue}" for queue in routes.QUEUES
     )
     assert sorted(_amqp_name(channel) for channel in exchanges) == sorted(
-        [*EXCHANGE_OF.values(), TOPOLOGY.events_exchange]
+        {*EXCHANGE_OF.values(), TOPOLOGY.events_exchange}
     )
     assert set(EXCHANGE_OF) == {route.actor_name for route in routes.ROUTES if route.external}
+
+
+def test_every_route_has_a_message_on_its_queue_and_its_exchange(asyncapi: dict[str, Any]) -> None:
+    on_queues: set[str] = set()
+    on_exchanges: set[str] = set()
+    for channel, _ in _route_channels(asyncapi):
+        for message in _messages(asyncapi, channel):
+            route = _route_of_message(channel, message)
+            if _binding(channel)["is"] == "queue":
+                on_queues.add(route.actor_name)
+            else:
+                assert EXCHANGE_OF[route.actor_name] == _amqp_name(channel)
+                on_exchanges.add(route.actor_name)
+    assert on_queues == {route.actor_name for route in routes.ROUTES}
+    assert on_exchanges == set(EXCHANGE_OF)
+    # the decisions queue and exchange carry both the decisions and the credential operations
+    decisions = {
+        _amqp_name(channel): {_actor_of(message) for message in _messages(asyncapi, channel)}
+        for channel, _ in _route_channels(asyncapi)
+        if routes.OPERATE in _routes_of(channel)
+    }
+    both = {routes.DECIDE.actor_name, routes.OPERATE.actor_name}
+    assert decisions == {routes.DECIDE.queue_name(PREFIX): both, TOPOLOGY.decisions_exchange: both}
 
 
 def test_channel_bindings_describe_accessflows_queues_and_exchanges(asyncapi: dict[str, Any]) -> None:
@@ -247,6 +307,11 @@ def test_portals_send_to_exchanges_and_accessflow_receives_from_its_queues(async
         channel = _resolve(asyncapi, operation["channel"]["$ref"])
         for message_ref in operation["messages"]:
             assert message_ref["$ref"].startswith(operation["channel"]["$ref"] + "/messages/")
+        # one operation per queue or exchange, so it lists every message of its channel: both
+        # the decisions and the credential operations on the decisions queue and exchange
+        assert sorted(ref["$ref"].rsplit("/", 1)[1] for ref in operation["messages"]) == sorted(
+            channel["messages"]
+        ), operation["title"]
         outside = _binding(channel)["is"] == "routingKey"
         assert [tag["name"] for tag in operation["tags"]] == ["external" if outside else "internal"]
         assert _amqp_name(channel) not in actions, f"two operations on {_amqp_name(channel)}"
@@ -256,7 +321,7 @@ def test_portals_send_to_exchanges_and_accessflow_receives_from_its_queues(async
         TOPOLOGY.decisions_exchange: "send",
         TOPOLOGY.events_exchange: "receive",
         routes.SUBMIT.queue_name(PREFIX): "receive",
-        routes.DECIDE.queue_name(PREFIX): "receive",
+        routes.DECIDE.queue_name(PREFIX): "receive",  # and routes.OPERATE's: the same queue
         routes.ISSUE.queue_name(PREFIX): "receive",
         routes.NOTIFY.queue_name(PREFIX): "receive",
     }
@@ -290,20 +355,21 @@ def test_each_payload_refers_to_the_envelope_and_its_contract(asyncapi: dict[str
             for message in _messages(asyncapi, channel):
                 assert message["payload"] == {"$ref": PORTAL_EVENT_SCHEMA}, "an event is the body itself"
             continue
-        route = _route_of(channel)
-        contracts: set[str] = set()
+        contracts: dict[str, set[str]] = {route.actor_name: set() for route in _routes_of(channel)}
         for message in _messages(asyncapi, channel):
             envelope, specific = message["payload"]["allOf"]
             assert envelope == {"$ref": "schemas/envelope.json"}
+            route = _route_of_message(channel, message)
             assert specific["properties"]["actor_name"] == {"const": route.actor_name}
-            contracts.add(specific["properties"]["args"]["items"]["$ref"])
-        current = f"schemas/{export.contract_filename(route.contract)}"
-        if _binding(channel)["is"] == "queue":
-            # the current contract, and each legacy one the route still reads
-            assert contracts == _contract_files(route), channel["address"]
-        else:
-            # what outside parties publish: the current contract, perhaps a legacy one as well
-            assert current in contracts <= _contract_files(route), _amqp_name(channel)
+            contracts[route.actor_name].add(specific["properties"]["args"]["items"]["$ref"])
+        for route in _routes_of(channel):
+            current = f"schemas/{export.contract_filename(route.contract)}"
+            if _binding(channel)["is"] == "queue":
+                # the current contract, and each legacy one the route still reads
+                assert contracts[route.actor_name] == _contract_files(route), channel["address"]
+            else:
+                # what outside parties publish: the current contract, perhaps a legacy one as well
+                assert current in contracts[route.actor_name] <= _contract_files(route), _amqp_name(channel)
 
 
 def test_portal_event_examples_are_events_accessflow_sends(asyncapi: dict[str, Any]) -> None:
@@ -322,7 +388,7 @@ def test_portal_event_examples_are_events_accessflow_sends(asyncapi: dict[str, A
 def test_every_external_message_has_an_example(asyncapi: dict[str, Any]) -> None:
     exemplified = {route.actor_name for _, route, _ in _examples(asyncapi)}
     assert exemplified == {route.actor_name for route in routes.ROUTES if route.external}
-    assert exemplified == {routes.SUBMIT.actor_name, routes.DECIDE.actor_name}
+    assert exemplified == {routes.SUBMIT.actor_name, routes.DECIDE.actor_name, routes.OPERATE.actor_name}
 
 
 def test_every_external_route_has_an_example_of_its_current_contract(asyncapi: dict[str, Any]) -> None:
@@ -331,7 +397,7 @@ def test_every_external_route_has_an_example_of_its_current_contract(asyncapi: d
         for _, route, envelope in _examples(asyncapi)
         if route.contract_for(envelope["args"][0]) is route.contract
     }
-    assert current == {routes.SUBMIT.actor_name, routes.DECIDE.actor_name}
+    assert current == {routes.SUBMIT.actor_name, routes.DECIDE.actor_name, routes.OPERATE.actor_name}
 
 
 def test_examples_are_complete_envelopes_that_accessflow_accepts(asyncapi: dict[str, Any]) -> None:
@@ -348,6 +414,74 @@ def test_examples_are_complete_envelopes_that_accessflow_accepts(asyncapi: dict[
         contract = validation.decode(route, decoded.args, decoded.kwargs)
         # the contract of the example's version: the current one, or a legacy one the route still reads
         assert type(contract) is route.contract_for(envelope["args"][0]), name
+
+
+def test_signed_examples_verify_with_the_worked_examples_key(asyncapi: dict[str, Any]) -> None:
+    # Given the key of the worked example under "Signing admin decisions", which every signed example uses
+    key = signing_doc.worked_example().public_key_text
+    signed = [
+        (name, validation.decode(route, tuple(envelope["args"]), envelope["kwargs"]))
+        for name, route, envelope in _examples(asyncapi)
+        if route in (routes.DECIDE, routes.OPERATE)
+    ]
+    assert {type(message) for _, message in signed} == {v2.AdminDecision, v2.CredentialOperation}
+    for name, message in signed:
+        # Then each verifies over the bytes a worker rebuilds from it, as the handler checks it
+        assert isinstance(message, v2.AdminDecision | v2.CredentialOperation)
+        assert verify(key, message.signature.value, message.signed_bytes()), name
+
+
+def test_example_credential_operations_revoke_an_app_and_rotate_with_grace(asyncapi: dict[str, Any]) -> None:
+    operations = [
+        v2.CredentialOperation.model_validate(envelope["args"][0])
+        for _, route, envelope in _examples(asyncapi)
+        if route is routes.OPERATE
+    ]
+    assert {(o.operation, o.target) for o in operations} >= {("revoke", "app"), ("rotate", "credential")}
+    assert any(o.grace_seconds for o in operations if o.operation == "rotate")
+
+
+def test_the_stated_signed_bytes_of_the_example_revoke_are_its_signed_bytes(asyncapi: dict[str, Any]) -> None:
+    # Given the section "Operating on credentials", which shows the signed bytes of its revoke
+    description = asyncapi["info"]["description"]
+    section = description[description.index("## Operating on credentials") : description.index("## Signing")]
+    [stated] = re.findall(r"```text\n(.*?)\n```", section, flags=re.DOTALL)
+    length = re.search(r"The signed bytes of the revoke, (\d+) bytes:", section)
+    # (each example shows on the exchange's channel and on the queue's: the same message)
+    [revoke] = {
+        envelope["message_id"]: v2.CredentialOperation.model_validate(envelope["args"][0])
+        for _, route, envelope in _examples(asyncapi)
+        if route is routes.OPERATE and envelope["args"][0]["operation"] == "revoke"
+    }.values()
+
+    # Then they are the bytes a worker rebuilds, of the length stated
+    assert stated.encode("utf-8") == revoke.signed_bytes()
+    assert length is not None and int(length.group(1)) == len(revoke.signed_bytes())
+
+
+def test_a_credentials_rotated_example_carries_the_new_secret_sealed(asyncapi: dict[str, Any]) -> None:
+    events = [
+        RequestEvent.model_validate(example["payload"])
+        for channel in asyncapi["channels"].values()
+        if _is_portal_events(channel)
+        for message in _messages(asyncapi, channel)
+        for example in message.get("examples", [])
+    ]
+    [rotated] = [event for event in events if event.event == "credentials.rotated"]
+    assert rotated.credential is not None and rotated.sealed_secret is not None
+    assert rotated.status == rotated.credential.status == "active"
+    assert rotated.credential.revision == 2
+    assert rotated.credential.previous_valid_until is not None and rotated.credential.previous_public_id
+    # after the credentials.issued example of the same request, in its sequence
+    [issued] = [event for event in events if event.event == "credentials.issued"]
+    assert (rotated.request_id, rotated.sequence) == (issued.request_id, issued.sequence + 1)
+
+
+def test_the_portal_events_message_names_every_event(asyncapi: dict[str, Any]) -> None:
+    text = asyncapi["components"]["messages"]["portalEvent"]["description"]
+    for name in get_args(EventName):
+        event = name.split(".", 1)[1]
+        assert f"`{name}`" in text or f"`.{event}`" in text, name
 
 
 def test_example_requests_cover_an_existing_and_a_new_app(asyncapi: dict[str, Any]) -> None:
@@ -668,3 +802,234 @@ def test_markup_in_a_name_passes_because_the_html_part_escapes_it() -> None:
     consumer = {"id": "acme", "email": "dev@acme.example", "name": "<script>alert(1)</script>"}
     message = v1.AccessRequestSubmitted.model_validate(_request(consumer=consumer))
     assert message.consumer.name == "<script>alert(1)</script>"
+
+
+# --- credential operations -------------------------------------------------------------------------
+
+
+def _operation(**changes: Any) -> dict[str, Any]:
+    """A valid revoke of one credential, changed as asked; ``_DROP`` leaves a member out."""
+    payload: dict[str, Any] = {
+        "version": 2,
+        "type": "credentials.operate",
+        "operation_id": "f3a92c15-7d4e-4b08-9e61-2a5c8d0b7e34",
+        "operation": "revoke",
+        "target": "credential",
+        "target_id": "7e2b9c41-5d3a-5f86-a0c4-1b8e6d2f9a57",
+        "admin_id": "dana",
+        "reason": "The keys leaked.",
+        "issued_at": "2026-11-27T12:00:00Z",
+        "audience": "accessflow",
+        # Not a signature of anything: the contract checks its form, the handler verifies it.
+        "signature": {"key_id": "dana-2026-11", "algorithm": "ed25519", "value": "c2lnbmF0dXJl"},
+    }
+    payload.update(changes)
+    return {key: value for key, value in payload.items() if value is not _DROP}
+
+
+VALID_OPERATIONS = {
+    "rotate": _operation(operation="rotate", grace_seconds=86400),
+    "rotate-without-grace": _operation(operation="rotate"),
+    "rotate-with-the-longest-grace": _operation(operation="rotate", grace_seconds=v2.MAX_GRACE_SECONDS),
+    "revoke-credential": _operation(),
+    "revoke-app": _operation(target="app", target_id="acme-checkout"),
+    "revoke-consumer": _operation(target="consumer", target_id="acme"),
+    "suspend-app": _operation(operation="suspend", target="app", target_id="acme-checkout"),
+    "resume-consumer": _operation(operation="resume", target="consumer", target_id="acme"),
+    "set-expiry": _operation(operation="set_expiry", expires_at="2027-01-31T00:00:00Z"),
+    "set-no-expiry": _operation(operation="set_expiry"),
+    "change-plan": _operation(operation="change_plan", plan_id="partner"),
+}
+
+
+@pytest.mark.parametrize("payload", VALID_OPERATIONS.values(), ids=VALID_OPERATIONS.keys())
+def test_a_valid_credential_operation_passes_as_it_was_signed(payload: dict[str, Any]) -> None:
+    operation = v2.CredentialOperation.model_validate(payload)
+    # decoded off the decisions queue by the operate route, not the decide one
+    assert validation.decode(routes.OPERATE, (payload,), {}) == operation
+    # nothing is normalised, and only what was sent is signed
+    assert operation.signed_bytes() == canonical_bytes(payload)
+    assert operation.model_dump(mode="json", exclude_none=True) == payload
+
+
+@pytest.mark.parametrize(
+    ("changes", "complaint"),
+    [
+        ({"operation": "rotate", "target": "app"}, "rotate names one credential"),
+        ({"operation": "rotate", "target": "consumer"}, "rotate names one credential"),
+        ({"operation": "set_expiry", "target": "app"}, "set_expiry names one credential"),
+        ({"operation": "change_plan", "target": "consumer", "plan_id": "x"}, "change_plan names one"),
+        ({"operation": "change_plan"}, "plan_id is given with change_plan, and only with it"),
+        ({"plan_id": "partner"}, "plan_id is given with change_plan, and only with it"),
+        ({"operation": "rotate", "plan_id": "partner"}, "plan_id is given with change_plan"),
+        ({"grace_seconds": 3600}, "grace_seconds is given with rotate only"),
+        ({"operation": "suspend", "grace_seconds": 0}, "grace_seconds is given with rotate only"),
+        ({"operation": "set_expiry", "grace_seconds": 60}, "grace_seconds is given with rotate only"),
+        ({"expires_at": "2027-01-31T00:00:00Z"}, "expires_at is given with set_expiry only"),
+        (
+            {"operation": "rotate", "expires_at": "2027-01-31T00:00:00Z"},
+            "expires_at is given with set_expiry only",
+        ),
+    ],
+    ids=[
+        "rotate-an-app",
+        "rotate-a-consumer",
+        "set-expiry-of-an-app",
+        "change-plan-of-a-consumer",
+        "change-plan-without-plan",
+        "plan-on-revoke",
+        "plan-on-rotate",
+        "grace-on-revoke",
+        "grace-on-suspend",
+        "grace-on-set-expiry",
+        "expiry-on-revoke",
+        "expiry-on-rotate",
+    ],
+)
+def test_a_credential_operation_with_members_its_operation_does_not_take_fails(
+    changes: dict[str, Any], complaint: str
+) -> None:
+    failures = _failures(v2.CredentialOperation, _operation(**changes))
+    assert [loc for loc, _ in failures] == [""]  # a rule across members, named in its message
+    assert complaint in failures[0][1]
+
+
+@pytest.mark.parametrize(
+    ("changes", "location"),
+    [
+        ({"operation": "rotate", "grace_seconds": v2.MAX_GRACE_SECONDS + 1}, "grace_seconds"),
+        ({"operation": "rotate", "grace_seconds": -1}, "grace_seconds"),
+        # signed as sent: anything but a JSON integer would be signed as something else
+        ({"operation": "rotate", "grace_seconds": "86400"}, "grace_seconds"),
+        ({"operation": "rotate", "grace_seconds": 86400.0}, "grace_seconds"),
+        ({"operation": "rotate", "grace_seconds": True}, "grace_seconds"),
+        ({"operation": "set_expiry", "expires_at": "2027-01-31T01:00:00+01:00"}, "expires_at"),
+        ({"operation": "set_expiry", "expires_at": "2027-02-30T00:00:00Z"}, "expires_at"),
+        ({"issued_at": "2026-11-27T13:00:00+01:00"}, "issued_at"),
+        ({"operation_id": "F3A92C15-7D4E-4B08-9E61-2A5C8D0B7E34"}, "operation_id"),
+        ({"operation": "delete"}, "operation"),
+        ({"target": "portal"}, "target"),
+        ({"reason": ""}, "reason"),
+        ({"audience": _DROP}, "audience"),
+        ({"signature": _DROP}, "signature"),
+        ({"version": 1}, "version"),
+        ({"version": _DROP}, "version"),
+        ({"type": "access_request.decided"}, "type"),
+        ({"request_id": "6f1c2b9e-4d3a-4e8f-9b21-7a5c0d3e8f14"}, "request_id"),
+    ],
+    ids=[
+        "grace-beyond-30-days",
+        "negative-grace",
+        "grace-as-a-string",
+        "grace-as-a-float",
+        "grace-as-a-boolean",
+        "expiry-not-z",
+        "expiry-no-such-day",
+        "issued-at-not-z",
+        "upper-case-uuid",
+        "unknown-operation",
+        "unknown-target",
+        "empty-reason",
+        "no-audience",
+        "unsigned",
+        "v1",
+        "no-version",
+        "a-decision",
+        "unknown-member",
+    ],
+)
+def test_a_credential_operation_not_in_the_signed_form_fails(changes: dict[str, Any], location: str) -> None:
+    failures = _failures(v2.CredentialOperation, _operation(**changes))
+    assert [loc for loc, _ in failures] == [location]
+
+
+def test_the_signed_bytes_of_an_operation_leave_out_what_is_absent_and_the_signature() -> None:
+    # Given a rotation, and the same rotation with the members it does not take sent as null
+    payload = _operation(operation="rotate", grace_seconds=3600)
+    with_nulls = {**payload, "plan_id": None, "expires_at": None}
+
+    # When each is read
+    operation = v2.CredentialOperation.model_validate(payload)
+    nulled = v2.CredentialOperation.model_validate(with_nulls)
+
+    # Then both sign the members sent, but the signature and the nulls: null reads as left out
+    signed = json.loads(operation.signed_bytes())
+    assert set(signed) == set(payload) - {"signature"}
+    assert signed["grace_seconds"] == 3600
+    assert nulled.signed_bytes() == operation.signed_bytes() == canonical_bytes(payload)
+    # ... and no member left out is signed as null, which canonical_bytes could not even write
+    revoke = v2.CredentialOperation.model_validate(_operation())
+    assert not {"grace_seconds", "plan_id", "expires_at", "signature"} & set(
+        json.loads(revoke.signed_bytes())
+    )
+    assert b"null" not in revoke.signed_bytes()
+
+
+def test_a_change_to_any_signed_member_changes_the_signed_bytes() -> None:
+    payload = _operation(operation="rotate", grace_seconds=3600)
+    signed = v2.CredentialOperation.model_validate(payload).signed_bytes()
+    for changes in (
+        {"grace_seconds": 3601},
+        {"grace_seconds": _DROP},
+        {"target_id": "another"},
+        {"audience": "staging"},
+        {"issued_at": "2026-11-27T12:00:01Z"},
+    ):
+        other = v2.CredentialOperation.model_validate(_operation(**{**payload, **changes}))
+        assert other.signed_bytes() != signed, changes
+    # the signature is not signed: another one leaves the bytes as they were
+    resigned = {**payload, "signature": {"key_id": "dana-2027-01", "algorithm": "ed25519", "value": "eA=="}}
+    assert v2.CredentialOperation.model_validate(resigned).signed_bytes() == signed
+
+
+def test_to_command_of_a_rotation() -> None:
+    operation = v2.CredentialOperation.model_validate(_operation(operation="rotate", grace_seconds=86400))
+    command = operation.to_command("accessflow-admin")
+    assert command.operation_id == "f3a92c15-7d4e-4b08-9e61-2a5c8d0b7e34"
+    assert command.operation is CredentialOperationKind.ROTATE
+    assert command.target is OperationTarget.CREDENTIAL
+    assert command.target_id == "7e2b9c41-5d3a-5f86-a0c4-1b8e6d2f9a57"
+    assert (command.admin_id, command.reason) == ("dana", "The keys leaked.")
+    assert command.issued_at == datetime(2026, 11, 27, 12, 0, tzinfo=UTC)
+    assert command.grace == timedelta(days=1)
+    assert (command.plan_id, command.expires_at) == (None, None)
+    assert command.sender == "accessflow-admin"
+    assert command.signature is not None
+    assert command.signature.signed_bytes == operation.signed_bytes()
+    assert (command.signature.key_id, command.signature.value, command.signature.audience) == (
+        "dana-2026-11",
+        "c2lnbmF0dXJl",
+        "accessflow",
+    )
+
+
+def test_to_command_of_the_other_operations() -> None:
+    revoke = v2.CredentialOperation.model_validate(_operation(target="app", target_id="acme-checkout"))
+    command = revoke.to_command()
+    assert (command.operation, command.target, command.target_id) == (
+        CredentialOperationKind.REVOKE,
+        OperationTarget.APP,
+        "acme-checkout",
+    )
+    assert command.grace == timedelta(0) and command.sender is None
+
+    expiry = v2.CredentialOperation.model_validate(
+        _operation(operation="set_expiry", expires_at="2027-01-31T00:00:00.5Z")
+    ).to_command()
+    assert expiry.operation is CredentialOperationKind.SET_EXPIRY
+    assert expiry.expires_at == datetime(2027, 1, 31, 0, 0, 0, 500000, tzinfo=UTC)
+    never = v2.CredentialOperation.model_validate(_operation(operation="set_expiry")).to_command()
+    assert never.expires_at is None
+
+    plan = v2.CredentialOperation.model_validate(
+        _operation(operation="change_plan", plan_id="partner")
+    ).to_command()
+    assert (plan.operation, plan.plan_id) == (CredentialOperationKind.CHANGE_PLAN, "partner")
+    assert {kind.value for kind in CredentialOperationKind} == {
+        "rotate",
+        "revoke",
+        "suspend",
+        "resume",
+        "set_expiry",
+        "change_plan",
+    }
