@@ -33,6 +33,8 @@ class RouteRequest(Command):
     portal_id: str | None = None
     #: The AMQP user that published the message, as RabbitMQ validated it; ``None`` if unknown.
     sender: str | None = None
+    #: A plan change of this credential rather than a new one (contract v2).
+    credential_id: str | None = None
 
 
 @dataclass(frozen=True)

@@ -194,6 +194,8 @@ def _route(command: commands.RouteRequest, *, uow: UnitOfWork, accept_v1_submiss
             justification=command.justification,
             submitted_at=command.submitted_at,
             portal_id=command.portal_id,
+            kind=RequestKind.ACCESS if command.credential_id is None else RequestKind.PLAN_CHANGE,
+            credential_id=command.credential_id,
         )
         request.record_submission()
         catalogue = uow.catalogue.slice_for(
@@ -202,6 +204,8 @@ def _route(command: commands.RouteRequest, *, uow: UnitOfWork, accept_v1_submiss
             consumer_id=command.consumer_id,
             app_id=command.app_id,
         )
+        if command.credential_id is not None:
+            catalogue.credential = uow.credentials.get(command.credential_id)
         request.route(catalogue)
         if request.status is Status.APPROVED:
             _provide_app(uow, request)

@@ -389,6 +389,11 @@ class AccessRequest:
             return f"credential {credential.id!r} is not app {self.app_id!r}'s"
         if credential.status not in (CredentialStatus.ACTIVE, CredentialStatus.SUSPENDED):
             return f"credential {credential.id!r} is {credential.status.value}: its plan cannot change"
+        if sorted(credential.product_ids) != sorted(self.product_ids):
+            return (
+                f"a plan change keeps credential {credential.id!r}'s products "
+                f"({', '.join(sorted(credential.product_ids))}); ask for others with a new request"
+            )
         if credential.plan_id == self.plan_id:
             return f"credential {credential.id!r} is on plan {self.plan_id!r} already"
         if credential.kind is not auth_method:

@@ -70,9 +70,23 @@ class AccessRequestSubmitted(v1.AccessRequestSubmitted):
         description="The registered portal that sends this; it must publish as its own AMQP user "
         "and may speak only for its own consumers."
     )
+    credential_id: CanonicalUuid | None = Field(
+        None,
+        description="Ask to move this issued credential (of app_id, with the same product_ids) to "
+        "plan_id, keeping its key. Routed as an access request is: at once under an auto-approve "
+        "plan, else reviewed. Leave out for a new credential.",
+    )
+
+    @model_validator(mode="after")
+    def _a_plan_change_names_its_app(self) -> AccessRequestSubmitted:
+        if self.credential_id is not None and self.app_id is None:
+            raise ValueError("a plan change (credential_id) names the credential's app_id, not a new_app")
+        return self
 
     def to_command(self, sender: str | None = None) -> commands.RouteRequest:
-        return dataclasses.replace(super().to_command(sender), portal_id=self.portal_id)
+        return dataclasses.replace(
+            super().to_command(sender), portal_id=self.portal_id, credential_id=self.credential_id
+        )
 
 
 class SignatureBlock(BaseModel):

@@ -59,6 +59,8 @@ MESSAGE_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0
 COMPLETION_BUCKETS = (0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0, 900.0, 3600.0, 14400.0, 86400.0, 604800.0)
 #: The refusal recorded for a decision that is not shown to come from an admin.
 REFUSED_DECISION = "refused_decision"
+#: The refusal recorded for a credential operation that is not shown to come from an admin.
+REFUSED_OPERATION = "refused_operation"
 
 
 @dataclass(frozen=True)
@@ -228,6 +230,13 @@ def read_database(engine: Engine, snapshot: Snapshot) -> None:
                 .where(orm.decisions.c.outcome == DecisionOutcome.REFUSED.value)
             ).scalar_one()
         )
+        refused[REFUSED_OPERATION] = int(
+            connection.execute(
+                sa.select(sa.func.count())
+                .select_from(orm.credential_operations)
+                .where(orm.credential_operations.c.outcome == DecisionOutcome.REFUSED.value)
+            ).scalar_one()
+        )
         snapshot.refused = refused
     snapshot.database_up = True
 
@@ -320,7 +329,7 @@ def state_families(snapshot: Snapshot, prefix: str) -> list[Metric]:
         credentials.add_metric([kind], float(count))
     refused = CounterMetricFamily(
         "accessflow_refused_messages",
-        "Messages refused and recorded, by reason: malformed, forged, refused_decision.",
+        "Messages refused and recorded, by reason: malformed, forged, refused_decision, refused_operation.",
         labels=["reason"],
     )
     for reason, count in sorted(snapshot.refused.items()):

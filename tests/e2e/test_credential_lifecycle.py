@@ -297,6 +297,19 @@ class TestPlanChange:
         assert (answer["rate_limit_per_minute"], answer["monthly_quota"]) == (1200, 500000)
         assert answer["credential_id"] == credential_id  # the same key, the same credential
 
+    def test_asked_by_the_portal_is_routed_the_same_way(
+        self, portal: PortalClient, services: Services, env: dict[str, str]
+    ) -> None:
+        request_id, credential_id, secret = issued(portal, services)
+        change_id = portal.submit(request_payload(plan_id="gold", credential_id=credential_id))
+        wait_for_status(services, change_id, Status.PROVISIONED)
+        assert verify_cli(env, secret)["plan_id"] == "gold"
+        # The portal hears the change request's own story, and the credential's change on the first
+        assert "access_request.provisioned" in {
+            e["event"] for e in portal.wait_for_events(change_id, "access_request.provisioned")
+        }
+        portal.wait_for_events(request_id, "credentials.plan_changed")
+
     def test_to_a_manual_plan_waits_for_an_admin_then_applies(
         self,
         portal: PortalClient,

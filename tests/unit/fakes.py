@@ -665,6 +665,7 @@ def make_route_request(
     submitted_at: datetime = SUBMITTED_AT,
     portal_id: str | None = "acme-portal",
     sender: str | None = "portal-acme",
+    credential_id: str | None = None,
 ) -> RouteRequest:
     """A portal submission (by Acme's portal, as its AMQP user); a fresh random request id unless given."""
     return RouteRequest(
@@ -681,6 +682,7 @@ def make_route_request(
         submitted_at=submitted_at,
         portal_id=portal_id,
         sender=sender,
+        credential_id=credential_id,
     )
 
 

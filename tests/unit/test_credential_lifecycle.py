@@ -380,6 +380,51 @@ class TestPlanChange:
         )
 
 
+class TestAPlanChangeAskedByThePortal:
+    def test_is_routed_like_an_access_request_and_keeps_the_key(
+        self, uow: FakeUnitOfWork, issuer: FakeIssuer
+    ) -> None:
+        c = provision(uow, issuer)
+        change = make_route_request(plan_id="gold", credential_id=c.id)
+        assert route_request(change, uow=uow) is Status.APPROVED
+        issue_credentials(
+            IssueCredentials(change.request_id),
+            uow=uow,
+            issuer=issuer,
+            sealer=FakeSealer(),
+            portal_sealer=FakePortalSealer(),
+        )
+        assert (saved(uow, c).plan_id, len(issuer.issued)) == ("gold", 1)
+
+    @pytest.mark.parametrize(
+        ("changes", "reason"),
+        [
+            (
+                {"product_ids": ("payments", "ledger")},
+                "a plan change keeps credential {id!r}'s products (payments)",
+            ),
+            ({"credential_id": "7c9e6679-7425-40de-944b-e07fc1f90ae7"}, "unknown credential"),
+        ],
+        ids=["other-products", "unknown-credential"],
+    )
+    def test_that_does_not_fit_its_credential_is_invalid_with_the_reason(
+        self, uow: FakeUnitOfWork, issuer: FakeIssuer, changes: dict[str, object], reason: str
+    ) -> None:
+        c = provision(uow, issuer)
+        change = make_route_request(**{"plan_id": "gold", "credential_id": c.id, **changes})  # type: ignore[arg-type]
+        assert route_request(change, uow=uow) is Status.INVALID
+        with uow:
+            request = uow.requests.get(change.request_id)
+        assert request is not None and request.status_reason.startswith(reason.format(id=c.id))
+
+    def test_for_another_consumers_credential_is_refused_by_the_app_check(
+        self, uow: FakeUnitOfWork, issuer: FakeIssuer
+    ) -> None:
+        c = provision(uow, issuer)
+        change = make_route_request(plan_id="gold", credential_id=c.id, app_id="globex-app")
+        assert route_request(change, uow=uow) is Status.INVALID
+
+
 class TestTheExpirySweep:
     def test_notices_then_expiry_each_once_with_an_email_and_an_event(
         self, uow: FakeUnitOfWork, issuer: FakeIssuer
