@@ -67,7 +67,10 @@ def requests_show(request_id: str, as_json: bool) -> None:
     if as_json:
         echo_json(details)
         return
-    click.echo(f"request {details['id']}: {details['status']}  {details['reason']}")
+    kind = (
+        f" (plan change of credential {details['credential_id']})" if details["kind"] == "plan_change" else ""
+    )
+    click.echo(f"request {details['id']}{kind}: {details['status']}  {details['reason']}")
     click.echo(
         f"  consumer {details['consumer_id']}, app {details['app_id']}, plan {details['plan_id']}, "
         f"products {', '.join(details['product_ids'])}"
@@ -86,7 +89,7 @@ def requests_show(request_id: str, as_json: bool) -> None:
         click.echo(f"  email {n['kind']}: {n['status']} after {n['attempts']} attempt(s)")
     if details["credential"]:
         c = details["credential"]
-        click.echo(f"  credential {c['kind']} {c['public_id']}")
+        click.echo(f"  credential {c['id']} {c['kind']} {c['public_id']}: {c['status']}, plan {c['plan_id']}")
 
 
 @requests.command("retry")

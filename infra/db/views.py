@@ -22,6 +22,8 @@ def request_summary(request: AccessRequest) -> dict[str, Any]:
     return {
         "id": request.id,
         "status": request.status.value,
+        "kind": request.kind.value,
+        "credential_id": request.credential_id,
         "reason": request.status_reason,
         "consumer_id": request.consumer_id,
         "app_id": request.app_id,
@@ -39,7 +41,12 @@ def request_details(uow: SqlUnitOfWork, request_id: str) -> dict[str, Any] | Non
         request = uow.requests.get(request_id)
         if request is None:
             return None
-        credential = uow.credentials.for_request(request_id)
+        # A plan change's credential is the one it changes; an access request's, the one it was issued.
+        credential = (
+            uow.credentials.get(request.credential_id)
+            if request.credential_id
+            else uow.credentials.for_request(request_id)
+        )
         return {
             **request_summary(request),
             "justification": request.justification,
@@ -75,7 +82,14 @@ def request_details(uow: SqlUnitOfWork, request_id: str) -> dict[str, Any] | Non
             ],
             "credential": None
             if credential is None
-            else {"id": credential.id, "kind": credential.kind.value, "public_id": credential.public_id},
+            else {
+                "id": credential.id,
+                "kind": credential.kind.value,
+                "public_id": credential.public_id,
+                "status": credential.status.value,
+                "plan_id": credential.plan_id,
+                "expires_at": credential.expires_at.isoformat() if credential.expires_at else None,
+            },
         }
 
 

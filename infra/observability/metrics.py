@@ -142,6 +142,8 @@ class Snapshot:
     #: (kind, status) -> emails.
     emails: dict[tuple[str, str], int] = field(default_factory=dict)
     credentials: dict[str, int] = field(default_factory=dict)
+    #: status -> credentials in it now (active, suspended, revoked, expired).
+    credential_states: dict[str, int] = field(default_factory=dict)
     refused: dict[str, int] = field(default_factory=dict)
     #: queue -> (messages ready, consumers), for each work queue and each dead-letter queue.
     queues: dict[str, tuple[int, int]] = field(default_factory=dict)
@@ -213,6 +215,12 @@ def read_database(engine: Engine, snapshot: Snapshot) -> None:
             str(kind): count
             for kind, count in connection.execute(
                 sa.select(orm.credentials.c.kind, sa.func.count()).group_by(orm.credentials.c.kind)
+            )
+        }
+        snapshot.credential_states = {
+            str(status): count
+            for status, count in connection.execute(
+                sa.select(orm.credentials.c.status, sa.func.count()).group_by(orm.credentials.c.status)
             )
         }
         refused = {
@@ -327,6 +335,14 @@ def state_families(snapshot: Snapshot, prefix: str) -> list[Metric]:
     )
     for kind, count in sorted(snapshot.credentials.items()):
         credentials.add_metric([kind], float(count))
+    states = GaugeMetricFamily(
+        "accessflow_credentials",
+        "Credentials by their status now: active, suspended, revoked, expired.",
+        labels=["status"],
+    )
+    for state, count in sorted(snapshot.credential_states.items()):
+        states.add_metric([state], float(count))
+    families.append(states)
     refused = CounterMetricFamily(
         "accessflow_refused_messages",
         "Messages refused and recorded, by reason: malformed, forged, refused_decision, refused_operation.",

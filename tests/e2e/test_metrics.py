@@ -120,6 +120,12 @@ def database_truth(services: Services) -> dict[str, Any]:
                 .select_from(orm.decisions)
                 .where(orm.decisions.c.outcome == "refused")
             ).scalar_one(),
+            "credential_states": {
+                str(status): count
+                for status, count in connection.execute(
+                    sa.select(orm.credentials.c.status, sa.func.count()).group_by(orm.credentials.c.status)
+                )
+            },
         }
 
 
@@ -161,6 +167,9 @@ def differences(samples: Samples, truth: dict[str, Any]) -> list[str]:
         samples, "accessflow_refused_messages_total", reason="refused_decision"
     )
     expected["refused_decisions"] = truth["refused_decisions"]
+    for state, count in truth["credential_states"].items():
+        found[f"credential_states[{state}]"] = value(samples, "accessflow_credentials", status=state)
+        expected[f"credential_states[{state}]"] = count
     return [
         f"{key}: exported {found[key]}, database {expected[key]}"
         for key in expected
