@@ -836,6 +836,14 @@ class _Tracked(Generic[K, E]):
         self.entries.clear()
 
 
+@functools.cache
+def _insert_credentials_with_trail(credentials: int, entries: int) -> sa.TextClause:
+    """``credentials`` new credentials and ``entries`` audit rows, in one statement (PostgreSQL's writing CTE)."""
+    insert, binds = _values_sql(_credentials, _CREDENTIAL_COLUMNS, credentials, "v")
+    audit, audit_binds = _values_sql(_credential_audit, _CREDENTIAL_AUDIT_COLUMNS, entries, "a")
+    return sa.text(f"WITH issued AS ({insert}) {audit}").bindparams(*binds, *audit_binds)
+
+
 class SqlCredentialRepository:
     """Issued credentials; a loaded one that was revealed or revoked is written back at commit."""
 
@@ -930,11 +938,18 @@ class SqlCredentialRepository:
                 {"credential_id": credential_id, **_new_values(_CREDENTIAL_CHANGES, now)},
             )
         if self._added:
-            run(
-                self.session,
-                insert_rows(_credentials, _CREDENTIAL_COLUMNS, len(self._added)),
-                rows_parameters(self._added, _CREDENTIAL_COLUMNS, "v"),
-            )
+            parameters = rows_parameters(self._added, _CREDENTIAL_COLUMNS, "v")
+            issued = [change for credential in self._added for change in credential.changes]
+            if issued and _on_postgres(self.session):
+                # On the hot path: the new credentials and the first rows of their trails in one statement.
+                parameters.update(rows_parameters(issued, _CREDENTIAL_AUDIT_COLUMNS, "a"))
+                run(self.session, _insert_credentials_with_trail(len(self._added), len(issued)), parameters)
+                for credential in self._added:
+                    credential.changes.clear()
+            else:
+                run(
+                    self.session, insert_rows(_credentials, _CREDENTIAL_COLUMNS, len(self._added)), parameters
+                )
         for credential in self._added:
             self._loaded.remember(credential.id, credential)
         self._added.clear()
