@@ -8,7 +8,7 @@ from typing import Any
 
 import click
 
-from domain.model import utcnow
+from domain.model import CredentialStatus, utcnow
 from infra.cli import producer
 from infra.cli.common import AdminSigner, echo_json, open_services, print_table, publishing, signed_by_admin
 from infra.credentials.issuing import api_key_public_id, verify
@@ -65,6 +65,57 @@ def credentials_show(app_id: str | None, request_id: str | None, as_json: bool) 
             click.echo(f"  secret delivered, sealed to its key, to portal {c['delivered_to_portal']} only")
         else:
             click.echo(f"  secret already revealed at {c['revealed_at']}")
+
+
+@credentials.command("list")
+@click.option("--app", "app_id", default=None, help="Only this app's.")
+@click.option("--consumer", "consumer_id", default=None, help="Only this consumer's.")
+@click.option(
+    "--status", type=click.Choice([s.value for s in CredentialStatus]), default=None, help="Only these."
+)
+@click.option("--limit", default=100, show_default=True, help="At most this many, newest first.")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+def credentials_list(
+    app_id: str | None, consumer_id: str | None, status: str | None, limit: int, as_json: bool
+) -> None:
+    """Credentials with their status, plan, limits and expiry; never a secret, and nothing is revealed."""
+    with open_services() as services, services.uow() as uow:
+        found = uow.credentials.listing(
+            app_id=app_id,
+            consumer_id=consumer_id,
+            status=CredentialStatus(status) if status else None,
+            limit=limit,
+        )
+    rows = [
+        {
+            "id": c.id,
+            "status": c.status.value,
+            "kind": c.kind.value,
+            "public_id": c.public_id,
+            "app_id": c.app_id,
+            "consumer_id": c.consumer_id,
+            "plan_id": c.plan_id,
+            "rate_limit_per_minute": c.rate_limit_per_minute,
+            "monthly_quota": c.monthly_quota,
+            "expires_at": c.expires_at.isoformat() if c.expires_at else None,
+            "revision": c.revision,
+        }
+        for c in found
+    ]
+    if as_json:
+        echo_json(rows)
+        return
+    columns = [
+        "id",
+        "status",
+        "kind",
+        "public_id",
+        "app_id",
+        "plan_id",
+        "rate_limit_per_minute",
+        "expires_at",
+    ]
+    print_table(columns, [[r[name] for name in columns] for r in rows], empty="no credentials")
 
 
 @credentials.command("verify")

@@ -919,6 +919,25 @@ class SqlCredentialRepository:
         )
         return self._loaded.load(self.session.connection().execute(query))
 
+    def listing(
+        self,
+        *,
+        app_id: str | None = None,
+        consumer_id: str | None = None,
+        status: CredentialStatus | None = None,
+        limit: int = 100,
+    ) -> list[Credential]:
+        """Credentials, newest first, narrowed by app, consumer and status; nothing is locked or revealed."""
+        c = _credentials.c
+        query = sa.select(_credentials).order_by(c.created_at.desc(), c.id).limit(limit)
+        if app_id is not None:
+            query = query.where(c.app_id == app_id)
+        if consumer_id is not None:
+            query = query.where(c.consumer_id == consumer_id)
+        if status is not None:
+            query = query.where(c.status == status)
+        return [_credential_of(row) for row in self.session.connection().execute(query)]
+
     def trail(self, credential_id: str) -> list[dict[str, Any]]:
         query = (
             sa.select(_credential_audit)

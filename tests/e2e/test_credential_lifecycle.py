@@ -214,6 +214,12 @@ class TestSuspendResumeRevoke:
             "resumed",
             "revoked",
         ]
+        # And operators find it among the app's revoked credentials, at its fourth revision
+        listed = json.loads(
+            cli(env, "credentials", "list", "--app", "acme-checkout", "--status", "revoked", "--json").stdout
+        )
+        assert {(c["id"], c["revision"]) for c in listed} >= {(credential_id, 4)}
+        assert {c["status"] for c in listed} == {"revoked"}
 
 
 class TestExpiry:
