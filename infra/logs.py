@@ -3,6 +3,13 @@
 JSON when not on a terminal. Ids bound with :func:`structlog.contextvars.bind_contextvars`
 (request id, message id) land on every line, and a redaction processor runs before
 the renderer so that a secret passed by mistake never reaches the output.
+
+The order is the guarantee: an exception (and a stack) is first formatted to plain text, then
+redacted with everything else, and only then rendered, for our lines and for the standard
+library's (dramatiq, pika, alembic) alike. A secret in an exception's message, or anywhere in a
+traceback's text, is therefore masked like one in a field. Tracebacks are plain text without
+local variables: no renderer gets an exception object it could expand (structlog's dict
+tracebacks and rich both show locals when asked, and locals hold secrets).
 """
 
 from __future__ import annotations
@@ -17,11 +24,14 @@ from typing import Any
 import structlog
 
 from domain.outcomes import Outcome
+from infra.credentials.issuing import CLIENT_SECRET_PREFIX
 
 #: Keys whose values are replaced wherever they appear in an event.
 SENSITIVE_KEYS = re.compile(r"(secret|password|passwd|token|api_?key|seal|authorization)", re.IGNORECASE)
 #: Values that look like our API keys (af_<prefix>_<secret>) are masked even under innocent keys.
 API_KEY_VALUE = re.compile(r"\b(af_[0-9a-f]{8})_[A-Za-z0-9_-]{20,}")
+#: Values that look like our OAuth2 client secrets (afs_<43 url-safe>), masked the same way.
+CLIENT_SECRET_VALUE = re.compile(rf"\b({CLIENT_SECRET_PREFIX})[A-Za-z0-9_-]{{20,}}")
 REDACTED = "[redacted]"
 
 #: The name of the logger the handlers' outcomes are told on.
@@ -47,7 +57,7 @@ def log_outcome(outcome: Outcome) -> None:
 
 def _redact_value(value: Any) -> Any:
     if isinstance(value, str):
-        return API_KEY_VALUE.sub(r"\1_" + REDACTED, value)
+        return CLIENT_SECRET_VALUE.sub(r"\1" + REDACTED, API_KEY_VALUE.sub(r"\1_" + REDACTED, value))
     if isinstance(value, dict):
         return {k: REDACTED if SENSITIVE_KEYS.search(str(k)) else _redact_value(v) for k, v in value.items()}
     if isinstance(value, list | tuple):
@@ -73,11 +83,18 @@ def configure(level: str = "INFO", fmt: str = "auto") -> None:
         structlog.stdlib.add_log_level,
         structlog.stdlib.add_logger_name,
         structlog.processors.TimeStamper(fmt="iso", utc=True),
+        # Exceptions and stacks become text here, before redact: rendered after it, a secret in an
+        # exception's message or a traceback line would reach the output unmasked. Plain text,
+        # never locals.
+        structlog.processors.StackInfoRenderer(),
+        structlog.processors.format_exc_info,
         redact,
     ]
     renderer: Any = (
         structlog.processors.JSONRenderer()
         if json_output
+        # The traceback arrives as text (the "exception" key); the formatter is a fallback that
+        # prints without locals, in case an exc_info ever slips past format_exc_info.
         else structlog.dev.ConsoleRenderer(colors=False, exception_formatter=structlog.dev.plain_traceback)
     )
     structlog.configure(
@@ -90,7 +107,6 @@ def configure(level: str = "INFO", fmt: str = "auto") -> None:
         foreign_pre_chain=shared,
         processors=[
             structlog.stdlib.ProcessorFormatter.remove_processors_meta,
-            structlog.processors.format_exc_info if json_output else _identity,
             renderer,
         ],
     )
@@ -101,7 +117,3 @@ def configure(level: str = "INFO", fmt: str = "auto") -> None:
     root.setLevel(level.upper())
     for noisy in ("pika", "alembic.runtime.plugins"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
-
-
-def _identity(_: Any, __: str, event_dict: MutableMapping[str, Any]) -> MutableMapping[str, Any]:
-    return event_dict
