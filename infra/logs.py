@@ -10,6 +10,12 @@ library's (dramatiq, pika, alembic) alike. A secret in an exception's message, o
 traceback's text, is therefore masked like one in a field. Tracebacks are plain text without
 local variables: no renderer gets an exception object it could expand (structlog's dict
 tracebacks and rich both show locals when asked, and locals hold secrets).
+
+dramatiq writes a message into its log lines as ``actor(args...)`` (``Message.__str__``): at
+ERROR when an actor fails, at WARNING when one is skipped. A message's arguments are a
+request's payload, with personal data, so :class:`MessageIdsOnly` rewrites every dramatiq
+message in a standard library record's arguments to its ids (message id, actor, queue)
+before anything formats it, and drops the arguments of the DEBUG line each actor call writes.
 """
 
 from __future__ import annotations
@@ -18,10 +24,12 @@ import dataclasses
 import logging
 import re
 import sys
-from collections.abc import MutableMapping
+from collections.abc import Mapping, MutableMapping
 from typing import Any
 
 import structlog
+from dramatiq.broker import MessageProxy
+from dramatiq.message import Message
 
 from domain.outcomes import Outcome
 from infra.credentials.issuing import CLIENT_SECRET_PREFIX
@@ -75,6 +83,40 @@ def redact(_: Any, __: str, event_dict: MutableMapping[str, Any]) -> MutableMapp
     return event_dict
 
 
+#: The line dramatiq's ``Actor.__call__`` writes at DEBUG, with the call's arguments as its own.
+ACTOR_ARGUMENTS_LINE = "Received args=%r kwargs=%r."
+
+
+def message_ids(message: Message[Any] | MessageProxy) -> str:
+    """How a dramatiq message appears in a log line: its ids, never its arguments or options."""
+    return f"message {message.message_id} (actor {message.actor_name}, queue {message.queue_name})"
+
+
+def _ids_if_message(value: object) -> object:
+    return message_ids(value) if isinstance(value, Message | MessageProxy) else value
+
+
+class MessageIdsOnly(logging.Filter):
+    """Replace each dramatiq message among a record's arguments by :func:`message_ids`.
+
+    On the handler, so that it sees every logger's records (dramatiq's worker, its
+    middleware, and any library's), not only the one logger a logger-level filter would.
+    The record is changed in place, before any formatter reads it; it never drops one.
+    """
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.msg == ACTOR_ARGUMENTS_LINE:
+            record.msg, record.args = "Received a call (arguments not logged).", ()
+            return True
+        args = record.args
+        if isinstance(args, tuple):
+            record.args = tuple(_ids_if_message(arg) for arg in args)
+        elif isinstance(args, Mapping):
+            record.args = {key: _ids_if_message(value) for key, value in args.items()}
+        record.msg = _ids_if_message(record.msg)
+        return True
+
+
 def configure(level: str = "INFO", fmt: str = "auto") -> None:
     """Configure structlog and route the standard library's logging through it. Idempotent."""
     json_output = fmt == "json" or (fmt == "auto" and not sys.stderr.isatty())
@@ -112,6 +154,7 @@ def configure(level: str = "INFO", fmt: str = "auto") -> None:
     )
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(formatter)
+    handler.addFilter(MessageIdsOnly())
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
