@@ -70,10 +70,10 @@ def make_append_only(table: str) -> None:
     runtime role loses UPDATE, DELETE and TRUNCATE on it, so even without the triggers it
     could only INSERT and SELECT. Idempotent. On SQLite (the demo), nothing.
     """
-    if op.get_bind().dialect.name != "postgresql":
-        return
     if not _IDENTIFIER.match(table):
         raise ValueError(f"not a plain table name: {table!r}")
+    if op.get_bind().dialect.name != "postgresql":
+        return
     op.execute(APPEND_ONLY_FUNCTION)
     op.execute(
         f"CREATE OR REPLACE TRIGGER {table}_append_only BEFORE UPDATE OR DELETE ON {table} "
