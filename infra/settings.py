@@ -37,8 +37,18 @@ class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="ACCESSFLOW_", extra="ignore")
 
     database_url: str = Field(
-        "postgresql+psycopg://postgres@127.0.0.1:5432/accessflow",
-        description="SQLAlchemy URL of the database.",
+        "postgresql+psycopg://accessflow_runtime@127.0.0.1:5432/accessflow",
+        description="SQLAlchemy URL of the database, as the runtime role (accessflow_runtime): workers, relay, CLI.",
+    )
+    migration_database_url: str | None = Field(
+        None,
+        description="SQLAlchemy URL `accessflow db upgrade` connects with: as accessflow_migrator, or as a "
+        "superuser (or CREATEROLE role), which also creates the roles. Unset: ACCESSFLOW_DATABASE_URL.",
+    )
+    readonly_database_url: str | None = Field(
+        None,
+        description="SQLAlchemy URL `accessflow status`, `requests list` and `requests show` read with "
+        "(accessflow_readonly). Unset: ACCESSFLOW_DATABASE_URL.",
     )
     db_connect_timeout_seconds: int = Field(
         5, ge=1, description="Give up connecting to the database after this."
@@ -319,6 +329,14 @@ class Settings(BaseSettings):
         if isinstance(value, str):
             return [part.strip() for part in value.split(",") if part.strip()]
         return value
+
+    def migration_url(self) -> str:
+        """The URL ``db upgrade`` connects with: ``migration_database_url``, else ``database_url``."""
+        return self.migration_database_url or self.database_url
+
+    def readonly_url(self) -> str:
+        """The URL read-only commands connect with: ``readonly_database_url``, else ``database_url``."""
+        return self.readonly_database_url or self.database_url
 
     def broker_urls(self) -> list[str]:
         """The AMQP URL of each broker node in ``broker_url``, in order (:func:`split_broker_urls`)."""

@@ -44,8 +44,11 @@ def load_settings() -> Settings:
 
 
 @contextmanager
-def open_services() -> Iterator[Services]:
+def open_services(*, readonly: bool = False) -> Iterator[Services]:
+    """The services, built from the settings; ``readonly`` ones on ACCESSFLOW_READONLY_DATABASE_URL when set."""
     settings = load_settings()
+    if readonly:
+        settings = settings.model_copy(update={"database_url": settings.readonly_url()})
     services = build(settings)
     try:
         yield services

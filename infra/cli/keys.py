@@ -6,8 +6,10 @@ from pathlib import Path
 
 import click
 
+from infra.cli.common import open_services
 from infra.credentials.sealing import generate_portal_keypair, generate_seal_key
 from infra.credentials.signing import generate_keypair
+from infra.db import resealing
 
 
 @click.group()
@@ -19,6 +21,34 @@ def keys() -> None:
 def keys_generate() -> None:
     """Print a new seal key for ACCESSFLOW_SEAL_KEY."""
     click.echo(generate_seal_key())
+
+
+@keys.command("rotate")
+@click.option(
+    "--batch-size",
+    type=click.IntRange(min=1),
+    default=resealing.BATCH_SIZE,
+    show_default=True,
+    help="Secrets re-sealed per transaction.",
+)
+def keys_rotate(batch_size: int) -> None:
+    """Re-seal every sealed secret with the newest (first) key of ACCESSFLOW_SEAL_KEY.
+
+    Rotate a seal key by putting the new one first in ACCESSFLOW_SEAL_KEY, the old ones after
+    it; run this; then remove the old keys. Safe to run again, and while workers run. Exits 1
+    if a secret opens with none of the configured keys (it is left as it is).
+    """
+    with open_services() as services:
+        report = resealing.reseal_all(services.engine, services.sealer(), batch_size=batch_size)
+    click.echo(
+        f"re-sealed {report.resealed} secret(s) with the newest seal key; {report.current} already were"
+    )
+    if report.unopenable:
+        raise click.ClickException(
+            f"{len(report.unopenable)} sealed secret(s) open with none of the configured keys, left as they are "
+            f"(credentials {', '.join(report.unopenable[:10])}{', ...' if len(report.unopenable) > 10 else ''}): "
+            "add the key that sealed them after the newest one, and run this again"
+        )
 
 
 @keys.command("admin-generate")

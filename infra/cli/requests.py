@@ -29,7 +29,7 @@ def requests() -> None:
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 def requests_list(status: str | None, limit: int, as_json: bool) -> None:
     """List requests, newest first."""
-    with open_services() as services, services.uow() as uow:
+    with open_services(readonly=True) as services, services.uow() as uow:
         rows = [
             views.request_summary(r)
             for r in uow.requests.list(status=Status(status) if status else None, limit=limit)
@@ -60,7 +60,7 @@ def requests_list(status: str | None, limit: int, as_json: bool) -> None:
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 def requests_show(request_id: str, as_json: bool) -> None:
     """Show one request with its audit trail."""
-    with open_services() as services:
+    with open_services(readonly=True) as services:
         details = views.request_details(services.uow(), request_id)
     if details is None:
         raise click.ClickException(f"no request {request_id}")

@@ -54,7 +54,7 @@ def status(as_json: bool, wait_seconds: float | None) -> None:
     ACCESSFLOW_STATUS_*), one in provisioning_failed, an email stuck in sending, a queue
     with messages and no consumer, a broker or database that cannot be read. Exits 0 otherwise.
     """
-    with open_services() as services:
+    with open_services(readonly=True) as services:
         still_missing = (
             read_model.wait_for_consumers(services.settings, wait_seconds) if wait_seconds is not None else []
         )

@@ -4,7 +4,10 @@ API keys look like ``af_<8 hex>_<43 url-safe chars>``: the ``af_<8 hex>`` part i
 the public lookup prefix, stored in the clear; the whole key is stored only as a
 SHA-256 hash, which is enough for a 256-bit random secret (RFC 6819 5.1.4.1.3)
 and lets a gateway check a key without a slow KDF. OAuth2 client secrets are
-handled the same way under a public ``client_id``.
+handled the same way under a public ``client_id``, and look like ``afs_<43 url-safe chars>``:
+the prefix lets the log redactor (:mod:`infra.logs`) and secret scanners (GitHub's, gitleaks)
+recognise one wherever it turns up. Secrets issued before the prefix have none, and still
+verify: only the hash is compared.
 """
 
 from __future__ import annotations
@@ -20,8 +23,12 @@ from domain.ports import IssuedSecret
 
 API_KEY_PREFIX = "af_"
 CLIENT_ID_PREFIX = "afc_"
+#: The start of every OAuth2 client secret: "af" and "s" for secret, unlike the client id's "afc_".
+CLIENT_SECRET_PREFIX = "afs_"  # noqa: S105 (a public prefix, not a secret)
 #: The secret part is URL-safe base64, which may itself contain "_": match the prefix, not a split.
 API_KEY_SHAPE = re.compile(r"^(af_[0-9a-f]{8})_[A-Za-z0-9_-]{43}$")
+#: An OAuth2 client secret as issued since the prefix: ``afs_`` and 32 random bytes, URL-safe base64.
+CLIENT_SECRET_SHAPE = re.compile(r"^afs_[A-Za-z0-9_-]{43}$")
 
 
 def hash_secret(secret: str) -> str:
@@ -41,7 +48,7 @@ class LocalCredentialIssuer:
             secret = f"{public_id}_{secrets.token_urlsafe(32)}"
         else:
             public_id = CLIENT_ID_PREFIX + secrets.token_hex(8)
-            secret = secrets.token_urlsafe(32)
+            secret = CLIENT_SECRET_PREFIX + secrets.token_urlsafe(32)
         return IssuedSecret(public_id=public_id, secret=secret, secret_hash=hash_secret(secret))
 
 

@@ -25,7 +25,30 @@ class FernetSealer:
     def __init__(self, keys: list[str]) -> None:
         if not keys:
             raise SealKeyMissing("ACCESSFLOW_SEAL_KEY is not set; create one with `accessflow keys generate`")
-        self._fernet = MultiFernet([Fernet(k.encode()) for k in keys])
+        fernets = [Fernet(k.encode()) for k in keys]
+        self._newest = fernets[0]
+        self._fernet = MultiFernet(fernets)
+
+    def reseal(self, sealed: bytes) -> bytes | None:
+        """``sealed`` sealed again with the newest key, or ``None`` if the newest key already opens it.
+
+        The secret is never returned: it goes from one token to the other inside
+        :meth:`MultiFernet.rotate`, which keeps the token's original timestamp.
+
+        Raises:
+          SealKeyMissing: no configured key opens ``sealed``.
+        """
+        try:
+            self._newest.decrypt(sealed)
+            return None
+        except InvalidToken:
+            pass
+        try:
+            return self._fernet.rotate(sealed)
+        except InvalidToken:
+            raise SealKeyMissing(
+                "sealed secret cannot be opened with the configured ACCESSFLOW_SEAL_KEY"
+            ) from None
 
     def seal(self, secret: str) -> bytes:
         return self._fernet.encrypt(secret.encode())

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import select
 from typing import Any
 
@@ -13,6 +14,10 @@ from infra.settings import Settings
 #: Seconds after which a pooled database connection is replaced at its next checkout, so that
 #: none outlives the idle timeout of a server, proxy or firewall that would drop it silently.
 POOL_RECYCLE_SECONDS = 600
+#: The DETAIL PostgreSQL gives a NOT NULL or CHECK violation: every column's value of the row,
+#: secret hash and sealed secret included. The other DETAILs (``Key (public_id)=(...)``) name
+#: only the constrained columns, ids, and are kept.
+FAILING_ROW = re.compile(r"(Failing row contains )\(.*\)")
 
 
 def create_engine(settings: Settings) -> Engine:
@@ -24,6 +29,11 @@ def create_engine(settings: Settings) -> Engine:
     its socket, with no round trip (:func:`_refuse_if_hung_up`); and one that dies in use
     fails its statement, SQLAlchemy drops it, and the message is retried
     (:func:`infra.messaging.delivery.transient_database_error`).
+
+    A failed statement's error text never holds the values it carried: ``hide_parameters``
+    leaves them out of SQLAlchemy's message, and :func:`_hide_row_values` takes them out of
+    PostgreSQL's own DETAIL. That text is what gets logged, and what a retried message
+    carries in its options; a credential's secret hash or sealed secret must be in neither.
     """
     url = sa.make_url(settings.database_url)
     connect_args: dict[str, Any] = {}
@@ -46,10 +56,24 @@ def create_engine(settings: Settings) -> Engine:
             pool_size=settings.db_pool_size,
             max_overflow=max(4, settings.db_pool_size // 2),
             pool_recycle=POOL_RECYCLE_SECONDS,
+            hide_parameters=True,
         )
         sa.event.listen(engine, "checkout", _refuse_if_hung_up)
+        sa.event.listen(engine, "handle_error", _hide_row_values)
         return engine
-    return sa.create_engine(url, connect_args={"check_same_thread": False})
+    return sa.create_engine(url, connect_args={"check_same_thread": False}, hide_parameters=True)
+
+
+def _hide_row_values(context: sa.engine.ExceptionContext) -> None:
+    """Replace the row values in a failed statement's "Failing row contains (...)" DETAIL.
+
+    The text is fixed in the driver's exception and in SQLAlchemy's wrapper of it, both made
+    before this hook runs, so both are rewritten; the exception's type, and its ``diag``
+    fields for code that asks for them on purpose, stay as they were.
+    """
+    for error in (context.original_exception, context.sqlalchemy_exception):
+        if error is not None and error.args and isinstance(error.args[0], str):
+            error.args = (FAILING_ROW.sub(r"\1(values hidden)", error.args[0]), *error.args[1:])
 
 
 def _refuse_if_hung_up(dbapi_connection: Any, record: Any, proxy: Any) -> None:

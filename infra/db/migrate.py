@@ -6,11 +6,15 @@ fails halfway, or records a revision twice. On PostgreSQL every run therefore ho
 session-level advisory lock for as long as it migrates (:func:`migration_lock`): the
 second run waits, then finds the schema at head and does nothing. SQLite, the demo's
 one-process database, needs none.
+
+Before the migrations, on PostgreSQL, the database roles are created and granted the schema
+where the connected role may (:func:`infra.db.roles.ensure_roles`); the migrations then run
+as the migrator role, which owns what they create.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -19,6 +23,7 @@ from alembic import command
 from alembic.config import Config
 from alembic.runtime.migration import MigrationContext
 
+from infra.db import roles
 from infra.db.engine import create_engine
 from infra.settings import Settings
 
@@ -62,19 +67,35 @@ def alembic_config(database_url: str) -> Config:
 
 
 def upgrade(
-    database_url: str, revision: str = "head", *, on_version_apply: Callable[..., None] | None = None
-) -> None:
-    """Migrate ``database_url`` to ``revision``, under :func:`migration_lock`.
+    database_url: str,
+    revision: str = "head",
+    *,
+    on_version_apply: Callable[..., None] | None = None,
+    role_urls: Mapping[str, str | None] | None = None,
+) -> roles.RolesReport:
+    """Create the database roles where allowed, then migrate ``database_url`` to ``revision``, under :func:`migration_lock`.
 
     Parameters:
       on_version_apply: called by Alembic after each revision is applied (its keyword
         arguments: ``ctx``, ``step``, ``heads``, ``run_args``), while the lock is held;
         tests use it to look at the database mid-migration.
+      role_urls: the deployment's database URLs; one that logs in as one of the roles with a
+        password sets that role's password (:func:`infra.db.roles.encrypted_passwords`).
+
+    Returns:
+      Whether the roles were created and granted, and why not.
     """
+    engine = create_engine(Settings(database_url=database_url))
+    try:
+        with engine.connect() as connection:
+            report = roles.ensure_roles(connection, role_urls or {})
+    finally:
+        engine.dispose()
     config = alembic_config(database_url)
     if on_version_apply is not None:
         config.attributes["on_version_apply"] = on_version_apply
     command.upgrade(config, revision)
+    return report
 
 
 def current(database_url: str) -> str | None:

@@ -307,7 +307,19 @@ def test_app_environment_points_at_the_compose_services() -> None:
     with pytest.raises(AssertionError, match="ACCESSFLOW_SEAL_KEY"):
         interpolate(compose()["x-accessflow-env"]["ACCESSFLOW_SEAL_KEY"], {})
     for name, service in built_services().items():
-        assert environment_of(service) == environment, f"{name} does not use the shared environment"
+        own = environment_of(service)
+        if name == "migrate":
+            # Only the migration connects as the database's superuser: it creates the roles.
+            migration_url = own.pop("ACCESSFLOW_MIGRATION_DATABASE_URL")
+            assert migration_url.startswith("postgresql+psycopg://accessflow:")
+            assert "@postgres:5432/accessflow" in migration_url
+        assert own == environment, f"{name} does not use the shared environment"
+
+
+def test_the_services_connect_to_the_database_as_the_runtime_role() -> None:
+    environment = environment_of({"environment": compose()["x-accessflow-env"]})
+    assert environment["ACCESSFLOW_DATABASE_URL"].startswith("postgresql+psycopg://accessflow_runtime:")
+    assert "ACCESSFLOW_MIGRATION_DATABASE_URL" not in environment
 
 
 @pytest.mark.usefixtures("restore_logging")

@@ -7,6 +7,7 @@ from alembic import context
 from infra.db import orm
 from infra.db.engine import create_engine
 from infra.db.migrate import migration_lock
+from infra.db.roles import become_migrator
 from infra.settings import Settings
 
 config = context.config
@@ -25,6 +26,10 @@ def run_migrations_online() -> None:
     # The lock is taken before Alembic reads the current revision: two runs at once must
     # not both start from the same one (infra.db.migrate's docstring).
     with engine.connect() as connection, migration_lock(connection):
+        if connection.dialect.name == "postgresql":
+            # What the migrations create belongs to the migrator, whoever connected (infra/db/roles.py).
+            become_migrator(connection)
+            connection.commit()
         context.configure(
             connection=connection,
             target_metadata=orm.metadata,

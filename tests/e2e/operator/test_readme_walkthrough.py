@@ -99,7 +99,9 @@ def _stop_group(pgid: int, *, grace: float) -> None:
 def test_the_walkthrough_runs_a_request_end_to_end(run: Run) -> None:
     # Given the README's block, with this run's database and prefix
     block = walkthrough()
-    assert block.count(DATABASE) == 2, "the block names its database twice: its URL and createdb"
+    assert block.count(DATABASE) == 4, (
+        "the block names its database four times: three URLs (one per role) and createdb"
+    )
     block = re.sub(rf"\b{PREFIX}\b", run.prefix, block.replace(DATABASE, run.database))
     assert f"export ACCESSFLOW_QUEUE_PREFIX={run.prefix}" in block
 
