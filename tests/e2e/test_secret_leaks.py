@@ -3,9 +3,10 @@
 Flows: an API key auto-approved, an OAuth2 client approved by an admin's signed decision,
 each secret opened by the portal with its private key, checked by a gateway
 (``credentials verify``), looked at by an operator (``credentials show``, ``requests show``,
-``status``), and the seal keys rotated (``keys rotate``). Then every log line, table row,
-queued and dead-lettered message, portal event and email is searched (tests/leaks.py).
-A flow that issues more secrets (a credential's rotation) adds them with ``secrets.add``.
+``status``), each credential rotated by an admin with a grace period and its new secret opened
+and verified, and the seal keys rotated (``keys rotate``). Then every log line, table row,
+queued and dead-lettered message, portal event and email is searched (tests/leaks.py), for
+all four secrets.
 """
 
 from __future__ import annotations
@@ -56,6 +57,18 @@ def provisioned_secret(portal: PortalClient, request_id: str) -> tuple[str, str]
     return portal.open(issued["sealed_secret"]["value"]), str(issued["credential"]["public_id"])
 
 
+def credential_of(portal: PortalClient, request_id: str) -> str:
+    [issued] = [e for e in portal.events(request_id) if e["event"] == "credentials.issued"]
+    return str(issued["credential"]["id"])
+
+
+def rotated_secret(portal: PortalClient, request_id: str) -> str:
+    """The secret of the credential's rotation, opened as the portal does."""
+    events = portal.wait_for_events(request_id, "credentials.rotated")
+    [rotated] = [e for e in events if e["event"] == "credentials.rotated"]
+    return portal.open(rotated["sealed_secret"]["value"])
+
+
 class TestTheLeakSearch:
     def test_finds_no_secret_in_logs_tables_queues_dead_letters_or_emails(
         self,
@@ -87,11 +100,37 @@ class TestTheLeakSearch:
         secrets.add("API key", api_key)
         secrets.add("OAuth2 client secret", client_secret)
         assert CLIENT_SECRET_SHAPE.match(client_secret), "an OAuth2 secret has the afs_ shape scanners know"
-        assert operator.run(env, "credentials", "verify", stdin=api_key + "\n").strip() == "valid"
+        assert operator.run(env, "credentials", "verify", stdin=api_key + "\n").startswith("valid  app ")
         verified = operator.run(
             env, "credentials", "verify", "--client-id", client_id, stdin=client_secret + "\n"
         )
-        assert verified.strip() == "valid"
+        assert verified.startswith("valid  app ")
+        # ... and an admin rotates both, with a grace period, and the portal opens the new secrets
+        for request_id, name in ((api_request, "API key"), (oauth_request, "OAuth2 client secret")):
+            credential_id = credential_of(portal, request_id)
+            operator.run(
+                admin_env,
+                "credentials",
+                "rotate",
+                credential_id,
+                "--grace",
+                "600",
+                "--reason",
+                "leak drill",
+                "--admin",
+                ADMIN_ID,
+            )
+            rotated = rotated_secret(portal, request_id)
+            secrets.add(f"rotated {name}", rotated)
+            answer = operator.run(
+                env,
+                "credentials",
+                "verify",
+                *(("--client-id", client_id) if request_id == oauth_request else ()),
+                stdin=rotated + "\n",
+            )
+            assert answer.startswith("valid  app "), answer
+        operator.run(env, "credentials", "list", "--json")
         # ... and an operator looks at them, and rotates the seal keys
         for request_id in (api_request, oauth_request):
             operator.run(env, "requests", "show", request_id, "--json")
@@ -121,7 +160,7 @@ class TestTheLeakSearch:
         searched = assert_no_secret_leaks(secrets, haystacks)
         # And the search looked everywhere it says: it did not pass by looking nowhere
         assert {"log", "output", "table", "event", "email"} <= set(searched), searched
-        assert searched["table"] > 10 and searched["event"] >= 9 and searched["email"] >= 3, searched
+        assert searched["table"] > 10 and searched["event"] >= 11 and searched["email"] >= 3, searched
         assert portal.queue in queues and any(q.endswith(".XQ") for q in queues), queues
         # And it finds a secret where there is one, even cut down to its random part
         with pytest.raises(AssertionError, match="OAuth2 client secret"):

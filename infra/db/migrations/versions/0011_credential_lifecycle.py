@@ -8,8 +8,8 @@ operation is a row of ``credential_operations``, whose id makes a replay change 
 Expiry notices are emails like the others, one per (request, kind, topic): the topic tells
 the 14-day notice from the 3-day one.
 
-Revision ID: 0010
-Revises: 0009
+Revision ID: 0011
+Revises: 0010
 Create Date: 2026-11-27 13:40:00
 """
 
@@ -18,8 +18,10 @@ from __future__ import annotations
 import sqlalchemy as sa
 from alembic import op
 
-revision = "0010"
-down_revision = "0009"
+from infra.db.roles import make_append_only
+
+revision = "0011"
+down_revision = "0010"
 branch_labels = None
 depends_on = None
 
@@ -28,7 +30,6 @@ LIVE = "status IN ('active', 'suspended') AND expires_at IS NOT NULL"
 
 
 def upgrade() -> None:
-    postgres = op.get_bind().dialect.name == "postgresql"
     op.add_column("plans", sa.Column("credential_lifetime_days", sa.Integer, nullable=True))
     op.add_column(
         "access_requests", sa.Column("kind", sa.String(40), nullable=False, server_default="access")
@@ -103,31 +104,14 @@ def upgrade() -> None:
         sa.Column("results", sa.JSON, nullable=False),
         sa.Column("key_id", sa.String(64), nullable=True),
     )
-    if postgres:
-        # Append-only, as audit_log is: the database itself refuses edits, deletions and TRUNCATE.
-        op.execute(
-            """
-            CREATE FUNCTION credential_audit_is_append_only() RETURNS trigger LANGUAGE plpgsql AS $$
-            BEGIN
-                RAISE EXCEPTION 'credential_audit is append-only';
-            END $$;
-            """
-        )
-        op.execute(
-            "CREATE TRIGGER credential_audit_append_only BEFORE UPDATE OR DELETE ON credential_audit "
-            "FOR EACH ROW EXECUTE FUNCTION credential_audit_is_append_only()"
-        )
-        op.execute(
-            "CREATE TRIGGER credential_audit_no_truncate BEFORE TRUNCATE ON credential_audit "
-            "FOR EACH STATEMENT EXECUTE FUNCTION credential_audit_is_append_only()"
-        )
+    # Append-only, as audit_log is: no UPDATE, DELETE or TRUNCATE, for the runtime role above all.
+    make_append_only("credential_audit")
 
 
 def downgrade() -> None:
     if op.get_bind().dialect.name == "postgresql":
         op.execute("DROP TRIGGER IF EXISTS credential_audit_no_truncate ON credential_audit")
         op.execute("DROP TRIGGER IF EXISTS credential_audit_append_only ON credential_audit")
-        op.execute("DROP FUNCTION IF EXISTS credential_audit_is_append_only()")
     op.drop_table("credential_operations")
     op.drop_table("credential_audit")
     with op.batch_alter_table("notifications") as notifications:
