@@ -35,8 +35,10 @@ from domain.model import (
 )
 from domain.notifications import ApproveContext, ProductLine, RejectContext, ReviewContext
 from domain.ports import (
+    CredentialChange,
     CredentialIssuer,
     Email,
+    Gateway,
     Mailer,
     PortalSealer,
     SecretSealer,
@@ -366,12 +368,17 @@ def issue_credentials(
     issuer: CredentialIssuer,
     sealer: SecretSealer,
     portal_sealer: PortalSealer,
+    gateway_configured: bool = False,
 ) -> Credential | None:
     """Issue the app's credential for an approved request, with the plan's limits, exactly once.
 
     A request from a portal gets its secret sealed to that portal's public key, in the
     ``credentials.issued`` event, and nowhere else: no copy is kept for an operator to
     reveal. A v1 request keeps the old way, a copy sealed at rest for one reveal.
+
+    With ``gateway_configured``, a new credential is also pushed to
+    the gateway, through the outbox of the same transaction; without one nothing is queued,
+    so a deployment without a gateway pays nothing for it.
     """
     with uow:
         request = uow.requests.get(command.request_id, for_update=True)
@@ -410,6 +417,8 @@ def issue_credentials(
                 monthly_quota=plan.monthly_quota,
             )
             uow.credentials.add(credential)
+            if gateway_configured:
+                uow.outbox.put(commands.PushCredentialChange(credential.id, "issued", 1))
         if delivery is not None:
             _announce(
                 uow, request, "credentials.issued", Status.APPROVED, _issued_details(credential, delivery)
@@ -428,6 +437,83 @@ def issue_credentials(
         )
         uow.commit()
         return credential
+
+
+#: The status a gateway is told; the credential lifecycle adds revoked, suspended, expired.
+ACTIVE = "active"
+
+
+def gateway_event_id(credential_id: str, revision: int) -> str:
+    """The id of a credential's change for the gateway: the same for every attempt at one revision."""
+    return derived_id("gateway-push", f"{credential_id}:{revision}")
+
+
+def push_to_gateway(
+    command: commands.PushCredentialChange, *, uow: UnitOfWork, gateway: Gateway | None
+) -> CredentialChange | None:
+    """Push one change of a credential to the gateway, with the credential as it is stored now.
+
+    The credential is read in a short transaction that is over before the gateway is called,
+    so no row or connection is held across the HTTP call. A credential that is gone is
+    dropped quietly (one warning line). A retry sends the same event id, so the gateway can
+    drop a repeat; and since a push carries the stored state, not the message's, a late retry
+    tells nothing older than what the gateway has, only under an older revision.
+
+    Returns:
+      What was pushed, or ``None`` for a credential that does not exist.
+
+    Raises:
+      TransientError: the gateway may take it later; the message is retried with backoff.
+      PermanentDeliveryError: the gateway refused it for good, or this worker has no gateway
+        configured; never retried, the message is dead-lettered with the reason.
+    """
+    if gateway is None:  # this pool's settings differ from those of the pool that queued it
+        raise PermanentDeliveryError(
+            "no gateway is configured in this worker (ACCESSFLOW_GATEWAY_WEBHOOK_URL): "
+            "configure it, then replay this dead letter"
+        )
+    with uow:
+        credential = uow.credentials.get(command.credential_id)
+        if credential is None:
+            uow.record_outcome(
+                outcomes.GatewayPushDropped(command.credential_id, command.change, command.revision)
+            )
+            return None
+        app = uow.catalogue.app(credential.app_id)
+        if app is not None:
+            consumer_id = app.consumer_id
+        else:  # an app removed from the catalogue since: its request still says whose it was
+            request = uow.requests.get(credential.request_id)
+            consumer_id = request.consumer_id if request is not None else ""
+    change = CredentialChange(
+        event_id=gateway_event_id(credential.id, command.revision),
+        change=command.change,
+        revision=command.revision,
+        # The issue's time; a lifecycle change dates itself when it is recorded.
+        occurred_at=credential.created_at,
+        credential_id=credential.id,
+        public_id=credential.public_id,
+        app_id=credential.app_id,
+        consumer_id=consumer_id,
+        kind=credential.kind.value,
+        status=ACTIVE,
+        product_ids=tuple(credential.product_ids),
+        rate_limit_per_minute=credential.rate_limit_per_minute,
+        monthly_quota=credential.monthly_quota,
+        secret_hash=credential.secret_hash,
+        expires_at=None,
+    )
+    try:
+        gateway.push(change)
+    except PermanentDeliveryError as refused:
+        uow.record_outcome(
+            outcomes.GatewayPushRefused(
+                credential.id, change.change, change.revision, change.event_id, str(refused)
+            )
+        )
+        raise
+    uow.record_outcome(outcomes.GatewayPushed(credential.id, change.change, change.revision, change.event_id))
+    return change
 
 
 def _fail_provisioning(uow: UnitOfWork, request: AccessRequest, reason: str) -> None:

@@ -50,9 +50,12 @@ DECIDE = Route(
 )
 ISSUE = Route("credentials.issue", "credentials", v1.IssueCredentials)
 NOTIFY = Route("notifications.send", "notifications", v1.SendNotification)
+#: Credential changes on their way to the gateway (:class:`domain.ports.Gateway`): a queue of its own,
+#: so that a slow or unreachable gateway never holds back issuing or email, and its pool scales alone.
+PUSH = Route("gateway.push", "gateway", v1.PushCredentialChange)
 
 #: Every route, in the order a request travels them.
-ROUTES: tuple[Route, ...] = (SUBMIT, DECIDE, ISSUE, NOTIFY)
+ROUTES: tuple[Route, ...] = (SUBMIT, DECIDE, ISSUE, NOTIFY, PUSH)
 
 
 def route_for_command(command: commands.Command) -> tuple[Route, dict[str, object]]:
@@ -63,4 +66,9 @@ def route_for_command(command: commands.Command) -> tuple[Route, dict[str, objec
         case commands.SendNotification():
             payload = v1.SendNotification(request_id=command.request_id, kind=command.kind.value)
             return NOTIFY, payload.model_dump(mode="json")
+        case commands.PushCredentialChange():
+            push = v1.PushCredentialChange(
+                credential_id=command.credential_id, change=command.change, revision=command.revision
+            )
+            return PUSH, push.model_dump(mode="json")
     raise TypeError(f"no route for {type(command).__name__}")

@@ -1,4 +1,4 @@
-"""The four actors, one per queue. Each gets its contract decoded (infra.messaging.actors), calls a handler, returns.
+"""The actors, one per queue. Each gets its contract decoded (infra.messaging.actors), calls a handler, returns.
 
 ``sender`` is the AMQP user that first published the message, as RabbitMQ validated it.
 """
@@ -48,6 +48,7 @@ def issue_credentials(message: v1.IssueCredentials, services: Services, sender: 
         issuer=services.issuer,
         sealer=services.sealer(),
         portal_sealer=services.portal_sealer,
+        gateway_configured=services.gateway is not None,
     )
 
 
@@ -62,5 +63,16 @@ def send_notification(message: v1.SendNotification, services: Services, sender: 
     )
 
 
+@actor(routes.PUSH)
+def push_to_gateway(message: v1.PushCredentialChange, services: Services, sender: str | None) -> None:
+    handlers.push_to_gateway(message.to_command(), uow=services.uow(), gateway=services.gateway)
+
+
 #: Every actor; :func:`infra.bootstrap.wire` registers exactly these.
-ACTORS: tuple[Actor[Any], ...] = (route_request, apply_decision, issue_credentials, send_notification)
+ACTORS: tuple[Actor[Any], ...] = (
+    route_request,
+    apply_decision,
+    issue_credentials,
+    send_notification,
+    push_to_gateway,
+)

@@ -832,6 +832,13 @@ class SqlCredentialRepository:
         found = self._load(_CREDENTIAL_OF_REQUEST, {"request_id": request_id})
         return found[0] if found else None
 
+    def get(self, credential_id: str) -> Credential | None:
+        for credential in self._added:
+            if credential.id == credential_id:
+                return credential
+        found = self._load(sa.select(_credentials).where(_credentials.c.id == credential_id))
+        return found[0] if found else None
+
     def for_app(self, app_id: str, *, for_update: bool = False) -> list[Credential]:
         query = (
             sa.select(_credentials).where(_credentials.c.app_id == app_id).order_by(_credentials.c.created_at)

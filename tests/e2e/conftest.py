@@ -53,8 +53,8 @@ def env(settings: Settings) -> dict[str, str]:
     return settings_env(settings)
 
 
-#: The session's pools, as ops would run them: one for routing and decisions, one for credentials and email.
-POOLS = [("requests", "decisions"), ("credentials", "notifications")]
+#: The session's pools, as ops would run them: one for routing and decisions, one for credentials, email and the gateway.
+POOLS = [("requests", "decisions"), ("credentials", "notifications", "gateway")]
 
 
 @pytest.fixture(scope="session")

@@ -58,6 +58,7 @@ def test_one_schema_file_per_contract_plus_the_envelope() -> None:
             "access_request.decided.v1.json",
             "credentials.issue.v1.json",
             "notification.send.v1.json",
+            "gateway.push.v1.json",
             "portal.event.v1.json",
             "envelope.json",
         ]
@@ -259,6 +260,7 @@ def test_portals_send_to_exchanges_and_accessflow_receives_from_its_queues(async
         routes.DECIDE.queue_name(PREFIX): "receive",
         routes.ISSUE.queue_name(PREFIX): "receive",
         routes.NOTIFY.queue_name(PREFIX): "receive",
+        routes.PUSH.queue_name(PREFIX): "receive",
     }
     # outside parties send what the external routes read, and nobody sends to a queue directly
     assert {name for name, action in actions.items() if action == "send"} == {
