@@ -28,6 +28,7 @@ from infra.settings import Settings
 from messages.routes import DECIDE, ROUTES, SUBMIT, Route
 from tests import services as svc
 from tests.conftest import Boundary, Parties, PortalParty
+from tests.gateway import GatewayServer, gateway_server, new_secret
 from tests.services import consumers_on
 
 ACCESSFLOW = str(Path(sys.executable).with_name("accessflow"))
@@ -49,8 +50,25 @@ def settings_env(settings: Settings) -> dict[str, str]:
 
 
 @pytest.fixture(scope="session")
-def env(settings: Settings) -> dict[str, str]:
-    return settings_env(settings)
+def gateway() -> Iterator[GatewayServer]:
+    """The API gateway the session's pools push every credential change to: a real HTTP server."""
+    with gateway_server() as server:
+        yield server
+
+
+@pytest.fixture(scope="session")
+def gateway_secret() -> str:
+    return new_secret()
+
+
+@pytest.fixture(scope="session")
+def env(settings: Settings, gateway: GatewayServer, gateway_secret: str) -> dict[str, str]:
+    # With a gateway configured, as a deployment that has one: every credential issued is pushed.
+    return {
+        **settings_env(settings),
+        "ACCESSFLOW_GATEWAY_WEBHOOK_URL": gateway.url,
+        "ACCESSFLOW_GATEWAY_WEBHOOK_SECRET": gateway_secret,
+    }
 
 
 #: The session's pools, as ops would run them: one for routing and decisions, one for credentials, email and the gateway.
