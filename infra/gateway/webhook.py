@@ -110,6 +110,8 @@ class StandardWebhookGateway:
         if not secrets:
             raise ValueError("the gateway webhook needs at least one signing secret")
         self.url = url
+        #: The URL as errors and logs show it: without its query, which may hold a token.
+        self.shown_url = f"{parts.scheme}://{parts.netloc}{parts.path or '/'}"
         self._https = parts.scheme == "https"
         self._host = parts.hostname
         self._port = parts.port
@@ -131,7 +133,7 @@ class StandardWebhookGateway:
         )
 
     def __repr__(self) -> str:  # never the keys
-        return f"StandardWebhookGateway({self.url!r}, {len(self._keys)} secret(s), timeout={self.timeout:g})"
+        return f"StandardWebhookGateway({self.shown_url!r}, {len(self._keys)} secret(s), timeout={self.timeout:g})"
 
     def push(self, change: CredentialChange) -> None:
         """Post ``change``; return once the gateway answered 2xx.
@@ -163,20 +165,22 @@ class StandardWebhookGateway:
             status, reason = response.status, response.reason
             excerpt = response.read(REASON_BYTES)
         except (OSError, http.client.HTTPException) as error:  # socket.timeout and ssl errors are OSError
-            raise TransientError(f"gateway webhook {self.url}: no answer ({_describe(error)})") from None
+            raise TransientError(
+                f"gateway webhook {self.shown_url}: no answer ({_describe(error)})"
+            ) from None
         finally:
             connection.close()
         if 200 <= status < 300:
             return
         said = _said(status, reason, excerpt)
         if status >= 500 or status in RETRIED_STATUSES:
-            raise TransientError(f"gateway webhook {self.url} answered {said}")
+            raise TransientError(f"gateway webhook {self.shown_url} answered {said}")
         if 300 <= status < 400:
             raise PermanentDeliveryError(
-                f"gateway webhook {self.url} answered {said}: redirects are not followed, "
+                f"gateway webhook {self.shown_url} answered {said}: redirects are not followed, "
                 "set ACCESSFLOW_GATEWAY_WEBHOOK_URL to the endpoint itself"
             )
-        raise PermanentDeliveryError(f"gateway webhook {self.url} refused the change: {said}")
+        raise PermanentDeliveryError(f"gateway webhook {self.shown_url} refused the change: {said}")
 
     def _within(self, connection: http.client.HTTPConnection, deadline: float) -> None:
         """Shorten the socket's timeout to what is left of the push's deadline; a spent one times out."""

@@ -301,6 +301,11 @@ class TestTheSettings:
         assert settings.gateway_webhook_secrets() == [SECRET, OTHER_SECRET]
         assert SECRET not in repr(gateway) and SECRET not in repr(settings)
 
+    def test_errors_show_the_url_without_its_query_which_may_hold_a_token(self) -> None:
+        gateway = StandardWebhookGateway("http://127.0.0.1:9/hook?token=s3cr3t", [SECRET], 1.0)
+        assert gateway.shown_url == "http://127.0.0.1:9/hook"
+        assert "s3cr3t" not in repr(gateway)
+
     @pytest.mark.parametrize(
         ("values", "why"),
         [
