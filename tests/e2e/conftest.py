@@ -159,6 +159,9 @@ class PortalClient:
         self.env = env_as(env, self.url)
         self.queue = self.topology.portal_events_queue(party.id)
         self.received: list[dict[str, Any]] = []
+        self._connect()
+
+    def _connect(self) -> None:
         self.connection = pika.BlockingConnection(pika.URLParameters(self.url))
         channel = self.connection.channel()
         # accessflow made the queue and its binding (broker setup); the portal may only read it.
@@ -199,7 +202,13 @@ class PortalClient:
     def events(self, request_id: str) -> list[dict[str, Any]]:
         """Every event received so far about ``request_id``, in arrival order (after draining the queue)."""
         while True:
-            method, properties, body = self.channel.basic_get(self.queue, auto_ack=True)
+            try:
+                method, properties, body = self.channel.basic_get(self.queue, auto_ack=True)
+            except (pika.exceptions.AMQPConnectionError, pika.exceptions.ChannelWrongStateError):
+                # Idle between tests, pika answers no heartbeats, and RabbitMQ drops the connection
+                # in a long session; the events wait in the queue, so a new one reads them.
+                self._connect()
+                continue
             if method is None:
                 break
             event = json.loads(body)
