@@ -456,8 +456,9 @@ def push_to_gateway(
     The credential is read in a short transaction that is over before the gateway is called,
     so no row or connection is held across the HTTP call. A credential that is gone is
     dropped quietly (one warning line). A retry sends the same event id, so the gateway can
-    drop a repeat; and since a push carries the stored state, not the message's, a late retry
-    tells nothing older than what the gateway has, only under an older revision.
+    drop a repeat. A push carries the credential as stored, not as it was when the message was
+    queued: a late retry brings the newest state under its older revision, so a gateway that
+    keeps the highest revision it has seen loses nothing by ignoring it.
 
     Returns:
       What was pushed, or ``None`` for a credential that does not exist.

@@ -61,6 +61,9 @@ def register(declared: Actor[Any], services: Services) -> None:
         request_id = getattr(message, "request_id", None)
         if request_id is not None:
             structlog.contextvars.bind_contextvars(request_id=request_id)
+        credential_id = getattr(message, "credential_id", None)  # a gateway push names no request
+        if credential_id is not None:
+            structlog.contextvars.bind_contextvars(credential_id=credential_id)
         try:
             fn(message, services, sender)
         except Unauthorized as refused:
