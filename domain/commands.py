@@ -77,6 +77,18 @@ class SendNotification(Command):
 
 
 @dataclass(frozen=True)
+class PushCredentialChange(Command):
+    """Tell the gateway about one change of a credential (:class:`domain.ports.Gateway`)."""
+
+    credential_id: str
+    #: What happened: ``issued`` (the lifecycle adds ``rotated``, ``revoked``, ``suspended``...).
+    change: str
+    #: The credential's count of changes, 1 at issue; one push per revision, so that the gateway
+    #: can keep the newest it has seen, and the webhook id derived from it stays the same on a retry.
+    revision: int
+
+
+@dataclass(frozen=True)
 class RetryProvisioning(Command):
     """An operator's retry of a request whose provisioning failed; given on the deployment, by the CLI."""
 

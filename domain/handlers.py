@@ -44,8 +44,10 @@ from domain.model import (
 )
 from domain.notifications import ApproveContext, ExpiryContext, ProductLine, RejectContext, ReviewContext
 from domain.ports import (
+    CredentialChange,
     CredentialIssuer,
     Email,
+    Gateway,
     Mailer,
     PortalSealer,
     SecretSealer,
@@ -396,6 +398,7 @@ def issue_credentials(
     sealer: SecretSealer,
     portal_sealer: PortalSealer,
     now: Callable[[], datetime] = utcnow,
+    gateway_configured: bool = False,
 ) -> Credential | None:
     """Issue the app's credential for an approved request, with the plan's limits, exactly once.
 
@@ -404,6 +407,10 @@ def issue_credentials(
     A request from a portal gets its secret sealed to that portal's public key, in the
     ``credentials.issued`` event, and nowhere else: no copy is kept for an operator to
     reveal. A v1 request keeps the old way, a copy sealed at rest for one reveal.
+
+    With ``gateway_configured``, a new credential is also pushed to
+    the gateway, through the outbox of the same transaction; without one nothing is queued,
+    so a deployment without a gateway pays nothing for it.
     """
     with uow:
         request = uow.requests.get(command.request_id, for_update=True)
@@ -417,7 +424,7 @@ def issue_credentials(
             return None
         assert request.app_id is not None and request.auth_method is not None  # set on approval
         if request.kind is RequestKind.PLAN_CHANGE:
-            return _apply_plan_change(uow, request, plan)
+            return _apply_plan_change(uow, request, plan, gateway_configured=gateway_configured)
         portal = uow.portals.get(request.portal_id) if request.portal_id else None
         existing = uow.credentials.for_request(request.id)
         delivery: Mapping[str, str] | None = None
@@ -448,6 +455,8 @@ def issue_credentials(
             )
             credential.record_issue(now=credential.created_at, reason=f"issued for request {request.id}")
             uow.credentials.add(credential)
+            if gateway_configured:
+                uow.outbox.put(commands.PushCredentialChange(credential.id, "issued", 1))
         if delivery is not None:
             _announce(
                 uow, request, "credentials.issued", Status.APPROVED, _issued_details(credential, delivery)
@@ -466,6 +475,82 @@ def issue_credentials(
         )
         uow.commit()
         return credential
+
+
+def gateway_event_id(credential_id: str, revision: int) -> str:
+    """The id of a credential's change for the gateway: the same for every attempt at one revision."""
+    return derived_id("gateway-push", f"{credential_id}:{revision}")
+
+
+def push_to_gateway(
+    command: commands.PushCredentialChange, *, uow: UnitOfWork, gateway: Gateway | None
+) -> CredentialChange | None:
+    """Push one change of a credential to the gateway, with the credential as it is stored now.
+
+    The credential is read in a short transaction that is over before the gateway is called,
+    so no row or connection is held across the HTTP call. A credential that is gone is
+    dropped quietly (one warning line). A retry sends the same event id, so the gateway can
+    drop a repeat. A push carries the credential as stored, not as it was when the message was
+    queued: a late retry brings the newest state under its older revision, so a gateway that
+    keeps the highest revision it has seen loses nothing by ignoring it.
+
+    Returns:
+      What was pushed, or ``None`` for a credential that does not exist.
+
+    Raises:
+      TransientError: the gateway may take it later; the message is retried with backoff.
+      PermanentDeliveryError: the gateway refused it for good, or this worker has no gateway
+        configured; never retried, the message is dead-lettered with the reason.
+    """
+    if gateway is None:  # this pool's settings differ from those of the pool that queued it
+        raise PermanentDeliveryError(
+            "no gateway is configured in this worker (ACCESSFLOW_GATEWAY_WEBHOOK_URL): "
+            "configure it, then replay this dead letter"
+        )
+    with uow:
+        credential = uow.credentials.get(command.credential_id)
+        if credential is None:
+            uow.record_outcome(
+                outcomes.GatewayPushDropped(command.credential_id, command.change, command.revision)
+            )
+            return None
+        consumer_id = credential.consumer_id
+        if not consumer_id:  # issued before credentials recorded their consumer (migration 0011)
+            request = uow.requests.get(credential.request_id)
+            consumer_id = request.consumer_id if request is not None else ""
+    in_grace = credential.previous_valid_until is not None
+    change = CredentialChange(
+        event_id=gateway_event_id(credential.id, command.revision),
+        change=command.change,
+        revision=command.revision,
+        occurred_at=credential.updated_at or credential.created_at,
+        credential_id=credential.id,
+        public_id=credential.public_id,
+        app_id=credential.app_id,
+        consumer_id=consumer_id,
+        kind=credential.kind.value,
+        status=credential.status.value,
+        product_ids=tuple(credential.product_ids),
+        rate_limit_per_minute=credential.rate_limit_per_minute,
+        monthly_quota=credential.monthly_quota,
+        secret_hash=credential.secret_hash,
+        expires_at=credential.expires_at,
+        plan_id=credential.plan_id,
+        previous_public_id=credential.previous_public_id if in_grace else None,
+        previous_secret_hash=credential.previous_secret_hash if in_grace else None,
+        previous_valid_until=credential.previous_valid_until,
+    )
+    try:
+        gateway.push(change)
+    except PermanentDeliveryError as refused:
+        uow.record_outcome(
+            outcomes.GatewayPushRefused(
+                credential.id, change.change, change.revision, change.event_id, str(refused)
+            )
+        )
+        raise
+    uow.record_outcome(outcomes.GatewayPushed(credential.id, change.change, change.revision, change.event_id))
+    return change
 
 
 def _fail_provisioning(uow: UnitOfWork, request: AccessRequest, reason: str) -> None:
@@ -546,13 +631,18 @@ def _follow_credential_change(
     credential: Credential,
     change: CredentialChanged,
     *,
+    gateway_configured: bool,
     sealed_secret: Mapping[str, str] | None = None,
 ) -> None:
-    """Tell the owning portal of a credential's change, and queue the emails it calls for.
+    """Tell the owning portal of a credential's change, queue the emails it calls for, and push it
+    to the gateway (when one is configured).
 
     The event goes in the sequence of the request the credential was issued for, so a
-    portal orders it with the rest of that request's story.
+    portal orders it with the rest of that request's story. An expiry notice changes nothing
+    a gateway enforces, so it is not pushed; every other change is, at its revision.
     """
+    if gateway_configured and change.change is not CredentialChangeKind.EXPIRING:
+        uow.outbox.put(commands.PushCredentialChange(credential.id, change.change.value, change.revision))
     owner = uow.requests.get(credential.request_id, for_update=True)
     if owner is not None:
         details: dict[str, object] = {"credential": _credential_details(credential)}
@@ -573,7 +663,9 @@ def _follow_credential_change(
         )
 
 
-def _apply_plan_change(uow: UnitOfWork, request: AccessRequest, plan: Plan) -> Credential | None:
+def _apply_plan_change(
+    uow: UnitOfWork, request: AccessRequest, plan: Plan, *, gateway_configured: bool
+) -> Credential | None:
     """Give an approved plan change's credential the new plan's limits; the key stays the same."""
     assert request.credential_id is not None  # a plan-change request names its credential
     credential = uow.credentials.get(request.credential_id, for_update=True)
@@ -592,7 +684,7 @@ def _apply_plan_change(uow: UnitOfWork, request: AccessRequest, plan: Plan) -> C
             reason=f"request {request.id} approved",
             cause_id=request.id,
         )
-        _follow_credential_change(uow, credential, change)
+        _follow_credential_change(uow, credential, change, gateway_configured=gateway_configured)
     request.mark_provisioned(credential.id)
     _queue_follow_ups(uow, request)
     uow.record_outcome(
@@ -620,6 +712,7 @@ def operate_credentials(
     audience: str,
     max_skew: timedelta = timedelta(minutes=5),
     now: Callable[[], datetime] = utcnow,
+    gateway_configured: bool = False,
 ) -> CredentialOperation:
     """Apply an admin's signed operation to the credentials it names, once.
 
@@ -642,6 +735,7 @@ def operate_credentials(
             audience=audience,
             max_skew=max_skew,
             now=now,
+            gateway_configured=gateway_configured,
         )
     except Duplicate:
         uow.record_outcome(
@@ -664,6 +758,7 @@ def _operate(
     audience: str,
     max_skew: timedelta,
     now: Callable[[], datetime],
+    gateway_configured: bool,
 ) -> CredentialOperation:
     with uow:
         recorded = uow.credential_operations.get(command.operation_id)
@@ -711,6 +806,7 @@ def _operate(
                         sealer=sealer,
                         portal_sealer=portal_sealer,
                         now=moment,
+                        gateway_configured=gateway_configured,
                     )
             if not operation.results:
                 operation.outcome, operation.outcome_reason = DecisionOutcome.IGNORED, "no credential matches"
@@ -748,6 +844,7 @@ def _apply(
     sealer: SecretSealer,
     portal_sealer: PortalSealer,
     now: datetime,
+    gateway_configured: bool,
 ) -> str:
     """Apply one operation to one credential: ``applied``, or why it was left as it is."""
     admin, why, cause = command.admin_id, command.reason, command.operation_id
@@ -789,7 +886,9 @@ def _apply(
                 raise AssertionError(f"{command.operation} is not applied credential by credential")
     except IllegalTransition as refused:
         return str(refused)
-    _follow_credential_change(uow, credential, change, sealed_secret=sealed)
+    _follow_credential_change(
+        uow, credential, change, sealed_secret=sealed, gateway_configured=gateway_configured
+    )
     return "applied"
 
 
@@ -880,6 +979,7 @@ def expire_credentials(
     notice_points: Sequence[timedelta],
     limit: int = 100,
     now: Callable[[], datetime] = utcnow,
+    gateway_configured: bool = False,
 ) -> tuple[int, int]:
     """Expire the credentials whose lifetime ended; queue the notices due before others end.
 
@@ -909,7 +1009,7 @@ def expire_credentials(
                     continue
                 change = credential.note_expiry_notice(due, now=moment)
                 noticed += 1
-            _follow_credential_change(uow, credential, change)
+            _follow_credential_change(uow, credential, change, gateway_configured=gateway_configured)
             touched.append(credential.id)
         if touched:
             uow.record_outcome(outcomes.CredentialExpirySwept(expired, noticed, tuple(touched)))

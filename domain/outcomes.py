@@ -233,6 +233,32 @@ class CredentialOperationRefused(Outcome):
 
 
 @dataclass(frozen=True)
+class GatewayPushed(Outcome):
+    """The gateway took a credential's change (a 2xx answer to its webhook)."""
+
+    name: ClassVar[str] = "gateway.pushed"
+    committed_only: ClassVar[bool] = False
+    credential_id: str
+    change: str
+    revision: int
+    event_id: str
+
+
+@dataclass(frozen=True)
+class GatewayPushRefused(Outcome):
+    """The gateway refused a credential's change for good (a 4xx): dead-lettered with ``reason``."""
+
+    name: ClassVar[str] = "gateway.push_refused"
+    level: ClassVar[Level] = "warning"
+    committed_only: ClassVar[bool] = False
+    credential_id: str
+    change: str
+    revision: int
+    event_id: str
+    reason: str
+
+
+@dataclass(frozen=True)
 class CredentialExpirySwept(Outcome):
     """The expiry sweep expired some credentials and queued notices for others."""
 
@@ -240,3 +266,15 @@ class CredentialExpirySwept(Outcome):
     expired: int
     noticed: int
     credential_ids: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class GatewayPushDropped(Outcome):
+    """A push for a credential that does not exist: nothing to tell the gateway."""
+
+    name: ClassVar[str] = "gateway.push_dropped"
+    level: ClassVar[Level] = "warning"
+    committed_only: ClassVar[bool] = False
+    credential_id: str
+    change: str
+    revision: int

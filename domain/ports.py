@@ -265,3 +265,55 @@ class Mailer(Protocol):
         ...
 
     def send(self, email: Email) -> Sent: ...
+
+
+@dataclass(frozen=True)
+class CredentialChange:
+    """One change of a credential, as a gateway needs it to let the credential's calls through.
+
+    It carries the credential's state when it is pushed, and never its secret: ``secret_hash``
+    (``sha256:<hex>``) lets the gateway check a presented key itself.
+    """
+
+    #: Derived from the credential's id and ``revision``: the same on every retry of one push, so
+    #: the gateway can drop a repeat (the Standard Webhooks ``webhook-id``).
+    event_id: str
+    #: ``issued``, ``rotated``, ``revoked``, ``suspended``, ``resumed``, ``expiry_set``, ``expiring``,
+    #: ``expired`` or ``plan_changed`` (:class:`~domain.model.CredentialChangeKind`).
+    change: str
+    #: Increases with each change of the credential: a gateway keeps the highest it has seen.
+    revision: int
+    occurred_at: datetime
+    credential_id: str
+    #: The API key's lookup prefix, or the OAuth2 client id.
+    public_id: str
+    app_id: str
+    consumer_id: str
+    #: ``api_key`` or ``oauth2_client_credentials``.
+    kind: str
+    #: ``active``, ``suspended``, ``revoked`` or ``expired``: a gateway lets only ``active`` through.
+    status: str
+    product_ids: tuple[str, ...]
+    rate_limit_per_minute: int
+    #: Requests per calendar month; ``None`` is unlimited.
+    monthly_quota: int | None
+    secret_hash: str = field(repr=False)
+    expires_at: datetime | None = None
+    plan_id: str = ""
+    #: After a rotation with a grace period: the previous secret's public id and hash, which verify
+    #: until ``previous_valid_until``; ``None`` otherwise.
+    previous_public_id: str | None = None
+    previous_secret_hash: str | None = field(default=None, repr=False)
+    previous_valid_until: datetime | None = None
+
+
+class Gateway(Protocol):
+    """Where credential changes are pushed, so that an API gateway enforces them.
+
+    Raises:
+      TransientError: a later attempt may succeed (a timeout, a refused connection, 5xx, 408, 429).
+      PermanentDeliveryError: the gateway refused the change for good (any other 4xx); the
+        message is dead-lettered at once, with the reason.
+    """
+
+    def push(self, change: CredentialChange) -> None: ...

@@ -1,4 +1,4 @@
-"""The composition root: the one place that builds the engine, broker, mailer and issuer.
+"""The composition root: the one place that builds the engine, broker, mailer, issuer and gateway.
 
 Nothing is built at import time. A process calls :func:`build` once it boots
 (the CLI per command, each dramatiq worker process through :func:`boot_workers`).
@@ -22,7 +22,7 @@ from sqlalchemy.engine import Engine
 from sqlalchemy.orm import Session, sessionmaker
 
 from domain.model import utcnow
-from domain.ports import Mailer
+from domain.ports import Gateway, Mailer
 from infra import faults
 from infra import logs as accessflow_logging
 from infra.credentials import signing
@@ -31,6 +31,7 @@ from infra.credentials.sealing import FernetSealer, PortalSealedBox
 from infra.db import orm
 from infra.db.engine import create_engine
 from infra.db.unit_of_work import SqlUnitOfWork
+from infra.gateway.webhook import StandardWebhookGateway
 from infra.mail.render import EmailRenderer
 from infra.mail.transports import FileMailer, SmtpMailer
 from infra.messaging import topology
@@ -66,6 +67,8 @@ class Services:
     #: SqlUnitOfWork; under the fault suite, one that crashes after a commit (infra.faults).
     unit_of_work: type[SqlUnitOfWork] = SqlUnitOfWork
     portal_sealer: PortalSealedBox = field(default_factory=PortalSealedBox)
+    #: Where credential changes are pushed; ``None`` when ACCESSFLOW_GATEWAY_WEBHOOK_URL is unset.
+    gateway: Gateway | None = None
 
     @staticmethod
     def verify_signature(public_key: str, signature: str, data: bytes) -> bool:
@@ -132,7 +135,11 @@ class Services:
 
 
 def build(
-    settings: Settings, *, broker: dramatiq.Broker | None = None, mailer: Mailer | None = None
+    settings: Settings,
+    *,
+    broker: dramatiq.Broker | None = None,
+    mailer: Mailer | None = None,
+    gateway: Gateway | None = None,
 ) -> Services:
     orm.start_mappers()
     engine = create_engine(settings)
@@ -157,6 +164,7 @@ def build(
         publisher = faults.crashing_publisher(publisher)
     relay = OutboxRelay(session_factory, publisher, max_attempts=settings.outbox_max_attempts)
     services = Services(settings, engine, session_factory, broker, relay, mailer)
+    services.gateway = gateway or StandardWebhookGateway.from_settings(settings)
     if under_faults:
         services.unit_of_work = faults.CrashingUnitOfWork
     return services

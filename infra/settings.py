@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import base64
+import binascii
 import re
 from datetime import timedelta
 from typing import Annotated, Literal, Self
@@ -27,6 +29,28 @@ def split_broker_urls(value: str) -> list[str]:
       The URLs, stripped, in their order; one URL comes back unchanged as a list of one.
     """
     return [url for url in BROKER_URL_SEPARATOR.split(value.strip()) if url]
+
+
+#: Standard Webhooks: a secret is ``whsec_`` and the base64 of 24 to 64 random bytes.
+WEBHOOK_SECRET_PREFIX = "whsec_"  # noqa: S105 - a prefix, not a secret
+WEBHOOK_KEY_BYTES = (24, 64)
+
+
+def webhook_key(secret: str) -> bytes:
+    """The HMAC key of a Standard Webhooks secret (``whsec_`` + base64); ValueError if it is not one.
+
+    The message never repeats the secret: a settings error is printed, and may be logged.
+    """
+    if not secret.startswith(WEBHOOK_SECRET_PREFIX):
+        raise ValueError("a gateway webhook secret must start with whsec_ (Standard Webhooks)")
+    try:
+        key = base64.b64decode(secret.removeprefix(WEBHOOK_SECRET_PREFIX), validate=True)
+    except binascii.Error:
+        raise ValueError("a gateway webhook secret must be whsec_ followed by base64") from None
+    low, high = WEBHOOK_KEY_BYTES
+    if not low <= len(key) <= high:
+        raise ValueError(f"a gateway webhook secret must hold {low} to {high} bytes, not {len(key)}")
+    return key
 
 
 def _vhost(path: str) -> str:
@@ -291,6 +315,22 @@ class Settings(BaseSettings):
         description="accessflow status exits 2 when an unsent outbox row is older than this "
         "(no relay or worker is sweeping, or the broker is away).",
     )
+    gateway_webhook_url: str | None = Field(
+        None,
+        description="http(s) URL the workers post every credential change to, as a signed Standard "
+        "Webhooks request (gateway queue); unset, nothing is pushed. Redirects are not followed.",
+    )
+    gateway_webhook_secret: SecretStr | None = Field(
+        None,
+        description="The webhook's signing secret, whsec_ and base64 of 24 to 64 random bytes. "
+        "Comma-separate several to rotate: each request carries a signature by each.",
+    )
+    gateway_webhook_timeout_seconds: float = Field(
+        10.0,
+        gt=0,
+        le=60,
+        description="The longest one push may take, connect to answer; then it is retried with backoff.",
+    )
     log_level: str = Field("INFO", description="Log level.")
     log_format: Literal["auto", "json", "console"] = Field(
         "auto", description="auto: console on a terminal, JSON otherwise."
@@ -308,6 +348,29 @@ class Settings(BaseSettings):
             )
         return self
 
+    @model_validator(mode="after")
+    def _gateway_url_and_secret_together(self) -> Self:
+        if self.gateway_webhook_url is not None:
+            parts = urlsplit(self.gateway_webhook_url)
+            if parts.scheme not in ("http", "https") or not parts.hostname:
+                raise ValueError(
+                    "ACCESSFLOW_GATEWAY_WEBHOOK_URL must be an http:// or https:// URL with a host"
+                )
+            if parts.username is not None or parts.password is not None:
+                # It would travel, and be logged, as part of the URL; the signature authenticates us.
+                raise ValueError("ACCESSFLOW_GATEWAY_WEBHOOK_URL must not carry a user or password")
+            if not self.gateway_webhook_secrets():
+                raise ValueError(
+                    "ACCESSFLOW_GATEWAY_WEBHOOK_URL needs ACCESSFLOW_GATEWAY_WEBHOOK_SECRET: every push is signed"
+                )
+        elif self.gateway_webhook_secret is not None:
+            raise ValueError(
+                "ACCESSFLOW_GATEWAY_WEBHOOK_SECRET is set without ACCESSFLOW_GATEWAY_WEBHOOK_URL"
+            )
+        for secret in self.gateway_webhook_secrets():
+            webhook_key(secret)  # refused here, at start, rather than at the first push
+        return self
+
     @field_validator("broker_url")
     @classmethod
     def _one_user_and_vhost_across_nodes(cls, value: str) -> str:
@@ -321,6 +384,14 @@ class Settings(BaseSettings):
             parts = {(urlsplit(url).username, _vhost(urlsplit(url).path)) for url in urls}
             if len(parts) > 1:
                 raise ValueError("the URLs of ACCESSFLOW_BROKER_URL must share one user and one vhost")
+        return value
+
+    @field_validator("gateway_webhook_url", "gateway_webhook_secret", mode="before")
+    @classmethod
+    def _empty_is_unset(cls, value: object) -> object:
+        # Compose and Kubernetes pass an optional variable as empty: that means no gateway.
+        if isinstance(value, str) and not value.strip():
+            return None
         return value
 
     @field_validator("admin_emails", "broker_internal_users", mode="before")
@@ -337,6 +408,14 @@ class Settings(BaseSettings):
     def readonly_url(self) -> str:
         """The URL read-only commands connect with: ``readonly_database_url``, else ``database_url``."""
         return self.readonly_database_url or self.database_url
+
+    def gateway_webhook_secrets(self) -> list[str]:
+        """The gateway webhook's signing secrets, in order: one, or several during a rotation."""
+        if self.gateway_webhook_secret is None:
+            return []
+        return [
+            part.strip() for part in self.gateway_webhook_secret.get_secret_value().split(",") if part.strip()
+        ]
 
     def broker_urls(self) -> list[str]:
         """The AMQP URL of each broker node in ``broker_url``, in order (:func:`split_broker_urls`)."""

@@ -11,6 +11,7 @@ from messages.v1 import (
     ConsumerRef,
     IssueCredentials,
     NewApp,
+    PushCredentialChange,
     SendNotification,
 )
 
@@ -21,6 +22,7 @@ __all__ = [
     "ConsumerRef",
     "IssueCredentials",
     "NewApp",
+    "PushCredentialChange",
     "Route",
     "SendNotification",
     "route_for_command",

@@ -52,9 +52,12 @@ DECIDE = Route(
 OPERATE = Route("credentials.operate", "decisions", v2.CredentialOperation, external=True)
 ISSUE = Route("credentials.issue", "credentials", v1.IssueCredentials)
 NOTIFY = Route("notifications.send", "notifications", v1.SendNotification)
+#: Credential changes on their way to the gateway (:class:`domain.ports.Gateway`): a queue of its own,
+#: so that a slow or unreachable gateway never holds back issuing or email, and its pool scales alone.
+PUSH = Route("gateway.push", "gateway", v1.PushCredentialChange)
 
 #: Every route, in the order a request travels them.
-ROUTES: tuple[Route, ...] = (SUBMIT, DECIDE, OPERATE, ISSUE, NOTIFY)
+ROUTES: tuple[Route, ...] = (SUBMIT, DECIDE, OPERATE, ISSUE, NOTIFY, PUSH)
 #: One route per queue, the first that consumes it: for whatever walks the queues rather than the actors
 #: (depths, consumers, pools), which would count the decisions queue twice in :data:`ROUTES`.
 QUEUE_ROUTES: tuple[Route, ...] = tuple({route.queue: route for route in reversed(ROUTES)}.values())[::-1]
@@ -74,4 +77,9 @@ def route_for_command(command: commands.Command) -> tuple[Route, dict[str, objec
             if not command.topic:  # left out, as before topics: a worker not yet upgraded reads it
                 del payload["topic"]
             return NOTIFY, payload
+        case commands.PushCredentialChange():
+            push = v1.PushCredentialChange(
+                credential_id=command.credential_id, change=command.change, revision=command.revision
+            )
+            return PUSH, push.model_dump(mode="json")
     raise TypeError(f"no route for {type(command).__name__}")

@@ -231,3 +231,17 @@ class SendNotification(Contract):
 
     def to_command(self) -> commands.SendNotification:
         return commands.SendNotification(self.request_id, NotificationKind(self.kind), self.topic)
+
+
+class PushCredentialChange(Contract):
+    """Internal: push one change of a credential to the gateway."""
+
+    type: Literal["gateway.push"] = "gateway.push"
+    credential_id: RequestId = Field(description="The credential's id (a UUID).")
+    change: Annotated[str, StringConstraints(min_length=1, max_length=32, pattern=r"^[a-z][a-z_]*$")] = Field(
+        description="What happened to it: issued, rotated, revoked, suspended, resumed, expired, plan_changed."
+    )
+    revision: int = Field(ge=1, le=2**31 - 1, description="The credential's count of changes, 1 at issue.")
+
+    def to_command(self) -> commands.PushCredentialChange:
+        return commands.PushCredentialChange(self.credential_id, self.change, self.revision)

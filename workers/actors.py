@@ -51,6 +51,7 @@ def operate_credentials(message: v2.CredentialOperation, services: Services, sen
         verify=services.verify_signature,
         audience=services.settings.queue_prefix,
         max_skew=timedelta(seconds=services.settings.decision_max_skew_seconds),
+        gateway_configured=services.gateway is not None,
     )
 
 
@@ -62,6 +63,7 @@ def issue_credentials(message: v1.IssueCredentials, services: Services, sender: 
         issuer=services.issuer,
         sealer=services.sealer(),
         portal_sealer=services.portal_sealer,
+        gateway_configured=services.gateway is not None,
     )
 
 
@@ -76,6 +78,11 @@ def send_notification(message: v1.SendNotification, services: Services, sender: 
     )
 
 
+@actor(routes.PUSH)
+def push_to_gateway(message: v1.PushCredentialChange, services: Services, sender: str | None) -> None:
+    handlers.push_to_gateway(message.to_command(), uow=services.uow(), gateway=services.gateway)
+
+
 #: Every actor; :func:`infra.bootstrap.wire` registers exactly these.
 ACTORS: tuple[Actor[Any], ...] = (
     route_request,
@@ -83,4 +90,5 @@ ACTORS: tuple[Actor[Any], ...] = (
     operate_credentials,
     issue_credentials,
     send_notification,
+    push_to_gateway,
 )

@@ -3,7 +3,9 @@
 Every actor receives its contract already validated. A payload that fails validation is
 recorded in ``malformed_messages`` with the validator's reason and acknowledged: retrying
 cannot fix it, and it must not block the messages behind it. A forged one (``Unauthorized``)
-is recorded the same way; a transient error is retried with backoff, in one log line.
+is recorded the same way; a transient error is retried with backoff, in one log line. A
+:class:`~domain.errors.PermanentDeliveryError` (a gateway's 4xx) is never retried: Retries
+fails the message at once (``throws``), and it is dead-lettered with its reason.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ from dramatiq.errors import Retry
 from dramatiq.middleware import CurrentMessage
 from pydantic import ValidationError
 
-from domain.errors import TransientError, Unauthorized
+from domain.errors import PermanentDeliveryError, TransientError, Unauthorized
 from infra.messaging.delivery import transient_database_error
 from messages.validation import decode, explain
 
@@ -59,6 +61,9 @@ def register(declared: Actor[Any], services: Services) -> None:
         request_id = getattr(message, "request_id", None)
         if request_id is not None:
             structlog.contextvars.bind_contextvars(request_id=request_id)
+        credential_id = getattr(message, "credential_id", None)  # a gateway push names no request
+        if credential_id is not None:
+            structlog.contextvars.bind_contextvars(credential_id=credential_id)
         try:
             fn(message, services, sender)
         except Unauthorized as refused:
@@ -75,4 +80,10 @@ def register(declared: Actor[Any], services: Services) -> None:
             raise Retry(str(transient)) from None
 
     consume.__qualname__ = consume.__name__ = fn.__name__
-    dramatiq.actor(actor_name=route.actor_name, queue_name=queue_name, broker=services.broker)(consume)
+    dramatiq.actor(
+        actor_name=route.actor_name,
+        queue_name=queue_name,
+        broker=services.broker,
+        # Refused for good: retrying cannot change the answer, and would only delay the dead letter.
+        throws=(PermanentDeliveryError,),
+    )(consume)

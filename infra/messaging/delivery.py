@@ -52,7 +52,7 @@ from dramatiq.middleware import Middleware, MiddlewareError, SkipMessage
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session, sessionmaker
 
-from domain.errors import TransientError
+from domain.errors import PermanentDeliveryError, TransientError
 from domain.model import utcnow
 from infra.db import orm
 from infra.messaging.envelope import EXCERPT_CHARS, MESSAGE_ID_RULE, body_id, is_message_id, safe_text
@@ -363,7 +363,11 @@ class DeliveryGuard(Middleware):
         try:
             if exception is not None and message.failed:
                 retries = message.options.get("retries", 0)
-                self._dead_letter(message, f"failed after {retries} retries: {describe(exception)}")
+                if isinstance(exception, PermanentDeliveryError):  # Retries' throws: never retried
+                    reason = f"refused for good, not retried: {describe(exception)}"
+                else:
+                    reason = f"failed after {retries} retries: {describe(exception)}"
+                self._dead_letter(message, reason)
             if getattr(self.local, "counted", False):
                 self.local.counted = False
                 forget(self.session_factory, message.message_id)

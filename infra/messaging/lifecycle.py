@@ -155,5 +155,7 @@ def sweep_credential_expiry(services: Services) -> tuple[int, int]:
       How many expired, and how many notices were queued.
     """
     return handlers.expire_credentials(
-        uow=services.uow(), notice_points=services.settings.expiry_notice_points()
+        uow=services.uow(),
+        notice_points=services.settings.expiry_notice_points(),
+        gateway_configured=services.gateway is not None,
     )

@@ -11,7 +11,7 @@ authorisation), and the ``user-id`` property it may set (validated user-id)::
                                         | alternate-exchange: no portal queue is bound for it  (P consumes)
                                         v
                                    <prefix>.out.unrouted (fanout) -----> <prefix>.events.unrouted
-    workers <--default exchange--> <prefix>.{requests,decisions,credentials,notifications} (+ .XQ, .DQ)
+    workers <--default exchange--> <prefix>.{requests,decisions,credentials,notifications,gateway} (+ .XQ, .DQ)
 
 Only the workers (and the operators' dead-letter replay) may write to the default
 exchange, which reaches every queue of the vhost: so only they can put a message on an
@@ -60,8 +60,8 @@ from infra.settings import Settings
 if TYPE_CHECKING:
     from pika.adapters.blocking_connection import BlockingChannel
 
-#: The four queues the workers consume, declared by dramatiq with quorum arguments.
-WORK_QUEUES: tuple[str, ...] = ("requests", "decisions", "credentials", "notifications")
+#: The queues the workers consume, declared by dramatiq with quorum arguments.
+WORK_QUEUES: tuple[str, ...] = ("requests", "decisions", "credentials", "notifications", "gateway")
 #: The only hashing algorithm we write; RabbitMQ's default since 3.6.
 HASHING_ALGORITHM = "rabbit_password_hashing_sha256"
 #: What a portal id may be: it becomes a routing key word and part of regexes, so no dots,

@@ -46,6 +46,10 @@ from infra.db.unit_of_work import SqlUnitOfWork
 from infra.messaging.queue_depths import QueueDepth, queue_depths
 from infra.messaging.topology import WORK_QUEUES, Topology
 from infra.settings import Settings
+from messages.routes import PUSH
+
+#: The queue of gateway pushes, which only a deployment with a gateway uses.
+GATEWAY_QUEUE = PUSH.queue
 
 #: What each watched queue is, as ``report`` names it in ``queues[].kind``.
 WORK, DELAYED, DEAD_LETTER, PORTAL_EVENTS, UNROUTED = (
@@ -253,7 +257,10 @@ def wait_for_consumers(
     clock: Callable[[], float] = time.monotonic,
     sleep: Callable[[float], None] = time.sleep,
 ) -> list[str]:
-    """Wait up to ``timeout_seconds`` until every work queue has a consumer.
+    """Wait up to ``timeout_seconds`` until every work queue in use has a consumer.
+
+    The gateway queue is in use only with a gateway configured: without one nothing is
+    queued there, and a deployment need not run its pool.
 
     For scripts that start worker pools and then publish: the pools declare the exchanges
     and bindings a submission needs as they start. An unreachable broker counts as not yet.
@@ -263,7 +270,8 @@ def wait_for_consumers(
     """
     if settings.broker_url.startswith("stub://"):
         return []  # the in-memory broker lives in one process: no pool of another can consume it
-    names = [Topology(settings.queue_prefix).queue(q) for q in WORK_QUEUES]
+    in_use = [q for q in WORK_QUEUES if q != GATEWAY_QUEUE or settings.gateway_webhook_url is not None]
+    names = [Topology(settings.queue_prefix).queue(q) for q in in_use]
     deadline = clock() + timeout_seconds
     while True:
         try:

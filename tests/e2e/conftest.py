@@ -28,6 +28,7 @@ from infra.settings import Settings
 from messages.routes import DECIDE, QUEUE_ROUTES, SUBMIT, Route
 from tests import services as svc
 from tests.conftest import Boundary, Parties, PortalParty
+from tests.gateway import GatewayServer, gateway_server, new_secret
 from tests.services import consumers_on
 
 ACCESSFLOW = str(Path(sys.executable).with_name("accessflow"))
@@ -49,12 +50,29 @@ def settings_env(settings: Settings) -> dict[str, str]:
 
 
 @pytest.fixture(scope="session")
-def env(settings: Settings) -> dict[str, str]:
-    return settings_env(settings)
+def gateway() -> Iterator[GatewayServer]:
+    """The API gateway the session's pools push every credential change to: a real HTTP server."""
+    with gateway_server() as server:
+        yield server
 
 
-#: The session's pools, as ops would run them: one for routing and decisions, one for credentials and email.
-POOLS = [("requests", "decisions"), ("credentials", "notifications")]
+@pytest.fixture(scope="session")
+def gateway_secret() -> str:
+    return new_secret()
+
+
+@pytest.fixture(scope="session")
+def env(settings: Settings, gateway: GatewayServer, gateway_secret: str) -> dict[str, str]:
+    # With a gateway configured, as a deployment that has one: every credential issued is pushed.
+    return {
+        **settings_env(settings),
+        "ACCESSFLOW_GATEWAY_WEBHOOK_URL": gateway.url,
+        "ACCESSFLOW_GATEWAY_WEBHOOK_SECRET": gateway_secret,
+    }
+
+
+#: The session's pools, as ops would run them: one for routing and decisions, one for credentials, email and the gateway.
+POOLS = [("requests", "decisions"), ("credentials", "notifications", "gateway")]
 
 
 @pytest.fixture(scope="session")
@@ -141,6 +159,9 @@ class PortalClient:
         self.env = env_as(env, self.url)
         self.queue = self.topology.portal_events_queue(party.id)
         self.received: list[dict[str, Any]] = []
+        self._connect()
+
+    def _connect(self) -> None:
         self.connection = pika.BlockingConnection(pika.URLParameters(self.url))
         channel = self.connection.channel()
         # accessflow made the queue and its binding (broker setup); the portal may only read it.
@@ -181,7 +202,13 @@ class PortalClient:
     def events(self, request_id: str) -> list[dict[str, Any]]:
         """Every event received so far about ``request_id``, in arrival order (after draining the queue)."""
         while True:
-            method, properties, body = self.channel.basic_get(self.queue, auto_ack=True)
+            try:
+                method, properties, body = self.channel.basic_get(self.queue, auto_ack=True)
+            except (pika.exceptions.AMQPConnectionError, pika.exceptions.ChannelWrongStateError):
+                # Idle between tests, pika answers no heartbeats, and RabbitMQ drops the connection
+                # in a long session; the events wait in the queue, so a new one reads them.
+                self._connect()
+                continue
             if method is None:
                 break
             event = json.loads(body)

@@ -21,6 +21,7 @@ from infra.credentials.issuing import api_key_public_id, verify
 from tests import services as svc
 from tests.conftest import Parties
 from tests.e2e.conftest import PortalClient, cli, request_payload, wait_for_status
+from tests.gateway import GatewayServer
 
 pytestmark = pytest.mark.usefixtures("worker_pools")
 
@@ -71,6 +72,17 @@ def stored(services: Services, credential_id: str) -> Credential:
     return credential
 
 
+def pushed(gateway: GatewayServer, secret: str, credential_id: str, *changes: str) -> list[dict[str, Any]]:
+    """The verified pushes the gateway received for the credential, once ``changes`` have all arrived."""
+
+    def arrived() -> list[dict[str, Any]] | None:
+        bodies = [r.verified(secret)["data"] for r in gateway.about(credential_id)]
+        return bodies if set(changes) <= {b["change"] for b in bodies} else None
+
+    found: list[dict[str, Any]] = svc.wait_until(arrived, what=f"pushes {changes} of {credential_id}")
+    return found
+
+
 def trail(services: Services, credential_id: str) -> list[tuple[str, str, str]]:
     with services.uow() as uow:
         return [
@@ -87,6 +99,8 @@ class TestRotation:
         admin_env: dict[str, str],
         env: dict[str, str],
         parties: Parties,
+        gateway: GatewayServer,
+        gateway_secret: str,
     ) -> None:
         # Given an issued API key that verifies
         request_id, credential_id, old_secret = issued(portal, services)
@@ -136,6 +150,15 @@ class TestRotation:
             ("issued", "active", "issuer"),
             ("rotated", "active", parties.admin_id),
         ]
+        # And the gateway was told, signed: the new hash, and the old one with the end of its grace
+        [rotation] = [
+            p for p in pushed(gateway, gateway_secret, credential_id, "rotated") if p["change"] == "rotated"
+        ]
+        assert (rotation["revision"], rotation["secret_hash"]) == (2, credential.secret_hash)
+        assert rotation["previous_public_id"] == old_id
+        assert rotation["previous_secret_hash"] == credential.previous_secret_hash
+        assert rotation["previous_valid_until"] is not None
+        assert old_secret not in str(rotation) and new_secret not in str(rotation)
 
     def test_without_grace_the_old_secret_stops_verifying_at_once(
         self,
@@ -165,6 +188,8 @@ class TestSuspendResumeRevoke:
         admin_env: dict[str, str],
         env: dict[str, str],
         parties: Parties,
+        gateway: GatewayServer,
+        gateway_secret: str,
     ) -> None:
         # Given an issued credential of app acme-checkout
         request_id, credential_id, secret = issued(portal, services)
@@ -213,6 +238,14 @@ class TestSuspendResumeRevoke:
             "suspended",
             "resumed",
             "revoked",
+        ]
+        # And the gateway heard each change at its revision, the last one revoked
+        bodies = pushed(gateway, gateway_secret, credential_id, "issued", "suspended", "resumed", "revoked")
+        assert sorted((b["revision"], b["change"], b["status"]) for b in bodies) == [
+            (1, "issued", "active"),
+            (2, "suspended", "suspended"),
+            (3, "resumed", "active"),
+            (4, "revoked", "revoked"),
         ]
         # And operators find it among the app's revoked credentials, at its fourth revision
         listed = json.loads(

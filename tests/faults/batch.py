@@ -289,7 +289,7 @@ def world(
         logs.mkdir(exist_ok=True)
         pools = [
             Pool(("requests", "decisions"), env, logs / "pool-requests.log"),
-            Pool(("credentials", "notifications"), env, logs / "pool-credentials.log"),
+            Pool(("credentials", "notifications", "gateway"), env, logs / "pool-credentials.log"),
         ]
         w = World(settings, env, smtp, pools, logs, admin_key)
         w.start_pools()

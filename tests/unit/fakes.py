@@ -44,7 +44,7 @@ from domain.model import (
     utcnow,
 )
 from domain.outcomes import Outcome
-from domain.ports import Email, IssuedSecret, Sent
+from domain.ports import CredentialChange, Email, IssuedSecret, Sent
 
 K = TypeVar("K", bound=Hashable)
 V = TypeVar("V")
@@ -573,6 +573,25 @@ class FakeMailer:
         return Sent(refused={a: reply for a, reply in self.refuse.items() if a in email.to})
 
 
+class FakeGateway:
+    """Records every change it takes; ``fail_next`` makes the next pushes raise instead."""
+
+    def __init__(self) -> None:
+        self.pushed: list[CredentialChange] = []
+        self.attempts = 0
+        self._failures: list[tuple[type[AccessflowError], str]] = []
+
+    def fail_next(self, error: type[AccessflowError], message: str = "refused", *, times: int = 1) -> None:
+        self._failures.extend([(error, message)] * times)
+
+    def push(self, change: CredentialChange) -> None:
+        self.attempts += 1
+        if self._failures:
+            error, message = self._failures.pop(0)
+            raise error(message)
+        self.pushed.append(change)
+
+
 # --- the standard catalogue ----------------------------------------------------------------
 
 PAYMENTS = Product(id="payments", name="Payments API", auth_method=AuthMethod.API_KEY)
@@ -748,3 +767,4 @@ if TYPE_CHECKING:
     _issuer: ports.CredentialIssuer = FakeIssuer()
     _sealer: ports.SecretSealer = FakeSealer()
     _mailer: ports.Mailer = FakeMailer()
+    _gateway: ports.Gateway = FakeGateway()

@@ -53,6 +53,7 @@ def test_every_room_the_section_names_is_a_package() -> None:
         "infra/messaging/",
         "infra/mail/",
         "infra/credentials/",
+        "infra/gateway/",
         "infra/observability/",
         "infra/cli/",
     }

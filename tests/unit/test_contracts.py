@@ -67,6 +67,7 @@ def test_one_schema_file_per_contract_plus_the_envelope() -> None:
             "credentials.operate.v2.json",
             "credentials.issue.v1.json",
             "notification.send.v1.json",
+            "gateway.push.v1.json",
             "portal.event.v1.json",
             "envelope.json",
         ]
@@ -102,8 +103,8 @@ def test_the_current_contract_of_each_external_route_is_v2_and_v1_its_legacy_if_
 def test_credential_operations_share_the_decisions_queue_which_is_listed_once() -> None:
     assert routes.OPERATE.queue == routes.DECIDE.queue == "decisions"
     assert routes.OPERATE.actor_name != routes.DECIDE.actor_name  # the envelope's actor_name tells them apart
-    assert routes.QUEUES == ("requests", "decisions", "credentials", "notifications")
-    assert routes.QUEUE_ROUTES == (routes.SUBMIT, routes.DECIDE, routes.ISSUE, routes.NOTIFY)
+    assert routes.QUEUES == ("requests", "decisions", "credentials", "notifications", "gateway")
+    assert routes.QUEUE_ROUTES == (routes.SUBMIT, routes.DECIDE, routes.ISSUE, routes.NOTIFY, routes.PUSH)
     assert {route.queue for route in routes.ROUTES} == set(routes.QUEUES)
 
 
@@ -324,6 +325,7 @@ def test_portals_send_to_exchanges_and_accessflow_receives_from_its_queues(async
         routes.DECIDE.queue_name(PREFIX): "receive",  # and routes.OPERATE's: the same queue
         routes.ISSUE.queue_name(PREFIX): "receive",
         routes.NOTIFY.queue_name(PREFIX): "receive",
+        routes.PUSH.queue_name(PREFIX): "receive",
     }
     # outside parties send what the external routes read, and nobody sends to a queue directly
     assert {name for name, action in actions.items() if action == "send"} == {

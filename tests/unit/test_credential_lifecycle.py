@@ -7,7 +7,13 @@ from datetime import datetime, timedelta
 
 import pytest
 
-from domain.commands import IssueCredentials, OperateCredentials, SendNotification, Signature
+from domain.commands import (
+    IssueCredentials,
+    OperateCredentials,
+    PushCredentialChange,
+    SendNotification,
+    Signature,
+)
 from domain.errors import IllegalTransition
 from domain.handlers import decide, expire_credentials, issue_credentials, operate_credentials, route_request
 from domain.model import (
@@ -124,7 +130,9 @@ def operation(
     )
 
 
-def operate(uow: FakeUnitOfWork, issuer: FakeIssuer, command: OperateCredentials) -> dict[str, str]:
+def operate(
+    uow: FakeUnitOfWork, issuer: FakeIssuer, command: OperateCredentials, *, gateway: bool = False
+) -> dict[str, str]:
     recorded = operate_credentials(
         command,
         uow=uow,
@@ -133,6 +141,7 @@ def operate(uow: FakeUnitOfWork, issuer: FakeIssuer, command: OperateCredentials
         portal_sealer=FakePortalSealer(),
         verify=fake_verify,
         audience=AUDIENCE,
+        gateway_configured=gateway,
     )
     return recorded.results
 
@@ -321,6 +330,27 @@ class TestOperations:
         stored = saved(uow, c)
         assert stored.sealed_secret is not None and stored.revealed_at is None
         assert FakeSealer().unseal(stored.sealed_secret) == issuer.secrets[-1]
+
+
+class TestTheGatewayPush:
+    def test_with_a_gateway_each_change_but_a_notice_is_pushed_at_its_revision(
+        self, uow: FakeUnitOfWork, issuer: FakeIssuer
+    ) -> None:
+        c = provision(uow, issuer, plan_id="trial")
+        operate(uow, issuer, operation(CredentialOperationKind.SUSPEND, c.id), gateway=True)
+        operate(uow, issuer, operation(CredentialOperationKind.ROTATE, c.id), gateway=True)
+        end = NOW + timedelta(days=30)
+        expire_credentials(
+            uow=uow, notice_points=POINTS, now=lambda: end - timedelta(days=1), gateway_configured=True
+        )
+        expire_credentials(uow=uow, notice_points=POINTS, now=lambda: end, gateway_configured=True)
+        pushes = [(p.change, p.revision) for p in uow.published if isinstance(p, PushCredentialChange)]
+        assert pushes == [("suspended", 2), ("rotated", 3), ("expired", 5)]  # revision 4 is the notice
+
+    def test_without_one_nothing_is_queued_for_it(self, uow: FakeUnitOfWork, issuer: FakeIssuer) -> None:
+        c = provision(uow, issuer)
+        operate(uow, issuer, operation(CredentialOperationKind.REVOKE, c.id))
+        assert not [p for p in uow.published if isinstance(p, PushCredentialChange)]
 
 
 class TestPlanChange:

@@ -80,6 +80,7 @@ class TestNames:
             "accessflow.decisions",
             "accessflow.credentials",
             "accessflow.notifications",
+            "accessflow.gateway",
         ]
         assert TOPOLOGY.dead_letter_queue("requests") == "accessflow.requests.XQ"
         assert TOPOLOGY.portal_events_queue("p1") == "accessflow.portal.p1.events"
