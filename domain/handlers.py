@@ -22,9 +22,11 @@ from domain.errors import (
     Unauthorized,
 )
 from domain.model import (
+    LIVE_CREDENTIAL_STATUSES,
     AccessRequest,
     ActorKind,
     App,
+    Attribution,
     AuthMethod,
     Credential,
     CredentialChanged,
@@ -461,20 +463,7 @@ def issue_credentials(
             _announce(
                 uow, request, "credentials.issued", Status.APPROVED, _issued_details(credential, delivery)
             )
-        request.mark_provisioned(credential.id)
-        _queue_follow_ups(uow, request)
-        uow.record_outcome(
-            outcomes.CredentialsIssued(
-                request_id=request.id,
-                credential_id=credential.id,
-                public_id=credential.public_id,
-                app_id=credential.app_id,
-                kind=credential.kind.value,
-                portal_id=request.portal_id,
-            )
-        )
-        uow.commit()
-        return credential
+        return _provisioned(uow, request, credential)
 
 
 def gateway_event_id(credential_id: str, revision: int) -> str:
@@ -551,6 +540,24 @@ def push_to_gateway(
         raise
     uow.record_outcome(outcomes.GatewayPushed(credential.id, change.change, change.revision, change.event_id))
     return change
+
+
+def _provisioned(uow: UnitOfWork, request: AccessRequest, credential: Credential) -> Credential:
+    """End an approved request in ``provisioned`` with its credential (new, or with its new plan), and commit."""
+    request.mark_provisioned(credential.id)
+    _queue_follow_ups(uow, request)
+    uow.record_outcome(
+        outcomes.CredentialsIssued(
+            request_id=request.id,
+            credential_id=credential.id,
+            public_id=credential.public_id,
+            app_id=credential.app_id,
+            kind=credential.kind.value,
+            portal_id=request.portal_id,
+        )
+    )
+    uow.commit()
+    return credential
 
 
 def _fail_provisioning(uow: UnitOfWork, request: AccessRequest, reason: str) -> None:
@@ -669,36 +676,17 @@ def _apply_plan_change(
     """Give an approved plan change's credential the new plan's limits; the key stays the same."""
     assert request.credential_id is not None  # a plan-change request names its credential
     credential = uow.credentials.get(request.credential_id, for_update=True)
-    if credential is None or credential.status not in (CredentialStatus.ACTIVE, CredentialStatus.SUSPENDED):
+    if credential is None or credential.status not in LIVE_CREDENTIAL_STATUSES:
         status = credential.status.value if credential is not None else "gone"
         _fail_provisioning(
             uow, request, f"credential {request.credential_id} is {status}: its plan cannot change"
         )
         return None
     if credential.plan_id != plan.id:  # not already changed by a delivery that crashed before its commit
-        change = credential.change_plan(
-            plan,
-            now=utcnow(),
-            actor_kind=ActorKind.SYSTEM,
-            actor_id="issuer",
-            reason=f"request {request.id} approved",
-            cause_id=request.id,
-        )
+        by = Attribution(utcnow(), ActorKind.SYSTEM, "issuer", f"request {request.id} approved", request.id)
+        change = credential.change_plan(plan, by)
         _follow_credential_change(uow, credential, change, gateway_configured=gateway_configured)
-    request.mark_provisioned(credential.id)
-    _queue_follow_ups(uow, request)
-    uow.record_outcome(
-        outcomes.CredentialsIssued(
-            request_id=request.id,
-            credential_id=credential.id,
-            public_id=credential.public_id,
-            app_id=credential.app_id,
-            kind=credential.kind.value,
-            portal_id=request.portal_id,
-        )
-    )
-    uow.commit()
-    return credential
+    return _provisioned(uow, request, credential)
 
 
 def operate_credentials(
@@ -847,40 +835,27 @@ def _apply(
     gateway_configured: bool,
 ) -> str:
     """Apply one operation to one credential: ``applied``, or why it was left as it is."""
-    admin, why, cause = command.admin_id, command.reason, command.operation_id
+    by = Attribution(now, ActorKind.ADMIN, command.admin_id, command.reason, command.operation_id)
     sealed: Mapping[str, str] | None = None
     try:
         match command.operation:
             case CredentialOperationKind.REVOKE:
-                change = credential.revoke(
-                    now=now, actor_kind=ActorKind.ADMIN, actor_id=admin, reason=why, cause_id=cause
-                )
+                change = credential.revoke(by)
             case CredentialOperationKind.SUSPEND:
-                change = credential.suspend(
-                    now=now, actor_kind=ActorKind.ADMIN, actor_id=admin, reason=why, cause_id=cause
-                )
+                change = credential.suspend(by)
             case CredentialOperationKind.RESUME:
-                change = credential.resume(
-                    now=now, actor_kind=ActorKind.ADMIN, actor_id=admin, reason=why, cause_id=cause
-                )
+                change = credential.resume(by)
             case CredentialOperationKind.SET_EXPIRY:
-                change = credential.set_expiry(
-                    command.expires_at,
-                    now=now,
-                    actor_kind=ActorKind.ADMIN,
-                    actor_id=admin,
-                    reason=why,
-                    cause_id=cause,
-                )
+                change = credential.set_expiry(command.expires_at, by)
             case CredentialOperationKind.ROTATE:
                 change, sealed = _rotate(
                     uow,
-                    command,
                     credential,
+                    by,
+                    command.grace,
                     issuer=issuer,
                     sealer=sealer,
                     portal_sealer=portal_sealer,
-                    now=now,
                 )
             case _:
                 raise AssertionError(f"{command.operation} is not applied credential by credential")
@@ -894,36 +869,30 @@ def _apply(
 
 def _rotate(
     uow: UnitOfWork,
-    command: commands.OperateCredentials,
     credential: Credential,
+    by: Attribution,
+    grace: timedelta,
     *,
     issuer: CredentialIssuer,
     sealer: SecretSealer,
     portal_sealer: PortalSealer,
-    now: datetime,
 ) -> tuple[CredentialChanged, Mapping[str, str] | None]:
     """A new secret for the same credential, delivered the way its first one was.
 
     Sealed to the portal's key in the ``credentials.rotated`` event for a portal's request;
     for a v1 request, sealed at rest for one more reveal. An OAuth2 client keeps its id.
     """
-    if credential.status not in (CredentialStatus.ACTIVE, CredentialStatus.SUSPENDED):
+    if credential.status not in LIVE_CREDENTIAL_STATUSES:
         raise IllegalTransition(
             f"credential {credential.id} is {credential.status.value}: it cannot be rotated"
         )
     issued = issuer.issue(credential.kind)
-    public_id = (
-        credential.public_id if credential.kind is AuthMethod.OAUTH2_CLIENT_CREDENTIALS else issued.public_id
-    )
+    oauth2 = credential.kind is AuthMethod.OAUTH2_CLIENT_CREDENTIALS
     change = credential.rotate(
-        public_id=public_id,
+        public_id=credential.public_id if oauth2 else issued.public_id,
         secret_hash=issued.secret_hash,
-        grace=command.grace,
-        now=now,
-        actor_kind=ActorKind.ADMIN,
-        actor_id=command.admin_id,
-        reason=command.reason,
-        cause_id=command.operation_id,
+        grace=grace,
+        by=by,
     )
     owner = uow.requests.get(credential.request_id)
     portal = uow.portals.get(owner.portal_id) if owner is not None and owner.portal_id else None

@@ -387,7 +387,7 @@ class AccessRequest:
             return f"unknown credential {self.credential_id!r}"
         if credential.app_id != self.app_id:
             return f"credential {credential.id!r} is not app {self.app_id!r}'s"
-        if credential.status not in (CredentialStatus.ACTIVE, CredentialStatus.SUSPENDED):
+        if credential.status not in LIVE_CREDENTIAL_STATUSES:
             return f"credential {credential.id!r} is {credential.status.value}: its plan cannot change"
         if sorted(credential.product_ids) != sorted(self.product_ids):
             return (
@@ -530,6 +530,23 @@ class CredentialChanged:
     cause_id: str | None = None
 
 
+@dataclass(frozen=True)
+class Attribution:
+    """Who makes a change, when and why, and what caused it (an admin operation's or a request's id)."""
+
+    at: datetime
+    actor_kind: ActorKind
+    actor_id: str
+    reason: str
+    cause_id: str | None = None
+
+
+#: The statuses a credential can still be used, rotated or moved from (if not past its expiry).
+LIVE_CREDENTIAL_STATUSES = (CredentialStatus.ACTIVE, CredentialStatus.SUSPENDED)
+#: Who expires credentials and sends their notices, in their audit trail.
+EXPIRY_SWEEP = "expiry-sweep"
+
+
 @dataclass
 class Credential:
     """Credentials issued to an app for one request, through their whole life.
@@ -630,30 +647,28 @@ class Credential:
     def _change(
         self,
         change: CredentialChangeKind,
+        by: Attribution,
         *,
         to: CredentialStatus | None = None,
-        now: datetime,
-        actor_kind: ActorKind,
-        actor_id: str,
-        reason: str,
-        cause_id: str | None = None,
+        reason: str | None = None,
     ) -> CredentialChanged:
+        """Count one change, to status ``to`` if given, and record it for the credential's trail."""
         before = self.status
         if to is not None:
             self.status = to
         self.revision += 1
-        self.updated_at = now
+        self.updated_at = by.at
         recorded = CredentialChanged(
             credential_id=self.id,
             change=change,
             revision=self.revision,
-            reason=reason,
-            actor_kind=actor_kind,
-            actor_id=actor_id,
-            at=now,
+            reason=by.reason if reason is None else reason,
+            actor_kind=by.actor_kind,
+            actor_id=by.actor_id,
+            at=by.at,
             from_status=before,
             to_status=self.status,
-            cause_id=cause_id,
+            cause_id=by.cause_id,
         )
         self.changes.append(recorded)
         return recorded
@@ -663,115 +678,45 @@ class Credential:
             raise IllegalTransition(f"credential {self.id} is {self.status.value}: it cannot be {action}")
 
     def rotate(
-        self,
-        *,
-        public_id: str,
-        secret_hash: str,
-        grace: timedelta,
-        now: datetime,
-        actor_kind: ActorKind,
-        actor_id: str,
-        reason: str,
-        cause_id: str | None = None,
+        self, *, public_id: str, secret_hash: str, grace: timedelta, by: Attribution
     ) -> CredentialChanged:
-        """Take a new secret; the old one verifies until ``now + grace`` (not at all with no grace)."""
-        self._refuse_unless("rotated", CredentialStatus.ACTIVE, CredentialStatus.SUSPENDED)
+        """Take a new secret; the old one verifies until ``by.at + grace`` (not at all with no grace)."""
+        self._refuse_unless("rotated", *LIVE_CREDENTIAL_STATUSES)
+        reason = by.reason
         if grace > timedelta(0):
             self.previous_public_id, self.previous_secret_hash = self.public_id, self.secret_hash
-            self.previous_valid_until = now + grace
+            self.previous_valid_until = by.at + grace
+            reason += f" (the previous secret verifies until {by.at + grace:%Y-%m-%dT%H:%M:%SZ})"
         else:
             self.previous_public_id = self.previous_secret_hash = self.previous_valid_until = None
         self.public_id, self.secret_hash = public_id, secret_hash
-        why = (
-            f"{reason} (the previous secret verifies until {now + grace:%Y-%m-%dT%H:%M:%SZ})"
-            if grace
-            else reason
-        )
-        return self._change(
-            CredentialChangeKind.ROTATED,
-            now=now,
-            actor_kind=actor_kind,
-            actor_id=actor_id,
-            reason=why,
-            cause_id=cause_id,
-        )
+        return self._change(CredentialChangeKind.ROTATED, by, reason=reason)
 
-    def revoke(
-        self, *, now: datetime, actor_kind: ActorKind, actor_id: str, reason: str, cause_id: str | None = None
-    ) -> CredentialChanged:
-        self._refuse_unless(
-            "revoked", CredentialStatus.ACTIVE, CredentialStatus.SUSPENDED, CredentialStatus.EXPIRED
-        )
-        self.revoked_at = now
+    def revoke(self, by: Attribution) -> CredentialChanged:
+        self._refuse_unless("revoked", *LIVE_CREDENTIAL_STATUSES, CredentialStatus.EXPIRED)
+        self.revoked_at = by.at
         self.previous_valid_until = None  # nothing of a revoked credential verifies
-        return self._change(
-            CredentialChangeKind.REVOKED,
-            to=CredentialStatus.REVOKED,
-            now=now,
-            actor_kind=actor_kind,
-            actor_id=actor_id,
-            reason=reason,
-            cause_id=cause_id,
-        )
+        return self._change(CredentialChangeKind.REVOKED, by, to=CredentialStatus.REVOKED)
 
-    def suspend(
-        self, *, now: datetime, actor_kind: ActorKind, actor_id: str, reason: str, cause_id: str | None = None
-    ) -> CredentialChanged:
+    def suspend(self, by: Attribution) -> CredentialChanged:
         self._refuse_unless("suspended", CredentialStatus.ACTIVE)
-        return self._change(
-            CredentialChangeKind.SUSPENDED,
-            to=CredentialStatus.SUSPENDED,
-            now=now,
-            actor_kind=actor_kind,
-            actor_id=actor_id,
-            reason=reason,
-            cause_id=cause_id,
-        )
+        return self._change(CredentialChangeKind.SUSPENDED, by, to=CredentialStatus.SUSPENDED)
 
-    def resume(
-        self, *, now: datetime, actor_kind: ActorKind, actor_id: str, reason: str, cause_id: str | None = None
-    ) -> CredentialChanged:
+    def resume(self, by: Attribution) -> CredentialChanged:
         self._refuse_unless("resumed", CredentialStatus.SUSPENDED)
-        return self._change(
-            CredentialChangeKind.RESUMED,
-            to=CredentialStatus.ACTIVE,
-            now=now,
-            actor_kind=actor_kind,
-            actor_id=actor_id,
-            reason=reason,
-            cause_id=cause_id,
-        )
+        return self._change(CredentialChangeKind.RESUMED, by, to=CredentialStatus.ACTIVE)
 
-    def set_expiry(
-        self,
-        expires_at: datetime | None,
-        *,
-        now: datetime,
-        actor_kind: ActorKind,
-        actor_id: str,
-        reason: str,
-        cause_id: str | None = None,
-    ) -> CredentialChanged:
+    def set_expiry(self, expires_at: datetime | None, by: Attribution) -> CredentialChanged:
         """Give it a new end of life (``None``: none); the notices start again for the new date."""
-        self._refuse_unless("given an expiry", CredentialStatus.ACTIVE, CredentialStatus.SUSPENDED)
+        self._refuse_unless("given an expiry", *LIVE_CREDENTIAL_STATUSES)
         self.expires_at = expires_at
         self.expiry_notices = ""
         until = f"{expires_at:%Y-%m-%dT%H:%M:%SZ}" if expires_at else "never"
-        return self._change(
-            CredentialChangeKind.EXPIRY_SET,
-            now=now,
-            actor_kind=actor_kind,
-            actor_id=actor_id,
-            reason=f"{reason} (expires: {until})",
-            cause_id=cause_id,
-        )
+        return self._change(CredentialChangeKind.EXPIRY_SET, by, reason=f"{by.reason} (expires: {until})")
 
     def notices_due(self, points: Sequence[timedelta], now: datetime) -> list[timedelta]:
         """The notice points (time before expiry) reached at ``now`` and not yet noticed, longest first."""
-        if self.expires_at is None or self.status not in (
-            CredentialStatus.ACTIVE,
-            CredentialStatus.SUSPENDED,
-        ):
+        if self.expires_at is None or self.status not in LIVE_CREDENTIAL_STATUSES:
             return []
         expires_at = _aware(self.expires_at)
         if now >= expires_at:
@@ -786,54 +731,31 @@ class Credential:
         """
         assert due and self.expires_at is not None
         self.expiry_notices = ",".join(filter(None, [self.expiry_notices, *(_days(p) for p in due)]))
-        return self._change(
-            CredentialChangeKind.EXPIRING,
-            now=now,
-            actor_kind=ActorKind.SYSTEM,
-            actor_id="expiry-sweep",
-            reason=f"expires at {_aware(self.expires_at):%Y-%m-%dT%H:%M:%SZ} ({_days(due[-1])} notice)",
-        )
+        ends = f"{_aware(self.expires_at):%Y-%m-%dT%H:%M:%SZ}"
+        by = Attribution(now, ActorKind.SYSTEM, EXPIRY_SWEEP, f"expires at {ends} ({_days(due[-1])} notice)")
+        return self._change(CredentialChangeKind.EXPIRING, by)
 
     def has_expired(self, now: datetime) -> bool:
         return self.expires_at is not None and now >= _aware(self.expires_at)
 
     def expire(self, *, now: datetime) -> CredentialChanged:
-        self._refuse_unless("expired", CredentialStatus.ACTIVE, CredentialStatus.SUSPENDED)
-        if self.expires_at is None or now < _aware(self.expires_at):
+        self._refuse_unless("expired", *LIVE_CREDENTIAL_STATUSES)
+        if self.expires_at is None or not self.has_expired(now):
             raise IllegalTransition(f"credential {self.id} does not expire before {self.expires_at}")
         self.previous_valid_until = None
-        return self._change(
-            CredentialChangeKind.EXPIRED,
-            to=CredentialStatus.EXPIRED,
-            now=now,
-            actor_kind=ActorKind.SYSTEM,
-            actor_id="expiry-sweep",
-            reason=f"its lifetime ended at {_aware(self.expires_at):%Y-%m-%dT%H:%M:%SZ}",
-        )
+        ends = f"{_aware(self.expires_at):%Y-%m-%dT%H:%M:%SZ}"
+        by = Attribution(now, ActorKind.SYSTEM, EXPIRY_SWEEP, f"its lifetime ended at {ends}")
+        return self._change(CredentialChangeKind.EXPIRED, by, to=CredentialStatus.EXPIRED)
 
-    def change_plan(
-        self,
-        plan: Plan,
-        *,
-        now: datetime,
-        actor_kind: ActorKind,
-        actor_id: str,
-        reason: str,
-        cause_id: str | None = None,
-    ) -> CredentialChanged:
+    def change_plan(self, plan: Plan, by: Attribution) -> CredentialChanged:
         """Carry ``plan``'s limits from now on; the key stays the same."""
-        self._refuse_unless("moved to another plan", CredentialStatus.ACTIVE, CredentialStatus.SUSPENDED)
+        self._refuse_unless("moved to another plan", *LIVE_CREDENTIAL_STATUSES)
         before = self.plan_id
         self.plan_id = plan.id
         self.rate_limit_per_minute = plan.rate_limit_per_minute
         self.monthly_quota = plan.monthly_quota
         return self._change(
-            CredentialChangeKind.PLAN_CHANGED,
-            now=now,
-            actor_kind=actor_kind,
-            actor_id=actor_id,
-            reason=f"plan {before!r} -> {plan.id!r}: {reason}",
-            cause_id=cause_id,
+            CredentialChangeKind.PLAN_CHANGED, by, reason=f"plan {before!r} -> {plan.id!r}: {by.reason}"
         )
 
 

@@ -18,6 +18,7 @@ from domain.errors import IllegalTransition
 from domain.handlers import decide, expire_credentials, issue_credentials, operate_credentials, route_request
 from domain.model import (
     ActorKind,
+    Attribution,
     AuthMethod,
     Credential,
     CredentialOperationKind,
@@ -172,7 +173,7 @@ def credential(**overrides: object) -> Credential:
     return Credential(**values)  # type: ignore[arg-type]
 
 
-ADMIN = {"actor_kind": ActorKind.ADMIN, "actor_id": "dana", "reason": "why"}
+BY_DANA = Attribution(NOW, ActorKind.ADMIN, "dana", "why")
 
 
 class TestTheCredentialItself:
@@ -180,7 +181,7 @@ class TestTheCredentialItself:
         self,
     ) -> None:
         c = credential()
-        c.rotate(public_id="key-2", secret_hash="h2", grace=timedelta(hours=1), now=NOW, **ADMIN)  # type: ignore[arg-type]
+        c.rotate(public_id="key-2", secret_hash="h2", grace=timedelta(hours=1), by=BY_DANA)
         assert c.hashes_for("key-2", NOW) == ["h2"]
         assert c.hashes_for("key-1", NOW + timedelta(minutes=59)) == ["h1"]
         assert c.hashes_for("key-1", NOW + timedelta(hours=1)) == []
@@ -188,13 +189,13 @@ class TestTheCredentialItself:
 
     def test_an_oauth2_client_keeps_its_id_and_both_secrets_verify_under_it_in_the_grace(self) -> None:
         c = credential(kind=AuthMethod.OAUTH2_CLIENT_CREDENTIALS, public_id="client-1")
-        c.rotate(public_id="client-1", secret_hash="h2", grace=timedelta(hours=1), now=NOW, **ADMIN)  # type: ignore[arg-type]
+        c.rotate(public_id="client-1", secret_hash="h2", grace=timedelta(hours=1), by=BY_DANA)
         assert c.hashes_for("client-1", NOW) == ["h2", "h1"]
         assert c.hashes_for("client-1", NOW + timedelta(hours=2)) == ["h2"]
 
     def test_without_grace_the_previous_secret_is_forgotten(self) -> None:
         c = credential()
-        c.rotate(public_id="key-2", secret_hash="h2", grace=timedelta(0), now=NOW, **ADMIN)  # type: ignore[arg-type]
+        c.rotate(public_id="key-2", secret_hash="h2", grace=timedelta(0), by=BY_DANA)
         assert (c.previous_public_id, c.previous_secret_hash, c.previous_valid_until) == (None, None, None)
 
     @pytest.mark.parametrize(
@@ -210,12 +211,12 @@ class TestTheCredentialItself:
 
     def test_a_revoked_credential_cannot_be_resumed_rotated_or_suspended(self) -> None:
         c = credential()
-        c.revoke(now=NOW, **ADMIN)  # type: ignore[arg-type]
+        c.revoke(BY_DANA)
         for change in (c.resume, c.suspend, c.revoke):
             with pytest.raises(IllegalTransition):
-                change(now=NOW, **ADMIN)  # type: ignore[arg-type]
+                change(BY_DANA)
         with pytest.raises(IllegalTransition):
-            c.rotate(public_id="k", secret_hash="h", grace=timedelta(0), now=NOW, **ADMIN)  # type: ignore[arg-type]
+            c.rotate(public_id="k", secret_hash="h", grace=timedelta(0), by=BY_DANA)
 
     def test_notices_are_due_once_each_and_a_late_first_look_skips_the_far_ones(self) -> None:
         c = credential(expires_at=NOW + timedelta(days=30))
@@ -232,7 +233,7 @@ class TestTheCredentialItself:
 
     def test_a_new_expiry_date_starts_the_notices_again(self) -> None:
         c = credential(expires_at=NOW + timedelta(days=2), expiry_notices="14d,3d")
-        c.set_expiry(NOW + timedelta(days=60), now=NOW, **ADMIN)  # type: ignore[arg-type]
+        c.set_expiry(NOW + timedelta(days=60), BY_DANA)
         assert c.expiry_notices == "" and c.notices_due(POINTS, NOW + timedelta(days=50)) == [
             timedelta(days=14)
         ]
