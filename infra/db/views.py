@@ -50,6 +50,10 @@ def request_details(uow: SqlUnitOfWork, request_id: str) -> dict[str, Any] | Non
         return {
             **request_summary(request),
             "justification": request.justification,
+            "review_deadline_at": request.review_deadline_at.isoformat()
+            if request.review_deadline_at
+            else None,
+            "review_notices": [n for n in request.review_notices.split(",") if n],
             "audit": [
                 {
                     "at": e.at.isoformat(),
