@@ -8,10 +8,18 @@ from datetime import datetime, timedelta
 import pytest
 
 from domain.commands import SendNotification
-from domain.handlers import decide, email_message_id, expire_reviews, route_request, send_notification
+from domain.handlers import (
+    decide,
+    email_message_id,
+    expire_reviews,
+    operate_credentials,
+    route_request,
+    send_notification,
+)
 from domain.model import (
     REVIEW_SWEEP,
     AccessRequest,
+    CredentialOperationKind,
     DecisionOutcome,
     DeliveryStatus,
     NotificationKind,
@@ -21,12 +29,18 @@ from domain.notifications import ReviewDeadlineContext, ReviewExpiredContext
 from tests.unit.fakes import (
     ACME_EMAIL,
     ADMIN_EMAILS,
+    AUDIENCE,
     PARTNER,
+    FakeIssuer,
     FakeMailer,
+    FakePortalSealer,
+    FakeSealer,
     FakeUnitOfWork,
+    fake_verify,
     make_decision,
     make_route_request,
 )
+from tests.unit.test_credential_lifecycle import operation, provision
 
 HOUR = timedelta(hours=1)
 REMINDERS = [24 * HOUR, 4 * HOUR]
@@ -196,3 +210,26 @@ class TestTheEmails:
         assert mailer.sent[0].message_id == email_message_id(
             request.id, NotificationKind.REVIEW_REMINDER, "accessflow", emails_about(uow, request.id)[1].topic
         )
+
+
+class TestAPlanChangeParkedForReview:
+    def test_gets_the_default_deadline_too(self, uow: FakeUnitOfWork) -> None:
+        # Given an issued credential, and a plan change to a manual plan asked by an admin
+        issuer = FakeIssuer()
+        c = provision(uow, issuer)
+        recorded = operate_credentials(
+            operation(CredentialOperationKind.CHANGE_PLAN, c.id, plan_id="partner"),
+            uow=uow,
+            issuer=issuer,
+            sealer=FakeSealer(),
+            portal_sealer=FakePortalSealer(),
+            verify=fake_verify,
+            audience=AUDIENCE,
+            review_deadline_hours=12,
+        )
+
+        # Then the plan-change request waits with the deployment's default deadline
+        change_id = recorded.results[c.id].split()[3].rstrip(":")
+        change = uow.requests.saved(change_id)
+        assert change is not None and change.status is Status.PENDING_REVIEW
+        assert change.review_deadline_at == change.updated_at + 12 * HOUR
