@@ -48,6 +48,23 @@ class ProvisioningFailed(Event):
 
 
 @dataclass(frozen=True)
+class ReviewReminderDue(Event):
+    #: How long before the deadline, as recorded: ``24h``.
+    point: str
+    deadline: datetime
+
+
+@dataclass(frozen=True)
+class ReviewEscalated(Event):
+    deadline: datetime
+
+
+@dataclass(frozen=True)
+class RequestExpired(Event):
+    reason: str
+
+
+@dataclass(frozen=True)
 class PortalEvent:
     """What the owning portal is told about its request, in order, through the outbox.
 
@@ -60,7 +77,7 @@ class PortalEvent:
     request_id: str
     sequence: int
     #: access_request.submitted, .pending_review, .approved, .rejected, .invalid, .provisioned,
-    #: .provisioning_failed, or credentials.issued
+    #: .provisioning_failed, .expired, or credentials.issued
     name: str
     status: str
     reason: str

@@ -42,9 +42,18 @@ from domain.model import (
     Plan,
     RequestKind,
     Status,
+    review_deadline,
     utcnow,
 )
-from domain.notifications import ApproveContext, ExpiryContext, ProductLine, RejectContext, ReviewContext
+from domain.notifications import (
+    ApproveContext,
+    ExpiryContext,
+    ProductLine,
+    RejectContext,
+    ReviewContext,
+    ReviewDeadlineContext,
+    ReviewExpiredContext,
+)
 from domain.ports import (
     CredentialChange,
     CredentialIssuer,
@@ -76,6 +85,15 @@ def follow_ups(event: events.Event) -> list[commands.Command]:
             return [commands.SendNotification(event.request_id, NotificationKind.REJECT)]
         case events.CredentialsProvisioned():
             return [commands.SendNotification(event.request_id, NotificationKind.APPROVE)]
+        case events.ReviewReminderDue():
+            # One email per point and deadline: a new deadline gets its reminders again.
+            topic = f"{event.point}/{event.deadline.astimezone(UTC):%Y%m%dT%H%M%S}"
+            return [commands.SendNotification(event.request_id, NotificationKind.REVIEW_REMINDER, topic)]
+        case events.ReviewEscalated():
+            topic = f"{event.deadline.astimezone(UTC):%Y%m%dT%H%M%S}"
+            return [commands.SendNotification(event.request_id, NotificationKind.REVIEW_ESCALATION, topic)]
+        case events.RequestExpired():
+            return [commands.SendNotification(event.request_id, NotificationKind.REVIEW_EXPIRED)]
         case _:
             return []
 
@@ -89,6 +107,7 @@ PORTAL_EVENTS: dict[type[events.Event], tuple[str, Status]] = {
     events.RequestInvalidated: ("access_request.invalid", Status.INVALID),
     events.CredentialsProvisioned: ("access_request.provisioned", Status.PROVISIONED),
     events.ProvisioningFailed: ("access_request.provisioning_failed", Status.PROVISIONING_FAILED),
+    events.RequestExpired: ("access_request.expired", Status.EXPIRED),
 }
 
 
@@ -149,13 +168,18 @@ def _authenticate_submission(
 
 
 def route_request(
-    command: commands.RouteRequest, *, uow: UnitOfWork, accept_v1_submissions: bool = False
+    command: commands.RouteRequest,
+    *,
+    uow: UnitOfWork,
+    accept_v1_submissions: bool = False,
+    review_deadline_hours: float | None = None,
 ) -> Status:
     """Validate a submitted request and approve it or park it for review.
 
     The sending portal is checked first: a portal submits only for its own consumers,
     as its own AMQP user. A v1 submission names no portal and is refused unless
-    ``accept_v1_submissions``.
+    ``accept_v1_submissions``. A request parked for review gets its deadline from its plan,
+    else from ``review_deadline_hours`` (``None``: no deadline).
 
     Returns:
       The request's status after routing (its current one if this is a redelivery).
@@ -167,7 +191,12 @@ def route_request(
       Unauthorized: the sender may not submit this request; nothing was written.
     """
     try:
-        return _route(command, uow=uow, accept_v1_submissions=accept_v1_submissions)
+        return _route(
+            command,
+            uow=uow,
+            accept_v1_submissions=accept_v1_submissions,
+            review_deadline_hours=review_deadline_hours,
+        )
     except Duplicate:
         with uow:
             routed = uow.requests.get(command.request_id)
@@ -178,7 +207,13 @@ def route_request(
         return routed.status
 
 
-def _route(command: commands.RouteRequest, *, uow: UnitOfWork, accept_v1_submissions: bool) -> Status:
+def _route(
+    command: commands.RouteRequest,
+    *,
+    uow: UnitOfWork,
+    accept_v1_submissions: bool,
+    review_deadline_hours: float | None,
+) -> Status:
     with uow:
         _authenticate_submission(command, uow, accept_v1_submissions=accept_v1_submissions)
         existing = uow.requests.get(command.request_id)
@@ -211,6 +246,7 @@ def _route(command: commands.RouteRequest, *, uow: UnitOfWork, accept_v1_submiss
         if command.credential_id is not None:
             catalogue.credential = uow.credentials.get(command.credential_id)
         request.route(catalogue)
+        _start_review_clock(request, catalogue.plan, review_deadline_hours)
         if request.status is Status.APPROVED:
             _provide_app(uow, request)
         uow.requests.add(request)
@@ -228,6 +264,12 @@ def _route(command: commands.RouteRequest, *, uow: UnitOfWork, accept_v1_submiss
         )
         uow.commit()
         return request.status
+
+
+def _start_review_clock(request: AccessRequest, plan: Plan | None, default_hours: float | None) -> None:
+    """Give a request just parked for review its deadline (:func:`domain.model.review_deadline`)."""
+    if request.status is Status.PENDING_REVIEW and plan is not None:
+        request.set_review_deadline(review_deadline(plan, default_hours, request.updated_at))
 
 
 def _provide_app(uow: UnitOfWork, request: AccessRequest) -> None:
@@ -701,6 +743,7 @@ def operate_credentials(
     max_skew: timedelta = timedelta(minutes=5),
     now: Callable[[], datetime] = utcnow,
     gateway_configured: bool = False,
+    review_deadline_hours: float | None = None,
 ) -> CredentialOperation:
     """Apply an admin's signed operation to the credentials it names, once.
 
@@ -724,6 +767,7 @@ def operate_credentials(
             max_skew=max_skew,
             now=now,
             gateway_configured=gateway_configured,
+            review_deadline_hours=review_deadline_hours,
         )
     except Duplicate:
         uow.record_outcome(
@@ -747,6 +791,7 @@ def _operate(
     max_skew: timedelta,
     now: Callable[[], datetime],
     gateway_configured: bool,
+    review_deadline_hours: float | None,
 ) -> CredentialOperation:
     with uow:
         recorded = uow.credential_operations.get(command.operation_id)
@@ -783,7 +828,7 @@ def _operate(
         )
         if refusal is None:
             if command.operation is CredentialOperationKind.CHANGE_PLAN:
-                _open_plan_change(uow, command, operation)
+                _open_plan_change(uow, command, operation, review_deadline_hours)
             else:
                 for credential in uow.credentials.targets(command.target, command.target_id):
                     operation.results[credential.id] = _apply(
@@ -904,7 +949,10 @@ def _rotate(
 
 
 def _open_plan_change(
-    uow: UnitOfWork, command: commands.OperateCredentials, operation: CredentialOperation
+    uow: UnitOfWork,
+    command: commands.OperateCredentials,
+    operation: CredentialOperation,
+    review_deadline_hours: float | None,
 ) -> None:
     """Open a request to move the credential to ``command.plan_id``, and route it as any request."""
     assert command.plan_id is not None  # the contract requires it with change_plan
@@ -935,6 +983,7 @@ def _open_plan_change(
     )
     catalogue.credential = credential
     request.route(catalogue)
+    _start_review_clock(request, catalogue.plan, review_deadline_hours)
     uow.requests.add(request)
     _queue_follow_ups(uow, request)
     operation.results[credential.id] = f"plan change request {request.id}: {request.status.value}"
@@ -986,6 +1035,60 @@ def expire_credentials(
     return expired, noticed
 
 
+# --- review deadlines -----------------------------------------------------------------------------
+
+
+def expire_reviews(
+    *,
+    uow: UnitOfWork,
+    reminder_points: Sequence[timedelta],
+    escalation_point: timedelta | None,
+    limit: int = 100,
+    now: Callable[[], datetime] = utcnow,
+) -> tuple[int, int, int]:
+    """Expire the requests whose review deadline passed; queue the reminders and escalations due.
+
+    One transaction over the requests pending review whose deadline falls within the longest
+    point, soonest first. One whose deadline has passed ends ``expired`` (by the
+    ``review-deadline-sweep``, with the reason), its consumer emailed and its portal told.
+    Another gets the reminder of the nearest point it has reached (``reminder_points``: time
+    before the deadline, such as 24 and 4 hours) and not yet had, emailed to the admins, and
+    the escalation once ``escalation_point`` before the deadline (``None``: no escalation),
+    emailed to the escalation list. Each is sent once per deadline. Rows another sweep (or a
+    decision being applied) holds are skipped, so many workers run it at once; ``now`` is
+    injected, so tests move the clock rather than wait. A decision arriving after the expiry
+    finds the request not pending review, and is recorded as ignored.
+
+    Returns:
+      How many expired, how many reminders and how many escalations were queued.
+    """
+    expired = reminded = escalated = 0
+    touched: list[str] = []
+    with uow:
+        moment = now()
+        points = [*reminder_points, *([escalation_point] if escalation_point is not None else [])]
+        horizon = moment + max(points, default=timedelta(0))
+        for request in uow.requests.review_due(before=horizon + timedelta(microseconds=1), limit=limit):
+            if request.review_overdue(moment):
+                request.expire_review(now=moment)
+                expired += 1
+            else:
+                due = request.review_reminders_due(reminder_points, moment)
+                if due:
+                    request.note_review_reminder(due, now=moment)
+                    reminded += 1
+                if request.escalation_due(escalation_point, moment):
+                    request.escalate_review(now=moment)
+                    escalated += 1
+            if request.events:
+                touched.append(request.id)
+                _queue_follow_ups(uow, request)
+        if touched:
+            uow.record_outcome(outcomes.ReviewDeadlinesSwept(expired, reminded, escalated, tuple(touched)))
+        uow.commit()
+    return expired, reminded, escalated
+
+
 def email_message_id(request_id: str, kind: NotificationKind, domain: str, topic: str = "") -> str:
     """Stable per (request, kind, topic); a topic adds a short digest of itself, which needs no quoting."""
     if not topic:
@@ -1000,6 +1103,7 @@ def send_notification(
     mailer: Mailer,
     admin_emails: Iterable[str],
     message_id_domain: str = "accessflow",
+    escalation_emails: Iterable[str] = (),
 ) -> DeliveryStatus | None:
     """Send one email about a request, at least once and, short of a crash mid-send, at most once.
 
@@ -1036,6 +1140,7 @@ def send_notification(
                 command.kind,
                 uow=uow,
                 admin_emails=tuple(admin_emails),
+                escalation_emails=tuple(escalation_emails),
                 message_id=email_message_id(request.id, command.kind, message_id_domain, command.topic),
             )
             if notification is None:
@@ -1215,6 +1320,7 @@ def _compose(
     uow: UnitOfWork,
     admin_emails: tuple[str, ...],
     message_id: str,
+    escalation_emails: tuple[str, ...] = (),
 ) -> Email:
     consumer = uow.catalogue.consumer(request.consumer_id)
     plan = uow.catalogue.plan(request.plan_id)
@@ -1264,6 +1370,35 @@ def _compose(
             credential_kind=credential.kind.value,
             credential_public_id=credential.public_id,
             expires_at=f"{credential.expires_at.astimezone(UTC):%Y-%m-%d %H:%M} UTC",
+            portal_name=portal.name if portal else "",
+            portal_url=portal.url if portal else "",
+        )
+        to = (consumer.email,)
+    elif kind in (NotificationKind.REVIEW_REMINDER, NotificationKind.REVIEW_ESCALATION):
+        assert request.review_deadline_at is not None, "only a request with a deadline"
+        context = ReviewDeadlineContext(
+            request_id=request.id,
+            consumer_id=consumer.id,
+            consumer_name=consumer.name,
+            consumer_email=consumer.email,
+            app_name=app_name,
+            plan_name=plan.name,
+            products=products,
+            justification=request.justification or "",
+            received_at=f"{request.received_at.astimezone(UTC):%Y-%m-%d %H:%M} UTC",
+            deadline=f"{request.review_deadline_at.astimezone(UTC):%Y-%m-%d %H:%M} UTC",
+        )
+        to = admin_emails if kind is NotificationKind.REVIEW_REMINDER else escalation_emails
+    elif kind is NotificationKind.REVIEW_EXPIRED:
+        assert request.review_deadline_at is not None, "only a request with a deadline expires"
+        portal = uow.portals.get(request.portal_id) if request.portal_id else None
+        context = ReviewExpiredContext(
+            request_id=request.id,
+            consumer_name=consumer.name,
+            app_name=app_name,
+            plan_name=plan.name,
+            products=products,
+            deadline=f"{request.review_deadline_at.astimezone(UTC):%Y-%m-%d %H:%M} UTC",
             portal_name=portal.name if portal else "",
             portal_url=portal.url if portal else "",
         )

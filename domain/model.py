@@ -9,6 +9,8 @@ The state machine::
         +--manual plan--> PENDING_REVIEW --admin rejects--> REJECTED (final, with the admin's reason)
                                    |
                                    +--admin approves--> APPROVED
+                                   |
+                                   +--review deadline passes--> EXPIRED (final, by the sweep)
 
 Every transition appends an :class:`AuditEntry` and records a domain event in
 ``events``; the aggregate never publishes anything itself.
@@ -43,6 +45,12 @@ def utcnow() -> datetime:
     return datetime.now(UTC)
 
 
+#: Who expires a request unreviewed by its deadline, in the audit trail.
+REVIEW_SWEEP = "review-deadline-sweep"
+#: The mark in ``AccessRequest.review_notices`` of the escalation sent.
+ESCALATED = "escalated"
+
+
 class AuthMethod(enum.StrEnum):
     API_KEY = "api_key"
     OAUTH2_CLIENT_CREDENTIALS = "oauth2_client_credentials"
@@ -58,23 +66,26 @@ class Status(enum.StrEnum):
     #: Approved, but no credential could be issued (the plan is gone, the issuer refused for
     #: good); waits for an operator, who fixes the cause and retries (``requests retry``).
     PROVISIONING_FAILED = "provisioning_failed"
+    #: Parked for review, and no admin decided before its review deadline.
+    EXPIRED = "expired"
 
     @property
     def is_final(self) -> bool:
         return self in FINAL_STATUSES
 
 
-FINAL_STATUSES = frozenset({Status.PROVISIONED, Status.REJECTED, Status.INVALID})
+FINAL_STATUSES = frozenset({Status.PROVISIONED, Status.REJECTED, Status.INVALID, Status.EXPIRED})
 
 #: Which states each state may move to. Anything else raises IllegalTransition.
 ALLOWED_TRANSITIONS: dict[Status, frozenset[Status]] = {
     Status.SUBMITTED: frozenset({Status.INVALID, Status.PENDING_REVIEW, Status.APPROVED}),
-    Status.PENDING_REVIEW: frozenset({Status.APPROVED, Status.REJECTED}),
+    Status.PENDING_REVIEW: frozenset({Status.APPROVED, Status.REJECTED, Status.EXPIRED}),
     Status.APPROVED: frozenset({Status.PROVISIONED, Status.PROVISIONING_FAILED}),
     Status.PROVISIONING_FAILED: frozenset({Status.APPROVED}),
     Status.PROVISIONED: frozenset(),
     Status.REJECTED: frozenset(),
     Status.INVALID: frozenset(),
+    Status.EXPIRED: frozenset(),
 }
 
 
@@ -113,6 +124,20 @@ class Plan:
     product_ids: list[str] = field(default_factory=list)
     #: How long each credential issued under this plan lives, in days; ``None``: for ever.
     credential_lifetime_days: int | None = None
+    #: How long a request parked for review may wait for a decision, in hours; ``None``: the
+    #: deployment's default (``ACCESSFLOW_REVIEW_DEADLINE_HOURS``), and none if that is unset.
+    review_deadline_hours: float | None = None
+
+
+def review_deadline(plan: Plan, default_hours: float | None, parked_at: datetime) -> datetime | None:
+    """When a request parked at ``parked_at`` under ``plan`` expires unreviewed; ``None``: never.
+
+    The plan's own ``review_deadline_hours`` wins over ``default_hours``; zero or less is none.
+    """
+    hours = plan.review_deadline_hours if plan.review_deadline_hours is not None else default_hours
+    if hours is None or hours <= 0:
+        return None
+    return parked_at + timedelta(hours=hours)
 
 
 @dataclass
@@ -275,6 +300,8 @@ class AccessRequest:
         provision_attempts: int = 0,
         kind: RequestKind = RequestKind.ACCESS,
         credential_id: str | None = None,
+        review_deadline_at: datetime | None = None,
+        review_notices: str = "",
     ) -> None:
         self.id = id
         self.consumer_id = consumer_id
@@ -297,6 +324,11 @@ class AccessRequest:
         self.kind = kind
         #: The credential whose plan a ``plan_change`` request would change; ``None`` for access.
         self.credential_id = credential_id
+        #: When a request parked for review expires if no admin decides; ``None``: never.
+        self.review_deadline_at = review_deadline_at
+        #: The reminders (hours before the deadline, "24h,4h") and escalation ("escalated") already
+        #: queued for the current deadline, as ``Credential.expiry_notices`` does for expiry.
+        self.review_notices = review_notices
         #: The sequence number of the last event the portal was sent about this request.
         self.event_seq = 0
         self.history: list[AuditEntry] = []
@@ -415,6 +447,73 @@ class AccessRequest:
             reason="plan requires manual approval",
         )
         self.events.append(events.RequestParkedForReview(self.id))
+
+    # --- the review deadline ------------------------------------------------------------------
+
+    def set_review_deadline(self, deadline: datetime | None) -> None:
+        """Give a request parked for review its deadline (``None``: none); its reminders start again."""
+        if self.status is not Status.PENDING_REVIEW:
+            raise IllegalTransition(
+                f"request {self.id} is {self.status}: only one pending review has a deadline"
+            )
+        self.review_deadline_at = deadline
+        self.review_notices = ""
+
+    def _sent_review_notices(self) -> set[str]:
+        return set(self.review_notices.split(",")) - {""}
+
+    def review_reminders_due(self, points: Sequence[timedelta], now: datetime) -> list[timedelta]:
+        """The reminder points (time before the deadline) reached at ``now`` and not yet sent, longest first."""
+        if self.status is not Status.PENDING_REVIEW or self.review_deadline_at is None:
+            return []
+        deadline = _aware(self.review_deadline_at)
+        if now >= deadline:
+            return []
+        sent = self._sent_review_notices()
+        return [p for p in sorted(points, reverse=True) if now >= deadline - p and _hours(p) not in sent]
+
+    def note_review_reminder(self, due: Sequence[timedelta], *, now: datetime) -> None:
+        """Record the reminder points reached (:meth:`review_reminders_due`); one reminder goes out, for the nearest.
+
+        A request first seen 2 hours before its deadline needs no 24-hour reminder as well.
+        """
+        assert due and self.review_deadline_at is not None
+        self.review_notices = ",".join(filter(None, [self.review_notices, *(_hours(p) for p in due)]))
+        self.events.append(
+            events.ReviewReminderDue(self.id, _hours(due[-1]), _aware(self.review_deadline_at))
+        )
+
+    def escalation_due(self, point: timedelta | None, now: datetime) -> bool:
+        """Whether the escalation, ``point`` before the deadline (``None``: none), is due at ``now`` and not yet sent."""
+        if point is None or self.status is not Status.PENDING_REVIEW or self.review_deadline_at is None:
+            return False
+        deadline = _aware(self.review_deadline_at)
+        return deadline - point <= now < deadline and ESCALATED not in self._sent_review_notices()
+
+    def escalate_review(self, *, now: datetime) -> None:
+        """Record the escalation; the escalation list is told once per deadline."""
+        assert self.review_deadline_at is not None
+        self.review_notices = ",".join(filter(None, [self.review_notices, ESCALATED]))
+        self.events.append(events.ReviewEscalated(self.id, _aware(self.review_deadline_at)))
+
+    def review_overdue(self, now: datetime) -> bool:
+        return (
+            self.status is Status.PENDING_REVIEW
+            and self.review_deadline_at is not None
+            and now >= _aware(self.review_deadline_at)
+        )
+
+    def expire_review(self, *, now: datetime) -> None:
+        """No admin decided by the deadline: the request ends ``expired``, by the sweep, with the reason."""
+        deadline = self.review_deadline_at
+        if self.status is Status.PENDING_REVIEW and not self.review_overdue(now):
+            raise IllegalTransition(
+                f"request {self.id} waits for review until {deadline}: not expired at {now}"
+            )
+        when = f"{_aware(deadline):%Y-%m-%dT%H:%M:%SZ}" if deadline is not None else "none"
+        reason = f"no review decision by the deadline, {when}; submit a new request to ask again"
+        self._move(Status.EXPIRED, actor_kind=ActorKind.SYSTEM, actor_id=REVIEW_SWEEP, reason=reason)
+        self.events.append(events.RequestExpired(self.id, reason))
 
     def approve(self, *, admin_id: str, reason: str) -> None:
         self._move(Status.APPROVED, actor_kind=ActorKind.ADMIN, actor_id=admin_id, reason=reason)
@@ -764,6 +863,12 @@ def _aware(moment: datetime) -> datetime:
     return moment if moment.tzinfo is not None else moment.replace(tzinfo=UTC)
 
 
+def _hours(point: timedelta) -> str:
+    """A reminder point as the notices list spells it: ``24h``, or ``90s`` for one not a whole hour."""
+    seconds = int(point.total_seconds())
+    return f"{seconds // 3600}h" if seconds % 3600 == 0 else f"{seconds}s"
+
+
 def _days(point: timedelta) -> str:
     """A notice point as the notices list spells it: ``14d``, or ``90s`` for one shorter than a day."""
     seconds = int(point.total_seconds())
@@ -820,6 +925,12 @@ class NotificationKind(enum.StrEnum):
     EXPIRY_NOTICE = "expiry_notice"
     #: To the consumer, when a credential has expired.
     EXPIRED = "expired"
+    #: To the admins, at each configured point before a pending request's review deadline.
+    REVIEW_REMINDER = "review_reminder"
+    #: To the escalation list, once, when a pending request's review deadline is near.
+    REVIEW_ESCALATION = "review_escalation"
+    #: To the consumer, when their request expired unreviewed.
+    REVIEW_EXPIRED = "review_expired"
 
 
 class DeliveryStatus(enum.StrEnum):

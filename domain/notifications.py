@@ -67,3 +67,35 @@ class ExpiryContext:
     expires_at: str
     portal_name: str = ""
     portal_url: str = ""
+
+
+@dataclass(frozen=True)
+class ReviewDeadlineContext:
+    """A pending request's review deadline is near: a reminder to the admins, or the escalation."""
+
+    request_id: str
+    consumer_id: str
+    consumer_name: str
+    consumer_email: str
+    app_name: str
+    plan_name: str
+    products: tuple[ProductLine, ...]
+    justification: str
+    #: ``2026-12-11 09:00 UTC``
+    received_at: str
+    deadline: str
+
+
+@dataclass(frozen=True)
+class ReviewExpiredContext:
+    """No admin decided by the deadline: the request expired; to the consumer."""
+
+    request_id: str
+    consumer_name: str
+    app_name: str
+    plan_name: str
+    products: tuple[ProductLine, ...]
+    #: ``2026-12-11 09:00 UTC``
+    deadline: str
+    portal_name: str = ""
+    portal_url: str = ""

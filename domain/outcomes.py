@@ -269,6 +269,17 @@ class CredentialExpirySwept(Outcome):
 
 
 @dataclass(frozen=True)
+class ReviewDeadlinesSwept(Outcome):
+    """The review-deadline sweep expired some pending requests and queued reminders or escalations."""
+
+    name: ClassVar[str] = "requests.review_deadlines_swept"
+    expired: int
+    reminded: int
+    escalated: int
+    request_ids: tuple[str, ...]
+
+
+@dataclass(frozen=True)
 class GatewayPushDropped(Outcome):
     """A push for a credential that does not exist: nothing to tell the gateway."""
 

@@ -40,6 +40,11 @@ class RequestRepository(Protocol):
         ``before``; held for this transaction, and skipped by any other that asks."""
         ...
 
+    def review_due(self, *, before: datetime, limit: int) -> list[AccessRequest]:
+        """Up to ``limit`` requests pending review whose deadline is before ``before``, soonest first;
+        held for this transaction, and skipped by any other that asks."""
+        ...
+
 
 class CatalogueRepository(Protocol):
     def slice_for(

@@ -107,6 +107,35 @@ class Settings(BaseSettings):
         description="Comma-separated addresses that get the review emails. Who may decide is the admins "
         "registry and their signing keys (`accessflow admins`).",
     )
+    escalation_emails: Annotated[list[str], NoDecode] = Field(
+        default_factory=list,
+        description="Comma-separated addresses told once when a pending request's review deadline is "
+        "near (ACCESSFLOW_REVIEW_ESCALATION_HOURS); empty: no escalation.",
+    )
+    review_deadline_hours: float | None = Field(
+        None,
+        gt=0,
+        description="Hours a request parked for review waits for a decision before it expires, for "
+        "plans that set no `review_deadline_hours` of their own; unset: no deadline.",
+    )
+    review_reminder_hours: str = Field(
+        "24,4",
+        pattern=r"^\s*(\d+(\.\d+)?\s*(,\s*\d+(\.\d+)?\s*)*)?$",
+        description="Hours before a pending request's review deadline at which the admins "
+        "(ACCESSFLOW_ADMIN_EMAILS) are reminded, each once: comma-separated, e.g. `24,4`; empty for none.",
+    )
+    review_escalation_hours: float = Field(
+        2.0,
+        ge=0,
+        description="Hours before a pending request's review deadline at which the escalation list "
+        "(ACCESSFLOW_ESCALATION_EMAILS) is told, once.",
+    )
+    review_sweep_seconds: float = Field(
+        60.0,
+        gt=0,
+        description="How often each pool that applies decisions reminds, escalates and expires the "
+        "requests pending review by their deadline; safe with many replicas.",
+    )
     accept_v1_submissions: bool = Field(
         False,
         description="Accept contract v1 submissions, which name no portal: no sender check, no "
@@ -202,6 +231,18 @@ class Settings(BaseSettings):
     subject_expired: str = Field(
         "The credential of {{ app_name }} has expired",
         description="Jinja2 subject of the email to a consumer when a credential has expired.",
+    )
+    subject_review_reminder: str = Field(
+        "Reminder: access request {{ request_id }} expires unreviewed at {{ deadline }}",
+        description="Jinja2 subject of the reminder to admins before a review deadline.",
+    )
+    subject_review_escalation: str = Field(
+        "Escalation: access request {{ request_id }} expires unreviewed at {{ deadline }}",
+        description="Jinja2 subject of the escalation before a review deadline.",
+    )
+    subject_review_expired: str = Field(
+        "Your access request for {{ app_name }} expired unreviewed",
+        description="Jinja2 subject of the email to a consumer whose request expired unreviewed.",
     )
     expiry_notice_days: str = Field(
         "14,3",
@@ -394,7 +435,7 @@ class Settings(BaseSettings):
             return None
         return value
 
-    @field_validator("admin_emails", "broker_internal_users", mode="before")
+    @field_validator("admin_emails", "escalation_emails", "broker_internal_users", mode="before")
     @classmethod
     def _split_commas(cls, value: object) -> object:
         if isinstance(value, str):
@@ -430,3 +471,13 @@ class Settings(BaseSettings):
     def expiry_notice_points(self) -> list[timedelta]:
         """The points before a credential's expiry at which its consumer is told (``expiry_notice_days``)."""
         return [timedelta(days=float(part)) for part in self.expiry_notice_days.split(",") if part.strip()]
+
+    def review_reminder_points(self) -> list[timedelta]:
+        """The points before a review deadline at which the admins are reminded (``review_reminder_hours``)."""
+        return [
+            timedelta(hours=float(part)) for part in self.review_reminder_hours.split(",") if part.strip()
+        ]
+
+    def review_escalation_point(self) -> timedelta | None:
+        """The point before a review deadline at which the escalation list is told; ``None``: no list, none."""
+        return timedelta(hours=self.review_escalation_hours) if self.escalation_emails else None

@@ -31,6 +31,7 @@ EventName = Literal[
     "access_request.invalid",
     "access_request.provisioned",
     "access_request.provisioning_failed",
+    "access_request.expired",
     "credentials.issued",
     "credentials.rotated",
     "credentials.revoked",

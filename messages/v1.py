@@ -224,7 +224,16 @@ class SendNotification(Contract):
 
     type: Literal["notification.send"] = "notification.send"
     request_id: RequestId
-    kind: Literal["approve", "reject", "review", "expiry_notice", "expired"]
+    kind: Literal[
+        "approve",
+        "reject",
+        "review",
+        "expiry_notice",
+        "expired",
+        "review_reminder",
+        "review_escalation",
+        "review_expired",
+    ]
     topic: Annotated[str, StringConstraints(max_length=80, pattern=r"^[A-Za-z0-9._:/-]*$")] = Field(
         "", description="Tells apart emails of one kind about one request, e.g. an expiry notice's point."
     )

@@ -27,6 +27,7 @@ ROOT = Path(__file__).resolve().parent.parent
 EXAMPLES = ROOT / "examples"
 TEST_CATALOGUE = Path(__file__).resolve().parent / "catalog.yaml"
 ADMIN = "admin@accessflow.example"
+ESCALATION = "head-of-api@accessflow.example"
 ADMIN_ID = "dana"
 ADMIN_KEY_ID = "dana-2026-11"
 #: Acme's portal speaks for consumer acme, Globex's for globex.
@@ -222,6 +223,7 @@ def settings(
         smtp_port=smtp.port,
         seal_key=SecretStr(seal_key),
         admin_emails=[ADMIN],
+        escalation_emails=[ESCALATION],
         broker_internal_users=[boundary.accounts.workers, boundary.accounts.ops],
         min_backoff_ms=100,
         max_backoff_ms=1_000,

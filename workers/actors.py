@@ -24,6 +24,7 @@ def route_request(
         message.to_command(sender),
         uow=services.uow(),
         accept_v1_submissions=services.settings.accept_v1_submissions,
+        review_deadline_hours=services.settings.review_deadline_hours,
     )
 
 
@@ -52,6 +53,7 @@ def operate_credentials(message: v2.CredentialOperation, services: Services, sen
         audience=services.settings.queue_prefix,
         max_skew=timedelta(seconds=services.settings.decision_max_skew_seconds),
         gateway_configured=services.gateway is not None,
+        review_deadline_hours=services.settings.review_deadline_hours,
     )
 
 
@@ -74,6 +76,7 @@ def send_notification(message: v1.SendNotification, services: Services, sender: 
         uow=services.uow(),
         mailer=services.mailer,
         admin_emails=services.settings.admin_emails,
+        escalation_emails=services.settings.escalation_emails,
         message_id_domain=services.settings.message_id_domain,
     )
 

@@ -75,6 +75,9 @@ def requests_show(request_id: str, as_json: bool) -> None:
         f"  consumer {details['consumer_id']}, app {details['app_id']}, plan {details['plan_id']}, "
         f"products {', '.join(details['product_ids'])}"
     )
+    if details["review_deadline_at"]:
+        sent = ", ".join(details["review_notices"]) or "none yet"
+        click.echo(f"  review deadline {details['review_deadline_at']} (reminders sent: {sent})")
     print_table(
         ["at", "from", "to", "actor", "reason"],
         [(e["at"], e["from"] or "-", e["to"], e["actor"], e["reason"]) for e in details["audit"]],

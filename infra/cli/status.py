@@ -28,6 +28,7 @@ def _database_rows(shown: dict[str, Any]) -> list[tuple[str, int, str]]:
         ("requests pending review", r["pending_review"], _age(r["oldest_pending_review_seconds"])),
         ("requests approved, awaiting their credential", r["approved"], _age(r["oldest_approved_seconds"])),
         ("requests in provisioning_failed", r["provisioning_failed"], ""),
+        ("requests pending past their review deadline", r["past_review_deadline"], ""),
         ("outbox rows unsent", o["unsent"], _age(o["oldest_unsent_seconds"])),
         ("outbox rows parked", o["parked"], ""),
         ("emails sending", e["sending"], ""),

@@ -41,6 +41,9 @@ class PlanEntry(Entry):
     products: list[Identifier] = Field(min_length=1)
     #: Days each credential issued under the plan lives; none: for ever.
     credential_lifetime_days: int | None = Field(None, gt=0, le=36_500)
+    #: Hours a request parked for review waits for a decision before it expires; none: the
+    #: deployment's ACCESSFLOW_REVIEW_DEADLINE_HOURS.
+    review_deadline_hours: float | None = Field(None, gt=0, le=87_600)
 
 
 class ConsumerEntry(Entry):
@@ -151,6 +154,7 @@ def load(catalogue: CatalogueFile, uow: UnitOfWork) -> dict[str, int]:
                     monthly_quota=plan.monthly_quota,
                     product_ids=list(plan.products),
                     credential_lifetime_days=plan.credential_lifetime_days,
+                    review_deadline_hours=plan.review_deadline_hours,
                 )
             )
         for a in catalogue.apps:

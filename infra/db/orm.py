@@ -37,6 +37,8 @@ def _enum(cls: type[enum.Enum]) -> sa.Enum:
 Timestamp = sa.DateTime(timezone=True)
 #: The credentials the expiry sweep looks at: live ones that expire.
 _LIVE_EXPIRING = "status IN ('active', 'suspended') AND expires_at IS NOT NULL"
+#: The requests the review-deadline sweep looks at: pending ones with a deadline.
+_REVIEW_DUE = "status = 'pending_review' AND review_deadline_at IS NOT NULL"
 
 products = sa.Table(
     "products",
@@ -57,6 +59,8 @@ plans = sa.Table(
     sa.Column("product_ids", sa.JSON, nullable=False),
     # How long each credential issued under the plan lives; None: for ever (migration 0010).
     sa.Column("credential_lifetime_days", sa.Integer, nullable=True),
+    # Hours a request parked for review waits; None: the deployment's default (migration 0012).
+    sa.Column("review_deadline_hours", sa.Float, nullable=True),
 )
 
 consumers = sa.Table(
@@ -104,12 +108,22 @@ access_requests = sa.Table(
     # An access request, or a plan change of ``credential_id`` (migration 0010).
     sa.Column("kind", _enum(RequestKind), nullable=False, server_default="access"),
     sa.Column("credential_id", sa.String(36), nullable=True),
+    # When a request pending review expires, and the reminders already sent (migration 0012).
+    sa.Column("review_deadline_at", Timestamp, nullable=True),
+    sa.Column("review_notices", sa.String(200), nullable=False, server_default=""),
     # The sweep of requests stuck in approved reads only those, by age (migration 0009).
     sa.Index(
         "ix_access_requests_approved",
         "updated_at",
         postgresql_where=sa.text("status = 'approved'"),
         sqlite_where=sa.text("status = 'approved'"),
+    ),
+    # The review-deadline sweep reads only pending requests with a deadline, soonest first (0012).
+    sa.Index(
+        "ix_access_requests_review_deadline",
+        "review_deadline_at",
+        postgresql_where=sa.text(_REVIEW_DUE),
+        sqlite_where=sa.text(_REVIEW_DUE),
     ),
 )
 

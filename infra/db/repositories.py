@@ -518,6 +518,30 @@ class SqlRequestRepository:
             .limit(limit)
             .with_for_update(skip_locked=True)
         )
+        return self._load_with_trails(query)
+
+    def review_due(self, *, before: datetime, limit: int) -> list[AccessRequest]:
+        """Requests pending review whose deadline is before ``before``, soonest first.
+
+        Locked for this transaction; rows another transaction holds (a sweep, or a decision being
+        applied) are skipped, not waited for. Read on a partial index of pending requests with a
+        deadline (migration 0012).
+        """
+        c = _requests.c
+        query = (
+            sa.select(_requests)
+            .where(
+                c.status == Status.PENDING_REVIEW,
+                c.review_deadline_at.is_not(None),
+                c.review_deadline_at < before,
+            )
+            .order_by(c.review_deadline_at)
+            .limit(limit)
+            .with_for_update(skip_locked=True)
+        )
+        return self._load_with_trails(query)
+
+    def _load_with_trails(self, query: sa.Select[Any]) -> list[AccessRequest]:
         connection = self.session.connection()
         requests = [_request_of(row) for row in connection.execute(query)]
         if requests:
@@ -616,6 +640,7 @@ def _plan_of(row: Row[Any]) -> Plan:
         monthly_quota=row.monthly_quota,
         product_ids=list(row.product_ids),
         credential_lifetime_days=row.credential_lifetime_days,
+        review_deadline_hours=row.review_deadline_hours,
     )
 
 

@@ -50,6 +50,10 @@ def request_details(uow: SqlUnitOfWork, request_id: str) -> dict[str, Any] | Non
         return {
             **request_summary(request),
             "justification": request.justification,
+            "review_deadline_at": request.review_deadline_at.isoformat()
+            if request.review_deadline_at
+            else None,
+            "review_notices": [n for n in request.review_notices.split(",") if n],
             "audit": [
                 {
                     "at": e.at.isoformat(),
@@ -148,6 +152,7 @@ def backlog(
     approved_before: datetime,
     outbox_before: datetime,
     sending_before: datetime,
+    deadline_before: datetime | None = None,
 ) -> dict[str, dict[str, Any]]:
     """What waits in the database, for ``accessflow status``: three statements, one transaction.
 
@@ -158,6 +163,8 @@ def backlog(
       outbox_before: an unsent (not parked) outbox row created before this counts as overdue.
       sending_before: an email still ``sending`` whose lease ran out (or, never leased, that was
         created) before this counts as stuck: the sweep should have sent it again by then.
+      deadline_before: a request pending review whose review deadline is before this (``now``
+        if not given) counts as past it: the sweep should have expired it by then.
 
     Returns:
       ``requests``, ``outbox`` and ``emails``, each a dict of counts and ages in seconds
@@ -180,6 +187,7 @@ def backlog(
                 sa.func.min(r.updated_at).filter(approved),
                 count().filter(approved, r.updated_at < approved_before),
                 count().filter(r.status == Status.PROVISIONING_FAILED),
+                count().filter(pending, r.review_deadline_at < (deadline_before or now)),
             ).where(r.status.in_([Status.PENDING_REVIEW, Status.APPROVED, Status.PROVISIONING_FAILED]))
         ).one()
         outbox = connection.execute(
@@ -207,6 +215,7 @@ def backlog(
             "oldest_approved_seconds": _age_seconds(now, requests[4]),
             "approved_stuck": requests[5],
             "provisioning_failed": requests[6],
+            "past_review_deadline": requests[7],
         },
         "outbox": {
             "unsent": outbox[0],

@@ -408,6 +408,9 @@ class EmailRenderer:
             NotificationKind.REVIEW: self.text.from_string(settings.subject_review),
             NotificationKind.EXPIRY_NOTICE: self.text.from_string(settings.subject_expiry_notice),
             NotificationKind.EXPIRED: self.text.from_string(settings.subject_expired),
+            NotificationKind.REVIEW_REMINDER: self.text.from_string(settings.subject_review_reminder),
+            NotificationKind.REVIEW_ESCALATION: self.text.from_string(settings.subject_review_escalation),
+            NotificationKind.REVIEW_EXPIRED: self.text.from_string(settings.subject_review_expired),
         }
         display_name, addr_spec = self.mail_from.display_name, self.mail_from.addr_spec
         self._from_line = _mailbox_field("From", display_name, addr_spec)

@@ -2,13 +2,14 @@
 
 The sweeps run in every pool that holds what they sweep: the outbox in all of them, the emails
 stuck in ``sending`` where the emails are sent, the requests stuck in ``approved`` and the
-credentials whose lifetime ends where the credentials are issued. Each is safe in any number
-of processes at once.
+credentials whose lifetime ends where the credentials are issued, the review deadlines where
+the decisions are applied. Each is safe in any number of processes at once.
 """
 
 from __future__ import annotations
 
-from datetime import timedelta
+from collections.abc import Callable
+from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Any
 
 import dramatiq
@@ -16,6 +17,7 @@ import structlog
 from dramatiq.middleware import Middleware
 
 from domain import handlers
+from domain.model import utcnow
 from infra.messaging.periodic import PeriodicTask
 from messages import routes
 
@@ -74,6 +76,16 @@ class WorkerLifecycle(Middleware):
                     "expiry-sweep",
                     settings.expiry_sweep_seconds,
                     lambda: sweep_credential_expiry(self.services),
+                )
+            )
+        if consumes(worker, routes.DECIDE.queue_name(settings.queue_prefix)):
+            # Where the decisions are applied: the sweep and a decision contend for the same
+            # pending rows, and each skips (or waits briefly for) what the other holds.
+            self.tasks.append(
+                PeriodicTask(
+                    "review-deadline-sweep",
+                    settings.review_sweep_seconds,
+                    lambda: sweep_review_deadlines(self.services),
                 )
             )
         for task in self.tasks:
@@ -158,4 +170,23 @@ def sweep_credential_expiry(services: Services) -> tuple[int, int]:
         uow=services.uow(),
         notice_points=services.settings.expiry_notice_points(),
         gateway_configured=services.gateway is not None,
+    )
+
+
+def sweep_review_deadlines(services: Services, now: Callable[[], datetime] = utcnow) -> tuple[int, int, int]:
+    """Remind, escalate and expire the requests pending review by their deadline
+    (:func:`handlers.expire_reviews`).
+
+    Safe in any number of processes at once: each takes the rows no other sweep holds.
+    ``now`` is injected so that tests move the clock rather than wait.
+
+    Returns:
+      How many expired, how many reminders and how many escalations were queued.
+    """
+    settings = services.settings
+    return handlers.expire_reviews(
+        uow=services.uow(),
+        reminder_points=settings.review_reminder_points(),
+        escalation_point=settings.review_escalation_point(),
+        now=now,
     )

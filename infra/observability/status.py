@@ -15,7 +15,8 @@ sentence each, what an operator must look at; it is empty when all is well. The 
 - a parked outbox row (it waits for ``accessflow outbox retry``);
 - an unsent outbox row older than ``ACCESSFLOW_STATUS_OUTBOX_MAX_AGE_SECONDS``: no relay or
   worker is sweeping, or the broker refuses it;
-- a request in ``pending_review`` longer than ``ACCESSFLOW_STATUS_PENDING_REVIEW_MAX_SECONDS``;
+- a request in ``pending_review`` longer than ``ACCESSFLOW_STATUS_PENDING_REVIEW_MAX_SECONDS``,
+  or still pending two review sweeps past its review deadline (no pool sweeps the decisions queue);
 - a request ``approved`` longer than ``ACCESSFLOW_STATUS_APPROVED_MAX_SECONDS`` without its
   credential, or any in ``provisioning_failed`` (it waits for ``accessflow requests retry``);
 - an email still ``sending`` ``ACCESSFLOW_NOTIFICATION_STALE_SECONDS`` plus a sweep interval
@@ -69,6 +70,8 @@ class Thresholds:
     approved_seconds: float
     outbox_seconds: float
     email_seconds: float
+    #: How long past its review deadline a request may stay pending: the sweep expires it sooner.
+    review_deadline_seconds: float = 120.0
 
     @classmethod
     def from_settings(cls, settings: Settings) -> Thresholds:
@@ -78,6 +81,8 @@ class Thresholds:
             outbox_seconds=settings.status_outbox_max_age_seconds,
             # The sweep re-drives an email this stale; give it one sweep interval to do so.
             email_seconds=settings.notification_stale_seconds + settings.notification_sweep_seconds,
+            # The decisions pools' sweep expires a request at its deadline; give it two intervals.
+            review_deadline_seconds=2 * settings.review_sweep_seconds,
         )
 
 
@@ -148,6 +153,12 @@ def _database_problems(backlog: dict[str, dict[str, Any]], t: Thresholds) -> lis
             f"{duration(t.pending_review_seconds)} (oldest {duration(requests['oldest_pending_review_seconds'])}): "
             "`accessflow requests list --status pending_review`"
         )
+    if requests["past_review_deadline"]:
+        problems.append(
+            f"{requests['past_review_deadline']} request(s) still pending review more than "
+            f"{duration(t.review_deadline_seconds)} past their review deadline: is a pool consuming the "
+            "decisions queue running? Its sweep expires them"
+        )
     if requests["approved_stuck"]:
         problems.append(
             f"{requests['approved_stuck']} request(s) approved more than {duration(t.approved_seconds)} ago "
@@ -212,6 +223,7 @@ def report(
             approved_before=moment - timedelta(seconds=thresholds.approved_seconds),
             outbox_before=moment - timedelta(seconds=thresholds.outbox_seconds),
             sending_before=moment - timedelta(seconds=thresholds.email_seconds),
+            deadline_before=moment - timedelta(seconds=thresholds.review_deadline_seconds),
         )
     except sa.exc.SQLAlchemyError as error:
         problems.append(f"cannot read the database: {_first_line(error)}")

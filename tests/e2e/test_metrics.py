@@ -19,7 +19,7 @@ import pytest
 import sqlalchemy as sa
 from prometheus_client.parser import text_string_to_metric_families
 
-from domain.model import Status
+from domain.model import FINAL_STATUSES, Status
 from infra.bootstrap import Services
 from infra.db import orm
 from infra.settings import Settings
@@ -67,7 +67,7 @@ def value(samples: Samples, name: str, **labels: str) -> float:
 def database_truth(services: Services) -> dict[str, Any]:
     """What the database holds, read here with plain queries, in one transaction."""
     requests, outbox = orm.access_requests, orm.outbox
-    final = [Status.PROVISIONED.value, Status.REJECTED.value, Status.INVALID.value]
+    final = [status.value for status in FINAL_STATUSES]
     with services.engine.connect() as connection, connection.begin():
         by_status = dict(
             connection.execute(

@@ -116,6 +116,18 @@ class FakeRequestRepository:
         )
         return [loaded for r in found[:limit] if (loaded := self._table.load(r.id)) is not None]
 
+    def review_due(self, *, before: datetime, limit: int) -> list[AccessRequest]:
+        found = sorted(
+            (
+                (r.review_deadline_at, r.id)
+                for r in self._table.rows.values()
+                if r.status is Status.PENDING_REVIEW
+                and r.review_deadline_at is not None
+                and r.review_deadline_at < before
+            ),
+        )
+        return [loaded for _, key in found[:limit] if (loaded := self._table.load(key)) is not None]
+
     def saved(self, request_id: str) -> AccessRequest | None:
         """The committed request, as a fresh transaction would see it."""
         return self._table.rows.get(request_id)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import itertools
 from collections.abc import Callable
+from datetime import UTC, datetime, timedelta
 
 import pytest
 from hypothesis import settings
@@ -17,12 +18,15 @@ from domain.errors import IllegalTransition, RuleViolation
 from domain.model import (
     ALLOWED_TRANSITIONS,
     FINAL_STATUSES,
+    REVIEW_SWEEP,
     AccessRequest,
     ActorKind,
     AuthMethod,
     Catalogue,
+    Plan,
     Status,
     check_rules,
+    review_deadline,
 )
 from tests.unit.fakes import SUBMITTED_AT, build_catalogue_slice
 
@@ -78,7 +82,14 @@ def request_in(status: Status) -> AccessRequest:
     request.route(catalogue_for(request))
     if status is Status.REJECTED:
         request.reject(admin_id="admin@accessflow.example", reason="no")
+    if status is Status.EXPIRED:
+        request.set_review_deadline(DEADLINE)
+        request.expire_review(now=DEADLINE)
     return request
+
+
+#: A review deadline for the tests of deadlines.
+DEADLINE = datetime(2026, 12, 1, 12, 0, tzinfo=UTC)
 
 
 def snapshot(request: AccessRequest) -> tuple[object, ...]:
@@ -333,7 +344,15 @@ MOVES: dict[Status, Callable[[AccessRequest], None]] = {
     Status.REJECTED: lambda r: r.reject(admin_id="admin@accessflow.example", reason="no"),
     Status.INVALID: lambda r: r.invalidate("broken"),
     Status.PROVISIONING_FAILED: lambda r: r.fail_provisioning("the issuer refused"),
+    Status.EXPIRED: lambda r: _expire_unreviewed(r),
 }
+
+
+def _expire_unreviewed(request: AccessRequest) -> None:
+    if request.status is Status.PENDING_REVIEW:
+        request.set_review_deadline(DEADLINE)
+    request.expire_review(now=DEADLINE)
+
 
 ILLEGAL_PAIRS = [
     (source, target)
@@ -343,9 +362,9 @@ ILLEGAL_PAIRS = [
 
 
 class TestEveryTransitionOutsideTheTableIsRefused:
-    def test_the_table_leaves_forty_one_illegal_pairs(self) -> None:
-        # Given the transition table / Then 8 of the 49 pairs are legal
-        assert len(ILLEGAL_PAIRS) == 41
+    def test_the_table_leaves_fifty_five_illegal_pairs(self) -> None:
+        # Given the transition table / Then 9 of the 64 pairs are legal
+        assert len(ILLEGAL_PAIRS) == 55
 
     @pytest.mark.parametrize(
         ("source", "target"), ILLEGAL_PAIRS, ids=[f"{s.value}->{t.value}" for s, t in ILLEGAL_PAIRS]
@@ -665,3 +684,133 @@ AccessRequestMachine.TestCase.settings = settings(
 
 #: Hypothesis runs random sequences of route/approve/reject/provision/invalidate against it.
 TestRandomOperationsKeepTheStateMachineInvariants = AccessRequestMachine.TestCase
+
+
+# --- review deadlines ------------------------------------------------------------------------------
+
+HOURS = timedelta(hours=1)
+REMINDERS = [24 * HOURS, 4 * HOURS]
+
+
+def pending_with_deadline() -> AccessRequest:
+    request = request_in(Status.PENDING_REVIEW)
+    request.set_review_deadline(DEADLINE)
+    request.events.clear()
+    return request
+
+
+def plan(hours: float | None) -> Plan:
+    return Plan(
+        id="partner",
+        name="Partner",
+        auto_approve=False,
+        rate_limit_per_minute=60,
+        monthly_quota=None,
+        review_deadline_hours=hours,
+    )
+
+
+class TestTheReviewDeadline:
+    def test_the_plans_hours_win_over_the_default(self) -> None:
+        parked = datetime(2026, 11, 27, 9, 30, tzinfo=UTC)
+        assert review_deadline(plan(72), 24, parked) == parked + 72 * HOURS
+        assert review_deadline(plan(0.5), None, parked) == parked + timedelta(minutes=30)
+
+    def test_a_plan_without_hours_takes_the_default_and_none_means_no_deadline(self) -> None:
+        parked = datetime(2026, 11, 27, 9, 30, tzinfo=UTC)
+        assert review_deadline(plan(None), 48, parked) == parked + 48 * HOURS
+        assert review_deadline(plan(None), None, parked) is None
+
+    def test_only_a_request_pending_review_gets_one(self) -> None:
+        request = request_in(Status.APPROVED)
+        with pytest.raises(IllegalTransition):
+            request.set_review_deadline(DEADLINE)
+
+
+class TestReminders:
+    def test_each_point_is_due_once_and_records_one_event_for_the_nearest(self) -> None:
+        # Given a request pending review with a deadline
+        request = pending_with_deadline()
+
+        # Then nothing is due more than a day before it
+        assert request.review_reminders_due(REMINDERS, DEADLINE - 25 * HOURS) == []
+        # When the 24-hour point is reached, that reminder is due, once
+        due = request.review_reminders_due(REMINDERS, DEADLINE - 23 * HOURS)
+        assert due == [24 * HOURS]
+        request.note_review_reminder(due, now=DEADLINE - 23 * HOURS)
+        assert request.review_reminders_due(REMINDERS, DEADLINE - 22 * HOURS) == []
+        # And the 4-hour one later, once
+        due = request.review_reminders_due(REMINDERS, DEADLINE - 3 * HOURS)
+        assert due == [4 * HOURS]
+        request.note_review_reminder(due, now=DEADLINE - 3 * HOURS)
+        assert request.review_reminders_due(REMINDERS, DEADLINE - HOURS) == []
+
+        assert request.review_notices == "24h,4h"
+        assert request.events == [
+            events.ReviewReminderDue(request.id, "24h", DEADLINE),
+            events.ReviewReminderDue(request.id, "4h", DEADLINE),
+        ]
+        assert request.status is Status.PENDING_REVIEW
+
+    def test_a_late_first_look_sends_only_the_nearest(self) -> None:
+        request = pending_with_deadline()
+        due = request.review_reminders_due(REMINDERS, DEADLINE - 2 * HOURS)
+        assert due == [24 * HOURS, 4 * HOURS]
+        request.note_review_reminder(due, now=DEADLINE - 2 * HOURS)
+        assert request.events == [events.ReviewReminderDue(request.id, "4h", DEADLINE)]
+
+    def test_none_is_due_at_or_after_the_deadline_nor_without_one(self) -> None:
+        request = pending_with_deadline()
+        assert request.review_reminders_due(REMINDERS, DEADLINE) == []
+        assert request_in(Status.PENDING_REVIEW).review_reminders_due(REMINDERS, DEADLINE) == []
+
+    def test_a_new_deadline_starts_the_reminders_again(self) -> None:
+        request = pending_with_deadline()
+        request.note_review_reminder([24 * HOURS], now=DEADLINE - 23 * HOURS)
+        request.set_review_deadline(DEADLINE + 48 * HOURS)
+        assert request.review_reminders_due(REMINDERS, DEADLINE + 25 * HOURS) == [24 * HOURS]
+
+
+class TestEscalation:
+    def test_is_due_once_from_its_point_until_the_deadline(self) -> None:
+        request = pending_with_deadline()
+        point = 2 * HOURS
+        assert not request.escalation_due(point, DEADLINE - 3 * HOURS)
+        assert request.escalation_due(point, DEADLINE - HOURS)
+        request.escalate_review(now=DEADLINE - HOURS)
+        assert not request.escalation_due(point, DEADLINE - timedelta(minutes=30))
+        assert request.events == [events.ReviewEscalated(request.id, DEADLINE)]
+
+    def test_none_is_due_without_a_point_or_at_the_deadline(self) -> None:
+        request = pending_with_deadline()
+        assert not request.escalation_due(None, DEADLINE - HOURS)
+        assert not request.escalation_due(2 * HOURS, DEADLINE)
+
+
+class TestExpiry:
+    def test_at_the_deadline_the_request_ends_expired_by_the_sweep_with_the_reason(self) -> None:
+        # Given a request pending review
+        request = pending_with_deadline()
+
+        # When its deadline passes and the sweep expires it
+        assert request.review_overdue(DEADLINE)
+        request.expire_review(now=DEADLINE)
+
+        # Then it is expired, for good, by the sweep, with the reason
+        assert request.status is Status.EXPIRED
+        assert request.status.is_final
+        entry = request.history[-1]
+        assert (entry.from_status, entry.to_status) == (Status.PENDING_REVIEW, Status.EXPIRED)
+        assert (entry.actor_kind, entry.actor_id) == (ActorKind.SYSTEM, REVIEW_SWEEP)
+        assert "2026-12-01T12:00:00Z" in entry.reason
+        assert request.events == [events.RequestExpired(request.id, entry.reason)]
+        # And no admin decision applies to it any more
+        with pytest.raises(IllegalTransition):
+            request.approve(admin_id="admin@accessflow.example", reason="late")
+
+    def test_before_the_deadline_it_is_refused(self) -> None:
+        request = pending_with_deadline()
+        assert not request.review_overdue(DEADLINE - timedelta(seconds=1))
+        with pytest.raises(IllegalTransition, match="not expired"):
+            request.expire_review(now=DEADLINE - timedelta(seconds=1))
+        assert request.status is Status.PENDING_REVIEW

@@ -93,6 +93,26 @@ class TestThresholds:
             "`accessflow requests list --status pending_review`"
         ]
 
+    def test_a_request_is_past_its_review_deadline_only_two_sweeps_after_it(self, services: Services) -> None:
+        # Given requests pending review (recently: not overdue as reviews), one a minute past its
+        # deadline (the sweep runs every 60 s: it has time yet), one ten minutes past
+        for past in (timedelta(minutes=1), timedelta(minutes=10)):
+            request_id = add_request(services, Status.PENDING_REVIEW, ago=timedelta(minutes=5))
+            with services.engine.begin() as connection:
+                connection.execute(
+                    orm.access_requests.update()
+                    .where(orm.access_requests.c.id == request_id)
+                    .values(review_deadline_at=NOW - past)
+                )
+
+        shown = report(services)
+
+        assert shown["requests"]["past_review_deadline"] == 1
+        assert shown["needs_a_human"] == [
+            "1 request(s) still pending review more than 2m past their review deadline: is a pool "
+            "consuming the decisions queue running? Its sweep expires them"
+        ]
+
     def test_an_email_is_stuck_only_a_sweep_after_it_went_stale(self, services: Services) -> None:
         request_id = add_request(services, Status.PROVISIONED, ago=timedelta(hours=1))
         with services.engine.begin() as connection:
