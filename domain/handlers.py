@@ -26,6 +26,7 @@ from domain.model import (
     ActorKind,
     App,
     AuthMethod,
+    Catalogue,
     Credential,
     CredentialChanged,
     CredentialChangeKind,
@@ -54,6 +55,7 @@ from domain.ports import (
     SignatureVerifier,
     UnitOfWork,
 )
+from domain.rules import THROTTLE_WINDOW, needs_credential_check
 
 #: Namespace for ids derived from a request id, so a redelivery derives the same ones.
 ACCESSFLOW_NAMESPACE = uuid.UUID("9b2f3c52-6f0e-4a53-9d8e-0a3c2f6e8d11")
@@ -208,6 +210,7 @@ def _route(command: commands.RouteRequest, *, uow: UnitOfWork, accept_v1_submiss
         )
         if command.credential_id is not None:
             catalogue.credential = uow.credentials.get(command.credential_id)
+        _load_routing_facts(uow, request, catalogue)
         request.route(catalogue)
         if request.status is Status.APPROVED:
             _provide_app(uow, request)
@@ -226,6 +229,26 @@ def _route(command: commands.RouteRequest, *, uow: UnitOfWork, accept_v1_submiss
         )
         uow.commit()
         return request.status
+
+
+def _load_routing_facts(uow: UnitOfWork, request: AccessRequest, catalogue: Catalogue) -> None:
+    """What the plan's throttles and rules need to know, read only when the plan has them.
+
+    A throttled plan counts the consumer's requests under a lock per consumer, held until
+    this transaction commits: concurrent submissions of one consumer are routed one at a
+    time, so none slips under a limit another is taking. A plan with neither pays nothing.
+    """
+    plan = catalogue.plan
+    if plan is None or catalogue.consumer is None:
+        return  # invalid anyway: nothing to count
+    if plan.throttle.applies:
+        catalogue.counts = uow.requests.counts_for_throttle(
+            consumer_id=request.consumer_id, plan_id=plan.id, since=request.received_at - THROTTLE_WINDOW
+        )
+    if needs_credential_check(plan.rules):
+        catalogue.holds_active_credential = uow.credentials.holds_active(
+            consumer_id=request.consumer_id, plan_id=plan.id
+        )
 
 
 def _provide_app(uow: UnitOfWork, request: AccessRequest) -> None:

@@ -2,9 +2,11 @@ r"""Catalogue entities and the :class:`AccessRequest` aggregate with its state m
 
 The state machine::
 
-    SUBMITTED --validate--> INVALID (final, with a reason)
+    SUBMITTED --validate, or over a throttle--> INVALID (final, with a reason)
         |
-        +--auto-approve plan--> APPROVED --credentials issued--> PROVISIONED (final)
+        +--an approval rule refuses the email domain--> REJECTED (final, with the rule's reason)
+        |
+        +--auto-approve plan or rule--> APPROVED --credentials issued--> PROVISIONED (final)
         |                          ^
         +--manual plan--> PENDING_REVIEW --admin rejects--> REJECTED (final, with the admin's reason)
                                    |
@@ -37,6 +39,7 @@ from datetime import UTC, datetime, timedelta
 
 from domain import events
 from domain.errors import IllegalTransition, RuleViolation
+from domain.rules import Action, RequestCounts, Rule, Throttle, evaluate, throttle_refusal
 
 
 def utcnow() -> datetime:
@@ -68,7 +71,8 @@ FINAL_STATUSES = frozenset({Status.PROVISIONED, Status.REJECTED, Status.INVALID}
 
 #: Which states each state may move to. Anything else raises IllegalTransition.
 ALLOWED_TRANSITIONS: dict[Status, frozenset[Status]] = {
-    Status.SUBMITTED: frozenset({Status.INVALID, Status.PENDING_REVIEW, Status.APPROVED}),
+    # Straight to rejected: an approval rule refuses the consumer's email domain.
+    Status.SUBMITTED: frozenset({Status.INVALID, Status.PENDING_REVIEW, Status.APPROVED, Status.REJECTED}),
     Status.PENDING_REVIEW: frozenset({Status.APPROVED, Status.REJECTED}),
     Status.APPROVED: frozenset({Status.PROVISIONED, Status.PROVISIONING_FAILED}),
     Status.PROVISIONING_FAILED: frozenset({Status.APPROVED}),
@@ -113,6 +117,17 @@ class Plan:
     product_ids: list[str] = field(default_factory=list)
     #: How long each credential issued under this plan lives, in days; ``None``: for ever.
     credential_lifetime_days: int | None = None
+    #: Approval rules, first match decides (:mod:`domain.rules`); none: ``auto_approve`` decides.
+    rules: list[Rule] = field(default_factory=list)
+    #: Throttles per consumer on this plan; ``None``: no limit.
+    max_open_requests_per_consumer: int | None = None
+    max_requests_per_consumer_per_hour: int | None = None
+
+    @property
+    def throttle(self) -> Throttle:
+        return Throttle(
+            max_open=self.max_open_requests_per_consumer, max_per_hour=self.max_requests_per_consumer_per_hour
+        )
 
 
 @dataclass
@@ -189,6 +204,10 @@ class Catalogue:
     app: App | None
     #: For a plan change: the credential it would change (``None`` if there is no such credential).
     credential: Credential | None = None
+    #: Whether the consumer holds an active credential on the plan; loaded only when a rule asks.
+    holds_active_credential: bool = False
+    #: The consumer's requests on the plan, counted under a lock; loaded only when the plan throttles.
+    counts: RequestCounts | None = None
 
 
 @dataclass
@@ -275,6 +294,7 @@ class AccessRequest:
         provision_attempts: int = 0,
         kind: RequestKind = RequestKind.ACCESS,
         credential_id: str | None = None,
+        routed_by: str = "",
     ) -> None:
         self.id = id
         self.consumer_id = consumer_id
@@ -297,6 +317,8 @@ class AccessRequest:
         self.kind = kind
         #: The credential whose plan a ``plan_change`` request would change; ``None`` for access.
         self.credential_id = credential_id
+        #: Which rule (or plan flag, or throttle, or check) decided the routing, in words.
+        self.routed_by = routed_by
         #: The sequence number of the last event the portal was sent about this request.
         self.event_seq = 0
         self.history: list[AuditEntry] = []
@@ -370,17 +392,34 @@ class AccessRequest:
                 self.invalidate(refusal)
                 return
         self.auth_method = auth_method
-        assert catalogue.plan is not None  # check_rules guarantees it
-        if catalogue.plan.auto_approve:
-            self._move(
-                Status.APPROVED,
-                actor_kind=ActorKind.SYSTEM,
-                actor_id="router",
-                reason=f"plan {catalogue.plan.id!r} is auto-approve",
+        plan, consumer = catalogue.plan, catalogue.consumer
+        assert plan is not None and consumer is not None  # check_rules guarantees them
+        if catalogue.counts is not None:
+            throttled = throttle_refusal(
+                plan.throttle, catalogue.counts, consumer_id=self.consumer_id, plan_id=plan.id
             )
+            if throttled is not None:
+                self.invalidate(throttled)
+                return
+        verdict = evaluate(
+            plan.rules,
+            plan_id=plan.id,
+            auto_approve=plan.auto_approve,
+            consumer_id=self.consumer_id,
+            email=consumer.email,
+            holds_active_credential=catalogue.holds_active_credential,
+        )
+        self.routed_by = verdict.why
+        if verdict.action is Action.APPROVE:
+            self._move(Status.APPROVED, actor_kind=ActorKind.SYSTEM, actor_id="router", reason=verdict.why)
             self.events.append(events.RequestApproved(self.id, automatically=True))
+        elif verdict.action is Action.REJECT:
+            # The audit trail names the rule; the consumer's email and the portal get its reason.
+            self._move(Status.REJECTED, actor_kind=ActorKind.SYSTEM, actor_id="router", reason=verdict.why)
+            self.status_reason = verdict.reason
+            self.events.append(events.RequestRejected(self.id, verdict.reason))
         else:
-            self.park_for_review()
+            self.park_for_review(verdict.why)
 
     def _plan_change_refusal(self, credential: Credential | None, auth_method: AuthMethod) -> str | None:
         if credential is None:
@@ -404,16 +443,12 @@ class AccessRequest:
         return None
 
     def invalidate(self, reason: str) -> None:
+        self.routed_by = reason
         self._move(Status.INVALID, actor_kind=ActorKind.SYSTEM, actor_id="router", reason=reason)
         self.events.append(events.RequestInvalidated(self.id, reason))
 
-    def park_for_review(self) -> None:
-        self._move(
-            Status.PENDING_REVIEW,
-            actor_kind=ActorKind.SYSTEM,
-            actor_id="router",
-            reason="plan requires manual approval",
-        )
+    def park_for_review(self, why: str = "plan requires manual approval") -> None:
+        self._move(Status.PENDING_REVIEW, actor_kind=ActorKind.SYSTEM, actor_id="router", reason=why)
         self.events.append(events.RequestParkedForReview(self.id))
 
     def approve(self, *, admin_id: str, reason: str) -> None:

@@ -28,6 +28,7 @@ from domain.model import (
     Product,
 )
 from domain.outcomes import Outcome
+from domain.rules import RequestCounts
 
 
 class RequestRepository(Protocol):
@@ -38,6 +39,11 @@ class RequestRepository(Protocol):
     def stuck_approved(self, *, before: datetime, limit: int) -> list[AccessRequest]:
         """Up to ``limit`` requests still ``approved`` whose last change (or re-drive) was before
         ``before``; held for this transaction, and skipped by any other that asks."""
+        ...
+
+    def counts_for_throttle(self, *, consumer_id: str, plan_id: str, since: datetime) -> RequestCounts:
+        """The consumer's open requests on the plan and those received since ``since`` (not invalid),
+        counted after taking a lock per consumer that is held until the transaction ends."""
         ...
 
 
@@ -71,6 +77,10 @@ class CredentialRepository(Protocol):
     def for_request(self, request_id: str) -> Credential | None: ...
 
     def get(self, credential_id: str, *, for_update: bool = False) -> Credential | None: ...
+
+    def holds_active(self, *, consumer_id: str, plan_id: str) -> bool:
+        """Whether the consumer holds an active, unexpired credential on the plan."""
+        ...
 
     def targets(self, target: OperationTarget, target_id: str) -> list[Credential]:
         """The credentials an operation names (one, an app's, a consumer's), locked for this transaction."""

@@ -75,6 +75,8 @@ def requests_show(request_id: str, as_json: bool) -> None:
         f"  consumer {details['consumer_id']}, app {details['app_id']}, plan {details['plan_id']}, "
         f"products {', '.join(details['product_ids'])}"
     )
+    if details["routed_by"]:
+        click.echo(f"  routed by: {details['routed_by']}")
     print_table(
         ["at", "from", "to", "actor", "reason"],
         [(e["at"], e["from"] or "-", e["to"], e["actor"], e["reason"]) for e in details["audit"]],

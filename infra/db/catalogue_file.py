@@ -11,6 +11,7 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationErr
 
 from domain.model import AdminKey, App, AuthMethod, Consumer, Plan, Portal, Product, utcnow
 from domain.ports import UnitOfWork
+from domain.rules import InvalidRule, Rule, parse_rules
 from infra.credentials import signing
 from infra.credentials.sealing import portal_public_key
 from messages.v1 import Email, Identifier, Name, Text
@@ -41,6 +42,22 @@ class PlanEntry(Entry):
     products: list[Identifier] = Field(min_length=1)
     #: Days each credential issued under the plan lives; none: for ever.
     credential_lifetime_days: int | None = Field(None, gt=0, le=36_500)
+    #: Approval rules, evaluated in order, first match decides (README, "Approval rules").
+    rules: list[dict[str, Any]] = []
+    #: Throttles per consumer on this plan; none: no limit.
+    max_open_requests_per_consumer: int | None = Field(None, gt=0, le=100_000)
+    max_requests_per_consumer_per_hour: int | None = Field(None, gt=0, le=100_000)
+
+    @model_validator(mode="after")
+    def _rules_are_valid(self) -> PlanEntry:
+        try:
+            parse_rules(self.rules)
+        except InvalidRule as error:
+            raise ValueError(f"plan {self.id!r}: {error}") from None
+        return self
+
+    def parsed_rules(self) -> list[Rule]:
+        return parse_rules(self.rules)
 
 
 class ConsumerEntry(Entry):
@@ -151,6 +168,9 @@ def load(catalogue: CatalogueFile, uow: UnitOfWork) -> dict[str, int]:
                     monthly_quota=plan.monthly_quota,
                     product_ids=list(plan.products),
                     credential_lifetime_days=plan.credential_lifetime_days,
+                    rules=plan.parsed_rules(),
+                    max_open_requests_per_consumer=plan.max_open_requests_per_consumer,
+                    max_requests_per_consumer_per_hour=plan.max_requests_per_consumer_per_hour,
                 )
             )
         for a in catalogue.apps:

@@ -57,6 +57,10 @@ plans = sa.Table(
     sa.Column("product_ids", sa.JSON, nullable=False),
     # How long each credential issued under the plan lives; None: for ever (migration 0010).
     sa.Column("credential_lifetime_days", sa.Integer, nullable=True),
+    # Approval rules, as ``domain.rules.Rule.to_json`` writes them, and throttles (migration 0012).
+    sa.Column("rules", sa.JSON, nullable=False, server_default="[]"),
+    sa.Column("max_open_requests_per_consumer", sa.Integer, nullable=True),
+    sa.Column("max_requests_per_consumer_per_hour", sa.Integer, nullable=True),
 )
 
 consumers = sa.Table(
@@ -104,6 +108,8 @@ access_requests = sa.Table(
     # An access request, or a plan change of ``credential_id`` (migration 0010).
     sa.Column("kind", _enum(RequestKind), nullable=False, server_default="access"),
     sa.Column("credential_id", sa.String(36), nullable=True),
+    # Which rule, flag, throttle or check decided the routing (migration 0012).
+    sa.Column("routed_by", sa.Text, nullable=False, server_default=""),
     # The sweep of requests stuck in approved reads only those, by age (migration 0009).
     sa.Index(
         "ix_access_requests_approved",

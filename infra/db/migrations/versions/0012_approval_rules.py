@@ -1,0 +1,36 @@
+"""approval rules and throttles per plan, and which rule routed each request
+
+A plan may carry approval rules (a JSON list, evaluated in order by ``domain.rules``) and
+two throttles per consumer: open requests, and requests in the last hour. Each request
+records which rule, flag, throttle or check decided its routing, for ``requests show``.
+
+Revision ID: 0012
+Revises: 0011
+Create Date: 2026-11-27 14:10:00
+"""
+
+from __future__ import annotations
+
+import sqlalchemy as sa
+from alembic import op
+
+revision = "0012"
+down_revision = "0011"
+branch_labels = None
+depends_on = None
+
+
+def upgrade() -> None:
+    op.add_column("plans", sa.Column("rules", sa.JSON, nullable=False, server_default="[]"))
+    op.add_column("plans", sa.Column("max_open_requests_per_consumer", sa.Integer, nullable=True))
+    op.add_column("plans", sa.Column("max_requests_per_consumer_per_hour", sa.Integer, nullable=True))
+    op.add_column("access_requests", sa.Column("routed_by", sa.Text, nullable=False, server_default=""))
+
+
+def downgrade() -> None:
+    with op.batch_alter_table("access_requests") as requests:
+        requests.drop_column("routed_by")
+    with op.batch_alter_table("plans") as plans:
+        plans.drop_column("max_requests_per_consumer_per_hour")
+        plans.drop_column("max_open_requests_per_consumer")
+        plans.drop_column("rules")

@@ -1,0 +1,140 @@
+"""route_request with approval rules and throttles, on the fakes: what is read, stored, announced and queued."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import pytest
+
+from domain.commands import IssueCredentials, SendNotification
+from domain.handlers import route_request
+from domain.model import AuthMethod, Credential, NotificationKind, Status
+from domain.rules import parse_rules
+from tests.unit.fakes import PARTNER, FakeUnitOfWork, make_route_request
+
+
+def uow_with(
+    rules: list[dict[str, Any]] | None = None, *, max_open: int | None = None, max_per_hour: int | None = None
+) -> FakeUnitOfWork:
+    """The standard fakes, the manual plan "partner" given these rules and throttles."""
+    uow = FakeUnitOfWork()
+    with uow:
+        uow.catalogue.upsert(
+            dataclasses.replace(
+                PARTNER,
+                rules=parse_rules(rules or []),
+                max_open_requests_per_consumer=max_open,
+                max_requests_per_consumer_per_hour=max_per_hour,
+            )
+        )
+        uow.commit()
+    return uow
+
+
+def routed(uow: FakeUnitOfWork, consumer_id: str = "acme") -> tuple[str, Status]:
+    sender, portal = {"acme": ("portal-acme", "acme-portal"), "globex": ("portal-globex", "globex-portal")}[
+        consumer_id
+    ]
+    command = make_route_request(
+        plan_id="partner",
+        consumer_id=consumer_id,
+        app_id={"acme": "acme-web", "globex": "globex-app"}[consumer_id],
+        portal_id=portal,
+        sender=sender,
+    )
+    return command.request_id, route_request(command, uow=uow)
+
+
+class TestAPlanWithoutRulesOrThrottles:
+    def test_routes_with_no_extra_read(self) -> None:
+        # Given the manual plan with neither / When a request is routed
+        uow = uow_with()
+        _, status = routed(uow)
+
+        # Then it waits for review, and nothing was counted or looked up for rules
+        assert status is Status.PENDING_REVIEW
+        assert uow.requests.throttle_counts == 0
+        assert uow.credentials.active_checks == 0
+
+
+class TestARuleApproves:
+    def test_credentials_are_ordered_and_the_portal_told_with_the_rule(self) -> None:
+        # Given a manual plan trusting acme.example / When Acme's request is routed
+        uow = uow_with([{"kind": "trusted_domain", "domains": ["acme.example"]}])
+        request_id, status = routed(uow)
+
+        # Then it is approved: credentials are ordered, and the portal hears which rule
+        assert status is Status.APPROVED
+        saved = uow.requests.saved(request_id)
+        assert saved is not None
+        assert saved.routed_by == "rule 1: email domain acme.example is trusted"
+        assert uow.published == [IssueCredentials(request_id)]
+        assert [(e.name, e.reason) for e in uow.outbox.events][-1] == (
+            "access_request.approved",
+            "rule 1: email domain acme.example is trusted",
+        )
+
+    def test_a_holder_of_an_active_credential_is_approved(self) -> None:
+        # Given the rule, and an active credential of Acme's on the plan
+        uow = uow_with([{"kind": "holds_active_credential"}])
+        with uow:
+            uow.credentials.add(
+                Credential(
+                    id="cred-1", request_id="old", app_id="acme-web", kind=AuthMethod.API_KEY, public_id="af_1",
+                    secret_hash="h", sealed_secret=None, product_ids=["payments"], rate_limit_per_minute=1,
+                    monthly_quota=None, plan_id="partner", consumer_id="acme",
+                )
+            )  # fmt: skip
+            uow.commit()
+
+        # When Acme asks, and Globex (who holds none) asks
+        _, acme = routed(uow)
+        _, globex = routed(uow, "globex")
+
+        # Then Acme is approved by the rule, Globex waits; the lookup ran once per request
+        assert (acme, globex) == (Status.APPROVED, Status.PENDING_REVIEW)
+        assert uow.credentials.active_checks == 2
+
+
+class TestARuleRejects:
+    def test_the_consumer_is_emailed_the_rules_reason(self) -> None:
+        # Given a plan refusing globex.example / When Globex asks
+        uow = uow_with([{"kind": "rejected_domain", "domains": ["globex.example"], "reason": "Not here."}])
+        request_id, status = routed(uow, "globex")
+
+        # Then it is rejected with the rule's reason (which the reject email tells), the email is
+        # ordered, and the portal hears the rule and its reason, as the audit trail has them
+        assert status is Status.REJECTED
+        saved = uow.requests.saved(request_id)
+        assert saved is not None and saved.status_reason == "Not here."
+        assert uow.published == [SendNotification(request_id, NotificationKind.REJECT)]
+        assert [(e.name, e.reason) for e in uow.outbox.events][-1] == (
+            "access_request.rejected",
+            "rule 1: email domain globex.example is refused: Not here.",
+        )
+
+
+class TestAThrottle:
+    @pytest.mark.parametrize(("max_open", "max_per_hour"), [(2, None), (None, 2)])
+    def test_the_third_request_is_invalid_with_the_reason(
+        self, max_open: int | None, max_per_hour: int | None
+    ) -> None:
+        # Given a plan allowing Acme 2 (open, or an hour)
+        uow = uow_with(max_open=max_open, max_per_hour=max_per_hour)
+
+        # When Acme asks three times, and Globex once
+        statuses = [routed(uow)[1] for _ in range(3)]
+        request_id = routed(uow)[0]
+        _, globex = routed(uow, "globex")
+
+        # Then two wait for review, the others are invalid and say why; Globex is not counted with Acme
+        assert statuses == [Status.PENDING_REVIEW, Status.PENDING_REVIEW, Status.INVALID]
+        saved = uow.requests.saved(request_id)
+        assert saved is not None and saved.status is Status.INVALID
+        assert saved.status_reason.startswith("throttled: consumer 'acme' ")
+        assert [(e.name, e.reason) for e in uow.outbox.events][-3] == (
+            "access_request.invalid",
+            saved.status_reason,
+        )
+        assert globex is Status.PENDING_REVIEW

@@ -1,0 +1,315 @@
+"""Approval rules and throttles (domain.rules), alone and as AccessRequest.route applies them."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import pytest
+
+from domain import events
+from domain.model import AccessRequest, ActorKind, Catalogue, Status
+from domain.rules import (
+    Action,
+    InvalidRule,
+    RequestCounts,
+    Rule,
+    RuleKind,
+    Throttle,
+    evaluate,
+    needs_credential_check,
+    parse_rules,
+    throttle_refusal,
+)
+from tests.unit.fakes import SUBMITTED_AT, build_catalogue_slice
+
+TRUST_ACME = {"kind": "trusted_domain", "domains": ["acme.example"]}
+HOLDS = {"kind": "holds_active_credential"}
+REFUSE_GLOBEX = {
+    "kind": "rejected_domain",
+    "domains": ["globex.example"],
+    "reason": "Globex is a competitor.",
+}
+
+
+def route(
+    rules: list[dict[str, Any]],
+    *,
+    plan_id: str = "partner",
+    consumer_id: str = "acme",
+    holds: bool = False,
+    counts: RequestCounts | None = None,
+    max_open: int | None = None,
+    max_per_hour: int | None = None,
+) -> AccessRequest:
+    """A submitted request routed under ``plan_id`` given these rules and throttles."""
+    app_id = {"acme": "acme-web", "globex": "globex-app"}[consumer_id]
+    request = AccessRequest(
+        id="req-1",
+        consumer_id=consumer_id,
+        plan_id=plan_id,
+        product_ids=["payments"],
+        app_id=app_id,
+        submitted_at=SUBMITTED_AT,
+    )
+    request.record_submission()
+    catalogue = build_catalogue_slice(plan_id=plan_id, consumer_id=consumer_id, app_id=app_id)
+    assert catalogue.plan is not None
+    catalogue.plan = dataclasses.replace(
+        catalogue.plan,
+        rules=parse_rules(rules),
+        max_open_requests_per_consumer=max_open,
+        max_requests_per_consumer_per_hour=max_per_hour,
+    )
+    catalogue.holds_active_credential = holds
+    catalogue.counts = counts
+    request.events.clear()
+    request.route(catalogue)
+    return request
+
+
+class TestAPlanWithoutRulesRoutesByItsFlag:
+    def test_an_auto_approve_plan_approves_and_says_so(self) -> None:
+        # Given / When a request under the auto-approve plan "free", which has no rules
+        request = route([], plan_id="free")
+
+        # Then it is approved as before, and the flag is named as what decided
+        assert request.status is Status.APPROVED
+        assert request.routed_by == "plan 'free' is auto-approve"
+        assert request.history[-1].reason == "plan 'free' is auto-approve"
+
+    def test_a_manual_plan_parks_for_review_and_says_so(self) -> None:
+        # Given / When a request under the manual plan "partner", which has no rules
+        request = route([])
+
+        # Then it waits for review
+        assert request.status is Status.PENDING_REVIEW
+        assert request.routed_by == "plan 'partner' requires manual approval"
+
+
+class TestATrustedDomainApproves:
+    def test_a_consumer_of_the_domain_is_approved_on_a_manual_plan(self) -> None:
+        # Given a manual plan trusting acme.example / When Acme (dev@acme.example) asks
+        request = route([TRUST_ACME])
+
+        # Then the request is approved by the rule, which the audit trail names
+        assert request.status is Status.APPROVED
+        assert request.routed_by == "rule 1: email domain acme.example is trusted"
+        entry = request.history[-1]
+        assert (entry.actor_kind, entry.actor_id, entry.reason) == (
+            ActorKind.SYSTEM,
+            "router",
+            "rule 1: email domain acme.example is trusted",
+        )
+        assert request.events == [events.RequestApproved("req-1", automatically=True)]
+
+    def test_another_domain_falls_through_to_the_flag(self) -> None:
+        # Given the same rule / When Globex asks
+        request = route([TRUST_ACME], consumer_id="globex")
+
+        # Then no rule matched, and the manual plan parks it
+        assert request.status is Status.PENDING_REVIEW
+        assert request.routed_by == "no rule matched; plan 'partner' requires manual approval"
+
+    def test_the_domain_is_compared_without_case(self) -> None:
+        # Given a rule that names the domain in capitals
+        rule = parse_rules([{"kind": "trusted_domain", "domains": ["ACME.Example"]}])
+
+        # When an address of it in other capitals is evaluated / Then it matches
+        verdict = evaluate(rule, plan_id="p", auto_approve=False, consumer_id="c", email="Dev@Acme.EXAMPLE")
+        assert verdict.action is Action.APPROVE
+
+    def test_a_subdomain_is_not_the_domain(self) -> None:
+        # Given a rule trusting acme.example / When dev@evil-acme.example or x@sub.acme.example asks
+        rules = parse_rules([TRUST_ACME])
+        for email in ("dev@evil-acme.example", "x@sub.acme.example", "acme.example@other.example"):
+            # Then it is not trusted
+            verdict = evaluate(rules, plan_id="p", auto_approve=False, consumer_id="c", email=email)
+            assert verdict.action is Action.REVIEW, email
+
+
+class TestAnActiveCredentialApproves:
+    def test_a_consumer_holding_one_is_approved(self) -> None:
+        # Given the rule / When Acme, who holds an active credential on the plan, asks
+        request = route([HOLDS], holds=True)
+
+        # Then it is approved by the rule
+        assert request.status is Status.APPROVED
+        assert request.routed_by == "rule 1: consumer 'acme' holds an active credential on plan 'partner'"
+
+    def test_a_consumer_holding_none_is_reviewed(self) -> None:
+        # Given the rule / When Acme holds none
+        request = route([HOLDS], holds=False)
+
+        # Then it waits for review
+        assert request.status is Status.PENDING_REVIEW
+
+    def test_only_that_rule_needs_the_credential_query(self) -> None:
+        # Given / When / Then the router asks the database only for a plan with the rule
+        assert needs_credential_check(parse_rules([TRUST_ACME, HOLDS]))
+        assert not needs_credential_check(parse_rules([TRUST_ACME, REFUSE_GLOBEX]))
+        assert not needs_credential_check([])
+
+
+class TestARejectedDomainRejects:
+    def test_the_request_is_rejected_with_the_rules_reason(self) -> None:
+        # Given a rule refusing globex.example / When Globex asks
+        request = route([REFUSE_GLOBEX], consumer_id="globex")
+
+        # Then it is rejected: the consumer's reason is the rule's, the audit trail names the rule
+        assert request.status is Status.REJECTED
+        assert request.status_reason == "Globex is a competitor."
+        assert request.routed_by == "rule 1: email domain globex.example is refused: Globex is a competitor."
+        assert request.history[-1].reason == request.routed_by
+        assert request.history[-1].from_status is Status.SUBMITTED
+        # And the rejection follows as an admin's does: the reject email, the portal's event
+        assert request.events == [events.RequestRejected("req-1", "Globex is a competitor.")]
+
+    def test_it_rejects_even_on_an_auto_approve_plan(self) -> None:
+        # Given / When Globex asks under "free" with the rule
+        request = route([REFUSE_GLOBEX], plan_id="free", consumer_id="globex")
+
+        # Then it is rejected
+        assert request.status is Status.REJECTED
+
+
+class TestTheFirstMatchingRuleDecides:
+    def test_an_earlier_rule_wins_over_a_later_one(self) -> None:
+        # Given rules that both match Acme, rejection first
+        refuse_acme = {"kind": "rejected_domain", "domains": ["acme.example"], "reason": "Closed to Acme."}
+
+        # When Acme asks under each order
+        rejected = route([refuse_acme, TRUST_ACME])
+        approved = route([TRUST_ACME, refuse_acme])
+
+        # Then the first rule decides, and is named by its position
+        assert rejected.status is Status.REJECTED
+        assert rejected.routed_by.startswith("rule 1: ")
+        assert approved.status is Status.APPROVED
+        assert approved.routed_by.startswith("rule 1: ")
+
+    def test_the_position_named_is_the_matching_rules(self) -> None:
+        # Given a rule that does not match, then one that does
+        request = route([REFUSE_GLOBEX, HOLDS, TRUST_ACME])
+
+        # When / Then rule 3 decided
+        assert request.routed_by == "rule 3: email domain acme.example is trusted"
+
+
+class TestBadRulesAreRefusedWithAClearError:
+    @pytest.mark.parametrize(
+        ("entry", "message"),
+        [
+            ({"kind": "always"}, "rule 1: unknown kind 'always'"),
+            ({}, "rule 1: unknown kind None"),
+            ("trusted_domain", "rule 1: must be a mapping"),
+            ({"kind": "trusted_domain"}, "'domains' must be a non-empty list"),
+            ({"kind": "trusted_domain", "domains": []}, "'domains' must be a non-empty list"),
+            ({"kind": "trusted_domain", "domains": "acme.example"}, "'domains' must be a non-empty list"),
+            ({"kind": "trusted_domain", "domains": ["acme"]}, "not an email domain: acme"),
+            ({"kind": "trusted_domain", "domains": ["a@acme.example"]}, "not an email domain"),
+            ({"kind": "rejected_domain", "domains": ["globex.example"]}, "needs a 'reason'"),
+            ({"kind": "rejected_domain", "domains": ["globex.example"], "reason": "  "}, "needs a 'reason'"),
+            ({"kind": "holds_active_credential", "domains": ["x.example"]}, "unexpected field(s) domains"),
+            ({"kind": "trusted_domain", "domains": ["acme.example"], "reason": "x"}, "unexpected field(s)"),
+        ],
+    )
+    def test_names_the_rule_and_what_is_wrong(self, entry: Any, message: str) -> None:
+        # Given / When a bad rule is parsed / Then the error says which and why
+        with pytest.raises(InvalidRule) as raised:
+            parse_rules([entry])
+        assert message in str(raised.value)
+
+    def test_the_position_is_that_of_the_bad_rule(self) -> None:
+        with pytest.raises(InvalidRule, match=r"^rule 2: "):
+            parse_rules([TRUST_ACME, {"kind": "nope"}])
+
+    def test_a_rule_reads_back_as_written(self) -> None:
+        # Given rules parsed from the catalogue / When written as JSON and parsed again / Then equal
+        rules = parse_rules([TRUST_ACME, HOLDS, REFUSE_GLOBEX])
+        assert parse_rules([r.to_json() for r in rules]) == rules
+        assert rules[0] == Rule(RuleKind.TRUSTED_DOMAIN, domains=("acme.example",))
+
+
+# --- throttles ---------------------------------------------------------------------------------
+
+
+class TestThrottleArithmetic:
+    @pytest.mark.parametrize(
+        ("max_open", "open_", "refused"),
+        [(1, 0, False), (1, 1, True), (3, 2, False), (3, 3, True), (3, 7, True)],
+    )
+    def test_open_requests_are_refused_at_the_limit(self, max_open: int, open_: int, refused: bool) -> None:
+        # Given a limit and what the consumer has open (not counting this request)
+        why = throttle_refusal(
+            Throttle(max_open=max_open), RequestCounts(open=open_, last_hour=0), consumer_id="c", plan_id="p"
+        )
+
+        # Then one more is refused exactly when the open ones reach the limit
+        assert (why is not None) is refused
+
+    @pytest.mark.parametrize(
+        ("per_hour", "recent", "refused"),
+        [(5, 4, False), (5, 5, True), (1, 0, False), (1, 1, True)],
+    )
+    def test_requests_per_hour_are_refused_at_the_limit(
+        self, per_hour: int, recent: int, refused: bool
+    ) -> None:
+        why = throttle_refusal(
+            Throttle(max_per_hour=per_hour),
+            RequestCounts(open=0, last_hour=recent),
+            consumer_id="c",
+            plan_id="p",
+        )
+        assert (why is not None) is refused
+
+    def test_no_limit_refuses_nothing_and_asks_for_no_count(self) -> None:
+        assert not Throttle().applies
+        assert Throttle(max_open=1).applies and Throttle(max_per_hour=1).applies
+        assert throttle_refusal(Throttle(), RequestCounts(10**6, 10**6), consumer_id="c", plan_id="p") is None
+
+    def test_the_reason_names_the_consumer_the_plan_and_the_limit(self) -> None:
+        why = throttle_refusal(
+            Throttle(max_open=3), RequestCounts(3, 0), consumer_id="acme", plan_id="partner"
+        )
+        assert why == (
+            "throttled: consumer 'acme' has 3 open request(s) on plan 'partner', the most allowed is 3"
+        )
+        why = throttle_refusal(
+            Throttle(max_per_hour=2), RequestCounts(0, 2), consumer_id="acme", plan_id="free"
+        )
+        assert why == (
+            "throttled: consumer 'acme' sent 2 request(s) on plan 'free' in the last hour, the most allowed is 2"
+        )
+
+
+class TestAThrottledRequestIsInvalid:
+    def test_over_the_limit_it_is_invalid_with_the_reason(self) -> None:
+        # Given a plan allowing 3 open requests, and Acme with 3 open
+        request = route([TRUST_ACME], max_open=3, counts=RequestCounts(open=3, last_hour=3))
+
+        # Then it is invalid, not approved by the rule, and the trail and events say why
+        assert request.status is Status.INVALID
+        assert request.status_reason.startswith("throttled: consumer 'acme' has 3 open request(s)")
+        assert request.routed_by == request.status_reason
+        assert request.events == [events.RequestInvalidated("req-1", request.status_reason)]
+
+    def test_under_the_limit_the_rules_decide(self) -> None:
+        request = route([TRUST_ACME], max_open=3, counts=RequestCounts(open=2, last_hour=2))
+        assert request.status is Status.APPROVED
+
+    def test_an_invalid_request_is_invalid_for_its_own_reason_first(self) -> None:
+        # Given a request for a product the plan does not offer, over the limit too
+        request = AccessRequest(
+            id="req-2", consumer_id="acme", plan_id="free", product_ids=["identity"], app_id="acme-web",
+            submitted_at=SUBMITTED_AT,
+        )  # fmt: skip
+        catalogue: Catalogue = build_catalogue_slice(plan_id="free", product_ids=["identity"])
+        catalogue.counts = RequestCounts(open=9, last_hour=9)
+        assert catalogue.plan is not None
+        catalogue.plan.max_open_requests_per_consumer = 1
+
+        # When routed / Then the catalogue's reason, not the throttle's
+        request.route(catalogue)
+        assert request.status is Status.INVALID
+        assert "not offered under plan 'free'" in request.status_reason
