@@ -371,6 +371,8 @@ def _decide(
             outcome, why = DecisionOutcome.IGNORED, "no such request"
         elif request.status is not Status.PENDING_REVIEW:
             outcome, why = DecisionOutcome.IGNORED, f"request is {request.status.value}, not pending review"
+        elif command.approve and request.needs_several_approvals:
+            outcome, why = _count_approval(uow, request, command)
         elif command.approve:
             request.approve(admin_id=command.admin_id, reason=command.reason)
             _provide_app(uow, request)
@@ -411,6 +413,24 @@ def _decide(
                 outcomes.DecisionRefused(command.decision_id, command.request_id, command.admin_id, refusal)
             )
         return outcome
+
+
+def _count_approval(
+    uow: UnitOfWork, request: AccessRequest, command: commands.DecideRequest
+) -> tuple[DecisionOutcome, str]:
+    """One approval of a request that needs several: ignored, counted, or the last one, applied.
+
+    The request is locked (``for_update``), so concurrent approvals of it are counted one at
+    a time, each seeing the ones committed before it.
+    """
+    approved_by = uow.decisions.approvers_of(request.id)
+    refusal = request.approval_refusal(command.admin_id, approved_by)
+    if refusal is not None:
+        return DecisionOutcome.IGNORED, refusal
+    if request.count_approval(admin_id=command.admin_id, reason=command.reason, approved_by=approved_by):
+        _provide_app(uow, request)
+        return DecisionOutcome.APPLIED, ""
+    return DecisionOutcome.COUNTED, f"approval {len(approved_by) + 1} of {request.approvals_required}"
 
 
 def issue_credentials(

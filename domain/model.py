@@ -33,7 +33,7 @@ verify until a grace period ends; a change of plan gives it the new plan's limit
 from __future__ import annotations
 
 import enum
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 
@@ -295,6 +295,8 @@ class AccessRequest:
         kind: RequestKind = RequestKind.ACCESS,
         credential_id: str | None = None,
         routed_by: str = "",
+        approvals_required: int = 1,
+        approvers: Sequence[str] = (),
     ) -> None:
         self.id = id
         self.consumer_id = consumer_id
@@ -319,6 +321,9 @@ class AccessRequest:
         self.credential_id = credential_id
         #: Which rule (or plan flag, or throttle, or check) decided the routing, in words.
         self.routed_by = routed_by
+        #: How many distinct admins must approve it while pending review, and which may (empty: any).
+        self.approvals_required = approvals_required
+        self.approvers = list(approvers)
         #: The sequence number of the last event the portal was sent about this request.
         self.event_seq = 0
         self.history: list[AuditEntry] = []
@@ -419,6 +424,8 @@ class AccessRequest:
             self.status_reason = verdict.reason
             self.events.append(events.RequestRejected(self.id, verdict.reason))
         else:
+            self.approvals_required = verdict.approvals_required
+            self.approvers = list(verdict.approvers)
             self.park_for_review(verdict.why)
 
     def _plan_change_refusal(self, credential: Credential | None, auth_method: AuthMethod) -> str | None:
@@ -454,6 +461,51 @@ class AccessRequest:
     def approve(self, *, admin_id: str, reason: str) -> None:
         self._move(Status.APPROVED, actor_kind=ActorKind.ADMIN, actor_id=admin_id, reason=reason)
         self.events.append(events.RequestApproved(self.id, automatically=False))
+
+    @property
+    def needs_several_approvals(self) -> bool:
+        """Whether an approval is counted (:meth:`count_approval`) rather than applied at once."""
+        return self.approvals_required > 1 or bool(self.approvers)
+
+    def approval_refusal(self, admin_id: str, approved_by: Collection[str]) -> str | None:
+        """Why ``admin_id``'s approval does not count, given the admins who approved already; ``None``: it does."""
+        if self.approvers and admin_id not in self.approvers:
+            return f"admin {admin_id!r} is not one of this request's approvers ({', '.join(self.approvers)})"
+        if admin_id in approved_by:
+            return f"admin {admin_id!r} approved already: an admin's approvals count once"
+        return None
+
+    def count_approval(self, *, admin_id: str, reason: str, approved_by: Collection[str]) -> bool:
+        """Count one more distinct admin's approval; the ``approvals_required``-th approves the request.
+
+        Each approval is a row of the audit trail of its own, the request still pending until the last.
+
+        Returns:
+          Whether this approval approved the request.
+        """
+        count = len(approved_by) + 1
+        counted = f"approval {count} of {self.approvals_required}: {reason}"
+        if count >= self.approvals_required:
+            self.approve(admin_id=admin_id, reason=counted)
+            return True
+        if self.status is not Status.PENDING_REVIEW:
+            raise IllegalTransition(
+                f"request {self.id} is {self.status}: only a pending one counts approvals"
+            )
+        now = utcnow()
+        self.history.append(
+            AuditEntry(
+                request_id=self.id,
+                from_status=self.status,
+                to_status=self.status,
+                actor_kind=ActorKind.ADMIN,
+                actor_id=admin_id,
+                reason=counted,
+                at=now,
+            )
+        )
+        self.updated_at = now
+        return False
 
     def reject(self, *, admin_id: str, reason: str) -> None:
         self._move(Status.REJECTED, actor_kind=ActorKind.ADMIN, actor_id=admin_id, reason=reason)
@@ -499,6 +551,8 @@ class AccessRequest:
 
 class DecisionOutcome(enum.StrEnum):
     APPLIED = "applied"
+    #: An approval counted towards the several a request needs (an ``approvers`` rule), not yet the last.
+    COUNTED = "counted"
     #: Authentic, but moot: a second decision, or one about a request not pending review.
     IGNORED = "ignored"
     #: Not shown to come from an admin: unsigned, badly signed, stale, or an unknown or revoked key.

@@ -68,6 +68,10 @@ class CatalogueRepository(Protocol):
 class DecisionRepository(Protocol):
     def get(self, decision_id: str) -> Decision | None: ...
 
+    def approvers_of(self, request_id: str) -> set[str]:
+        """The admins whose approvals of the request were counted (outcome ``counted``)."""
+        ...
+
     def add(self, decision: Decision) -> None: ...
 
 

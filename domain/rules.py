@@ -6,6 +6,7 @@ decides, and the verdict says which one did, in words the audit trail keeps::
     rule 1: email domain acme.example is trusted          -> approved
     rule 2: consumer acme holds an active credential ...  -> approved
     rule 3: email domain spam.example is refused: ...     -> rejected
+    rule 4: plan 'partner' requires 2 approval(s) of ... -> pending_review, until 2 admins approve
     (no rule matched) plan 'partner' requires manual approval  -> pending_review
 
 A plan without rules routes exactly as its ``auto_approve`` flag says.
@@ -35,6 +36,9 @@ class RuleKind(enum.StrEnum):
     HOLDS_ACTIVE_CREDENTIAL = "holds_active_credential"
     #: Reject, with ``reason``, when the consumer's email domain is one of ``domains``.
     REJECTED_DOMAIN = "rejected_domain"
+    #: Always matches: review, approved once ``required`` distinct admins (of ``admins``, if listed)
+    #: approve; one rejection ends it.
+    APPROVERS = "approvers"
 
 
 class Action(enum.StrEnum):
@@ -50,6 +54,10 @@ class Rule:
     domains: tuple[str, ...] = ()
     #: What a rejected consumer is told, for ``rejected_domain``.
     reason: str = ""
+    #: For ``approvers``: how many distinct admins must approve (N) ...
+    required: int = 0
+    #: ... and of which admins (M); empty: any admin.
+    admins: tuple[str, ...] = ()
 
     @classmethod
     def parse(cls, entry: Mapping[str, Any], position: int = 1) -> Rule:
@@ -86,7 +94,11 @@ class Rule:
             if not isinstance(reason, str) or not reason.strip() or len(reason) > 500:
                 raise InvalidRule(f"{where} ({kind.value}): needs a 'reason' (1 to 500 characters)")
             reason = reason.strip()
-        return cls(kind=kind, domains=domains, reason=reason)
+        required: int = 0
+        admins: tuple[str, ...] = ()
+        if kind is RuleKind.APPROVERS:
+            required, admins = _approvers(entry, where)
+        return cls(kind=kind, domains=domains, reason=reason, required=required, admins=admins)
 
     def to_json(self) -> dict[str, Any]:
         """The catalogue form :meth:`parse` reads back."""
@@ -95,13 +107,39 @@ class Rule:
             out["domains"] = list(self.domains)
         if self.reason:
             out["reason"] = self.reason
+        if self.required:
+            out["required"] = self.required
+        if self.admins:
+            out["admins"] = list(self.admins)
         return out
+
+
+#: The most approvals a rule may ask for.
+MAX_APPROVALS = 10
+
+
+def _approvers(entry: Mapping[str, Any], where: str) -> tuple[int, tuple[str, ...]]:
+    required = entry.get("required")
+    if not isinstance(required, int) or isinstance(required, bool) or not 1 <= required <= MAX_APPROVALS:
+        raise InvalidRule(f"{where} (approvers): 'required' must be a whole number from 1 to {MAX_APPROVALS}")
+    raw = entry.get("admins", [])
+    if not isinstance(raw, list) or not all(isinstance(a, str) and a.strip() for a in raw):
+        raise InvalidRule(f"{where} (approvers): 'admins' must be a list of admin ids")
+    admins = tuple(a.strip() for a in raw)
+    if len(set(admins)) != len(admins):
+        raise InvalidRule(f"{where} (approvers): 'admins' names an admin twice")
+    if admins and required > len(admins):
+        raise InvalidRule(
+            f"{where} (approvers): requires {required} approvals but lists only {len(admins)} admin(s)"
+        )
+    return required, admins
 
 
 _FIELDS: dict[RuleKind, frozenset[str]] = {
     RuleKind.TRUSTED_DOMAIN: frozenset({"domains"}),
     RuleKind.HOLDS_ACTIVE_CREDENTIAL: frozenset(),
     RuleKind.REJECTED_DOMAIN: frozenset({"domains", "reason"}),
+    RuleKind.APPROVERS: frozenset({"required", "admins"}),
 }
 
 
@@ -127,6 +165,9 @@ class Verdict:
     why: str
     #: For a rejection: what the consumer is told.
     reason: str = ""
+    #: For a review: how many distinct admins must approve, and which may (empty: any).
+    approvals_required: int = 1
+    approvers: tuple[str, ...] = ()
 
 
 def email_domain(email: str) -> str:
@@ -168,6 +209,14 @@ def evaluate(
                     Action.REJECT,
                     f"rule {position}: email domain {domain} is refused: {rule.reason}",
                     reason=rule.reason,
+                )
+            case RuleKind.APPROVERS:
+                of = f" of admins {', '.join(rule.admins)}" if rule.admins else " of distinct admins"
+                return Verdict(
+                    Action.REVIEW,
+                    f"rule {position}: plan {plan_id!r} requires {rule.required} approval(s){of}",
+                    approvals_required=rule.required,
+                    approvers=rule.admins,
                 )
     no_rule = "no rule matched; " if rules else ""
     if auto_approve:

@@ -110,6 +110,9 @@ access_requests = sa.Table(
     sa.Column("credential_id", sa.String(36), nullable=True),
     # Which rule, flag, throttle or check decided the routing (migration 0012).
     sa.Column("routed_by", sa.Text, nullable=False, server_default=""),
+    # How many distinct admins must approve it, and which may (an ``approvers`` rule; migration 0012).
+    sa.Column("approvals_required", sa.Integer, nullable=False, server_default="1"),
+    sa.Column("approvers", sa.JSON, nullable=False, server_default="[]"),
     # The sweep of requests stuck in approved reads only those, by age (migration 0009).
     sa.Index(
         "ix_access_requests_approved",

@@ -46,6 +46,7 @@ from domain.model import (
     CredentialOperation,
     CredentialStatus,
     Decision,
+    DecisionOutcome,
     DeliveryStatus,
     Notification,
     NotificationKind,
@@ -751,6 +752,13 @@ def _decision_of(row: Any) -> Decision:
     return Decision(**_record(_decisions, _DECISION_COLUMNS, row))
 
 
+_COUNTED_APPROVERS: Final = sa.select(_decisions.c.admin_id).where(
+    _decisions.c.request_id == sa.bindparam("request_id"),
+    _decisions.c.outcome == DecisionOutcome.COUNTED,
+    _decisions.c.approve.is_(True),
+)
+
+
 class SqlDecisionRepository:
     """Admin decisions as received. A decision is a record: added once, never changed."""
 
@@ -767,6 +775,14 @@ class SqlDecisionRepository:
 
     def add(self, decision: Decision) -> None:
         self._added.append(decision)
+
+    def approvers_of(self, request_id: str) -> set[str]:
+        rows = run(self.session, _COUNTED_APPROVERS, {"request_id": request_id})
+        return {row.admin_id for row in rows} | {
+            d.admin_id
+            for d in self._added
+            if d.request_id == request_id and d.outcome is DecisionOutcome.COUNTED
+        }
 
     def for_request(self, request_id: str) -> list[Decision]:
         query = (

@@ -5,17 +5,22 @@ from __future__ import annotations
 import threading
 import uuid
 from collections import Counter
+from dataclasses import dataclass
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 
 import pytest
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from domain import commands, handlers
-from domain.model import Plan, Status
+from domain.model import AdminKey, DecisionOutcome, Plan, Status, utcnow
 from domain.rules import parse_rules
 from infra.bootstrap import Services
+from infra.cli import producer
+from infra.credentials import signing
 from infra.db import views
-from tests.conftest import PORTAL_ID
+from tests.conftest import PORTAL_ID, Parties
 
 pytestmark = pytest.mark.integration
 
@@ -220,3 +225,127 @@ class TestThrottlesUnderConcurrentSubmissions:
 
         # Then Acme may ask again
         assert route(services, plan_id)[1] is Status.PENDING_REVIEW
+
+
+# --- N of M approvers, with real signatures ------------------------------------------------------------
+
+#: The deployment the test admins sign their decisions for, and the handler checks them against.
+AUDIENCE = "accessflow-integration"
+
+
+@dataclass(frozen=True)
+class Admin:
+    id: str
+    key_id: str
+    key: Ed25519PrivateKey
+
+
+@pytest.fixture
+def second_admin(services: Services, tmp_path: Path) -> Admin:
+    """A second admin with an Ed25519 key of their own, registered as the first one is (tests/conftest.py)."""
+    admin = Admin(f"erin-{uuid.uuid4().hex[:8]}", f"erin-key-{uuid.uuid4().hex[:8]}", _new_key(tmp_path))
+    with services.uow() as uow:
+        uow.admin_keys.upsert_admin(admin.id, f"{admin.id}@accessflow.example")
+        uow.admin_keys.add_key(
+            AdminKey(admin.key_id, admin.id, signing.public_key_text(admin.key.public_key()), utcnow())
+        )
+        uow.commit()
+    return admin
+
+
+def _new_key(tmp_path: Path) -> Ed25519PrivateKey:
+    path = tmp_path / f"{uuid.uuid4().hex}.pem"
+    signing.generate_keypair(path)
+    return signing.load_private_key(path)
+
+
+def decide(services: Services, admin: Admin, request_id: str, *, approve: bool = True) -> DecisionOutcome:
+    command = producer.signed_decision(
+        request_id=request_id,
+        approve=approve,
+        admin_id=admin.id,
+        reason="reviewed",
+        audience=AUDIENCE,
+        key_id=admin.key_id,
+        private_key=admin.key,
+    ).to_command()
+    return handlers.decide(command, uow=services.uow(), verify=services.verify_signature, audience=AUDIENCE)
+
+
+def first_admin(parties: Parties) -> Admin:
+    return Admin(parties.admin_id, parties.admin_key_id, parties.admin_key)
+
+
+class TestTwoOfTwoApprovers:
+    def test_the_request_waits_for_the_second_admin(
+        self, services: Services, parties: Parties, second_admin: Admin
+    ) -> None:
+        # Given a plan needing the approvals of both admins, and a request parked on it
+        dana = first_admin(parties)
+        plan_id = plan_with(
+            services, rules=[{"kind": "approvers", "required": 2, "admins": [dana.id, second_admin.id]}]
+        )
+        request_id, status = route(services, plan_id)
+        assert status is Status.PENDING_REVIEW
+
+        # When the first admin approves, twice / Then it is counted once, and the request still waits
+        assert decide(services, dana, request_id) is DecisionOutcome.COUNTED
+        assert decide(services, dana, request_id) is DecisionOutcome.IGNORED
+        with services.uow() as uow:
+            request = uow.requests.get(request_id)
+            assert request is not None and request.status is Status.PENDING_REVIEW
+
+        # When the second approves / Then it is approved
+        assert decide(services, second_admin, request_id) is DecisionOutcome.APPLIED
+        details = views.request_details(services.uow(), request_id)
+        assert details is not None
+        assert details["status"] == "approved"
+        assert details["routed_by"] == (
+            f"rule 1: plan {plan_id!r} requires 2 approval(s) of admins {dana.id}, {second_admin.id}"
+        )
+        # And each approval is a row of the audit trail, each decision recorded with its outcome
+        assert [(a["actor"], a["to"], a["reason"]) for a in details["audit"][2:]] == [
+            (f"admin:{dana.id}", "pending_review", "approval 1 of 2: reviewed"),
+            (f"admin:{second_admin.id}", "approved", "approval 2 of 2: reviewed"),
+        ]
+        assert sorted(d["outcome"] for d in details["decisions"]) == ["applied", "counted", "ignored"]
+
+    def test_one_rejection_ends_it(self, services: Services, parties: Parties, second_admin: Admin) -> None:
+        plan_id = plan_with(services, rules=[{"kind": "approvers", "required": 2}])
+        request_id, _ = route(services, plan_id)
+        assert decide(services, first_admin(parties), request_id) is DecisionOutcome.COUNTED
+
+        assert decide(services, second_admin, request_id, approve=False) is DecisionOutcome.APPLIED
+
+        with services.uow() as uow:
+            request = uow.requests.get(request_id)
+            assert request is not None and request.status is Status.REJECTED
+
+    def test_two_approvals_at_once_approve_exactly_once(
+        self, services: Services, parties: Parties, second_admin: Admin
+    ) -> None:
+        # Given requests needing two approvals, and both admins approving each at the same moment
+        plan_id = plan_with(services, rules=[{"kind": "approvers", "required": 2}])
+        request_ids = [route(services, plan_id)[0] for _ in range(5)]
+        outcomes: list[tuple[str, DecisionOutcome]] = []
+        barrier = threading.Barrier(2)
+
+        def approve_all(admin: Admin) -> None:
+            barrier.wait()
+            for request_id in request_ids:
+                outcomes.append((request_id, decide(services, admin, request_id)))
+
+        threads = [
+            threading.Thread(target=approve_all, args=(a,)) for a in (first_admin(parties), second_admin)
+        ]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(timeout=60)
+
+        # Then each request has one counted approval and one applied, and is approved
+        for request_id in request_ids:
+            assert sorted(o.value for rid, o in outcomes if rid == request_id) == ["applied", "counted"]
+            with services.uow() as uow:
+                request = uow.requests.get(request_id)
+                assert request is not None and request.status is Status.APPROVED

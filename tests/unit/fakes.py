@@ -33,6 +33,7 @@ from domain.model import (
     CredentialOperation,
     CredentialStatus,
     Decision,
+    DecisionOutcome,
     DeliveryStatus,
     Notification,
     NotificationKind,
@@ -228,6 +229,13 @@ class FakeDecisionRepository:
 
     def add(self, decision: Decision) -> None:
         self._table.insert(decision.id, decision)
+
+    def approvers_of(self, request_id: str) -> set[str]:
+        return {
+            d.admin_id
+            for d in self._table.rows.values()
+            if d.request_id == request_id and d.outcome is DecisionOutcome.COUNTED and d.approve
+        }
 
     def saved(self, decision_id: str) -> Decision | None:
         return self._table.rows.get(decision_id)

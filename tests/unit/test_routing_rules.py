@@ -7,11 +7,21 @@ from typing import Any
 
 import pytest
 
-from domain.commands import IssueCredentials, SendNotification
-from domain.handlers import route_request
-from domain.model import AuthMethod, Credential, NotificationKind, Status
+from domain.commands import DecideRequest, IssueCredentials, SendNotification
+from domain.handlers import decide, route_request
+from domain.model import AdminKey, AuthMethod, Credential, DecisionOutcome, NotificationKind, Status
 from domain.rules import parse_rules
-from tests.unit.fakes import PARTNER, FakeUnitOfWork, make_route_request
+from tests.unit.fakes import (
+    ADMIN_ID,
+    ADMIN_KEY,
+    AUDIENCE,
+    PARTNER,
+    SUBMITTED_AT,
+    FakeUnitOfWork,
+    fake_verify,
+    make_decision,
+    make_route_request,
+)
 
 
 def uow_with(
@@ -138,3 +148,79 @@ class TestAThrottle:
             saved.status_reason,
         )
         assert globex is Status.PENDING_REVIEW
+
+
+# --- N of M approvers, through decide ----------------------------------------------------------------
+
+SECOND_KEY = AdminKey(
+    key_id="erin-key-1", admin_id="erin", public_key="erin-public-key-1", created_at=SUBMITTED_AT
+)
+SIGNED: dict[str, Any] = {"verify": fake_verify, "audience": AUDIENCE}
+
+
+def two_admins(required: int = 2, admins: list[str] | None = None) -> tuple[FakeUnitOfWork, str]:
+    """A plan needing ``required`` approvals; admins "admin" and "erin" with keys; a request parked on it."""
+    rule: dict[str, Any] = {"kind": "approvers", "required": required}
+    if admins is not None:
+        rule["admins"] = admins
+    uow = uow_with([rule])
+    with uow:
+        uow.admin_keys.upsert_admin("erin", "erin@accessflow.example")
+        uow.admin_keys.add_key(SECOND_KEY)
+        uow.commit()
+    request_id, status = routed(uow)
+    assert status is Status.PENDING_REVIEW
+    return uow, request_id
+
+
+def by(admin: str, request_id: str, *, approve: bool = True) -> DecideRequest:
+    key = ADMIN_KEY if admin == ADMIN_ID else SECOND_KEY
+    return make_decision(request_id, approve=approve, admin_id=admin, key=key)
+
+
+class TestTwoApprovers:
+    def test_the_second_distinct_approval_approves_and_each_is_recorded(self) -> None:
+        # Given a request needing 2 approvals
+        uow, request_id = two_admins()
+
+        # When the first admin approves / Then it is counted; nothing is issued yet
+        assert decide(by(ADMIN_ID, request_id), uow=uow, **SIGNED) is DecisionOutcome.COUNTED
+        saved = uow.requests.saved(request_id)
+        assert saved is not None and saved.status is Status.PENDING_REVIEW
+        assert not any(isinstance(c, IssueCredentials) for c in uow.published)
+
+        # When the same admin approves again / Then it is ignored: counted once
+        assert decide(by(ADMIN_ID, request_id), uow=uow, **SIGNED) is DecisionOutcome.IGNORED
+
+        # When a second admin approves / Then the request is approved and credentials ordered
+        assert decide(by("erin", request_id), uow=uow, **SIGNED) is DecisionOutcome.APPLIED
+        saved = uow.requests.saved(request_id)
+        assert saved is not None and saved.status is Status.APPROVED
+        assert uow.published[-1] == IssueCredentials(request_id)
+        # And every approval is in the audit trail on its own, and every decision recorded
+        assert [(e.actor_id, e.to_status, e.reason) for e in saved.history[2:]] == [
+            (ADMIN_ID, Status.PENDING_REVIEW, "approval 1 of 2: looks fine"),
+            ("erin", Status.APPROVED, "approval 2 of 2: looks fine"),
+        ]
+        assert sorted(d.outcome.value for d in uow.decisions.saved_all()) == ["applied", "counted", "ignored"]
+
+    def test_one_rejection_ends_it(self) -> None:
+        # Given one approval counted
+        uow, request_id = two_admins()
+        decide(by(ADMIN_ID, request_id), uow=uow, **SIGNED)
+
+        # When the other admin rejects / Then it is rejected, and a later approval is ignored
+        assert decide(by("erin", request_id, approve=False), uow=uow, **SIGNED) is DecisionOutcome.APPLIED
+        saved = uow.requests.saved(request_id)
+        assert saved is not None and saved.status is Status.REJECTED
+        assert decide(by("erin", request_id), uow=uow, **SIGNED) is DecisionOutcome.IGNORED
+
+    def test_an_admin_not_listed_is_ignored_with_the_reason(self) -> None:
+        # Given a request that only "erin" may approve
+        uow, request_id = two_admins(required=1, admins=["erin"])
+
+        # When another admin approves / Then ignored, saying why; erin's approval then applies
+        assert decide(by(ADMIN_ID, request_id), uow=uow, **SIGNED) is DecisionOutcome.IGNORED
+        ignored = uow.decisions.saved_all()[-1]
+        assert ignored.outcome_reason == "admin 'admin' is not one of this request's approvers (erin)"
+        assert decide(by("erin", request_id), uow=uow, **SIGNED) is DecisionOutcome.APPLIED

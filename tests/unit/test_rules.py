@@ -313,3 +313,117 @@ class TestAThrottledRequestIsInvalid:
         request.route(catalogue)
         assert request.status is Status.INVALID
         assert "not offered under plan 'free'" in request.status_reason
+
+
+# --- N of M approvers ------------------------------------------------------------------------------
+
+
+def parked_needing(required: int, admins: list[str] | None = None) -> AccessRequest:
+    rule: dict[str, Any] = {"kind": "approvers", "required": required}
+    if admins is not None:
+        rule["admins"] = admins
+    request = route([rule], plan_id="free")
+    assert request.status is Status.PENDING_REVIEW
+    request.events.clear()
+    return request
+
+
+class TestAnApproversRule:
+    def test_parks_even_an_auto_approve_plan_and_names_n_and_m(self) -> None:
+        # Given / When a request under "free" with a rule needing 2 of dana, erin, frank
+        request = parked_needing(2, ["dana", "erin", "frank"])
+
+        # Then it waits, and says for whom
+        assert request.routed_by == "rule 1: plan 'free' requires 2 approval(s) of admins dana, erin, frank"
+        assert (request.approvals_required, request.approvers) == (2, ["dana", "erin", "frank"])
+        assert request.needs_several_approvals
+
+    def test_without_a_list_any_admin_counts(self) -> None:
+        request = parked_needing(2)
+        assert request.routed_by == "rule 1: plan 'free' requires 2 approval(s) of distinct admins"
+        assert request.approvers == []
+        assert request.approval_refusal("anyone", set()) is None
+
+    def test_an_earlier_rule_still_decides_first(self) -> None:
+        # Given a trusted domain before the approvers rule / When Acme asks / Then approved at once
+        request = route([TRUST_ACME, {"kind": "approvers", "required": 2}])
+        assert request.status is Status.APPROVED
+        assert request.approvals_required == 1
+
+    def test_a_request_routed_by_the_flag_needs_one_approval(self) -> None:
+        request = route([])
+        assert (request.approvals_required, request.approvers, request.needs_several_approvals) == (
+            1,
+            [],
+            False,
+        )
+
+
+class TestCountingApprovals:
+    def test_the_nth_distinct_approval_approves(self) -> None:
+        # Given a request needing 2 approvals
+        request = parked_needing(2, ["dana", "erin"])
+
+        # When dana approves / Then it is counted, audited on its own, and the request still waits
+        assert request.count_approval(admin_id="dana", reason="fine", approved_by=set()) is False
+        assert request.status is Status.PENDING_REVIEW
+        entry = request.history[-1]
+        assert (entry.from_status, entry.to_status, entry.actor_kind, entry.actor_id, entry.reason) == (
+            Status.PENDING_REVIEW,
+            Status.PENDING_REVIEW,
+            ActorKind.ADMIN,
+            "dana",
+            "approval 1 of 2: fine",
+        )
+        assert request.events == []
+
+        # When erin approves / Then it is approved, by erin, as the second approval
+        assert request.count_approval(admin_id="erin", reason="ok", approved_by={"dana"}) is True
+        assert request.status is Status.APPROVED
+        assert request.history[-1].reason == "approval 2 of 2: ok"
+        assert request.events == [events.RequestApproved("req-1", automatically=False)]
+
+    def test_the_same_admin_counts_once(self) -> None:
+        request = parked_needing(2)
+        assert request.approval_refusal("dana", {"dana"}) == (
+            "admin 'dana' approved already: an admin's approvals count once"
+        )
+
+    def test_an_admin_not_listed_does_not_count(self) -> None:
+        request = parked_needing(2, ["dana", "erin"])
+        assert request.approval_refusal("mallory", set()) == (
+            "admin 'mallory' is not one of this request's approvers (dana, erin)"
+        )
+
+    def test_one_rejection_ends_it(self) -> None:
+        # Given a request with one approval counted
+        request = parked_needing(3)
+        request.count_approval(admin_id="dana", reason="fine", approved_by=set())
+
+        # When another admin rejects / Then it is rejected
+        request.reject(admin_id="erin", reason="no")
+        assert request.status is Status.REJECTED
+
+
+class TestBadApproversRules:
+    @pytest.mark.parametrize(
+        ("entry", "message"),
+        [
+            ({"kind": "approvers"}, "'required' must be a whole number from 1 to 10"),
+            ({"kind": "approvers", "required": 0}, "'required' must be a whole number"),
+            ({"kind": "approvers", "required": 11}, "'required' must be a whole number"),
+            ({"kind": "approvers", "required": "2"}, "'required' must be a whole number"),
+            ({"kind": "approvers", "required": True}, "'required' must be a whole number"),
+            (
+                {"kind": "approvers", "required": 3, "admins": ["a", "b"]},
+                "requires 3 approvals but lists only 2",
+            ),
+            ({"kind": "approvers", "required": 2, "admins": ["a", "a"]}, "names an admin twice"),
+            ({"kind": "approvers", "required": 1, "admins": "a"}, "'admins' must be a list of admin ids"),
+            ({"kind": "approvers", "required": 1, "domains": ["x.example"]}, "unexpected field(s) domains"),
+        ],
+    )
+    def test_are_refused_with_why(self, entry: Any, message: str) -> None:
+        with pytest.raises(InvalidRule) as raised:
+            parse_rules([entry])
+        assert message in str(raised.value)
