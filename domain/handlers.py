@@ -225,6 +225,7 @@ def _route(command: commands.RouteRequest, *, uow: UnitOfWork, accept_v1_submiss
                 plan_id=request.plan_id,
                 app_id=request.app_id,
                 reason=request.status_reason,
+                routed_by=request.routed_by,
             )
         )
         uow.commit()
