@@ -41,6 +41,7 @@ from domain.model import (
     Plan,
     RequestKind,
     Status,
+    throttle_for,
     utcnow,
 )
 from domain.notifications import ApproveContext, ExpiryContext, ProductLine, RejectContext, ReviewContext
@@ -239,10 +240,10 @@ def _load_routing_facts(uow: UnitOfWork, request: AccessRequest, catalogue: Cata
     this transaction commits: concurrent submissions of one consumer are routed one at a
     time, so none slips under a limit another is taking. A plan with neither pays nothing.
     """
-    plan = catalogue.plan
-    if plan is None or catalogue.consumer is None:
+    plan, consumer = catalogue.plan, catalogue.consumer
+    if plan is None or consumer is None:
         return  # invalid anyway: nothing to count
-    if plan.throttle.applies:
+    if throttle_for(plan, consumer).applies:
         catalogue.counts = uow.requests.counts_for_throttle(
             consumer_id=request.consumer_id, plan_id=plan.id, since=request.received_at - THROTTLE_WINDOW
         )

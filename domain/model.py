@@ -135,6 +135,9 @@ class Consumer:
     id: str
     email: str
     name: str
+    #: This consumer's own throttles, in place of each plan's (higher or lower); ``None``: the plan's.
+    max_open_requests: int | None = None
+    max_requests_per_hour: int | None = None
 
 
 @dataclass
@@ -220,6 +223,22 @@ class AuditEntry:
     reason: str
     at: datetime
     id: int | None = None
+
+
+def throttle_for(plan: Plan, consumer: Consumer) -> Throttle:
+    """The limits a consumer's requests on a plan are held to: the consumer's own where set, else the plan's."""
+    return Throttle(
+        max_open=(
+            consumer.max_open_requests
+            if consumer.max_open_requests is not None
+            else plan.max_open_requests_per_consumer
+        ),
+        max_per_hour=(
+            consumer.max_requests_per_hour
+            if consumer.max_requests_per_hour is not None
+            else plan.max_requests_per_consumer_per_hour
+        ),
+    )
 
 
 def check_rules(
@@ -401,7 +420,7 @@ class AccessRequest:
         assert plan is not None and consumer is not None  # check_rules guarantees them
         if catalogue.counts is not None:
             throttled = throttle_refusal(
-                plan.throttle, catalogue.counts, consumer_id=self.consumer_id, plan_id=plan.id
+                throttle_for(plan, consumer), catalogue.counts, consumer_id=self.consumer_id, plan_id=plan.id
             )
             if throttled is not None:
                 self.invalidate(throttled)

@@ -64,6 +64,9 @@ class ConsumerEntry(Entry):
     id: Identifier
     email: Email
     name: Name
+    #: This consumer's own throttles, in place of each plan's; none: the plan's.
+    max_open_requests: int | None = Field(None, gt=0, le=100_000)
+    max_requests_per_hour: int | None = Field(None, gt=0, le=100_000)
 
 
 class AppEntry(Entry):
@@ -157,7 +160,15 @@ def load(catalogue: CatalogueFile, uow: UnitOfWork) -> dict[str, int]:
         for p in catalogue.products:
             uow.catalogue.upsert(Product(id=p.id, name=p.name, auth_method=p.auth_method))
         for c in catalogue.consumers:
-            uow.catalogue.upsert(Consumer(id=c.id, email=str(c.email), name=c.name))
+            uow.catalogue.upsert(
+                Consumer(
+                    id=c.id,
+                    email=str(c.email),
+                    name=c.name,
+                    max_open_requests=c.max_open_requests,
+                    max_requests_per_hour=c.max_requests_per_hour,
+                )
+            )
         for plan in catalogue.plans:
             uow.catalogue.upsert(
                 Plan(

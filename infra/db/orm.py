@@ -69,6 +69,9 @@ consumers = sa.Table(
     sa.Column("id", sa.String(64), primary_key=True),
     sa.Column("email", sa.String(254), nullable=False),
     sa.Column("name", sa.String(200), nullable=False),
+    # The consumer's own throttles, in place of each plan's (migration 0012).
+    sa.Column("max_open_requests", sa.Integer, nullable=True),
+    sa.Column("max_requests_per_hour", sa.Integer, nullable=True),
 )
 
 apps = sa.Table(

@@ -706,7 +706,17 @@ class SqlCatalogueRepository:
     def consumer(self, consumer_id: str) -> Consumer | None:
         def load() -> Consumer | None:
             row = self._first(_CONSUMER, consumer_id)
-            return None if row is None else Consumer(id=row.id, email=row.email, name=row.name)
+            return (
+                None
+                if row is None
+                else Consumer(
+                    id=row.id,
+                    email=row.email,
+                    name=row.name,
+                    max_open_requests=row.max_open_requests,
+                    max_requests_per_hour=row.max_requests_per_hour,
+                )
+            )
 
         found = self.reads.one(("consumer", consumer_id), load)
         return None if found is None else _fresh(found)

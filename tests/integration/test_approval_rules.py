@@ -14,7 +14,7 @@ import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from domain import commands, handlers
-from domain.model import AdminKey, DecisionOutcome, Plan, Status, utcnow
+from domain.model import AdminKey, App, Consumer, DecisionOutcome, Plan, Status, utcnow
 from domain.rules import parse_rules
 from infra.bootstrap import Services
 from infra.cli import producer
@@ -53,10 +53,12 @@ def plan_with(
     return plan_id
 
 
-def route(services: Services, plan_id: str, *, consumer_id: str = "acme") -> tuple[str, Status]:
-    """A submission routed by the real handler (Acme's through its portal, Globex's as v1); its id and status."""
+def route(
+    services: Services, plan_id: str, *, consumer_id: str = "acme", app_id: str | None = None
+) -> tuple[str, Status]:
+    """A submission routed by the real handler (Acme's through its portal, others' as v1); its id and status."""
     request_id = str(uuid.uuid4())
-    app_id = {"acme": "acme-checkout", "globex": "globex-backoffice"}[consumer_id]
+    app_id = app_id or {"acme": "acme-checkout", "globex": "globex-backoffice"}[consumer_id]
     portal_id, sender = None, None
     if consumer_id == "acme":
         with services.uow() as uow:
@@ -209,6 +211,27 @@ class TestThrottlesUnderConcurrentSubmissions:
                 if status is Status.INVALID:
                     assert request.status_reason.startswith("throttled: consumer 'acme' ")
                     assert request.status_reason.endswith("the most allowed is 3")
+
+    def test_a_consumers_own_limit_takes_the_place_of_the_plans(self, services: Services) -> None:
+        # Given a plan allowing 3 open requests, and a consumer of the catalogue allowed only 1
+        plan_id = plan_with(services, max_open=3)
+        consumer_id, app_id = f"c-{uuid.uuid4().hex[:8]}", f"a-{uuid.uuid4().hex[:8]}"
+        with services.uow() as uow:
+            uow.catalogue.upsert(
+                Consumer(consumer_id, f"dev@{consumer_id}.example", "Noisy", max_open_requests=1)
+            )
+            uow.catalogue.upsert(App(app_id, consumer_id, "Noisy App"))
+            uow.commit()
+
+        # When it asks twice / Then the second is over its own limit
+        statuses = [route(services, plan_id, consumer_id=consumer_id, app_id=app_id) for _ in range(2)]
+        assert [s for _, s in statuses] == [Status.PENDING_REVIEW, Status.INVALID]
+        with services.uow() as uow:
+            request = uow.requests.get(statuses[1][0])
+            assert request is not None
+            assert request.status_reason.endswith("the most allowed is 1")
+            consumer = uow.catalogue.consumer(consumer_id)
+            assert consumer is not None and consumer.max_open_requests == 1
 
     def test_a_closed_request_frees_an_open_slot(self, services: Services) -> None:
         # Given a plan allowing 1 open request, and Acme's one open

@@ -74,3 +74,17 @@ class TestAPlansRulesAndThrottles:
         with pytest.raises(catalogue_file.CatalogueFileError) as raised:
             read(tmp_path, lines)
         assert message in str(raised.value)
+
+
+class TestAConsumersOwnThrottles:
+    def test_are_read_and_checked(self, tmp_path: Path) -> None:
+        # Given a consumer with its own limits / When read / Then they are there
+        consumers = """consumers:
+  - {id: acme, email: dev@acme.example, name: Acme, max_open_requests: 10, max_requests_per_hour: 50}
+"""
+        [consumer] = read(tmp_path, consumers).consumers
+        assert (consumer.max_open_requests, consumer.max_requests_per_hour) == (10, 50)
+
+        # And a limit that is not a positive number is refused, naming the field
+        with pytest.raises(catalogue_file.CatalogueFileError, match="max_open_requests"):
+            read(tmp_path, consumers.replace("max_open_requests: 10", "max_open_requests: 0"))

@@ -8,7 +8,7 @@ from typing import Any
 import pytest
 
 from domain import events
-from domain.model import AccessRequest, ActorKind, Catalogue, Status
+from domain.model import AccessRequest, ActorKind, Catalogue, Consumer, Status, throttle_for
 from domain.rules import (
     Action,
     InvalidRule,
@@ -427,3 +427,43 @@ class TestBadApproversRules:
         with pytest.raises(InvalidRule) as raised:
             parse_rules([entry])
         assert message in str(raised.value)
+
+
+class TestAConsumersOwnThrottle:
+    def test_takes_the_place_of_the_plans_field_by_field(self) -> None:
+        # Given a plan allowing 3 open and 10 an hour, and consumers with and without their own limits
+        base = build_catalogue_slice().plan
+        assert base is not None
+        plan = dataclasses.replace(
+            base, max_open_requests_per_consumer=3, max_requests_per_consumer_per_hour=10
+        )
+        plain = Consumer(id="a", email="a@a.example", name="A")
+        noisy = dataclasses.replace(plain, max_open_requests=1)
+        trusted = dataclasses.replace(plain, max_open_requests=50, max_requests_per_hour=500)
+
+        # When / Then each field is the consumer's where set, else the plan's
+        assert throttle_for(plan, plain) == Throttle(max_open=3, max_per_hour=10)
+        assert throttle_for(plan, noisy) == Throttle(max_open=1, max_per_hour=10)
+        assert throttle_for(plan, trusted) == Throttle(max_open=50, max_per_hour=500)
+
+    def test_applies_on_a_plan_without_throttles(self) -> None:
+        plan = build_catalogue_slice().plan
+        assert plan is not None and not throttle_for(plan, Consumer("a", "a@a.example", "A")).applies
+        assert throttle_for(plan, Consumer("a", "a@a.example", "A", max_requests_per_hour=2)).applies
+
+    def test_a_request_over_the_consumers_limit_is_invalid(self) -> None:
+        # Given a plan allowing 3 open, and Acme allowed only 1, with 1 open
+        request = AccessRequest(
+            id="req-3", consumer_id="acme", plan_id="partner", product_ids=["payments"], app_id="acme-web",
+            submitted_at=SUBMITTED_AT,
+        )  # fmt: skip
+        catalogue = build_catalogue_slice(plan_id="partner")
+        assert catalogue.plan is not None and catalogue.consumer is not None
+        catalogue.plan.max_open_requests_per_consumer = 3
+        catalogue.consumer.max_open_requests = 1
+        catalogue.counts = RequestCounts(open=1, last_hour=1)
+
+        # When routed / Then invalid, naming the consumer's limit
+        request.route(catalogue)
+        assert request.status is Status.INVALID
+        assert request.status_reason.endswith("the most allowed is 1")

@@ -1,7 +1,8 @@
 """approval rules and throttles per plan, and which rule routed each request
 
 A plan may carry approval rules (a JSON list, evaluated in order by ``domain.rules``) and
-two throttles per consumer: open requests, and requests in the last hour. Each request
+two throttles per consumer: open requests, and requests in the last hour; a consumer may
+carry its own values of both, in place of every plan's. Each request
 records which rule, flag, throttle or check decided its routing, for ``requests show``,
 and, under an ``approvers`` rule, how many distinct admins must approve it and which may.
 An approval that is not yet the last is a decision with the outcome ``counted``: the
@@ -27,6 +28,8 @@ def upgrade() -> None:
     op.add_column("plans", sa.Column("rules", sa.JSON, nullable=False, server_default="[]"))
     op.add_column("plans", sa.Column("max_open_requests_per_consumer", sa.Integer, nullable=True))
     op.add_column("plans", sa.Column("max_requests_per_consumer_per_hour", sa.Integer, nullable=True))
+    op.add_column("consumers", sa.Column("max_open_requests", sa.Integer, nullable=True))
+    op.add_column("consumers", sa.Column("max_requests_per_hour", sa.Integer, nullable=True))
     op.add_column("access_requests", sa.Column("routed_by", sa.Text, nullable=False, server_default=""))
     op.add_column(
         "access_requests", sa.Column("approvals_required", sa.Integer, nullable=False, server_default="1")
@@ -39,6 +42,9 @@ def downgrade() -> None:
         requests.drop_column("approvers")
         requests.drop_column("approvals_required")
         requests.drop_column("routed_by")
+    with op.batch_alter_table("consumers") as consumers:
+        consumers.drop_column("max_requests_per_hour")
+        consumers.drop_column("max_open_requests")
     with op.batch_alter_table("plans") as plans:
         plans.drop_column("max_requests_per_consumer_per_hour")
         plans.drop_column("max_open_requests_per_consumer")
