@@ -5,12 +5,15 @@ from __future__ import annotations
 import threading
 import uuid
 from collections import Counter
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import pytest
+import sqlalchemy as sa
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from domain import commands, handlers
@@ -372,3 +375,46 @@ class TestTwoOfTwoApprovers:
             with services.uow() as uow:
                 request = uow.requests.get(request_id)
                 assert request is not None and request.status is Status.APPROVED
+
+
+@contextmanager
+def statements(services: Services) -> Iterator[list[str]]:
+    """Every SQL statement the services' engine sends while the block runs."""
+    sent: list[str] = []
+
+    def record(conn: object, cursor: object, statement: str, *args: object) -> None:
+        sent.append(" ".join(statement.split()))
+
+    sa.event.listen(services.engine, "before_cursor_execute", record)
+    try:
+        yield sent
+    finally:
+        sa.event.remove(services.engine, "before_cursor_execute", record)
+
+
+class TestTheHotPath:
+    def test_a_plan_without_throttles_or_credential_rule_runs_no_extra_statement(
+        self, services: Services
+    ) -> None:
+        # Given a plan with a domain rule but no throttle, its catalogue cached by a first request
+        plan_id = plan_with(services, rules=[{"kind": "trusted_domain", "domains": ["example.org"]}])
+        route(services, plan_id)
+
+        # When another request is routed
+        with statements(services) as sent:
+            route(services, plan_id)
+
+        # Then neither a lock nor a count nor a credential was asked for
+        assert any("INSERT INTO access_requests" in s for s in sent)
+        assert not [s for s in sent if "pg_advisory_xact_lock" in s or "count(" in s or "credentials" in s]
+
+    def test_a_throttled_plan_takes_the_lock_then_counts(self, services: Services) -> None:
+        plan_id = plan_with(services, max_per_hour=100)
+        route(services, plan_id)
+
+        with statements(services) as sent:
+            route(services, plan_id)
+
+        locks = [i for i, s in enumerate(sent) if "pg_advisory_xact_lock" in s]
+        counts = [i for i, s in enumerate(sent) if "count(*) FILTER" in s]
+        assert len(locks) == 1 and len(counts) == 1 and locks[0] < counts[0]
