@@ -1010,6 +1010,7 @@ def _open_plan_change(
         app_id=request.app_id,
     )
     catalogue.credential = credential
+    _load_routing_facts(uow, request, catalogue)
     request.route(catalogue)
     uow.requests.add(request)
     _queue_follow_ups(uow, request)

@@ -3,13 +3,24 @@
 from __future__ import annotations
 
 import dataclasses
+import uuid
 from typing import Any
 
 import pytest
 
-from domain.commands import DecideRequest, IssueCredentials, SendNotification
-from domain.handlers import decide, route_request
-from domain.model import AdminKey, AuthMethod, Credential, DecisionOutcome, NotificationKind, Status
+from domain.commands import DecideRequest, IssueCredentials, OperateCredentials, SendNotification, Signature
+from domain.handlers import decide, issue_credentials, operate_credentials, route_request
+from domain.model import (
+    AdminKey,
+    AuthMethod,
+    Credential,
+    CredentialOperationKind,
+    DecisionOutcome,
+    NotificationKind,
+    OperationTarget,
+    Status,
+    utcnow,
+)
 from domain.rules import parse_rules
 from tests.unit.fakes import (
     ADMIN_ID,
@@ -17,7 +28,11 @@ from tests.unit.fakes import (
     AUDIENCE,
     PARTNER,
     SUBMITTED_AT,
+    FakeIssuer,
+    FakePortalSealer,
+    FakeSealer,
     FakeUnitOfWork,
+    fake_signature,
     fake_verify,
     make_decision,
     make_route_request,
@@ -224,3 +239,58 @@ class TestTwoApprovers:
         ignored = uow.decisions.saved_all()[-1]
         assert ignored.outcome_reason == "admin 'admin' is not one of this request's approvers (erin)"
         assert decide(by("erin", request_id), uow=uow, **SIGNED) is DecisionOutcome.APPLIED
+
+
+class TestAnAdminsPlanChange:
+    def test_is_routed_by_the_new_plans_rules(self) -> None:
+        # Given Acme's credential on "free", and "partner" approving holders of a credential on it
+        uow = uow_with(
+            [{"kind": "holds_active_credential"}, {"kind": "trusted_domain", "domains": ["acme.example"]}]
+        )
+        command = make_route_request(plan_id="free")
+        route_request(command, uow=uow)
+        credential = issue_credentials(
+            IssueCredentials(command.request_id),
+            uow=uow,
+            issuer=FakeIssuer(),
+            sealer=FakeSealer(),
+            portal_sealer=FakePortalSealer(),
+        )
+        assert credential is not None
+
+        # When an admin moves it to "partner"
+        operation_id = str(uuid.uuid4())
+        signed_bytes = f"{operation_id}|change_plan".encode()
+        recorded = operate_credentials(
+            OperateCredentials(
+                operation_id=operation_id,
+                operation=CredentialOperationKind.CHANGE_PLAN,
+                target=OperationTarget.CREDENTIAL,
+                target_id=credential.id,
+                admin_id=ADMIN_ID,
+                reason="upgrade",
+                issued_at=utcnow(),
+                signature=Signature(
+                    ADMIN_KEY.key_id,
+                    fake_signature(ADMIN_KEY.public_key, signed_bytes),
+                    signed_bytes,
+                    AUDIENCE,
+                ),
+                sender="admin-tool",
+                plan_id="partner",
+            ),
+            uow=uow,
+            issuer=FakeIssuer(),
+            sealer=FakeSealer(),
+            portal_sealer=FakePortalSealer(),
+            verify=fake_verify,
+            audience=AUDIENCE,
+        )
+
+        # Then the plan change is approved by rule 2 (Acme holds none on "partner" yet), as a request would be
+        change_id = recorded.results[credential.id].split()[3].rstrip(":")
+        assert recorded.results[credential.id].endswith("approved")
+        saved = uow.requests.saved(change_id)
+        assert saved is not None
+        assert saved.routed_by == "rule 2: email domain acme.example is trusted"
+        assert uow.credentials.active_checks == 1
