@@ -123,12 +123,6 @@ class Plan:
     max_open_requests_per_consumer: int | None = None
     max_requests_per_consumer_per_hour: int | None = None
 
-    @property
-    def throttle(self) -> Throttle:
-        return Throttle(
-            max_open=self.max_open_requests_per_consumer, max_per_hour=self.max_requests_per_consumer_per_hour
-        )
-
 
 @dataclass
 class Consumer:
@@ -392,10 +386,14 @@ class AccessRequest:
         return self.event_seq
 
     def route(self, catalogue: Catalogue) -> None:
-        """Validate against the catalogue, then approve at once or park for review.
+        """Validate against the catalogue, check the throttle, then let the plan's rules decide.
 
-        The auto-approve flag comes from ``catalogue.plan``, which the caller loaded
-        from the database; nothing in the message can set it.
+        In order: an invalid request, or one over its throttle (``catalogue.counts``, counted
+        by the caller only when a throttle applies), is invalid; else the plan's rules, first
+        match first, approve, reject or park it, and the auto-approve flag decides when none
+        matches. ``routed_by`` records what decided. The plan, its rules and flag come from
+        ``catalogue.plan``, which the caller loaded from the database; nothing in the message
+        can set them.
         """
         if self.status is not Status.SUBMITTED:
             raise IllegalTransition(f"request {self.id} was routed already; it is {self.status}")
