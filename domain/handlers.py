@@ -28,6 +28,7 @@ from domain.model import (
     App,
     Attribution,
     AuthMethod,
+    Catalogue,
     Credential,
     CredentialChanged,
     CredentialChangeKind,
@@ -43,6 +44,7 @@ from domain.model import (
     RequestKind,
     Status,
     review_deadline,
+    throttle_for,
     utcnow,
 )
 from domain.notifications import (
@@ -65,6 +67,7 @@ from domain.ports import (
     SignatureVerifier,
     UnitOfWork,
 )
+from domain.rules import THROTTLE_WINDOW, needs_credential_check
 
 #: Namespace for ids derived from a request id, so a redelivery derives the same ones.
 ACCESSFLOW_NAMESPACE = uuid.UUID("9b2f3c52-6f0e-4a53-9d8e-0a3c2f6e8d11")
@@ -245,6 +248,7 @@ def _route(
         )
         if command.credential_id is not None:
             catalogue.credential = uow.credentials.get(command.credential_id)
+        _load_routing_facts(uow, request, catalogue)
         request.route(catalogue)
         _start_review_clock(request, catalogue.plan, review_deadline_hours)
         if request.status is Status.APPROVED:
@@ -260,6 +264,7 @@ def _route(
                 plan_id=request.plan_id,
                 app_id=request.app_id,
                 reason=request.status_reason,
+                routed_by=request.routed_by,
             )
         )
         uow.commit()
@@ -270,6 +275,26 @@ def _start_review_clock(request: AccessRequest, plan: Plan | None, default_hours
     """Give a request just parked for review its deadline (:func:`domain.model.review_deadline`)."""
     if request.status is Status.PENDING_REVIEW and plan is not None:
         request.set_review_deadline(review_deadline(plan, default_hours, request.updated_at))
+
+
+def _load_routing_facts(uow: UnitOfWork, request: AccessRequest, catalogue: Catalogue) -> None:
+    """What the plan's throttles and rules need to know, read only when the plan has them.
+
+    A throttled plan counts the consumer's requests under a lock per consumer, held until
+    this transaction commits: concurrent submissions of one consumer are routed one at a
+    time, so none slips under a limit another is taking. A plan with neither pays nothing.
+    """
+    plan, consumer = catalogue.plan, catalogue.consumer
+    if plan is None or consumer is None:
+        return  # invalid anyway: nothing to count
+    if throttle_for(plan, consumer).applies:
+        catalogue.counts = uow.requests.counts_for_throttle(
+            consumer_id=request.consumer_id, plan_id=plan.id, since=request.received_at - THROTTLE_WINDOW
+        )
+    if needs_credential_check(plan.rules):
+        catalogue.holds_active_credential = uow.credentials.holds_active(
+            consumer_id=request.consumer_id, plan_id=plan.id
+        )
 
 
 def _provide_app(uow: UnitOfWork, request: AccessRequest) -> None:
@@ -392,6 +417,8 @@ def _decide(
             outcome, why = DecisionOutcome.IGNORED, "no such request"
         elif request.status is not Status.PENDING_REVIEW:
             outcome, why = DecisionOutcome.IGNORED, f"request is {request.status.value}, not pending review"
+        elif command.approve and request.needs_several_approvals:
+            outcome, why = _count_approval(uow, request, command)
         elif command.approve:
             request.approve(admin_id=command.admin_id, reason=command.reason)
             _provide_app(uow, request)
@@ -432,6 +459,24 @@ def _decide(
                 outcomes.DecisionRefused(command.decision_id, command.request_id, command.admin_id, refusal)
             )
         return outcome
+
+
+def _count_approval(
+    uow: UnitOfWork, request: AccessRequest, command: commands.DecideRequest
+) -> tuple[DecisionOutcome, str]:
+    """One approval of a request that needs several: ignored, counted, or the last one, applied.
+
+    The request is locked (``for_update``), so concurrent approvals of it are counted one at
+    a time, each seeing the ones committed before it.
+    """
+    approved_by = uow.decisions.approvers_of(request.id)
+    refusal = request.approval_refusal(command.admin_id, approved_by)
+    if refusal is not None:
+        return DecisionOutcome.IGNORED, refusal
+    if request.count_approval(admin_id=command.admin_id, reason=command.reason, approved_by=approved_by):
+        _provide_app(uow, request)
+        return DecisionOutcome.APPLIED, ""
+    return DecisionOutcome.COUNTED, f"approval {len(approved_by) + 1} of {request.approvals_required}"
 
 
 def issue_credentials(
@@ -982,6 +1027,7 @@ def _open_plan_change(
         app_id=request.app_id,
     )
     catalogue.credential = credential
+    _load_routing_facts(uow, request, catalogue)
     request.route(catalogue)
     _start_review_clock(request, catalogue.plan, review_deadline_hours)
     uow.requests.add(request)

@@ -2,9 +2,11 @@ r"""Catalogue entities and the :class:`AccessRequest` aggregate with its state m
 
 The state machine::
 
-    SUBMITTED --validate--> INVALID (final, with a reason)
+    SUBMITTED --validate, or over a throttle--> INVALID (final, with a reason)
         |
-        +--auto-approve plan--> APPROVED --credentials issued--> PROVISIONED (final)
+        +--an approval rule refuses the email domain--> REJECTED (final, with the rule's reason)
+        |
+        +--auto-approve plan or rule--> APPROVED --credentials issued--> PROVISIONED (final)
         |                          ^
         +--manual plan--> PENDING_REVIEW --admin rejects--> REJECTED (final, with the admin's reason)
                                    |
@@ -33,12 +35,13 @@ verify until a grace period ends; a change of plan gives it the new plan's limit
 from __future__ import annotations
 
 import enum
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 
 from domain import events
 from domain.errors import IllegalTransition, RuleViolation
+from domain.rules import Action, RequestCounts, Rule, Throttle, evaluate, throttle_refusal
 
 
 def utcnow() -> datetime:
@@ -78,7 +81,8 @@ FINAL_STATUSES = frozenset({Status.PROVISIONED, Status.REJECTED, Status.INVALID,
 
 #: Which states each state may move to. Anything else raises IllegalTransition.
 ALLOWED_TRANSITIONS: dict[Status, frozenset[Status]] = {
-    Status.SUBMITTED: frozenset({Status.INVALID, Status.PENDING_REVIEW, Status.APPROVED}),
+    # Straight to rejected: an approval rule refuses the consumer's email domain.
+    Status.SUBMITTED: frozenset({Status.INVALID, Status.PENDING_REVIEW, Status.APPROVED, Status.REJECTED}),
     Status.PENDING_REVIEW: frozenset({Status.APPROVED, Status.REJECTED, Status.EXPIRED}),
     Status.APPROVED: frozenset({Status.PROVISIONED, Status.PROVISIONING_FAILED}),
     Status.PROVISIONING_FAILED: frozenset({Status.APPROVED}),
@@ -124,6 +128,11 @@ class Plan:
     product_ids: list[str] = field(default_factory=list)
     #: How long each credential issued under this plan lives, in days; ``None``: for ever.
     credential_lifetime_days: int | None = None
+    #: Approval rules, first match decides (:mod:`domain.rules`); none: ``auto_approve`` decides.
+    rules: list[Rule] = field(default_factory=list)
+    #: Throttles per consumer on this plan; ``None``: no limit.
+    max_open_requests_per_consumer: int | None = None
+    max_requests_per_consumer_per_hour: int | None = None
     #: How long a request parked for review may wait for a decision, in hours; ``None``: the
     #: deployment's default (``ACCESSFLOW_REVIEW_DEADLINE_HOURS``), and none if that is unset.
     review_deadline_hours: float | None = None
@@ -145,6 +154,9 @@ class Consumer:
     id: str
     email: str
     name: str
+    #: This consumer's own throttles, in place of each plan's (higher or lower); ``None``: the plan's.
+    max_open_requests: int | None = None
+    max_requests_per_hour: int | None = None
 
 
 @dataclass
@@ -214,6 +226,10 @@ class Catalogue:
     app: App | None
     #: For a plan change: the credential it would change (``None`` if there is no such credential).
     credential: Credential | None = None
+    #: Whether the consumer holds an active credential on the plan; loaded only when a rule asks.
+    holds_active_credential: bool = False
+    #: The consumer's requests on the plan, counted under a lock; loaded only when the plan throttles.
+    counts: RequestCounts | None = None
 
 
 @dataclass
@@ -226,6 +242,22 @@ class AuditEntry:
     reason: str
     at: datetime
     id: int | None = None
+
+
+def throttle_for(plan: Plan, consumer: Consumer) -> Throttle:
+    """The limits a consumer's requests on a plan are held to: the consumer's own where set, else the plan's."""
+    return Throttle(
+        max_open=(
+            consumer.max_open_requests
+            if consumer.max_open_requests is not None
+            else plan.max_open_requests_per_consumer
+        ),
+        max_per_hour=(
+            consumer.max_requests_per_hour
+            if consumer.max_requests_per_hour is not None
+            else plan.max_requests_per_consumer_per_hour
+        ),
+    )
 
 
 def check_rules(
@@ -302,6 +334,9 @@ class AccessRequest:
         credential_id: str | None = None,
         review_deadline_at: datetime | None = None,
         review_notices: str = "",
+        routed_by: str = "",
+        approvals_required: int = 1,
+        approvers: Sequence[str] = (),
     ) -> None:
         self.id = id
         self.consumer_id = consumer_id
@@ -329,6 +364,11 @@ class AccessRequest:
         #: The reminders (hours before the deadline, "24h,4h") and escalation ("escalated") already
         #: queued for the current deadline, as ``Credential.expiry_notices`` does for expiry.
         self.review_notices = review_notices
+        #: Which rule (or plan flag, or throttle, or check) decided the routing, in words.
+        self.routed_by = routed_by
+        #: How many distinct admins must approve it while pending review, and which may (empty: any).
+        self.approvals_required = approvals_required
+        self.approvers = list(approvers)
         #: The sequence number of the last event the portal was sent about this request.
         self.event_seq = 0
         self.history: list[AuditEntry] = []
@@ -378,10 +418,14 @@ class AccessRequest:
         return self.event_seq
 
     def route(self, catalogue: Catalogue) -> None:
-        """Validate against the catalogue, then approve at once or park for review.
+        """Validate against the catalogue, check the throttle, then let the plan's rules decide.
 
-        The auto-approve flag comes from ``catalogue.plan``, which the caller loaded
-        from the database; nothing in the message can set it.
+        In order: an invalid request, or one over its throttle (``catalogue.counts``, counted
+        by the caller only when a throttle applies), is invalid; else the plan's rules, first
+        match first, approve, reject or park it, and the auto-approve flag decides when none
+        matches. ``routed_by`` records what decided. The plan, its rules and flag come from
+        ``catalogue.plan``, which the caller loaded from the database; nothing in the message
+        can set them.
         """
         if self.status is not Status.SUBMITTED:
             raise IllegalTransition(f"request {self.id} was routed already; it is {self.status}")
@@ -402,17 +446,36 @@ class AccessRequest:
                 self.invalidate(refusal)
                 return
         self.auth_method = auth_method
-        assert catalogue.plan is not None  # check_rules guarantees it
-        if catalogue.plan.auto_approve:
-            self._move(
-                Status.APPROVED,
-                actor_kind=ActorKind.SYSTEM,
-                actor_id="router",
-                reason=f"plan {catalogue.plan.id!r} is auto-approve",
+        plan, consumer = catalogue.plan, catalogue.consumer
+        assert plan is not None and consumer is not None  # check_rules guarantees them
+        if catalogue.counts is not None:
+            throttled = throttle_refusal(
+                throttle_for(plan, consumer), catalogue.counts, consumer_id=self.consumer_id, plan_id=plan.id
             )
+            if throttled is not None:
+                self.invalidate(throttled)
+                return
+        verdict = evaluate(
+            plan.rules,
+            plan_id=plan.id,
+            auto_approve=plan.auto_approve,
+            consumer_id=self.consumer_id,
+            email=consumer.email,
+            holds_active_credential=catalogue.holds_active_credential,
+        )
+        self.routed_by = verdict.why
+        if verdict.action is Action.APPROVE:
+            self._move(Status.APPROVED, actor_kind=ActorKind.SYSTEM, actor_id="router", reason=verdict.why)
             self.events.append(events.RequestApproved(self.id, automatically=True))
+        elif verdict.action is Action.REJECT:
+            # The audit trail names the rule; the consumer's email and the portal get its reason.
+            self._move(Status.REJECTED, actor_kind=ActorKind.SYSTEM, actor_id="router", reason=verdict.why)
+            self.status_reason = verdict.reason
+            self.events.append(events.RequestRejected(self.id, verdict.reason))
         else:
-            self.park_for_review()
+            self.approvals_required = verdict.approvals_required
+            self.approvers = list(verdict.approvers)
+            self.park_for_review(verdict.why)
 
     def _plan_change_refusal(self, credential: Credential | None, auth_method: AuthMethod) -> str | None:
         if credential is None:
@@ -436,16 +499,12 @@ class AccessRequest:
         return None
 
     def invalidate(self, reason: str) -> None:
+        self.routed_by = reason
         self._move(Status.INVALID, actor_kind=ActorKind.SYSTEM, actor_id="router", reason=reason)
         self.events.append(events.RequestInvalidated(self.id, reason))
 
-    def park_for_review(self) -> None:
-        self._move(
-            Status.PENDING_REVIEW,
-            actor_kind=ActorKind.SYSTEM,
-            actor_id="router",
-            reason="plan requires manual approval",
-        )
+    def park_for_review(self, why: str = "plan requires manual approval") -> None:
+        self._move(Status.PENDING_REVIEW, actor_kind=ActorKind.SYSTEM, actor_id="router", reason=why)
         self.events.append(events.RequestParkedForReview(self.id))
 
     # --- the review deadline ------------------------------------------------------------------
@@ -519,6 +578,51 @@ class AccessRequest:
         self._move(Status.APPROVED, actor_kind=ActorKind.ADMIN, actor_id=admin_id, reason=reason)
         self.events.append(events.RequestApproved(self.id, automatically=False))
 
+    @property
+    def needs_several_approvals(self) -> bool:
+        """Whether an approval is counted (:meth:`count_approval`) rather than applied at once."""
+        return self.approvals_required > 1 or bool(self.approvers)
+
+    def approval_refusal(self, admin_id: str, approved_by: Collection[str]) -> str | None:
+        """Why ``admin_id``'s approval does not count, given the admins who approved already; ``None``: it does."""
+        if self.approvers and admin_id not in self.approvers:
+            return f"admin {admin_id!r} is not one of this request's approvers ({', '.join(self.approvers)})"
+        if admin_id in approved_by:
+            return f"admin {admin_id!r} approved already: an admin's approvals count once"
+        return None
+
+    def count_approval(self, *, admin_id: str, reason: str, approved_by: Collection[str]) -> bool:
+        """Count one more distinct admin's approval; the ``approvals_required``-th approves the request.
+
+        Each approval is a row of the audit trail of its own, the request still pending until the last.
+
+        Returns:
+          Whether this approval approved the request.
+        """
+        count = len(approved_by) + 1
+        counted = f"approval {count} of {self.approvals_required}: {reason}"
+        if count >= self.approvals_required:
+            self.approve(admin_id=admin_id, reason=counted)
+            return True
+        if self.status is not Status.PENDING_REVIEW:
+            raise IllegalTransition(
+                f"request {self.id} is {self.status}: only a pending one counts approvals"
+            )
+        now = utcnow()
+        self.history.append(
+            AuditEntry(
+                request_id=self.id,
+                from_status=self.status,
+                to_status=self.status,
+                actor_kind=ActorKind.ADMIN,
+                actor_id=admin_id,
+                reason=counted,
+                at=now,
+            )
+        )
+        self.updated_at = now
+        return False
+
     def reject(self, *, admin_id: str, reason: str) -> None:
         self._move(Status.REJECTED, actor_kind=ActorKind.ADMIN, actor_id=admin_id, reason=reason)
         self.events.append(events.RequestRejected(self.id, reason))
@@ -563,6 +667,8 @@ class AccessRequest:
 
 class DecisionOutcome(enum.StrEnum):
     APPLIED = "applied"
+    #: An approval counted towards the several a request needs (an ``approvers`` rule), not yet the last.
+    COUNTED = "counted"
     #: Authentic, but moot: a second decision, or one about a request not pending review.
     IGNORED = "ignored"
     #: Not shown to come from an admin: unsigned, badly signed, stale, or an unknown or revoked key.

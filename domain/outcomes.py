@@ -30,7 +30,8 @@ class Outcome:
 
 @dataclass(frozen=True)
 class RequestRouted(Outcome):
-    """A submission was routed: ``outcome`` is ``auto_approved``, ``pending_review`` or ``invalid``."""
+    """A submission was routed: ``outcome`` is ``auto_approved``, ``pending_review``, ``rejected``
+    (by an approval rule) or ``invalid`` (a throttle's too); ``routed_by`` names what decided it."""
 
     name: ClassVar[str] = "request.routed"
     request_id: str
@@ -40,6 +41,7 @@ class RequestRouted(Outcome):
     plan_id: str
     app_id: str | None
     reason: str
+    routed_by: str = ""
 
 
 @dataclass(frozen=True)

@@ -28,6 +28,7 @@ from domain.model import (
     Product,
 )
 from domain.outcomes import Outcome
+from domain.rules import RequestCounts
 
 
 class RequestRepository(Protocol):
@@ -43,6 +44,11 @@ class RequestRepository(Protocol):
     def review_due(self, *, before: datetime, limit: int) -> list[AccessRequest]:
         """Up to ``limit`` requests pending review whose deadline is before ``before``, soonest first;
         held for this transaction, and skipped by any other that asks."""
+        ...
+
+    def counts_for_throttle(self, *, consumer_id: str, plan_id: str, since: datetime) -> RequestCounts:
+        """The consumer's open requests on the plan and those received since ``since`` (not invalid),
+        counted after taking a lock per consumer that is held until the transaction ends."""
         ...
 
 
@@ -67,6 +73,10 @@ class CatalogueRepository(Protocol):
 class DecisionRepository(Protocol):
     def get(self, decision_id: str) -> Decision | None: ...
 
+    def approvers_of(self, request_id: str) -> set[str]:
+        """The admins whose approvals of the request were counted (outcome ``counted``)."""
+        ...
+
     def add(self, decision: Decision) -> None: ...
 
 
@@ -76,6 +86,10 @@ class CredentialRepository(Protocol):
     def for_request(self, request_id: str) -> Credential | None: ...
 
     def get(self, credential_id: str, *, for_update: bool = False) -> Credential | None: ...
+
+    def holds_active(self, *, consumer_id: str, plan_id: str) -> bool:
+        """Whether the consumer holds an active, unexpired credential on the plan."""
+        ...
 
     def targets(self, target: OperationTarget, target_id: str) -> list[Credential]:
         """The credentials an operation names (one, an app's, a consumer's), locked for this transaction."""

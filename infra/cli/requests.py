@@ -78,6 +78,8 @@ def requests_show(request_id: str, as_json: bool) -> None:
     if details["review_deadline_at"]:
         sent = ", ".join(details["review_notices"]) or "none yet"
         click.echo(f"  review deadline {details['review_deadline_at']} (reminders sent: {sent})")
+    if details["routed_by"]:
+        click.echo(f"  routed by: {details['routed_by']}")
     print_table(
         ["at", "from", "to", "actor", "reason"],
         [(e["at"], e["from"] or "-", e["to"], e["actor"], e["reason"]) for e in details["audit"]],

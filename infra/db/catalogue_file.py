@@ -11,6 +11,7 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationErr
 
 from domain.model import AdminKey, App, AuthMethod, Consumer, Plan, Portal, Product, utcnow
 from domain.ports import UnitOfWork
+from domain.rules import InvalidRule, Rule, parse_rules
 from infra.credentials import signing
 from infra.credentials.sealing import portal_public_key
 from messages.v1 import Email, Identifier, Name, Text
@@ -44,12 +45,31 @@ class PlanEntry(Entry):
     #: Hours a request parked for review waits for a decision before it expires; none: the
     #: deployment's ACCESSFLOW_REVIEW_DEADLINE_HOURS.
     review_deadline_hours: float | None = Field(None, gt=0, le=87_600)
+    #: Approval rules, evaluated in order, first match decides (README, "Approval rules").
+    rules: list[dict[str, Any]] = []
+    #: Throttles per consumer on this plan; none: no limit.
+    max_open_requests_per_consumer: int | None = Field(None, gt=0, le=100_000)
+    max_requests_per_consumer_per_hour: int | None = Field(None, gt=0, le=100_000)
+
+    @model_validator(mode="after")
+    def _rules_are_valid(self) -> PlanEntry:
+        try:
+            parse_rules(self.rules)
+        except InvalidRule as error:
+            raise ValueError(f"plan {self.id!r}: {error}") from None
+        return self
+
+    def parsed_rules(self) -> list[Rule]:
+        return parse_rules(self.rules)
 
 
 class ConsumerEntry(Entry):
     id: Identifier
     email: Email
     name: Name
+    #: This consumer's own throttles, in place of each plan's; none: the plan's.
+    max_open_requests: int | None = Field(None, gt=0, le=100_000)
+    max_requests_per_hour: int | None = Field(None, gt=0, le=100_000)
 
 
 class AppEntry(Entry):
@@ -143,7 +163,15 @@ def load(catalogue: CatalogueFile, uow: UnitOfWork) -> dict[str, int]:
         for p in catalogue.products:
             uow.catalogue.upsert(Product(id=p.id, name=p.name, auth_method=p.auth_method))
         for c in catalogue.consumers:
-            uow.catalogue.upsert(Consumer(id=c.id, email=str(c.email), name=c.name))
+            uow.catalogue.upsert(
+                Consumer(
+                    id=c.id,
+                    email=str(c.email),
+                    name=c.name,
+                    max_open_requests=c.max_open_requests,
+                    max_requests_per_hour=c.max_requests_per_hour,
+                )
+            )
         for plan in catalogue.plans:
             uow.catalogue.upsert(
                 Plan(
@@ -155,6 +183,9 @@ def load(catalogue: CatalogueFile, uow: UnitOfWork) -> dict[str, int]:
                     product_ids=list(plan.products),
                     credential_lifetime_days=plan.credential_lifetime_days,
                     review_deadline_hours=plan.review_deadline_hours,
+                    rules=plan.parsed_rules(),
+                    max_open_requests_per_consumer=plan.max_open_requests_per_consumer,
+                    max_requests_per_consumer_per_hour=plan.max_requests_per_consumer_per_hour,
                 )
             )
         for a in catalogue.apps:

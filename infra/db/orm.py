@@ -61,6 +61,10 @@ plans = sa.Table(
     sa.Column("credential_lifetime_days", sa.Integer, nullable=True),
     # Hours a request parked for review waits; None: the deployment's default (migration 0012).
     sa.Column("review_deadline_hours", sa.Float, nullable=True),
+    # Approval rules, as ``domain.rules.Rule.to_json`` writes them, and throttles (migration 0013).
+    sa.Column("rules", sa.JSON, nullable=False, server_default="[]"),
+    sa.Column("max_open_requests_per_consumer", sa.Integer, nullable=True),
+    sa.Column("max_requests_per_consumer_per_hour", sa.Integer, nullable=True),
 )
 
 consumers = sa.Table(
@@ -69,6 +73,9 @@ consumers = sa.Table(
     sa.Column("id", sa.String(64), primary_key=True),
     sa.Column("email", sa.String(254), nullable=False),
     sa.Column("name", sa.String(200), nullable=False),
+    # The consumer's own throttles, in place of each plan's (migration 0013).
+    sa.Column("max_open_requests", sa.Integer, nullable=True),
+    sa.Column("max_requests_per_hour", sa.Integer, nullable=True),
 )
 
 apps = sa.Table(
@@ -111,6 +118,11 @@ access_requests = sa.Table(
     # When a request pending review expires, and the reminders already sent (migration 0012).
     sa.Column("review_deadline_at", Timestamp, nullable=True),
     sa.Column("review_notices", sa.String(200), nullable=False, server_default=""),
+    # Which rule, flag, throttle or check decided the routing (migration 0013).
+    sa.Column("routed_by", sa.Text, nullable=False, server_default=""),
+    # How many distinct admins must approve it, and which may (an ``approvers`` rule; migration 0013).
+    sa.Column("approvals_required", sa.Integer, nullable=False, server_default="1"),
+    sa.Column("approvers", sa.JSON, nullable=False, server_default="[]"),
     # The sweep of requests stuck in approved reads only those, by age (migration 0009).
     sa.Index(
         "ix_access_requests_approved",

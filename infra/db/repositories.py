@@ -46,6 +46,7 @@ from domain.model import (
     CredentialOperation,
     CredentialStatus,
     Decision,
+    DecisionOutcome,
     DeliveryStatus,
     Notification,
     NotificationKind,
@@ -56,6 +57,7 @@ from domain.model import (
     Status,
     utcnow,
 )
+from domain.rules import RequestCounts, parse_rules
 from infra.db import orm
 
 T = TypeVar("T")
@@ -331,7 +333,9 @@ class ReferenceReads:
 def _fresh(entity: T) -> T:
     """A copy for the caller: cached objects are shared by threads, and these dataclasses are mutable."""
     if isinstance(entity, Plan):
-        return cast("T", dataclasses.replace(entity, product_ids=list(entity.product_ids)))
+        return cast(
+            "T", dataclasses.replace(entity, product_ids=list(entity.product_ids), rules=list(entity.rules))
+        )
     if dataclasses.is_dataclass(entity) and not isinstance(entity, type):
         return cast("T", dataclasses.replace(entity))
     return entity
@@ -375,6 +379,25 @@ _TRAILS_OF: Final = (
     sa.select(_audit)
     .where(_audit.c.request_id.in_(sa.bindparam("ids", expanding=True)))
     .order_by(_audit.c.id)
+)
+
+
+#: Serialises the routing of one consumer's requests on throttled plans (key space 0x11A1, then the consumer).
+_LOCK_CONSUMER: Final = sa.select(
+    sa.func.pg_advisory_xact_lock(
+        sa.literal(0x11A1, sa.Integer), sa.func.hashtext(sa.bindparam("consumer_id"))
+    )
+)
+_OPEN: Final = sa.or_(
+    *(_requests.c.status == s for s in (Status.SUBMITTED, Status.PENDING_REVIEW, Status.APPROVED))
+)
+_THROTTLE_COUNTS: Final = sa.select(
+    sa.func.count().filter(_OPEN).label("open"),
+    sa.func.count()
+    .filter(_requests.c.received_at >= sa.bindparam("since"), _requests.c.status != Status.INVALID)
+    .label("recent"),
+).where(
+    _requests.c.consumer_id == sa.bindparam("consumer_id"), _requests.c.plan_id == sa.bindparam("plan_id")
 )
 
 
@@ -572,6 +595,22 @@ class SqlRequestRepository:
                 self._track(request)
         return requests
 
+    def counts_for_throttle(self, *, consumer_id: str, plan_id: str, since: datetime) -> RequestCounts:
+        """The consumer's open requests on the plan, and those received since ``since`` (not invalid).
+
+        Takes a lock per consumer first, held until the transaction ends (PostgreSQL's
+        transaction-level advisory lock), and counts in a statement of its own: under READ
+        COMMITTED that statement sees every request a concurrent router committed before it
+        released the lock, so two submissions cannot both slip under a limit. Run only for a
+        plan that throttles: the hot path of the others pays nothing.
+        """
+        if _on_postgres(self.session):
+            run(self.session, _LOCK_CONSUMER, {"consumer_id": consumer_id})
+        rows = run(
+            self.session, _THROTTLE_COUNTS, {"consumer_id": consumer_id, "plan_id": plan_id, "since": since}
+        )
+        return RequestCounts(open=rows[0].open or 0, last_hour=rows[0].recent or 0)
+
     def count_by_status(self) -> dict[str, int]:
         rows = self.session.connection().execute(
             sa.select(_requests.c.status, sa.func.count()).group_by(_requests.c.status)
@@ -641,6 +680,10 @@ def _plan_of(row: Row[Any]) -> Plan:
         product_ids=list(row.product_ids),
         credential_lifetime_days=row.credential_lifetime_days,
         review_deadline_hours=row.review_deadline_hours,
+        # Validated as the catalogue was loaded; a bad one here is a bug, and raises.
+        rules=parse_rules(row.rules or []),
+        max_open_requests_per_consumer=row.max_open_requests_per_consumer,
+        max_requests_per_consumer_per_hour=row.max_requests_per_consumer_per_hour,
     )
 
 
@@ -688,7 +731,17 @@ class SqlCatalogueRepository:
     def consumer(self, consumer_id: str) -> Consumer | None:
         def load() -> Consumer | None:
             row = self._first(_CONSUMER, consumer_id)
-            return None if row is None else Consumer(id=row.id, email=row.email, name=row.name)
+            return (
+                None
+                if row is None
+                else Consumer(
+                    id=row.id,
+                    email=row.email,
+                    name=row.name,
+                    max_open_requests=row.max_open_requests,
+                    max_requests_per_hour=row.max_requests_per_hour,
+                )
+            )
 
         found = self.reads.one(("consumer", consumer_id), load)
         return None if found is None else _fresh(found)
@@ -717,7 +770,10 @@ class SqlCatalogueRepository:
     def upsert(self, entity: Product | Plan | Consumer | App) -> None:
         self.reads.wrote()
         table = {Product: orm.products, Plan: orm.plans, Consumer: orm.consumers, App: orm.apps}[type(entity)]
-        _upsert(self.session, table, dataclasses.asdict(entity))
+        values = dataclasses.asdict(entity)
+        if isinstance(entity, Plan):
+            values["rules"] = [rule.to_json() for rule in entity.rules]
+        _upsert(self.session, table, values)
 
 
 # --- decisions, credentials, notifications ---------------------------------------------------------
@@ -729,6 +785,13 @@ _GET_DECISION: Final = sa.select(_decisions).where(_decisions.c.id == sa.bindpar
 
 def _decision_of(row: Any) -> Decision:
     return Decision(**_record(_decisions, _DECISION_COLUMNS, row))
+
+
+_COUNTED_APPROVERS: Final = sa.select(_decisions.c.admin_id).where(
+    _decisions.c.request_id == sa.bindparam("request_id"),
+    _decisions.c.outcome == DecisionOutcome.COUNTED,
+    _decisions.c.approve.is_(True),
+)
 
 
 class SqlDecisionRepository:
@@ -747,6 +810,14 @@ class SqlDecisionRepository:
 
     def add(self, decision: Decision) -> None:
         self._added.append(decision)
+
+    def approvers_of(self, request_id: str) -> set[str]:
+        rows = run(self.session, _COUNTED_APPROVERS, {"request_id": request_id})
+        return {row.admin_id for row in rows} | {
+            d.admin_id
+            for d in self._added
+            if d.request_id == request_id and d.outcome is DecisionOutcome.COUNTED
+        }
 
     def for_request(self, request_id: str) -> list[Decision]:
         query = (
@@ -869,6 +940,18 @@ def _insert_credentials_with_trail(credentials: int, entries: int) -> sa.TextCla
     return sa.text(f"WITH issued AS ({insert}) {audit}").bindparams(*binds, *audit_binds)
 
 
+_HOLDS_ACTIVE: Final = (
+    sa.select(sa.literal(1))
+    .where(
+        _credentials.c.consumer_id == sa.bindparam("consumer_id"),
+        _credentials.c.plan_id == sa.bindparam("plan_id"),
+        _credentials.c.status == CredentialStatus.ACTIVE,
+        sa.or_(_credentials.c.expires_at.is_(None), _credentials.c.expires_at > sa.func.now()),
+    )
+    .limit(1)
+)
+
+
 class SqlCredentialRepository:
     """Issued credentials; a loaded one that was revealed or revoked is written back at commit."""
 
@@ -917,6 +1000,10 @@ class SqlCredentialRepository:
         query = sa.select(_credentials).where(_credentials.c.id == credential_id)
         found = self._load(query.with_for_update() if for_update else query)
         return found[0] if found else None
+
+    def holds_active(self, *, consumer_id: str, plan_id: str) -> bool:
+        """Whether the consumer holds an active credential on the plan (for an approval rule)."""
+        return bool(run(self.session, _HOLDS_ACTIVE, {"consumer_id": consumer_id, "plan_id": plan_id}))
 
     def targets(self, target: OperationTarget, target_id: str) -> list[Credential]:
         """The credentials an operation names, locked for this transaction, in a fixed order (no deadlock)."""

@@ -25,6 +25,7 @@ def request_summary(request: AccessRequest) -> dict[str, Any]:
         "kind": request.kind.value,
         "credential_id": request.credential_id,
         "reason": request.status_reason,
+        "routed_by": request.routed_by,
         "consumer_id": request.consumer_id,
         "app_id": request.app_id,
         "plan_id": request.plan_id,

@@ -36,7 +36,7 @@ class TestSettingUp:
 
         assert json.loads(loaded.stdout) == {
             "products": 3,
-            "plans": 2,
+            "plans": 3,
             "consumers": 2,
             "apps": 2,
             "portals": 0,

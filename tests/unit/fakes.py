@@ -33,6 +33,7 @@ from domain.model import (
     CredentialOperation,
     CredentialStatus,
     Decision,
+    DecisionOutcome,
     DeliveryStatus,
     Notification,
     NotificationKind,
@@ -45,6 +46,7 @@ from domain.model import (
 )
 from domain.outcomes import Outcome
 from domain.ports import CredentialChange, Email, IssuedSecret, Sent
+from domain.rules import RequestCounts
 
 K = TypeVar("K", bound=Hashable)
 V = TypeVar("V")
@@ -102,6 +104,8 @@ class _Table(Generic[K, V]):
 class FakeRequestRepository:
     def __init__(self) -> None:
         self._table: _Table[str, AccessRequest] = _Table("access_requests")
+        #: How many times a router counted for a throttle.
+        self.throttle_counts = 0
 
     def add(self, request: AccessRequest) -> None:
         self._table.insert(request.id, request)
@@ -127,6 +131,16 @@ class FakeRequestRepository:
             ),
         )
         return [loaded for _, key in found[:limit] if (loaded := self._table.load(key)) is not None]
+
+    def counts_for_throttle(self, *, consumer_id: str, plan_id: str, since: datetime) -> RequestCounts:
+        """Counted over the committed requests (one test thread: the lock has nothing to serialise)."""
+        self.throttle_counts += 1
+        mine = [r for r in self._table.rows.values() if r.consumer_id == consumer_id and r.plan_id == plan_id]
+        opened = (Status.SUBMITTED, Status.PENDING_REVIEW, Status.APPROVED)
+        return RequestCounts(
+            open=sum(r.status in opened for r in mine),
+            last_hour=sum(r.received_at >= since and r.status is not Status.INVALID for r in mine),
+        )
 
     def saved(self, request_id: str) -> AccessRequest | None:
         """The committed request, as a fresh transaction would see it."""
@@ -228,6 +242,13 @@ class FakeDecisionRepository:
     def add(self, decision: Decision) -> None:
         self._table.insert(decision.id, decision)
 
+    def approvers_of(self, request_id: str) -> set[str]:
+        return {
+            d.admin_id
+            for d in self._table.rows.values()
+            if d.request_id == request_id and d.outcome is DecisionOutcome.COUNTED and d.approve
+        }
+
     def saved(self, decision_id: str) -> Decision | None:
         return self._table.rows.get(decision_id)
 
@@ -242,6 +263,8 @@ class FakeCredentialRepository:
         self._table: _Table[str, Credential] = _Table("credentials")
         #: Every change a committed transaction recorded, oldest first: the credential audit trail.
         self.trail: list[CredentialChanged] = []
+        #: How many times a router asked whether a consumer holds an active credential.
+        self.active_checks = 0
 
     def add(self, credential: Credential) -> None:
         if any(c.id == credential.id for c in self._table.rows.values()):
@@ -254,6 +277,13 @@ class FakeCredentialRepository:
     def get(self, credential_id: str, *, for_update: bool = False) -> Credential | None:
         return next(
             (self._table.load(key) for key, c in self._rows_and_session() if c.id == credential_id), None
+        )
+
+    def holds_active(self, *, consumer_id: str, plan_id: str) -> bool:
+        self.active_checks += 1
+        return any(
+            c.consumer_id == consumer_id and c.plan_id == plan_id and c.usable_at(utcnow())
+            for _, c in self._rows_and_session()
         )
 
     def targets(self, target: OperationTarget, target_id: str) -> list[Credential]:
