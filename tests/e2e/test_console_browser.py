@@ -145,6 +145,10 @@ class TestTheConsoleInABrowser:
 
                 # And approves one request from its page
                 page.click(f"a[href='/requests/{approve_me}']")
+                page.screenshot(path=str(SCREENSHOTS / "pending-request-laptop.png"), full_page=True)
+                page.set_viewport_size(PHONE)
+                page.screenshot(path=str(SCREENSHOTS / "pending-request-phone.png"), full_page=True)
+                page.set_viewport_size(LAPTOP)
                 page.fill("form[action$='/approve'] input[name=reason]", "launch approved")
                 page.click("button.approve")
                 assert "Your approval of" in page.inner_text(".flash")
