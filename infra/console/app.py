@@ -23,7 +23,7 @@ from typing import Any
 from urllib.parse import quote
 
 import structlog
-from jinja2 import Environment, FileSystemLoader, select_autoescape
+from jinja2 import Environment, FileSystemLoader, StrictUndefined, select_autoescape
 from starlette.applications import Starlette
 from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import FormData
@@ -110,6 +110,7 @@ def templates() -> Jinja2Templates:
     environment = Environment(
         loader=FileSystemLoader(HERE / "templates"),
         autoescape=select_autoescape(["html"], default_for_string=True, default=True),
+        undefined=StrictUndefined,
         trim_blocks=True,
         lstrip_blocks=True,
     )
@@ -162,6 +163,7 @@ def create_app(console: Console, *, session_secret: str, secure_cookie: bool) ->
                 "admin_id": session.get("admin_id"),
                 "csrf_token": _csrf_token(session),
                 "flash": flash,
+                "error": None,
                 **context,
             },
             status_code=status_code,

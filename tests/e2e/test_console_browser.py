@@ -10,7 +10,10 @@ a phone's width are saved under ``tests/e2e/screenshots/`` (printed).
 from __future__ import annotations
 
 import json
+import subprocess
 import threading
+import urllib.error
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -28,7 +31,7 @@ from infra.messaging.topology import Topology
 from infra.settings import Settings
 from tests import services as svc
 from tests.conftest import Boundary, Parties
-from tests.e2e.conftest import PortalClient, request_payload, wait_for_status
+from tests.e2e.conftest import ACCESSFLOW, PortalClient, request_payload, wait_for_status
 
 pytestmark = pytest.mark.e2e
 
@@ -39,28 +42,27 @@ LAPTOP = {"width": 1366, "height": 900}
 PHONE = {"width": 390, "height": 844}
 
 
+def admins_file(path: Path, parties: Parties) -> Path:
+    """A console admins file listing the test admin, with their registered signing key."""
+    entry = {
+        "admin_id": parties.admin_id,
+        "password_hash": auth.hash_password(PASSWORD),
+        "key_file": str(parties.admin_key_file),
+        "key_id": parties.admin_key_id,
+    }
+    path.write_text(json.dumps([entry]))
+    return path
+
+
 @pytest.fixture
 def console_url(settings: Settings, boundary: Boundary, parties: Parties, tmp_path: Path) -> Iterator[str]:
     """The console, served by uvicorn in a thread, reading the run's database and publishing as the admin tool."""
-    admins_file = tmp_path / "console-admins.json"
-    admins_file.write_text(
-        json.dumps(
-            [
-                {
-                    "admin_id": parties.admin_id,
-                    "password_hash": auth.hash_password(PASSWORD),
-                    "key_file": str(parties.admin_key_file),
-                    "key_id": parties.admin_key_id,
-                }
-            ]
-        )
-    )
     reads = build(settings)
     app = create_app(
         Console(
             reads=reads.uow,
             wire=AmqpWire(boundary.url(boundary.accounts.admin_tool), Topology(settings.queue_prefix)),
-            admins=auth.read_admins(admins_file),
+            admins=auth.read_admins(admins_file(tmp_path / "console-admins.json", parties)),
             audience=settings.queue_prefix,
         ),
         session_secret="console-test-session-secret-0123456789",
@@ -207,3 +209,49 @@ class TestTheConsoleInABrowser:
                 lambda r=request_id: emails_with(r, "approved"), what=f"the approval email of {request_id}"
             )
         assert refused == [], f"the browser refused content under the CSP: {refused}"
+
+
+class TestTheConsoleCommand:
+    def test_serves_the_login_page_with_its_headers_and_refuses_a_forged_post(
+        self, admin_env: dict[str, str], parties: Parties, tmp_path: Path
+    ) -> None:
+        # Given `accessflow console` started as an operator would, as the admin tool's AMQP user
+        port = svc.free_port()
+        env = {
+            **admin_env,
+            "ACCESSFLOW_CONSOLE_PORT": str(port),
+            "ACCESSFLOW_CONSOLE_SESSION_SECRET": "console-command-test-secret-0123456789",
+            "ACCESSFLOW_CONSOLE_ADMINS_FILE": str(admins_file(tmp_path / "admins.json", parties)),
+        }
+        log = (tmp_path / "console.log").open("w")
+        process = subprocess.Popen([ACCESSFLOW, "console"], env=env, stdout=log, stderr=subprocess.STDOUT)
+        url = f"http://127.0.0.1:{port}"
+        try:
+
+            def login_page() -> tuple[int, dict[str, str]] | None:
+                try:
+                    with urllib.request.urlopen(f"{url}/login", timeout=2) as response:  # noqa: S310 - our own loopback URL
+                        response.read()
+                        return response.status, {k.lower(): v for k, v in response.headers.items()}
+                except OSError:
+                    return None
+
+            # When it is asked for the login page
+            status, headers = svc.wait_until(login_page, timeout=30, what="accessflow console to serve")
+
+            # Then the page comes with the strict CSP and a strict, HttpOnly session cookie
+            assert status == 200
+            assert headers["content-security-policy"] == CONTENT_SECURITY_POLICY
+            assert headers["x-content-type-options"] == "nosniff"
+            cookie = headers["set-cookie"].lower()
+            assert "httponly" in cookie and "samesite=strict" in cookie
+            # And a POST without the session's CSRF token is refused
+            forged = urllib.request.Request(f"{url}/login", data=b"admin_id=dana&password=x", method="POST")  # noqa: S310
+            with pytest.raises(urllib.error.HTTPError) as refused:
+                urllib.request.urlopen(forged, timeout=5)  # noqa: S310
+            assert refused.value.code == 403
+            refused.value.close()
+        finally:
+            process.terminate()
+            process.wait(timeout=15)
+            log.close()
