@@ -4,7 +4,8 @@ Reads come from the read models (:mod:`infra.db.views`) on the read-only databas
 Decisions leave as the same signed v2 decision messages ``accessflow decide`` publishes
 (:func:`infra.cli.producer.signed_decision`), signed with the logged-in admin's own key: the
 console writes no row, and the workers verify and apply a decision made here like any other.
-A bulk approve publishes one such decision per pending request its filter selects.
+A bulk approve publishes one such decision per pending request its filter selects, among
+those the page showed the admin.
 
 Every response carries a strict Content-Security-Policy (no script, style or image from
 anywhere but the console itself, and none inline), ``nosniff`` and no referrer. Sessions
@@ -257,8 +258,10 @@ def create_app(console: Console, *, session_secret: str, secure_cookie: bool) ->
         if chosen.is_empty():
             request.session["flash"] = "A bulk approve needs a filter: a plan, a consumer or an age."
             return RedirectResponse("/queue", status_code=303)
+        # Only what the admin saw: a request that arrived, or stopped pending, since the page was shown is left out.
+        shown = set(form.getlist("request_id"))
         rows = await run_in_threadpool(chosen.pending, console.reads, console.clock())
-        ids = [row["id"] for row in rows]
+        ids = [row["id"] for row in rows if row["id"] in shown]
         request.session["flash"] = await run_in_threadpool(publish, console, admin, ids, True, reason)
         log.info("console.bulk_approve", admin_id=admin.admin_id, filter=chosen.query(), selected=len(ids))
         return RedirectResponse(f"/queue?{chosen.query()}", status_code=303)
