@@ -77,6 +77,7 @@ class Console:
       admins: who may log in, by id.
       audience: the deployment's queue prefix, which every signed decision names.
       clock: the current moment (UTC).
+      throttle: how failed logins are counted; a new :class:`infra.console.auth.LoginThrottle` if None.
     """
 
     reads: Callable[[], SqlUnitOfWork]
@@ -84,6 +85,7 @@ class Console:
     admins: dict[str, auth.ConsoleAdmin]
     audience: str
     clock: Callable[[], datetime] = lambda: datetime.now(UTC)
+    throttle: auth.LoginThrottle | None = None
 
 
 class SecurityHeaders:
@@ -153,6 +155,7 @@ def create_app(console: Console, *, session_secret: str, secure_cookie: bool) ->
       secure_cookie: send the session cookie over HTTPS only (off loopback).
     """
     pages = templates()
+    throttle = console.throttle or auth.LoginThrottle()
 
     def render(request: Request, name: str, status_code: int = 200, **context: Any) -> Response:
         session = request.session
@@ -196,13 +199,20 @@ def create_app(console: Console, *, session_secret: str, secure_cookie: bool) ->
 
     async def login(request: Request) -> Response:
         form = await checked_form(request)
-        admin_id = str(form.get("admin_id", ""))
+        admin_id = str(form.get("admin_id", ""))[:200]
+        if throttle.blocked(admin_id):
+            log.warning("console.login_throttled", admin_id=admin_id)
+            return render(
+                request, "login.html", status_code=429, error="Too many failed logins: try again later."
+            )
         admin = await run_in_threadpool(
             auth.authenticate, console.admins, admin_id, str(form.get("password", ""))
         )
         if admin is None:
+            throttle.failed(admin_id)
             log.warning("console.login_refused", admin_id=admin_id)
             return render(request, "login.html", status_code=401, error="Unknown admin or wrong password.")
+        throttle.succeeded(admin_id)
         request.session.clear()  # a new session at login: no fixation
         request.session["admin_id"] = admin.admin_id
         request.session["csrf"] = auth.new_csrf_token()

@@ -16,6 +16,9 @@ import hashlib
 import hmac
 import json
 import secrets
+import threading
+import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -27,6 +30,9 @@ SCRYPT_N, SCRYPT_R, SCRYPT_P = 2**14, 8, 1
 SALT_BYTES, KEY_BYTES = 16, 32
 #: Bytes of randomness in a CSRF token.
 CSRF_BYTES = 32
+#: Failed logins for one admin id within LOGIN_WINDOW_SECONDS after which its logins are refused until the window passes.
+LOGIN_FAILURES_ALLOWED = 5
+LOGIN_WINDOW_SECONDS = 300.0
 
 
 class ConsoleConfigError(AccessflowError):
@@ -74,6 +80,43 @@ def authenticate(admins: dict[str, ConsoleAdmin], admin_id: str, password: str) 
     admin = admins.get(admin_id)
     matches = verify_password(password, admin.password_hash if admin else _no_one())
     return admin if admin is not None and matches else None
+
+
+class LoginThrottle:
+    """Refuses logins to an admin id after too many failures in a window: a guess costs the guesser time.
+
+    Kept in the process: one console process serves the admins, and a restart forgives.
+    """
+
+    def __init__(
+        self,
+        *,
+        failures: int = LOGIN_FAILURES_ALLOWED,
+        window_seconds: float = LOGIN_WINDOW_SECONDS,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.failures = failures
+        self.window = window_seconds
+        self.clock = clock
+        self._failed: dict[str, list[float]] = {}
+        self._lock = threading.Lock()
+
+    def blocked(self, admin_id: str) -> bool:
+        """Whether logins to ``admin_id`` are refused now."""
+        with self._lock:
+            return len(self._recent(admin_id)) >= self.failures
+
+    def failed(self, admin_id: str) -> None:
+        with self._lock:
+            self._failed[admin_id] = [*self._recent(admin_id), self.clock()]
+
+    def succeeded(self, admin_id: str) -> None:
+        with self._lock:
+            self._failed.pop(admin_id, None)
+
+    def _recent(self, admin_id: str) -> list[float]:
+        since = self.clock() - self.window
+        return [at for at in self._failed.get(admin_id, []) if at > since]
 
 
 def new_csrf_token() -> str:

@@ -179,6 +179,23 @@ class TestLoggingIn:
         assert response.status_code == 303
         assert response.headers["location"] == "/login"
 
+    def test_too_many_failures_lock_the_admin_id_out_for_a_while(
+        self, services: Services, admin: auth.ConsoleAdmin
+    ) -> None:
+        now = [0.0]
+        throttle = auth.LoginThrottle(failures=3, window_seconds=60, clock=lambda: now[0])
+        app = create_app(
+            Console(services.uow, RecordingWire(), {admin.admin_id: admin}, AUDIENCE, throttle=throttle),
+            session_secret="s" * 40,
+            secure_cookie=False,
+        )
+        with TestClient(app) as client:
+            assert [log_in(client, admin.admin_id, "guess").status_code for _ in range(3)] == [401] * 3
+            # Even the right password is refused while the window lasts
+            assert log_in(client, admin.admin_id).status_code == 429
+            now[0] = 61.0
+            assert log_in(client, admin.admin_id).status_code == 303
+
     def test_off_loopback_the_cookie_is_secure(self, services: Services, admin: auth.ConsoleAdmin) -> None:
         app = create_app(
             Console(services.uow, RecordingWire(), {admin.admin_id: admin}, AUDIENCE),
