@@ -256,7 +256,7 @@ def create_app(console: Console, *, session_secret: str, secure_cookie: bool) ->
             request.session["flash"] = await run_in_threadpool(
                 publish, console, admin, [request_id], approve, reason or "approved"
             )
-        return RedirectResponse(f"/requests/{request_id}", status_code=303)
+        return RedirectResponse(f"/requests/{_quote(request_id)}", status_code=303)
 
     async def bulk_approve(request: Request) -> Response:
         admin = logged_in(request)
