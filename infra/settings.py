@@ -372,6 +372,23 @@ class Settings(BaseSettings):
         le=60,
         description="The longest one push may take, connect to answer; then it is retried with backoff.",
     )
+    console_host: str = Field(
+        "127.0.0.1",
+        description="Address `accessflow console` (the admins' review console) listens on. Off loopback, "
+        "its session cookie is sent over HTTPS only: put it behind a TLS proxy.",
+    )
+    console_port: int = Field(8080, ge=1, le=65535, description="Port `accessflow console` listens on.")
+    console_session_secret: SecretStr | None = Field(
+        None,
+        description="Key the console signs its session cookies with, at least 32 characters "
+        "(e.g. `python -c 'import secrets; print(secrets.token_urlsafe(32))'`); required to run it.",
+    )
+    console_admins_file: str | None = Field(
+        None,
+        description='JSON file listing who may log in to the console: `[{"admin_id", "password_hash" '
+        '(accessflow console hash-password), "key_file", "key_id"}]`; each admin\'s decisions are '
+        "signed with their own registered Ed25519 key. Required to run it.",
+    )
     log_level: str = Field("INFO", description="Log level.")
     log_format: Literal["auto", "json", "console"] = Field(
         "auto", description="auto: console on a terminal, JSON otherwise."

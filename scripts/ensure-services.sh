@@ -30,3 +30,10 @@ if [ -z "${ACCESSFLOW_TEST_BROKER_URL:-}" ] && command -v rabbitmq-server >/dev/
     wait_for rabbitmq 120 rabbitmq-diagnostics -q check_port_connectivity
   fi
 fi
+
+# The console's browser test drives the system's headless Chromium (Playwright, no browser download).
+if [ ! -x /usr/bin/chromium ] && command -v apt-get >/dev/null && [ "$(id -u)" = 0 ]; then
+  echo "chromium: installing the Debian package"
+  (apt-get install -y -q chromium >/dev/null || { apt-get update -q >/dev/null && apt-get install -y -q chromium >/dev/null; }) \
+    || echo "chromium: could not install it; the console's browser test will be skipped" >&2
+fi

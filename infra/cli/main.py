@@ -8,6 +8,7 @@ from infra.bootstrap import build
 from infra.cli import (
     admins,
     catalog,
+    console,
     credentials,
     db,
     demo,
@@ -68,6 +69,7 @@ main.add_command(cli_broker.make_group(portal_source=_registered_portals))
 main.add_command(workers.workers)
 main.add_command(metrics.metrics)
 main.add_command(demo.demo)
+main.add_command(console.console)
 
 
 if __name__ == "__main__":

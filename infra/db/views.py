@@ -231,3 +231,85 @@ def backlog(
             "partial": emails[3],
         },
     }
+
+
+#: The most pending requests one page of the review console lists.
+PENDING_QUEUE_LIMIT = 500
+
+
+def pending_queue(
+    uow: SqlUnitOfWork,
+    *,
+    now: datetime,
+    plan_id: str | None = None,
+    consumer_id: str | None = None,
+    submitted_before: datetime | None = None,
+    limit: int = PENDING_QUEUE_LIMIT,
+) -> list[dict[str, Any]]:
+    """The requests pending review, oldest first, as the review console lists them: one statement.
+
+    Parameters:
+      now: the moment ages are measured from.
+      plan_id, consumer_id: only the requests for this plan, of this consumer.
+      submitted_before: only the requests submitted before this moment (an "older than" filter).
+      limit: at most this many rows.
+
+    Returns:
+      One dict per request: its user (consumer id, name, email), app (id and name, or the new
+      app's name), products, plan, age in seconds, justification, why it was parked (its
+      rule that routed it, else its status reason) and its review deadline (ISO 8601, or None).
+    """
+    r, c, a = orm.access_requests.c, orm.consumers.c, orm.apps.c
+    query = (
+        sa.select(
+            r.id,
+            r.kind,
+            r.consumer_id,
+            c.name.label("consumer_name"),
+            c.email.label("consumer_email"),
+            r.app_id,
+            sa.func.coalesce(a.name, r.new_app_name).label("app_name"),
+            r.product_ids,
+            r.plan_id,
+            r.submitted_at,
+            r.justification,
+            r.status_reason,
+            r.routed_by,
+            r.review_deadline_at,
+        )
+        .select_from(
+            orm.access_requests.outerjoin(orm.consumers, c.id == r.consumer_id).outerjoin(
+                orm.apps, a.id == r.app_id
+            )
+        )
+        .where(r.status == Status.PENDING_REVIEW)
+        .order_by(r.submitted_at, r.id)
+        .limit(limit)
+    )
+    if plan_id:
+        query = query.where(r.plan_id == plan_id)
+    if consumer_id:
+        query = query.where(r.consumer_id == consumer_id)
+    if submitted_before is not None:
+        query = query.where(r.submitted_at < submitted_before)
+    with uow:
+        rows = uow.session.connection().execute(query).all()
+    return [
+        {
+            "id": row.id,
+            "kind": row.kind.value,
+            "consumer_id": row.consumer_id,
+            "consumer_name": row.consumer_name,
+            "consumer_email": row.consumer_email,
+            "app_id": row.app_id,
+            "app_name": row.app_name,
+            "product_ids": list(row.product_ids),
+            "plan_id": row.plan_id,
+            "age_seconds": _age_seconds(now, row.submitted_at),
+            "justification": row.justification,
+            # What parked it: the rule (or plan flag) that routed it, as the audit trail says.
+            "reason": row.routed_by or row.status_reason,
+            "review_deadline_at": row.review_deadline_at.isoformat() if row.review_deadline_at else None,
+        }
+        for row in rows
+    ]

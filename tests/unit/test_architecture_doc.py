@@ -56,5 +56,6 @@ def test_every_room_the_section_names_is_a_package() -> None:
         "infra/gateway/",
         "infra/observability/",
         "infra/cli/",
+        "infra/console/",
     }
     assert all((ROOT / room / "__init__.py").exists() for room in rooms)
