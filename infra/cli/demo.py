@@ -7,8 +7,13 @@ CLI functions are the ones production runs.
 
 from __future__ import annotations
 
+import email
+import email.policy
+import json
+import secrets
 import shutil
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -21,9 +26,11 @@ from pydantic import SecretStr
 from domain.model import AdminKey, Portal, utcnow
 from infra.bootstrap import Services, build, wire
 from infra.cli import producer
+from infra.console import auth
 from infra.credentials import issuing, sealing, signing
 from infra.db import catalogue_file, migrate, views
 from infra.logs import configure as configure_logging
+from infra.messaging import lifecycle
 from infra.messaging.publisher import DramatiqPublisher
 from infra.settings import Settings
 from messages import routes
@@ -32,6 +39,12 @@ from messages.routes import ROUTES
 ADMIN = "admin@accessflow.example"
 ADMIN_ID = "dana"
 ADMIN_KEY_ID = "dana-demo"
+#: The second admin, for the plan that needs two approvals.
+SECOND_ADMIN = "lee@accessflow.example"
+SECOND_ADMIN_ID = "lee"
+SECOND_ADMIN_KEY_ID = "lee-demo"
+#: Who hears of a pending request whose review deadline is near.
+ESCALATION = "head-of-api@accessflow.example"
 PORTAL_ID = "demo-portal"
 #: The AMQP users the demo's portal and admin tool would publish as on RabbitMQ.
 PORTAL_USER = "demo-portal"
@@ -60,6 +73,7 @@ def run(*, workdir: Path, examples: Path, echo: Callable[[str], Any]) -> None:
         mail_dir=str(workdir / "mail"),
         seal_key=SecretStr(sealing.generate_seal_key()),
         admin_emails=[ADMIN],
+        escalation_emails=[ESCALATION],
         max_retries=0,
     )
     echo(f"== accessflow demo in {workdir}/ (SQLite, in-memory broker, emails as .eml files)")
@@ -92,6 +106,8 @@ def _play(
 
     counts = catalogue_file.load(catalogue_file.read(examples / "catalog.yaml"), services.uow())
     echo("1. catalogue loaded: " + ", ".join(f"{n} {kind}" for kind, n in counts.items() if n))
+    extra = catalogue_file.load(catalogue_file.read(examples / "review-consumers.yaml"), services.uow())
+    echo(f"   and {extra['consumers']} consumers for the review steps (9 to 14), from review-consumers.yaml")
 
     # The portal makes its own X25519 keypair and registers only the public half; the admin
     # likewise keeps the Ed25519 private key and registers the public one.
@@ -105,7 +121,7 @@ def _play(
                 name="Demo Portal",
                 broker_user=PORTAL_USER,
                 public_key=portal_public,
-                consumer_ids=frozenset({"acme", "globex"}),
+                consumer_ids=frozenset({"acme", "globex", "initech", "spamco"}),
                 url="https://portal.example",
             )
         )
@@ -113,7 +129,8 @@ def _play(
         uow.admin_keys.add_key(AdminKey(ADMIN_KEY_ID, ADMIN_ID, admin_public, utcnow()))
         uow.commit()
     echo(
-        f"2. registered portal {PORTAL_ID} (X25519 key {portal_public[:12]}...) for consumers acme and globex,"
+        f"2. registered portal {PORTAL_ID} (X25519 key {portal_public[:12]}...) for consumers acme, globex,"
+        " initech and spamco,"
     )
     echo(f"   and admin {ADMIN_ID} with signing key {ADMIN_KEY_ID} ({admin_public[:20]}...)")
 
@@ -204,6 +221,9 @@ def _play(
     for path in emails:
         echo(f"   {path}")
 
+    review = _Review(services, broker, worker, portal_wire, admin_wire, admin_key, workdir, echo)
+    review.play()
+
 
 @click.command()
 @click.option(
@@ -223,3 +243,268 @@ def _play(
 def demo(workdir: Path, examples: Path) -> None:
     """Run the whole flow in one process: SQLite, in-memory broker, emails as .eml files."""
     run(workdir=workdir, examples=examples, echo=click.echo)
+
+
+def _request(consumer: str, email_address: str, plan: str, app: str, why: str) -> dict[str, Any]:
+    """A submission for a new app of ``consumer`` on ``plan``."""
+    return {
+        "consumer": {"id": consumer, "email": email_address, "name": consumer.capitalize()},
+        "new_app": {"name": app, "description": why},
+        "product_ids": ["payments"],
+        "plan_id": plan,
+        "justification": why,
+    }
+
+
+class _Review:
+    """Steps 9 to 14: the review features (rules, approvers, throttles, bulk approve, deadlines, console)."""
+
+    def __init__(
+        self,
+        services: Services,
+        broker: StubBroker,
+        worker: dramatiq.Worker,
+        portal_wire: producer.StubWire,
+        admin_wire: producer.StubWire,
+        admin_key: Any,
+        workdir: Path,
+        echo: Callable[[str], Any],
+    ) -> None:
+        self.services = services
+        self.broker = broker
+        self.worker = worker
+        self.portal_wire = portal_wire
+        self.admin_wire = admin_wire
+        self.admin_key = admin_key
+        self.workdir = workdir
+        self.echo = echo
+        self.prefix = services.settings.queue_prefix
+
+    def play(self) -> None:
+        second_key = self._register_second_admin()
+        self._rules()
+        self._throttle()
+        self._two_approvers(second_key)
+        self._bulk()
+        self._deadline()
+        self._console()
+
+    def _drain(self) -> None:
+        drain(self.broker, self.worker, self.prefix)
+
+    def _details(self, request_id: str) -> dict[str, Any]:
+        details = views.request_details(self.services.uow(), request_id)
+        assert details is not None
+        return details
+
+    def _submit(self, payloads: list[Mapping[str, Any]]) -> list[str]:
+        ids = [producer.submit(self.portal_wire, p, portal_id=PORTAL_ID).request_id for p in payloads]
+        self._drain()
+        return ids
+
+    def _decide(self, request_id: str, admin_id: str, key_id: str, key: Any, reason: str) -> None:
+        decision = producer.signed_decision(
+            request_id=request_id,
+            approve=True,
+            admin_id=admin_id,
+            reason=reason,
+            audience=self.prefix,
+            key_id=key_id,
+            private_key=key,
+        )
+        producer.decide(self.admin_wire, decision)
+
+    def _register_second_admin(self) -> Any:
+        public = signing.generate_keypair(self.workdir / "lee-key.pem")
+        with self.services.uow() as uow:
+            uow.admin_keys.upsert_admin(SECOND_ADMIN_ID, SECOND_ADMIN)
+            uow.admin_keys.add_key(AdminKey(SECOND_ADMIN_KEY_ID, SECOND_ADMIN_ID, public, utcnow()))
+            uow.commit()
+        return signing.load_private_key(self.workdir / "lee-key.pem")
+
+    def _rules(self) -> None:
+        self.echo(
+            "9. approval rules: plan 'vetted' routes by its rules (catalog.yaml), the first match decides:"
+        )
+        cases = {
+            "acme (acme.example)": _request(
+                "acme", "dev@acme.example", "vetted", "Acme Ledger", "Reconciliation."
+            ),
+            "spamco (spam.example)": _request(
+                "spamco", "sales@spam.example", "vetted", "Resale", "Reselling."
+            ),
+            "initech (initech.example)": _request(
+                "initech", "dev@initech.example", "vetted", "TPS Reports", "Report payments."
+            ),
+        }
+        ids = self._submit(list(cases.values()))
+        for (who, _), request_id in zip(cases.items(), ids, strict=True):
+            d = self._details(request_id)
+            self.echo(f"   {who:<26} {d['status']:<15} routed by: {d['routed_by']}")
+        self.initech_first = ids[2]
+
+    def _two_approvers(self, second_key: Any) -> None:
+        request_id = self.initech_first
+        self.echo(
+            f"11. N of M: initech's request needs two distinct admins ({ADMIN_ID} and {SECOND_ADMIN_ID}):"
+        )
+        self._decide(request_id, ADMIN_ID, ADMIN_KEY_ID, self.admin_key, "Looks fine.")
+        self._drain()
+        self.echo(f"   after {ADMIN_ID} approves:       {self._details(request_id)['status']}")
+        self._decide(request_id, SECOND_ADMIN_ID, SECOND_ADMIN_KEY_ID, second_key, "Agreed.")
+        self._drain()
+        self.echo(f"   after {SECOND_ADMIN_ID} approves too:    {self._details(request_id)['status']}")
+
+    def _throttle(self) -> None:
+        self.echo(
+            "10. throttle: plan 'vetted' allows 3 open requests per consumer; initech, with one open, submits 3 more:"
+        )
+        ids = self._submit(
+            [
+                _request("initech", "dev@initech.example", "vetted", f"Tool {n}", "Internal tool.")
+                for n in range(1, 4)
+            ]
+        )
+        for n, request_id in enumerate(ids, 1):
+            d = self._details(request_id)
+            self.echo(f"   request {n + 1}: {d['status']:<15} {d['reason']}")
+
+    def _bulk(self) -> None:
+        self.echo(
+            "12. bulk approve: globex submits three requests on plan 'partner', the admin approves them at once:"
+        )
+        ids = self._submit(
+            [
+                _request("globex", "api@globex.example", "partner", f"Globex Feed {n}", "Partner feed.")
+                for n in range(1, 4)
+            ]
+        )
+        self.echo(f"   pending review: {', '.join(self._details(i)['status'] for i in ids)}")
+        published = bulk_approve(
+            self.admin_wire, ids, self.admin_key, audience=self.prefix, reason="Partner batch."
+        )
+        self._drain()
+        self.echo(
+            f"   {published} signed decisions published, one per selected request, as the console's bulk approve"
+            " does (a single bulk-decision message is still to come)"
+        )
+        for request_id in ids:
+            d = self._details(request_id)
+            self.echo(f"   {request_id}  {d['status']}")
+
+    def _deadline(self) -> None:
+        settings = self.services.settings
+        self.echo(
+            "13. review deadline: plan 'partner' gives 72 h; reminders at "
+            f"{settings.review_reminder_hours} h before, escalation to {ESCALATION} at "
+            f"{settings.review_escalation_hours:g} h; the sweep runs with a fast clock (now= moments, no waiting):"
+        )
+        [request_id] = self._submit(
+            [_request("acme", "dev@acme.example", "partner", "Acme Archive", "Archive old payments.")]
+        )
+        # SQLite keeps no offset: the stored moment is UTC.
+        deadline = datetime.fromisoformat(str(self._details(request_id)["review_deadline_at"]))
+        deadline = deadline if deadline.tzinfo else deadline.replace(tzinfo=UTC)
+        self.echo(f"   acme's request {request_id} pending review, deadline {deadline:%Y-%m-%d %H:%M} UTC")
+        mail_dir = Path(settings.mail_dir)
+        for before in (
+            timedelta(hours=23),
+            timedelta(hours=3, minutes=59),
+            timedelta(hours=1),
+            -timedelta(seconds=1),
+        ):
+            moment = deadline - before
+            seen = set(mail_dir.glob("*.eml"))
+            expired, reminded, escalated = lifecycle.sweep_review_deadlines(
+                self.services, now=_clock_at(moment)
+            )
+            self._drain()
+            label = f"deadline {'-' if before > timedelta(0) else '+'} {_hours(abs(before))}"
+            self.echo(
+                f"   sweep at {label:<16} expired {expired}, reminded {reminded}, escalated {escalated};"
+                f" status {self._details(request_id)['status']}"
+            )
+            for path in sorted(set(mail_dir.glob("*.eml")) - seen):
+                message = email.message_from_bytes(path.read_bytes(), policy=email.policy.default)
+                self.echo(f"     email to {message['To']}: {message['Subject']}")
+
+    def _console(self) -> None:
+        settings = self.services.settings
+        rows = views.pending_queue(self.services.uow(), now=utcnow())
+        console_dir = self.workdir / "console"
+        console_dir.mkdir()
+        password = secrets.token_urlsafe(12)
+        admins_file = console_dir / "admins.json"
+        admins_file.write_text(
+            json.dumps(
+                [
+                    {
+                        "admin_id": ADMIN_ID,
+                        "password_hash": auth.hash_password(password),
+                        "key_file": str((self.workdir / "admin-key.pem").resolve()),
+                        "key_id": ADMIN_KEY_ID,
+                    }
+                ],
+                indent=2,
+            )
+        )
+        env = {
+            "ACCESSFLOW_DATABASE_URL": f"sqlite:///{(self.workdir / 'accessflow.db').resolve()}",
+            "ACCESSFLOW_QUEUE_PREFIX": self.prefix,
+            "ACCESSFLOW_CONSOLE_ADMINS_FILE": str(admins_file.resolve()),
+            "ACCESSFLOW_CONSOLE_SESSION_SECRET": secrets.token_urlsafe(32),
+        }
+        env_file = console_dir / "console.env"
+        env_file.write_text("".join(f"{k}={v}\n" for k, v in env.items()))
+        self.echo(f"14. the review console would list {len(rows)} pending requests from the demo's database:")
+        for row in rows:
+            self.echo(
+                f"   {row['consumer_id']:<8} {row['plan_id']:<8} {row['app_name']:<14} parked by: {row['reason']}"
+            )
+        self.echo(f"   its settings are in {env_file} (admins file and session secret generated there); run")
+        self.echo(f"     env $(cat {env_file}) accessflow console")
+        self.echo(
+            f"   and open http://{settings.console_host}:{settings.console_port}/ as {ADMIN_ID}, password {password}"
+        )
+        self.echo(
+            "   It reads the demo's SQLite file; its approvals are published to ACCESSFLOW_BROKER_URL,"
+            " so deciding there needs RabbitMQ and `accessflow workers` (`make services`): the demo's"
+            " in-memory broker ended with it."
+        )
+
+
+def _clock_at(moment: datetime) -> Callable[[], datetime]:
+    """A clock stopped at ``moment``: the demo moves time by choosing it, never by waiting."""
+    return lambda: moment
+
+
+def _hours(delta: timedelta) -> str:
+    minutes = round(delta.total_seconds() / 60)
+    return f"{minutes // 60}h{minutes % 60:02d}" if minutes else f"{delta.total_seconds():g}s"
+
+
+def bulk_approve(
+    wire: producer.StubWire, request_ids: list[str], private_key: Any, *, audience: str, reason: str
+) -> int:
+    """Approve ``request_ids`` at once, as the console's bulk approve does: one signed decision each.
+
+    The one place the demo decides in bulk: when the bulk-decision message lands, it sends one
+    of those instead.
+
+    Returns:
+      How many decisions were published.
+    """
+    for request_id in request_ids:
+        producer.decide(
+            wire,
+            producer.signed_decision(
+                request_id=request_id,
+                approve=True,
+                admin_id=ADMIN_ID,
+                reason=reason,
+                audience=audience,
+                key_id=ADMIN_KEY_ID,
+                private_key=private_key,
+            ),
+        )
+    return len(request_ids)

@@ -146,7 +146,53 @@ class TestTheDemo:
             "5 emails written",
         ):
             assert expected in out, f"{expected!r} not in the demo's output:\n{out}"
-        assert len(list((tmp_path / "demo" / "mail").glob("*.eml"))) == 5
+
+    def test_shows_one_of_each_review_feature_and_where_the_console_would_serve_it(
+        self, tmp_path: Path
+    ) -> None:
+        # Given the demo, run with an environment that points at no service
+        workdir = tmp_path / "demo"
+        result = cli(
+            {"PATH": "/usr/bin:/bin", "HOME": str(tmp_path)},
+            "demo", "--workdir", str(workdir), "--examples", str(EXAMPLES),
+        )  # fmt: skip
+
+        # Then each review step prints its line
+        out = result.stdout
+        for expected in (
+            # a rule-decided request, each way, naming the rule
+            "provisioned     routed by: rule 2: email domain acme.example is trusted",
+            "rejected        routed by: rule 1: email domain spam.example is refused",
+            "pending_review  routed by: rule 4: plan 'vetted' requires 2 approval(s)",
+            # a throttled one
+            "request 4: invalid         throttled: consumer 'initech' has 3 open request(s) on plan 'vetted'",
+            # N of M
+            "after dana approves:       pending_review",
+            "after lee approves too:    provisioned",
+            # a bulk approval, said to be one decision per request for now
+            "3 signed decisions published, one per selected request",
+            # reminders, escalation and expiry, with their emails
+            "expired 0, reminded 1, escalated 0; status pending_review",
+            "email to admin@accessflow.example: Reminder: access request",
+            "expired 0, reminded 0, escalated 1; status pending_review",
+            "email to head-of-api@accessflow.example: Escalation: access request",
+            "expired 1, reminded 0, escalated 0; status expired",
+            "email to dev@acme.example: Your access request for Acme Archive expired unreviewed",
+            # where the console would serve the demo's data
+            "the review console would list 2 pending requests",
+            "accessflow console",
+            "open http://127.0.0.1:8080/ as dana, password ",
+        ):
+            assert expected in out, f"{expected!r} not in the demo's output:\n{out}"
+        assert out.count("routed by:") == 3
+        # And the console's settings are written, its admins file one the console accepts
+        env = dict(
+            line.split("=", 1) for line in (workdir / "console" / "console.env").read_text().splitlines()
+        )
+        assert env["ACCESSFLOW_DATABASE_URL"] == f"sqlite:///{(workdir / 'accessflow.db').resolve()}"
+        assert len(env["ACCESSFLOW_CONSOLE_SESSION_SECRET"]) >= 32
+        [admin] = json.loads(Path(env["ACCESSFLOW_CONSOLE_ADMINS_FILE"]).read_text())
+        assert admin["admin_id"] == "dana" and admin["password_hash"].startswith("scrypt$")
 
 
 class TestRegisteringParties:
