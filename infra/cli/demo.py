@@ -467,9 +467,9 @@ class _Review:
             f"   and open http://{settings.console_host}:{settings.console_port}/ as {ADMIN_ID}, password {password}"
         )
         self.echo(
-            "   It reads the demo's SQLite file; its approvals are published to ACCESSFLOW_BROKER_URL,"
-            " so deciding there needs RabbitMQ and `accessflow workers` (`make services`): the demo's"
-            " in-memory broker ended with it."
+            "   Login and reads work on the demo's SQLite file. Its approvals are published to"
+            " ACCESSFLOW_BROKER_URL: deciding there needs RabbitMQ (`make services`) and `accessflow"
+            " workers` on the same database, as the demo's in-memory broker ended with it."
         )
 
 
