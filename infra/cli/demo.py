@@ -107,7 +107,7 @@ def _play(
     counts = catalogue_file.load(catalogue_file.read(examples / "catalog.yaml"), services.uow())
     echo("1. catalogue loaded: " + ", ".join(f"{n} {kind}" for kind, n in counts.items() if n))
     extra = catalogue_file.load(catalogue_file.read(examples / "review-consumers.yaml"), services.uow())
-    echo(f"   and {extra['consumers']} consumers for the review steps (9 to 14), from review-consumers.yaml")
+    echo(f"   and {extra['consumers']} consumers for the review steps (9 to 15), from review-consumers.yaml")
 
     # The portal makes its own X25519 keypair and registers only the public half; the admin
     # likewise keeps the Ed25519 private key and registers the public one.
@@ -257,7 +257,7 @@ def _request(consumer: str, email_address: str, plan: str, app: str, why: str) -
 
 
 class _Review:
-    """Steps 9 to 14: the review features (rules, approvers, throttles, bulk approve, deadlines, console)."""
+    """Steps 9 to 15: the review features (rules, throttles, approvers, bulk approve, deadlines), credentials, console."""
 
     def __init__(
         self,
@@ -287,6 +287,7 @@ class _Review:
         self._two_approvers(second_key)
         self._bulk()
         self._deadline()
+        self._credential_lifecycle()
         self._console()
 
     def _drain(self) -> None:
@@ -341,6 +342,7 @@ class _Review:
         for (who, _), request_id in zip(cases.items(), ids, strict=True):
             d = self._details(request_id)
             self.echo(f"   {who:<26} {d['status']:<15} routed by: {d['routed_by']}")
+        self.acme_vetted = ids[0]
         self.initech_first = ids[2]
 
     def _two_approvers(self, second_key: Any) -> None:
@@ -428,6 +430,65 @@ class _Review:
                 message = email.message_from_bytes(path.read_bytes(), policy=email.policy.default)
                 self.echo(f"     email to {message['To']}: {message['Subject']}")
 
+    def _operate(self, operation: str, credential_id: str, reason: str, **extra: Any) -> None:
+        producer.operate(
+            self.admin_wire,
+            producer.signed_operation(
+                operation=operation,
+                target="credential",
+                target_id=credential_id,
+                admin_id=ADMIN_ID,
+                reason=reason,
+                audience=self.prefix,
+                key_id=ADMIN_KEY_ID,
+                private_key=self.admin_key,
+                **extra,
+            ),
+        )
+        self._drain()
+
+    def _credential(self, credential_id: str) -> tuple[str, str, str]:
+        """Its status, the start of its client id, and until when its previous secret verifies."""
+        with self.services.uow() as uow:
+            c = uow.credentials.get(credential_id)
+            assert c is not None
+            grace = f"{c.previous_valid_until:%H:%M} UTC" if c.previous_valid_until else "-"
+            return c.status.value, c.public_id[:16], grace
+
+    def _credential_lifecycle(self) -> None:
+        self.echo(
+            "14. credential lifecycle: signed credentials.operate messages, then the expiry sweep on a fast clock:"
+        )
+        credential = self._details(self.acme_vetted)["credential"]
+        assert credential is not None
+        credential_id = str(credential["id"])
+        _, before_id, _ = self._credential(credential_id)
+        self._operate("rotate", credential_id, "Quarterly rotation.", grace_seconds=3600)
+        status, after_id, grace = self._credential(credential_id)
+        self.echo(
+            f"   rotate acme's credential {credential_id}: client id {before_id}... -> {after_id}...,"
+            f" the old secret verifies until {grace}; {status}"
+        )
+        expires_at = utcnow().replace(microsecond=0) + timedelta(days=10)
+        self._operate("set_expiry", credential_id, "Trial ends.", expires_at=expires_at)
+        self.echo(
+            f"   set_expiry: it now ends at {expires_at:%Y-%m-%d %H:%M} UTC"
+            f" (notices {self.services.settings.expiry_notice_days} days before)"
+        )
+        mail_dir = Path(self.services.settings.mail_dir)
+        for before in (timedelta(days=3), -timedelta(seconds=1)):
+            seen = set(mail_dir.glob("*.eml"))
+            expired, noticed = lifecycle.sweep_credential_expiry(
+                self.services, now=_clock_at(expires_at - before)
+            )
+            self._drain()
+            label = f"expiry {'-' if before > timedelta(0) else '+'} {_hours(abs(before))}"
+            status = self._credential(credential_id)[0]
+            self.echo(f"   sweep at {label:<16} expired {expired}, noticed {noticed}; credential {status}")
+            for path in sorted(set(mail_dir.glob("*.eml")) - seen):
+                message = email.message_from_bytes(path.read_bytes(), policy=email.policy.default)
+                self.echo(f"     email to {message['To']}: {message['Subject']}")
+
     def _console(self) -> None:
         settings = self.services.settings
         rows = views.pending_queue(self.services.uow(), now=utcnow())
@@ -456,7 +517,7 @@ class _Review:
         }
         env_file = console_dir / "console.env"
         env_file.write_text("".join(f"{k}={v}\n" for k, v in env.items()))
-        self.echo(f"14. the review console would list {len(rows)} pending requests from the demo's database:")
+        self.echo(f"15. the review console would list {len(rows)} pending requests from the demo's database:")
         for row in rows:
             self.echo(
                 f"   {row['consumer_id']:<8} {row['plan_id']:<8} {row['app_name']:<14} parked by: {row['reason']}"

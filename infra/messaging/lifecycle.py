@@ -157,11 +157,12 @@ def sweep_stuck_provisioning(services: Services) -> tuple[int, int]:
     )
 
 
-def sweep_credential_expiry(services: Services) -> tuple[int, int]:
+def sweep_credential_expiry(services: Services, now: Callable[[], datetime] = utcnow) -> tuple[int, int]:
     """Expire the credentials whose lifetime ended, and queue the notices due
     (:func:`handlers.expire_credentials`).
 
     Safe in any number of processes at once: each takes the rows no other sweep holds.
+    ``now`` is injected so that the demo and tests move the clock rather than wait.
 
     Returns:
       How many expired, and how many notices were queued.
@@ -170,6 +171,7 @@ def sweep_credential_expiry(services: Services) -> tuple[int, int]:
         uow=services.uow(),
         notice_points=services.settings.expiry_notice_points(),
         gateway_configured=services.gateway is not None,
+        now=now,
     )
 
 

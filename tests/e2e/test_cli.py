@@ -178,6 +178,12 @@ class TestTheDemo:
             "email to head-of-api@accessflow.example: Escalation: access request",
             "expired 1, reminded 0, escalated 0; status expired",
             "email to dev@acme.example: Your access request for Acme Archive expired unreviewed",
+            # a credential rotated, then noticed and expired by the sweep on a fast clock
+            "the old secret verifies until",
+            "expired 0, noticed 1; credential active",
+            "email to dev@acme.example: The credential of Acme Ledger expires on",
+            "expired 1, noticed 0; credential expired",
+            "email to dev@acme.example: The credential of Acme Ledger has expired",
             # where the console would serve the demo's data
             "the review console would list 2 pending requests",
             "accessflow console",
