@@ -20,6 +20,7 @@ from typing import Any
 import click
 import dramatiq
 import yaml
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from dramatiq.brokers.stub import StubBroker
 from pydantic import SecretStr
 
@@ -266,7 +267,7 @@ class _Review:
         worker: dramatiq.Worker,
         portal_wire: producer.StubWire,
         admin_wire: producer.StubWire,
-        admin_key: Any,
+        admin_key: Ed25519PrivateKey,
         workdir: Path,
         echo: Callable[[str], Any],
     ) -> None:
@@ -303,7 +304,9 @@ class _Review:
         self._drain()
         return ids
 
-    def _decide(self, request_id: str, admin_id: str, key_id: str, key: Any, reason: str) -> None:
+    def _decide(
+        self, request_id: str, admin_id: str, key_id: str, key: Ed25519PrivateKey, reason: str
+    ) -> None:
         decision = producer.signed_decision(
             request_id=request_id,
             approve=True,
@@ -315,7 +318,7 @@ class _Review:
         )
         producer.decide(self.admin_wire, decision)
 
-    def _register_second_admin(self) -> Any:
+    def _register_second_admin(self) -> Ed25519PrivateKey:
         public = signing.generate_keypair(self.workdir / "lee-key.pem")
         with self.services.uow() as uow:
             uow.admin_keys.upsert_admin(SECOND_ADMIN_ID, SECOND_ADMIN)
@@ -345,7 +348,7 @@ class _Review:
         self.acme_vetted = ids[0]
         self.initech_first = ids[2]
 
-    def _two_approvers(self, second_key: Any) -> None:
+    def _two_approvers(self, second_key: Ed25519PrivateKey) -> None:
         request_id = self.initech_first
         self.echo(
             f"11. N of M: initech's request needs two distinct admins ({ADMIN_ID} and {SECOND_ADMIN_ID}):"
@@ -545,7 +548,7 @@ def _hours(delta: timedelta) -> str:
 
 
 def bulk_approve(
-    wire: producer.StubWire, request_ids: list[str], private_key: Any, *, audience: str, reason: str
+    wire: producer.Wire, request_ids: list[str], private_key: Ed25519PrivateKey, *, audience: str, reason: str
 ) -> int:
     """Approve ``request_ids`` at once, as the console's bulk approve does: one signed decision each.
 

@@ -3,14 +3,22 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
+import re
+import uuid
+from collections.abc import Iterator, Mapping
 from pathlib import Path
+from typing import Any
 
 import pytest
 from alembic.script import ScriptDirectory
+from starlette.testclient import TestClient
 
+from infra.bootstrap import build
+from infra.console import auth
+from infra.console.app import Console, create_app
 from infra.db.migrate import alembic_config
 from infra.settings import Settings
+from messages import routes
 from tests import services as svc
 from tests.conftest import EXAMPLES
 from tests.e2e.conftest import cli, settings_env
@@ -199,6 +207,78 @@ class TestTheDemo:
         assert len(env["ACCESSFLOW_CONSOLE_SESSION_SECRET"]) >= 32
         [admin] = json.loads(Path(env["ACCESSFLOW_CONSOLE_ADMINS_FILE"]).read_text())
         assert admin["admin_id"] == "dana" and admin["password_hash"].startswith("scrypt$")
+
+    def test_the_console_serves_the_demos_database_with_the_settings_it_printed(self, tmp_path: Path) -> None:
+        # Given the demo's run, and the console's settings it wrote
+        workdir = tmp_path / "demo"
+        out = cli(
+            {"PATH": "/usr/bin:/bin", "HOME": str(tmp_path)},
+            "demo", "--workdir", str(workdir), "--examples", str(EXAMPLES),
+        ).stdout  # fmt: skip
+        password = re.search(r"as dana, password (\S+)", out)
+        assert password, out
+        env = dict(
+            line.split("=", 1) for line in (workdir / "console" / "console.env").read_text().splitlines()
+        )
+        services = build(
+            Settings(database_url=env["ACCESSFLOW_DATABASE_URL"], queue_prefix=env["ACCESSFLOW_QUEUE_PREFIX"])
+        )
+        wire = _RecordingWire()
+        app = create_app(
+            Console(
+                reads=services.uow,
+                wire=wire,
+                admins=auth.read_admins(Path(env["ACCESSFLOW_CONSOLE_ADMINS_FILE"])),
+                audience=env["ACCESSFLOW_QUEUE_PREFIX"],
+            ),
+            session_secret=env["ACCESSFLOW_CONSOLE_SESSION_SECRET"],
+            secure_cookie=False,
+        )
+        try:
+            with TestClient(app) as client:
+                # When dana logs in with the printed password, and bulk-approves plan 'vetted'
+                token = _csrf(client.get("/login").text)
+                login = client.post(
+                    "/login",
+                    data={"admin_id": "dana", "password": password.group(1), "csrf_token": token},
+                    follow_redirects=False,
+                )
+                queue = client.get("/queue?plan_id=vetted").text
+                shown = re.findall(r'name="request_id" value="([^"]+)"', queue)
+                client.post(
+                    "/bulk-approve",
+                    data={"plan_id": "vetted", "request_id": shown, "csrf_token": _csrf(queue)},
+                )
+        finally:
+            services.close()
+
+        # Then the queue lists the two requests the demo left pending, and two decisions are signed
+        assert login.status_code == 303
+        assert queue.count("Tool ") == 2 and len(shown) == 2
+        assert sorted(d["request_id"] for d in wire.decisions()) == sorted(shown)
+        assert {(d["admin_id"], d["signature"]["key_id"]) for d in wire.decisions()} == {
+            ("dana", "dana-demo")
+        }
+
+
+class _RecordingWire:
+    """Keeps what the console publishes, in place of RabbitMQ."""
+
+    def __init__(self) -> None:
+        self.sent: list[tuple[routes.Route, dict[str, Any]]] = []
+
+    def send(self, route: routes.Route, *, routing_key: str, payload: Mapping[str, Any]) -> str:
+        self.sent.append((route, dict(payload)))
+        return str(uuid.uuid4())
+
+    def decisions(self) -> list[dict[str, Any]]:
+        return [payload for route, payload in self.sent if route == routes.DECIDE]
+
+
+def _csrf(page: str) -> str:
+    match = re.search(r'name="csrf_token" value="([^"]+)"', page)
+    assert match, "the page has no CSRF field"
+    return match.group(1)
 
 
 class TestRegisteringParties:
