@@ -3,6 +3,12 @@
 SQLite instead of PostgreSQL, dramatiq's in-memory StubBroker instead of RabbitMQ,
 and .eml files instead of SMTP. The domain, handlers, actors, outbox, templates and
 CLI functions are the ones production runs.
+
+After the four example requests, it shows one of each review feature: requests routed by
+a plan's rules, a throttled one, two approvers, a bulk approve, a review deadline's
+reminders, escalation and expiry and a credential's rotation and expiry (the sweeps called
+with chosen ``now`` moments, never by waiting), then writes the console's settings for the
+demo's database and prints where the console would serve it.
 """
 
 from __future__ import annotations
@@ -401,7 +407,7 @@ class _Review:
         settings = self.services.settings
         self.echo(
             "13. review deadline: plan 'partner' gives 72 h; reminders at "
-            f"{settings.review_reminder_hours} h before, escalation to {ESCALATION} at "
+            f"{settings.review_reminder_hours.replace(',', ' and ')} h before, escalation to {ESCALATION} at "
             f"{settings.review_escalation_hours:g} h; the sweep runs with a fast clock (now= moments, no waiting):"
         )
         [request_id] = self._submit(
