@@ -13,6 +13,7 @@ from domain.handlers import bulk_item_decision_id, decide, decide_bulk
 from domain.model import AdminKey, BulkItemResult, DecisionOutcome, Status, utcnow
 from tests.unit.fakes import ADMIN_ID, ADMIN_KEY, AUDIENCE, FakeUnitOfWork, fake_signature, make_decision
 from tests.unit.test_handlers import SIGNED, pending_review, saved
+from tests.unit.test_routing_rules import by, two_admins
 
 
 @pytest.fixture
@@ -195,3 +196,22 @@ class TestARefusedBulkDecision:
         )
         assert recorded.outcome is DecisionOutcome.REFUSED
         assert saved(uow, request_id).status is Status.PENDING_REVIEW
+
+
+class TestABulkApprovalOfARequestNeedingSeveral:
+    def test_counts_once_per_admin_and_the_others_approval_applies_it(self) -> None:
+        # Given a request whose plan needs two distinct approvals
+        uow, request_id = two_admins()
+
+        # When the admin approves it in a bulk / Then it is counted, still pending
+        first = decide_bulk(make_bulk(request_ids=(request_id,)), uow=uow, **SIGNED)  # type: ignore[arg-type]
+        assert first.results == {request_id: "counted"}
+        assert saved(uow, request_id).status is Status.PENDING_REVIEW
+
+        # When the same admin approves it again in another bulk / Then it does not count twice
+        again = decide_bulk(make_bulk(request_ids=(request_id,)), uow=uow, **SIGNED)  # type: ignore[arg-type]
+        assert again.results == {request_id: "ignored"}
+
+        # When the second admin approves it on its own / Then it is approved
+        assert decide(by("erin", request_id), uow=uow, **SIGNED) is DecisionOutcome.APPLIED  # type: ignore[arg-type]
+        assert saved(uow, request_id).status is Status.APPROVED
