@@ -452,6 +452,26 @@ V1_DECISION: dict[str, Any] = {
     "reason": "Partner contract signed.",
     "decided_at": "2026-11-26T14:30:00+01:00",
 }
+BULK_BY_IDS: dict[str, Any] = {
+    "version": 2,
+    "type": "access_request.bulk_decided",
+    "bulk_id": "5c0e7a93-2b4f-4d18-9a6e-3f1b8c2d7e40",
+    "decision": "approve",
+    "admin_id": "dana",
+    "reason": "Quarterly review: the partner backlog is cleared.",
+    "decided_at": "2026-11-27T12:30:00Z",
+    "audience": "accessflow",
+    "request_ids": "1b4e28ba-2fa1-41d2-883f-0016d3cca427,6fa459ea-ee8a-4ca4-894e-db77e160355e",
+    "signature": {"key_id": "dana-2026-11", "algorithm": "ed25519", "value": "c2lnbmF0dXJl"},
+}
+BULK_BY_FILTER: dict[str, Any] = {
+    **{name: value for name, value in BULK_BY_IDS.items() if name != "request_ids"},
+    "bulk_id": "0d7c3b1e-8f2a-4e65-b9d4-7a1c6e3f2b58",
+    "decision": "reject",
+    "plan_id": "sandbox",
+    "consumer_id": "acme",
+    "submitted_before": "2026-11-20T00:00:00Z",
+}
 #: Contract v2, the current one.
 CURRENT_EXAMPLES: list[tuple[Route, dict[str, Any]]] = [
     (routes.SUBMIT, REQUEST_FOR_AN_EXISTING_APP),
@@ -460,6 +480,8 @@ CURRENT_EXAMPLES: list[tuple[Route, dict[str, Any]]] = [
     (routes.OPERATE, ROTATION),
     (routes.OPERATE, NEW_EXPIRY),
     (routes.OPERATE, PLAN_CHANGE),
+    (routes.DECIDE_BULK, BULK_BY_IDS),
+    (routes.DECIDE_BULK, BULK_BY_FILTER),
 ]
 #: Contract v1, still read off the wire while producers move over.
 LEGACY_EXAMPLES: list[tuple[Route, dict[str, Any]]] = [
@@ -467,7 +489,16 @@ LEGACY_EXAMPLES: list[tuple[Route, dict[str, Any]]] = [
     (routes.SUBMIT, V1_REQUEST_FOR_A_NEW_APP),
     (routes.DECIDE, V1_DECISION),
 ]
-CURRENT_IDS = ["existing-app", "new-app", "decision", "rotation", "new-expiry", "plan-change"]
+CURRENT_IDS = [
+    "existing-app",
+    "new-app",
+    "decision",
+    "rotation",
+    "new-expiry",
+    "plan-change",
+    "bulk-by-ids",
+    "bulk-by-filter",
+]
 LEGACY_IDS = ["existing-app-v1", "new-app-v1", "decision-v1"]
 EXAMPLES = [*CURRENT_EXAMPLES, *LEGACY_EXAMPLES]
 EXAMPLE_IDS = [*CURRENT_IDS, *LEGACY_IDS]
@@ -926,6 +957,7 @@ class TestTheValidExamplesAreAccepted:
             routes.SUBMIT.contract,
             routes.DECIDE.contract,
             routes.OPERATE.contract,
+            routes.DECIDE_BULK.contract,
         }
 
 
