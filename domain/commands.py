@@ -99,6 +99,25 @@ class RetryProvisioning(Command):
 
 
 @dataclass(frozen=True)
+class DecideBulk(Command):
+    """An admin's signed decision on many pending requests: named by id, or selected by a filter."""
+
+    bulk_id: str
+    approve: bool
+    admin_id: str
+    reason: str
+    decided_at: datetime
+    #: The requests named; empty when a filter selects them.
+    request_ids: tuple[str, ...] = ()
+    plan_id: str | None = None
+    consumer_id: str | None = None
+    #: Only requests received before this moment.
+    submitted_before: datetime | None = None
+    signature: Signature | None = None
+    sender: str | None = None
+
+
+@dataclass(frozen=True)
 class OperateCredentials(Command):
     """An admin's signed operation on credentials: rotate, revoke, suspend, resume, set expiry, change plan."""
 

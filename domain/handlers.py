@@ -23,11 +23,14 @@ from domain.errors import (
 )
 from domain.model import (
     LIVE_CREDENTIAL_STATUSES,
+    MAX_BULK_ITEMS,
     AccessRequest,
     ActorKind,
     App,
     Attribution,
     AuthMethod,
+    BulkDecision,
+    BulkItemResult,
     Catalogue,
     Credential,
     CredentialChanged,
@@ -391,23 +394,29 @@ def _decide(
     audience: str,
     max_skew: timedelta,
     now: Callable[[], datetime],
+    authenticated: bool = False,
 ) -> DecisionOutcome:
+    """``authenticated``: the caller has checked the signature already (one item of a bulk decision)."""
     with uow:
         if uow.decisions.get(command.decision_id) is not None:
             uow.record_outcome(
                 outcomes.DecisionDuplicateIgnored(command.decision_id, command.request_id, concurrent=False)
             )
             return DecisionOutcome.IGNORED
-        refusal = _refusal(
-            uow,
-            sender=command.sender,
-            signature=command.signature,
-            admin_id=command.admin_id,
-            signed_at=command.decided_at,
-            verify=verify,
-            audience=audience,
-            max_skew=max_skew,
-            now=now(),
+        refusal = (
+            None
+            if authenticated
+            else _refusal(
+                uow,
+                sender=command.sender,
+                signature=command.signature,
+                admin_id=command.admin_id,
+                signed_at=command.decided_at,
+                verify=verify,
+                audience=audience,
+                max_skew=max_skew,
+                now=now(),
+            )
         )
         request = None if refusal else uow.requests.get(command.request_id, for_update=True)
         outcome, why = DecisionOutcome.APPLIED, ""
@@ -459,6 +468,171 @@ def _decide(
                 outcomes.DecisionRefused(command.decision_id, command.request_id, command.admin_id, refusal)
             )
         return outcome
+
+
+def decide_bulk(
+    command: commands.DecideBulk,
+    *,
+    uow: UnitOfWork,
+    verify: SignatureVerifier,
+    audience: str,
+    max_skew: timedelta = timedelta(minutes=5),
+    now: Callable[[], datetime] = utcnow,
+) -> BulkDecision:
+    """Apply an admin's signed bulk decision to each pending request it selects, once.
+
+    Authenticated once, as a single decision is; a refused bulk is recorded and decides
+    nothing. Each request selected (by id, or by the filter: pending review, oldest first,
+    at most :data:`~domain.model.MAX_BULK_ITEMS`) is then decided on its own, in its own
+    transaction, as a decision whose id is derived from the bulk's and the request's: it is
+    in the request's trail and tells its portal, and a replay or a redelivery after a crash
+    half-way re-applies nothing and decides the rest. The bulk is recorded last, with a
+    result per request; its id makes a replay change nothing.
+    """
+    try:
+        return _decide_bulk(command, uow=uow, verify=verify, audience=audience, max_skew=max_skew, now=now)
+    except Duplicate:
+        uow.record_outcome(outcomes.BulkDecisionDuplicateIgnored(command.bulk_id, concurrent=True))
+        with uow:
+            recorded = uow.bulk_decisions.get(command.bulk_id)
+        assert recorded is not None, "a duplicate is refused only by a committed twin"
+        return recorded
+
+
+def _decide_bulk(
+    command: commands.DecideBulk,
+    *,
+    uow: UnitOfWork,
+    verify: SignatureVerifier,
+    audience: str,
+    max_skew: timedelta,
+    now: Callable[[], datetime],
+) -> BulkDecision:
+    with uow:
+        recorded = uow.bulk_decisions.get(command.bulk_id)
+        if recorded is not None:
+            uow.record_outcome(outcomes.BulkDecisionDuplicateIgnored(command.bulk_id, concurrent=False))
+            return recorded
+        refusal = _refusal(
+            uow,
+            sender=command.sender,
+            signature=command.signature,
+            admin_id=command.admin_id,
+            signed_at=command.decided_at,
+            verify=verify,
+            audience=audience,
+            max_skew=max_skew,
+            now=now(),
+            noun="bulk decision",
+        )
+        bulk = BulkDecision(
+            id=command.bulk_id,
+            approve=command.approve,
+            admin_id=command.admin_id,
+            reason=command.reason,
+            decided_at=command.decided_at,
+            selection=_selection(command),
+            outcome=DecisionOutcome.REFUSED if refusal else DecisionOutcome.APPLIED,
+            outcome_reason=refusal or "",
+            key_id=command.signature.key_id if command.signature and not refusal else None,
+        )
+        if refusal is not None:
+            bulk.results = {request_id: BulkItemResult.REFUSED.value for request_id in command.request_ids}
+            return _record_bulk(uow, bulk, refusal)
+        selected = list(dict.fromkeys(command.request_ids))[:MAX_BULK_ITEMS] or uow.requests.pending_matching(
+            plan_id=command.plan_id,
+            consumer_id=command.consumer_id,
+            received_before=command.submitted_before,
+            limit=MAX_BULK_ITEMS,
+        )
+    for request_id in selected:
+        bulk.results[request_id] = _decide_item(command, request_id, uow=uow, now=now).value
+    if not bulk.results:
+        bulk.outcome, bulk.outcome_reason = DecisionOutcome.IGNORED, "no pending request matches"
+    with uow:
+        return _record_bulk(uow, bulk, None)
+
+
+def bulk_item_decision_id(bulk_id: str, request_id: str) -> str:
+    """The id of the decision a bulk decision makes on one request: the same on every delivery."""
+    return derived_id(f"bulk-decision:{bulk_id}", request_id)
+
+
+def _selection(command: commands.DecideBulk) -> str:
+    if command.request_ids:
+        return "ids"
+    named = (
+        ("plan_id", command.plan_id),
+        ("consumer_id", command.consumer_id),
+        ("submitted_before", _iso(command.submitted_before)),
+    )
+    return " ".join(f"{name}={value}" for name, value in named if value is not None)
+
+
+def _decide_item(
+    command: commands.DecideBulk, request_id: str, *, uow: UnitOfWork, now: Callable[[], datetime]
+) -> BulkItemResult:
+    """Decide one request of an authenticated bulk, or read what an earlier delivery decided."""
+    decision_id = bulk_item_decision_id(command.bulk_id, request_id)
+    item = commands.DecideRequest(
+        decision_id=decision_id,
+        request_id=request_id,
+        approve=command.approve,
+        admin_id=command.admin_id,
+        admin_email="",
+        reason=command.reason,
+        decided_at=command.decided_at,
+        signature=command.signature,
+        sender=command.sender,
+    )
+    try:
+        # The verifier and audience are never used: the bulk was authenticated once, above.
+        _decide(
+            item,
+            uow=uow,
+            verify=_verified_already,
+            audience="",
+            max_skew=timedelta(0),
+            now=now,
+            authenticated=True,
+        )
+    except Duplicate:
+        uow.record_outcome(outcomes.DecisionDuplicateIgnored(decision_id, request_id, concurrent=True))
+    with uow:
+        decision = uow.decisions.get(decision_id)
+        request = uow.requests.get(request_id)
+    assert decision is not None, "a decision is recorded, by this delivery or an earlier one"
+    if decision.outcome is DecisionOutcome.APPLIED:
+        return BulkItemResult.APPLIED
+    if decision.outcome is DecisionOutcome.COUNTED:
+        return BulkItemResult.COUNTED
+    if request is None:
+        return BulkItemResult.NOT_FOUND
+    if request.status is not Status.PENDING_REVIEW:  # an ignored decision left it as it was
+        return BulkItemResult.ALREADY_DECIDED
+    return BulkItemResult.IGNORED
+
+
+def _verified_already(public_key: str, signature: str, data: bytes) -> bool:
+    raise AssertionError("an item of a bulk decision is not verified again")
+
+
+def _record_bulk(uow: UnitOfWork, bulk: BulkDecision, refusal: str | None) -> BulkDecision:
+    uow.bulk_decisions.add(bulk)
+    if refusal is None:
+        uow.record_outcome(
+            outcomes.BulkDecided(
+                bulk_id=bulk.id,
+                admin_id=bulk.admin_id,
+                approve=bulk.approve,
+                selection=bulk.selection,
+                results=tuple(bulk.results.items()),
+            )
+        )
+    uow.commit()
+    if refusal is not None:  # told once recorded: a twin refused at the same moment is a duplicate
+        uow.record_outcome(outcomes.BulkDecisionRefused(bulk.id, bulk.admin_id, refusal))
+    return bulk
 
 
 def _count_approval(

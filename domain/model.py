@@ -1023,6 +1023,47 @@ class CredentialOperation:
     key_id: str | None = None
 
 
+class BulkItemResult(enum.StrEnum):
+    """What a bulk decision did to one request it selected."""
+
+    APPLIED = "applied"
+    #: An approval counted towards the several the request needs, not yet the last.
+    COUNTED = "counted"
+    #: The request is no longer pending review: decided, expired or withdrawn before.
+    ALREADY_DECIDED = "already_decided"
+    #: Pending, but this approval does not count (an ``approvers`` rule: not a listed admin, or twice).
+    IGNORED = "ignored"
+    NOT_FOUND = "not_found"
+    #: The bulk was not shown to come from the admin it names: nothing was decided.
+    REFUSED = "refused"
+
+
+#: At most this many requests in one bulk decision, whether named by id or selected by a filter.
+MAX_BULK_ITEMS = 200
+
+
+@dataclass
+class BulkDecision:
+    """An admin's bulk decision as received, kept whether or not it was applied.
+
+    ``selection`` says what it named (``ids`` or the filter, as ``plan_id=gold consumer_id=...``);
+    ``results`` says, per request selected, a :class:`BulkItemResult`. Each item is also a
+    decision of its own (its id derived from the bulk's and the request's), in the request's trail.
+    """
+
+    id: str
+    approve: bool
+    admin_id: str
+    reason: str
+    decided_at: datetime
+    selection: str
+    outcome: DecisionOutcome
+    outcome_reason: str = ""
+    results: dict[str, str] = field(default_factory=dict)
+    received_at: datetime = field(default_factory=utcnow)
+    key_id: str | None = None
+
+
 class NotificationKind(enum.StrEnum):
     APPROVE = "approve"
     REJECT = "reject"

@@ -223,6 +223,41 @@ class CredentialOperationDuplicateIgnored(Outcome):
 
 
 @dataclass(frozen=True)
+class BulkDecided(Outcome):
+    """An authentic bulk decision was recorded, with a result per request it selected."""
+
+    name: ClassVar[str] = "access_request.bulk_decided"
+    bulk_id: str
+    admin_id: str
+    approve: bool
+    selection: str
+    #: Per request selected: applied, counted, already_decided, ignored or not_found.
+    results: tuple[tuple[str, str], ...]
+
+
+@dataclass(frozen=True)
+class BulkDecisionDuplicateIgnored(Outcome):
+    """A bulk decision already recorded, or recorded by a twin delivery at the same moment."""
+
+    name: ClassVar[str] = "access_request.bulk_duplicate_ignored"
+    committed_only: ClassVar[bool] = False
+    bulk_id: str
+    concurrent: bool
+
+
+@dataclass(frozen=True)
+class BulkDecisionRefused(Outcome):
+    """A bulk decision not shown to come from the admin it names; recorded, and nothing decided."""
+
+    name: ClassVar[str] = "access_request.bulk_refused"
+    level: ClassVar[Level] = "warning"
+    committed_only: ClassVar[bool] = False
+    bulk_id: str
+    admin_id: str
+    reason: str
+
+
+@dataclass(frozen=True)
 class CredentialOperationRefused(Outcome):
     """An operation not shown to come from the admin it names; recorded, and nothing changed."""
 

@@ -15,6 +15,7 @@ from domain.model import (
     AdminKey,
     App,
     AuthMethod,
+    BulkDecision,
     Catalogue,
     Consumer,
     Credential,
@@ -49,6 +50,17 @@ class RequestRepository(Protocol):
     def counts_for_throttle(self, *, consumer_id: str, plan_id: str, since: datetime) -> RequestCounts:
         """The consumer's open requests on the plan and those received since ``since`` (not invalid),
         counted after taking a lock per consumer that is held until the transaction ends."""
+        ...
+
+    def pending_matching(
+        self,
+        *,
+        plan_id: str | None,
+        consumer_id: str | None,
+        received_before: datetime | None,
+        limit: int,
+    ) -> list[str]:
+        """The ids of up to ``limit`` requests pending review that match every filter given, oldest first."""
         ...
 
 
@@ -99,6 +111,12 @@ class CredentialRepository(Protocol):
         """Up to ``limit`` live credentials that expire before ``before``, soonest first; held for this
         transaction, and skipped by any other that asks."""
         ...
+
+
+class BulkDecisionRepository(Protocol):
+    def get(self, bulk_id: str) -> BulkDecision | None: ...
+
+    def add(self, bulk: BulkDecision) -> None: ...
 
 
 class CredentialOperationRepository(Protocol):
@@ -168,6 +186,9 @@ class UnitOfWork(Protocol):
 
     @property
     def credential_operations(self) -> CredentialOperationRepository: ...
+
+    @property
+    def bulk_decisions(self) -> BulkDecisionRepository: ...
 
     @property
     def notifications(self) -> NotificationRepository: ...

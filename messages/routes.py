@@ -50,6 +50,8 @@ DECIDE = Route(
 )
 #: Admin operations on credentials share the decisions queue: the same signers, the same exchange and pool.
 OPERATE = Route("credentials.operate", "decisions", v2.CredentialOperation, external=True)
+#: Bulk decisions too: the same signers, the same exchange and pool as a single decision.
+DECIDE_BULK = Route("access_request.decide_bulk", "decisions", v2.BulkDecision, external=True)
 ISSUE = Route("credentials.issue", "credentials", v1.IssueCredentials)
 NOTIFY = Route("notifications.send", "notifications", v1.SendNotification)
 #: Credential changes on their way to the gateway (:class:`domain.ports.Gateway`): a queue of its own,
@@ -57,7 +59,7 @@ NOTIFY = Route("notifications.send", "notifications", v1.SendNotification)
 PUSH = Route("gateway.push", "gateway", v1.PushCredentialChange)
 
 #: Every route, in the order a request travels them.
-ROUTES: tuple[Route, ...] = (SUBMIT, DECIDE, OPERATE, ISSUE, NOTIFY, PUSH)
+ROUTES: tuple[Route, ...] = (SUBMIT, DECIDE, OPERATE, DECIDE_BULK, ISSUE, NOTIFY, PUSH)
 #: One route per queue, the first that consumes it: for whatever walks the queues rather than the actors
 #: (depths, consumers, pools), which would count the decisions queue twice in :data:`ROUTES`.
 QUEUE_ROUTES: tuple[Route, ...] = tuple({route.queue: route for route in reversed(ROUTES)}.values())[::-1]

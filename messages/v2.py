@@ -32,7 +32,7 @@ from pydantic import (
 )
 
 from domain import commands
-from domain.model import CredentialOperationKind, OperationTarget
+from domain.model import MAX_BULK_ITEMS, CredentialOperationKind, OperationTarget
 from messages import v1
 from messages.canonical import canonical_bytes
 from messages.v1 import Identifier, Text, _not_a_bool
@@ -136,6 +136,87 @@ class AdminDecision(BaseModel):
             admin_email="",
             reason=self.reason,
             decided_at=decided_at,
+            signature=commands.Signature(
+                key_id=self.signature.key_id,
+                value=self.signature.value,
+                signed_bytes=self.signed_bytes(),
+                audience=self.audience,
+            ),
+            sender=sender,
+        )
+
+
+#: At most this many request ids in one bulk decision (:data:`domain.model.MAX_BULK_ITEMS`).
+MAX_BULK_IDS = MAX_BULK_ITEMS
+_UUID = r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}"
+
+#: Canonical UUIDs joined by commas, no spaces: one string, so that it is signed as sent.
+RequestIdList = Annotated[
+    str,
+    StringConstraints(pattern=rf"^{_UUID}(,{_UUID}){{0,{MAX_BULK_IDS - 1}}}$", max_length=37 * MAX_BULK_IDS),
+]
+
+
+class BulkDecision(BaseModel):
+    """An admin approves or rejects many pending requests at once, signed as a decision is.
+
+    Ed25519 over :func:`messages.canonical.canonical_bytes` of every member but ``signature``;
+    members left out are left out of the signed bytes. It names its requests by ``request_ids``
+    (comma-separated canonical UUIDs, at most 200), or selects the pending ones by a filter of
+    ``plan_id``, ``consumer_id`` and ``submitted_before`` (at least one; at most 200 selected,
+    oldest first). Each request is decided on its own, as a decision with an id derived from
+    ``bulk_id`` and the request's; ``bulk_id`` is the idempotency key of the whole.
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    version: Version2 = Field(description="Contract version: 2.")
+    type: Literal["access_request.bulk_decided"]
+    bulk_id: CanonicalUuid = Field(description="Lower-case UUID; the idempotency key of the bulk decision.")
+    decision: Literal["approve", "reject"]
+    admin_id: Identifier = Field(description="The admin, as registered with `accessflow admins add`.")
+    reason: Annotated[Text, StringConstraints(min_length=1)]
+    decided_at: UtcInstant = Field(
+        description="When the admin decided, UTC with a Z; refused beyond the allowed skew, as a decision is."
+    )
+    audience: Identifier = Field(description="The deployment this is meant for: its queue prefix.")
+    request_ids: RequestIdList | None = Field(
+        None,
+        description="The requests, as comma-separated lower-case UUIDs without spaces (at most 200). "
+        "Leave out to select by the filter instead.",
+    )
+    plan_id: Identifier | None = Field(None, description="Filter: pending requests for this plan.")
+    consumer_id: Identifier | None = Field(None, description="Filter: pending requests of this consumer.")
+    submitted_before: UtcInstant | None = Field(
+        None, description="Filter: pending requests received before this moment, UTC with a Z."
+    )
+    signature: SignatureBlock
+
+    @model_validator(mode="after")
+    def _selects_one_way(self) -> BulkDecision:
+        filtered = (self.plan_id, self.consumer_id, self.submitted_before) != (None, None, None)
+        if self.request_ids is not None and filtered:
+            raise ValueError("a bulk decision names request_ids or a filter, not both")
+        if self.request_ids is None and not filtered:
+            raise ValueError(
+                "a bulk decision names request_ids, or a filter of plan_id, consumer_id or submitted_before"
+            )
+        return self
+
+    def signed_bytes(self) -> bytes:
+        return canonical_bytes(self.model_dump(mode="json", exclude={"signature"}, exclude_none=True))
+
+    def to_command(self, sender: str | None = None) -> commands.DecideBulk:
+        return commands.DecideBulk(
+            bulk_id=self.bulk_id,
+            approve=self.decision == "approve",
+            admin_id=self.admin_id,
+            reason=self.reason,
+            decided_at=_instant(self.decided_at),
+            request_ids=tuple(self.request_ids.split(",")) if self.request_ids else (),
+            plan_id=self.plan_id,
+            consumer_id=self.consumer_id,
+            submitted_before=_instant(self.submitted_before) if self.submitted_before else None,
             signature=commands.Signature(
                 key_id=self.signature.key_id,
                 value=self.signature.value,

@@ -1,4 +1,4 @@
-"""The actors: one per route; the admin's credential operations share the decisions queue. Each gets its contract decoded (infra.messaging.actors), calls a handler, returns.
+"""The actors: one per route; the admin's credential operations and bulk decisions share the decisions queue. Each gets its contract decoded (infra.messaging.actors), calls a handler, returns.
 
 ``sender`` is the AMQP user that first published the message, as RabbitMQ validated it.
 """
@@ -57,6 +57,17 @@ def operate_credentials(message: v2.CredentialOperation, services: Services, sen
     )
 
 
+@actor(routes.DECIDE_BULK)
+def decide_bulk(message: v2.BulkDecision, services: Services, sender: str | None) -> None:
+    handlers.decide_bulk(
+        message.to_command(sender),
+        uow=services.uow(),
+        verify=services.verify_signature,
+        audience=services.settings.queue_prefix,
+        max_skew=timedelta(seconds=services.settings.decision_max_skew_seconds),
+    )
+
+
 @actor(routes.ISSUE)
 def issue_credentials(message: v1.IssueCredentials, services: Services, sender: str | None) -> None:
     handlers.issue_credentials(
@@ -91,6 +102,7 @@ ACTORS: tuple[Actor[Any], ...] = (
     route_request,
     apply_decision,
     operate_credentials,
+    decide_bulk,
     issue_credentials,
     send_notification,
     push_to_gateway,

@@ -232,3 +232,52 @@ def operate(wire: Wire, operation: v2.CredentialOperation) -> v2.CredentialOpera
 
 def _instant(moment: datetime) -> str:
     return moment.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+def signed_bulk_decision(
+    *,
+    approve: bool,
+    admin_id: str,
+    reason: str,
+    audience: str,
+    key_id: str,
+    private_key: Ed25519PrivateKey,
+    request_ids: list[str] | None = None,
+    plan_id: str | None = None,
+    consumer_id: str | None = None,
+    submitted_before: datetime | None = None,
+    decided_at: datetime | None = None,
+) -> v2.BulkDecision:
+    """Build and sign a v2 bulk decision, as an admin tool does: by ids, or by a filter; members not given are left out."""
+    fields: dict[str, Any] = {
+        "version": 2,
+        "type": "access_request.bulk_decided",
+        "bulk_id": str(uuid.uuid4()),
+        "decision": "approve" if approve else "reject",
+        "admin_id": admin_id,
+        "reason": reason,
+        "decided_at": _instant(decided_at or datetime.now(UTC)),
+        "audience": audience,
+    }
+    if request_ids:
+        fields["request_ids"] = ",".join(request_id.strip().lower() for request_id in request_ids)
+    if plan_id is not None:
+        fields["plan_id"] = plan_id
+    if consumer_id is not None:
+        fields["consumer_id"] = consumer_id
+    if submitted_before is not None:
+        fields["submitted_before"] = _instant(submitted_before)
+    try:
+        fields["signature"] = signing.sign(private_key, fields, key_id=key_id)
+    except ValueError as error:
+        raise InvalidMessage(str(error)) from None
+    signed: v2.BulkDecision = _validated(v2.BulkDecision, fields)
+    return signed
+
+
+def decide_bulk(wire: Wire, bulk: v2.BulkDecision) -> v2.BulkDecision:
+    """Publish a signed bulk decision; like a decision, to the decisions exchange under the admin's id."""
+    wire.send(
+        routes.DECIDE_BULK, routing_key=bulk.admin_id, payload=bulk.model_dump(mode="json", exclude_none=True)
+    )
+    return bulk

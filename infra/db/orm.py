@@ -249,6 +249,23 @@ credential_operations = sa.Table(
     sa.Column("key_id", sa.String(64), nullable=True),
 )
 
+# Admins' bulk decisions as received, with a result per request selected; the id makes a replay change nothing.
+bulk_decisions = sa.Table(
+    "bulk_decisions",
+    metadata,
+    sa.Column("id", sa.String(36), primary_key=True),
+    sa.Column("approve", sa.Boolean, nullable=False),
+    sa.Column("admin_id", sa.String(64), nullable=False),
+    sa.Column("reason", sa.Text, nullable=False),
+    sa.Column("decided_at", Timestamp, nullable=False),
+    sa.Column("selection", sa.Text, nullable=False),
+    sa.Column("received_at", Timestamp, nullable=False),
+    sa.Column("outcome", _enum(DecisionOutcome), nullable=False),
+    sa.Column("outcome_reason", sa.Text, nullable=False, server_default=""),
+    sa.Column("results", sa.JSON, nullable=False),
+    sa.Column("key_id", sa.String(64), nullable=True),
+)
+
 notifications = sa.Table(
     "notifications",
     metadata,

@@ -40,6 +40,7 @@ from domain.model import (
     AdminKey,
     App,
     AuditEntry,
+    BulkDecision,
     Catalogue,
     Consumer,
     Credential,
@@ -563,6 +564,30 @@ class SqlRequestRepository:
             .with_for_update(skip_locked=True)
         )
         return self._load_with_trails(query)
+
+    def pending_matching(
+        self,
+        *,
+        plan_id: str | None,
+        consumer_id: str | None,
+        received_before: datetime | None,
+        limit: int,
+    ) -> list[str]:
+        """Ids of requests pending review matching every filter given, oldest first, at most ``limit``.
+
+        Not locked: each is decided afterwards in its own transaction, which locks it and checks
+        it is still pending.
+        """
+        c = _requests.c
+        query = sa.select(c.id).where(c.status == Status.PENDING_REVIEW)
+        if plan_id is not None:
+            query = query.where(c.plan_id == plan_id)
+        if consumer_id is not None:
+            query = query.where(c.consumer_id == consumer_id)
+        if received_before is not None:
+            query = query.where(c.received_at < received_before)
+        query = query.order_by(c.received_at, c.id).limit(limit)
+        return [str(row.id) for row in self.session.connection().execute(query)]
 
     def _load_with_trails(self, query: sa.Select[Any]) -> list[AccessRequest]:
         connection = self.session.connection()
@@ -1134,6 +1159,43 @@ class SqlCredentialOperationRepository:
                     self.session,
                     insert_rows(_operations, _OPERATION_COLUMNS, 1),
                     rows_parameters([operation], _OPERATION_COLUMNS, "v"),
+                )
+        self._added.clear()
+
+    def forget(self) -> None:
+        self._added.clear()
+
+
+_bulks = orm.bulk_decisions
+_BULK_COLUMNS: Final = tuple(c.name for c in _bulks.columns)
+
+
+class SqlBulkDecisionRepository:
+    """Admins' bulk decisions as received: added once, never changed."""
+
+    def __init__(self, session: Session) -> None:
+        self.session = session
+        self._added: list[BulkDecision] = []
+
+    def get(self, bulk_id: str) -> BulkDecision | None:
+        for bulk in self._added:
+            if bulk.id == bulk_id:
+                return bulk
+        rows = run(self.session, sa.select(_bulks).where(_bulks.c.id == bulk_id))
+        if not rows:
+            return None
+        return BulkDecision(**_record(_bulks, _BULK_COLUMNS, rows[0]))
+
+    def add(self, bulk: BulkDecision) -> None:
+        self._added.append(bulk)
+
+    def flush(self) -> None:
+        for bulk in self._added:
+            with _duplicate_of(f"bulk decision {bulk.id}", "bulk_decisions", "bulk_decisions_pkey"):
+                run(
+                    self.session,
+                    insert_rows(_bulks, _BULK_COLUMNS, 1),
+                    rows_parameters([bulk], _BULK_COLUMNS, "v"),
                 )
         self._added.clear()
 

@@ -15,6 +15,7 @@ from infra.db.repositories import (
     ReferenceCache,
     ReferenceReads,
     SqlAdminKeyRepository,
+    SqlBulkDecisionRepository,
     SqlCatalogueRepository,
     SqlCredentialOperationRepository,
     SqlCredentialRepository,
@@ -60,6 +61,7 @@ class SqlUnitOfWork:
     decisions: SqlDecisionRepository
     credentials: SqlCredentialRepository
     credential_operations: SqlCredentialOperationRepository
+    bulk_decisions: SqlBulkDecisionRepository
     notifications: SqlNotificationRepository
     portals: SqlPortalRepository
     admin_keys: SqlAdminKeyRepository
@@ -88,6 +90,7 @@ class SqlUnitOfWork:
         self.decisions = SqlDecisionRepository(self.session)
         self.credentials = SqlCredentialRepository(self.session)
         self.credential_operations = SqlCredentialOperationRepository(self.session)
+        self.bulk_decisions = SqlBulkDecisionRepository(self.session)
         self.notifications = SqlNotificationRepository(self.session)
         self.portals = SqlPortalRepository(self.session, self.reads)
         self.admin_keys = SqlAdminKeyRepository(self.session, self.reads)
@@ -110,6 +113,7 @@ class SqlUnitOfWork:
         self.decisions.flush()
         self.credentials.flush()
         self.credential_operations.flush()
+        self.bulk_decisions.flush()
         self.notifications.flush()
         self.outbox.flush()
 
@@ -119,6 +123,7 @@ class SqlUnitOfWork:
             self.decisions,
             self.credentials,
             self.credential_operations,
+            self.bulk_decisions,
             self.notifications,
         ):
             repository.forget()

@@ -105,6 +105,33 @@ def app_of_request(uow: SqlUnitOfWork, request_id: str) -> str | None:
         return request.app_id if request is not None else None
 
 
+def bulk_results(uow: SqlUnitOfWork, bulk_id: str) -> dict[str, Any] | None:
+    """A recorded bulk decision and its result per request, each with the request's status now; None until recorded."""
+    with uow:
+        bulk = uow.bulk_decisions.get(bulk_id)
+        if bulk is None:
+            return None
+        items = []
+        for request_id, result in bulk.results.items():
+            request = uow.requests.get(request_id)
+            items.append(
+                {
+                    "request_id": request_id,
+                    "result": result,
+                    "status": request.status.value if request is not None else None,
+                }
+            )
+    return {
+        "bulk_id": bulk.id,
+        "decision": "approve" if bulk.approve else "reject",
+        "admin_id": bulk.admin_id,
+        "selection": bulk.selection,
+        "outcome": bulk.outcome.value,
+        "outcome_reason": bulk.outcome_reason,
+        "items": items,
+    }
+
+
 def reveal_credentials(
     uow: SqlUnitOfWork, unseal: Callable[[bytes], str], app_id: str
 ) -> list[dict[str, Any]]:

@@ -61,6 +61,8 @@ COMPLETION_BUCKETS = (0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0, 900.0, 3600.0
 REFUSED_DECISION = "refused_decision"
 #: The refusal recorded for a credential operation that is not shown to come from an admin.
 REFUSED_OPERATION = "refused_operation"
+#: The refusal recorded for a bulk decision that is not shown to come from an admin.
+REFUSED_BULK_DECISION = "refused_bulk_decision"
 
 
 @dataclass(frozen=True)
@@ -245,6 +247,13 @@ def read_database(engine: Engine, snapshot: Snapshot) -> None:
                 .where(orm.credential_operations.c.outcome == DecisionOutcome.REFUSED.value)
             ).scalar_one()
         )
+        refused[REFUSED_BULK_DECISION] = int(
+            connection.execute(
+                sa.select(sa.func.count())
+                .select_from(orm.bulk_decisions)
+                .where(orm.bulk_decisions.c.outcome == DecisionOutcome.REFUSED.value)
+            ).scalar_one()
+        )
         snapshot.refused = refused
     snapshot.database_up = True
 
@@ -345,7 +354,7 @@ def state_families(snapshot: Snapshot, prefix: str) -> list[Metric]:
     families.append(states)
     refused = CounterMetricFamily(
         "accessflow_refused_messages",
-        "Messages refused and recorded, by reason: malformed, forged, refused_decision, refused_operation.",
+        "Messages refused and recorded, by reason: malformed, forged, refused_decision, refused_operation, refused_bulk_decision.",
         labels=["reason"],
     )
     for reason, count in sorted(snapshot.refused.items()):

@@ -26,6 +26,7 @@ from domain.model import (
     AdminKey,
     App,
     AuthMethod,
+    BulkDecision,
     Catalogue,
     Consumer,
     Credential,
@@ -141,6 +142,24 @@ class FakeRequestRepository:
             open=sum(r.status in opened for r in mine),
             last_hour=sum(r.received_at >= since and r.status is not Status.INVALID for r in mine),
         )
+
+    def pending_matching(
+        self,
+        *,
+        plan_id: str | None,
+        consumer_id: str | None,
+        received_before: datetime | None,
+        limit: int,
+    ) -> list[str]:
+        found = sorted(
+            (r.received_at, r.id)
+            for r in self._table.rows.values()
+            if r.status is Status.PENDING_REVIEW
+            and plan_id in (None, r.plan_id)
+            and consumer_id in (None, r.consumer_id)
+            and (received_before is None or r.received_at < received_before)
+        )
+        return [key for _, key in found[:limit]]
 
     def saved(self, request_id: str) -> AccessRequest | None:
         """The committed request, as a fresh transaction would see it."""
@@ -325,6 +344,20 @@ class FakeCredentialRepository:
         return len(self._table.rows)
 
 
+class FakeBulkDecisionRepository:
+    def __init__(self) -> None:
+        self._table: _Table[str, BulkDecision] = _Table("bulk_decisions")
+
+    def get(self, bulk_id: str) -> BulkDecision | None:
+        return self._table.load(bulk_id)
+
+    def add(self, bulk: BulkDecision) -> None:
+        self._table.insert(bulk.id, bulk)
+
+    def saved(self, bulk_id: str) -> BulkDecision | None:
+        return self._table.rows.get(bulk_id)
+
+
 class FakeCredentialOperationRepository:
     def __init__(self) -> None:
         self._table: _Table[str, CredentialOperation] = _Table("credential_operations")
@@ -465,6 +498,7 @@ class FakeUnitOfWork:
         self.decisions = FakeDecisionRepository()
         self.credentials = FakeCredentialRepository()
         self.credential_operations = FakeCredentialOperationRepository()
+        self.bulk_decisions = FakeBulkDecisionRepository()
         self.notifications = FakeNotificationRepository()
         self.portals = FakePortalRepository([ACME_PORTAL, GLOBEX_PORTAL])
         self.admin_keys = FakeAdminKeyRepository([(ADMIN_ID, ADMIN_EMAIL)], [ADMIN_KEY])
@@ -528,6 +562,7 @@ class FakeUnitOfWork:
             self.decisions._table,
             self.credentials,
             self.credential_operations._table,
+            self.bulk_decisions._table,
             self.notifications._table,
             self.portals._table,
             self.admin_keys,

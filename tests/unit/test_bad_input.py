@@ -71,6 +71,7 @@ DECIDED_SCHEMA = _schema("access_request.decided.v2.json")
 V1_SUBMITTED_SCHEMA = _schema("access_request.submitted.v1.json")
 V1_DECIDED_SCHEMA = _schema("access_request.decided.v1.json")
 OPERATE_SCHEMA = _schema("credentials.operate.v2.json")
+BULK_SCHEMA = _schema("access_request.bulk_decided.v2.json")
 ENVELOPE_SCHEMA = _schema("envelope.json")
 #: The schema of each contract outside parties publish: the current ones and the legacy ones.
 SCHEMA_OF: dict[type[BaseModel], dict[str, Any]] = {
@@ -79,6 +80,7 @@ SCHEMA_OF: dict[type[BaseModel], dict[str, Any]] = {
     v1.AccessRequestSubmitted: V1_SUBMITTED_SCHEMA,
     v1.AdminDecision: V1_DECIDED_SCHEMA,
     v2.CredentialOperation: OPERATE_SCHEMA,
+    v2.BulkDecision: BULK_SCHEMA,
 }
 
 #: Offsets as far as RFC 3339 goes: -23:59 to +23:59.
@@ -244,6 +246,32 @@ def operations(schema: dict[str, Any]) -> st.SearchStrategy[dict[str, Any]]:
     return st.one_of(_from(constrained(schema)), _from(strict), *(_from(shape) for shape in shapes))
 
 
+#: The members of a bulk decision's filter: given instead of request_ids.
+FILTER_MEMBERS = ("plan_id", "consumer_id", "submitted_before")
+
+
+def bulk_decisions(schema: dict[str, Any]) -> st.SearchStrategy[dict[str, Any]]:
+    """As the schema allows, some narrowed to what the contract checks too, and some narrowed further
+    to one way of selecting (ids, or a filter): the schema cannot say that they exclude each other."""
+    strict = stricter(schema)
+    properties = strict["properties"]
+
+    def shaped(members: tuple[str, ...]) -> dict[str, Any]:
+        shape = copy.deepcopy(strict)
+        shape["properties"] = {
+            name: sub for name, sub in properties.items() if name not in (*FILTER_MEMBERS, "request_ids")
+        }
+        for member in members:
+            shape["properties"][member] = next(
+                branch for branch in properties[member]["anyOf"] if branch.get("type") != "null"
+            )
+        shape["required"] = [*shape["required"], *members]
+        return shape
+
+    shapes = [shaped(("request_ids",)), shaped(("plan_id",)), shaped(("consumer_id", "submitted_before"))]
+    return st.one_of(_from(constrained(schema)), _from(strict), *(_from(shape) for shape in shapes))
+
+
 #: The members of a credential operation that only some operations take.
 OPERATION_MEMBERS = ("grace_seconds", "plan_id", "expires_at")
 
@@ -252,6 +280,7 @@ V1_SUBMISSIONS = submissions(V1_SUBMITTED_SCHEMA)
 DECISIONS = decisions(DECIDED_SCHEMA)
 V1_DECISIONS = decisions(V1_DECIDED_SCHEMA)
 OPERATIONS = operations(OPERATE_SCHEMA)
+BULK_DECISIONS = bulk_decisions(BULK_SCHEMA)
 #: Each contract outside parties publish, with the payloads generated from its schema.
 GENERATED_SUBMISSIONS = [
     (v2.AccessRequestSubmitted, SUBMISSIONS),
@@ -261,6 +290,7 @@ GENERATED_DECISIONS = [(v2.AdminDecision, DECISIONS), (v1.AdminDecision, V1_DECI
 GENERATED_IDS = ["v2", "v1"]
 #: Born in v2: no legacy contract to generate.
 GENERATED_OPERATIONS = [(v2.CredentialOperation, OPERATIONS)]
+GENERATED_BULK_DECISIONS = [(v2.BulkDecision, BULK_DECISIONS)]
 
 
 # --- decode's answer -------------------------------------------------------------------------------
@@ -422,6 +452,26 @@ V1_DECISION: dict[str, Any] = {
     "reason": "Partner contract signed.",
     "decided_at": "2026-11-26T14:30:00+01:00",
 }
+BULK_BY_IDS: dict[str, Any] = {
+    "version": 2,
+    "type": "access_request.bulk_decided",
+    "bulk_id": "5c0e7a93-2b4f-4d18-9a6e-3f1b8c2d7e40",
+    "decision": "approve",
+    "admin_id": "dana",
+    "reason": "Quarterly review: the partner backlog is cleared.",
+    "decided_at": "2026-11-27T12:30:00Z",
+    "audience": "accessflow",
+    "request_ids": "1b4e28ba-2fa1-41d2-883f-0016d3cca427,6fa459ea-ee8a-4ca4-894e-db77e160355e",
+    "signature": {"key_id": "dana-2026-11", "algorithm": "ed25519", "value": "c2lnbmF0dXJl"},
+}
+BULK_BY_FILTER: dict[str, Any] = {
+    **{name: value for name, value in BULK_BY_IDS.items() if name != "request_ids"},
+    "bulk_id": "0d7c3b1e-8f2a-4e65-b9d4-7a1c6e3f2b58",
+    "decision": "reject",
+    "plan_id": "sandbox",
+    "consumer_id": "acme",
+    "submitted_before": "2026-11-20T00:00:00Z",
+}
 #: Contract v2, the current one.
 CURRENT_EXAMPLES: list[tuple[Route, dict[str, Any]]] = [
     (routes.SUBMIT, REQUEST_FOR_AN_EXISTING_APP),
@@ -430,6 +480,8 @@ CURRENT_EXAMPLES: list[tuple[Route, dict[str, Any]]] = [
     (routes.OPERATE, ROTATION),
     (routes.OPERATE, NEW_EXPIRY),
     (routes.OPERATE, PLAN_CHANGE),
+    (routes.DECIDE_BULK, BULK_BY_IDS),
+    (routes.DECIDE_BULK, BULK_BY_FILTER),
 ]
 #: Contract v1, still read off the wire while producers move over.
 LEGACY_EXAMPLES: list[tuple[Route, dict[str, Any]]] = [
@@ -437,7 +489,16 @@ LEGACY_EXAMPLES: list[tuple[Route, dict[str, Any]]] = [
     (routes.SUBMIT, V1_REQUEST_FOR_A_NEW_APP),
     (routes.DECIDE, V1_DECISION),
 ]
-CURRENT_IDS = ["existing-app", "new-app", "decision", "rotation", "new-expiry", "plan-change"]
+CURRENT_IDS = [
+    "existing-app",
+    "new-app",
+    "decision",
+    "rotation",
+    "new-expiry",
+    "plan-change",
+    "bulk-by-ids",
+    "bulk-by-filter",
+]
 LEGACY_IDS = ["existing-app-v1", "new-app-v1", "decision-v1"]
 EXAMPLES = [*CURRENT_EXAMPLES, *LEGACY_EXAMPLES]
 EXAMPLE_IDS = [*CURRENT_IDS, *LEGACY_IDS]
@@ -710,7 +771,11 @@ class TestMessagesGeneratedFromTheSchemasAreDecodedOrRefusedInWords:
 
         # Then each has its generator, drawing from the schema file exported for it
         generated = {
-            contract for contract, _ in GENERATED_SUBMISSIONS + GENERATED_DECISIONS + GENERATED_OPERATIONS
+            contract
+            for contract, _ in GENERATED_SUBMISSIONS
+            + GENERATED_DECISIONS
+            + GENERATED_OPERATIONS
+            + GENERATED_BULK_DECISIONS
         }
         assert generated == published == set(SCHEMA_OF)
         for contract, schema in SCHEMA_OF.items():
@@ -800,16 +865,53 @@ class TestMessagesGeneratedFromTheSchemasAreDecodedOrRefusedInWords:
             sent = {name: value for name, value in payload.items() if value is not None}
             assert message.signed_bytes() == canonical_bytes(sent)
 
+    @pytest.mark.parametrize(("contract", "strategy"), GENERATED_BULK_DECISIONS, ids=["v2"])
+    @QUICK
+    @given(data=st.data())
+    def test_a_bulk_decision(
+        self, contract: type[BaseModel], strategy: st.SearchStrategy[dict[str, Any]], data: st.DataObject
+    ) -> None:
+        # Given a bulk decision the JSON Schema allows, with a garbage signature
+        payload = data.draw(strategy, label="payload")
+
+        # When a worker decodes it, off the decisions queue it shares with the decisions
+        message = assert_decoded_or_explained(routes.DECIDE_BULK, payload, contract)
+
+        # Then it is that contract, or a ValueError/ValidationError whose explanation names a field
+        if isinstance(message, v2.BulkDecision):
+            assert decode(routes.DECIDE_BULK, (message.model_dump(mode="json"),), {}) == message
+            for text in (
+                message.bulk_id,
+                message.admin_id,
+                message.audience,
+                message.decided_at,
+                message.signature.key_id,
+                message.request_ids,
+                message.plan_id,
+                message.consumer_id,
+                message.submitted_before,
+            ):
+                assert not CONTROL.search(text or ""), text
+            # ... it selects one way: ids, or a filter ...
+            filtered = any(getattr(message, name) is not None for name in FILTER_MEMBERS)
+            assert (message.request_ids is not None) != filtered
+            command = message.to_command()
+            assert len(command.request_ids) <= v2.MAX_BULK_IDS
+            # ... and nothing was normalised: the signed bytes are those of the members as sent
+            sent = {name: value for name, value in payload.items() if value is not None}
+            assert message.signed_bytes() == canonical_bytes(sent)
+
     @pytest.mark.parametrize(
         ("route", "contract", "strategy"),
         [
             *[(routes.SUBMIT, contract, strategy) for contract, strategy in GENERATED_SUBMISSIONS],
             *[(routes.DECIDE, contract, strategy) for contract, strategy in GENERATED_DECISIONS],
             *[(routes.OPERATE, contract, strategy) for contract, strategy in GENERATED_OPERATIONS],
+            *[(routes.DECIDE_BULK, contract, strategy) for contract, strategy in GENERATED_BULK_DECISIONS],
         ],
         ids=[f"submission-{v}" for v in GENERATED_IDS]
         + [f"decision-{v}" for v in GENERATED_IDS]
-        + ["operation-v2"],
+        + ["operation-v2", "bulk-decision-v2"],
     )
     def test_the_generators_reach_both_acceptance_and_refusal(
         self, route: Route, contract: type[BaseModel], strategy: st.SearchStrategy[dict[str, Any]]
@@ -855,6 +957,7 @@ class TestTheValidExamplesAreAccepted:
             routes.SUBMIT.contract,
             routes.DECIDE.contract,
             routes.OPERATE.contract,
+            routes.DECIDE_BULK.contract,
         }
 
 

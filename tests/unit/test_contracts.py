@@ -15,6 +15,7 @@ import ast
 import dataclasses
 import json
 import re
+import uuid
 from collections.abc import Callable, Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -46,6 +47,7 @@ EXCHANGE_OF = {
     routes.SUBMIT.actor_name: TOPOLOGY.submissions_exchange,
     routes.DECIDE.actor_name: TOPOLOGY.decisions_exchange,
     routes.OPERATE.actor_name: TOPOLOGY.decisions_exchange,
+    routes.DECIDE_BULK.actor_name: TOPOLOGY.decisions_exchange,
 }
 
 
@@ -65,6 +67,7 @@ def test_one_schema_file_per_contract_plus_the_envelope() -> None:
             "access_request.decided.v2.json",
             "access_request.decided.v1.json",
             "credentials.operate.v2.json",
+            "access_request.bulk_decided.v2.json",
             "credentials.issue.v1.json",
             "notification.send.v1.json",
             "gateway.push.v1.json",
@@ -88,6 +91,7 @@ def test_the_current_contract_of_each_external_route_is_v2_and_v1_its_legacy_if_
         routes.SUBMIT.actor_name,
         routes.DECIDE.actor_name,
         routes.OPERATE.actor_name,
+        routes.DECIDE_BULK.actor_name,
     }
     assert (routes.SUBMIT.contract, dict(routes.SUBMIT.legacy)) == (
         v2.AccessRequestSubmitted,
@@ -97,6 +101,7 @@ def test_the_current_contract_of_each_external_route_is_v2_and_v1_its_legacy_if_
     # born in v2: no v1 to read, so a payload of any other version is refused by v2 itself
     assert (routes.OPERATE.contract, dict(routes.OPERATE.legacy)) == (v2.CredentialOperation, {})
     assert routes.OPERATE.contract_for({"version": 1}) is v2.CredentialOperation
+    assert (routes.DECIDE_BULK.contract, dict(routes.DECIDE_BULK.legacy)) == (v2.BulkDecision, {})
     assert not routes.ISSUE.legacy and not routes.NOTIFY.legacy
 
 
@@ -282,7 +287,7 @@ def test_every_route_has_a_message_on_its_queue_and_its_exchange(asyncapi: dict[
         for channel, _ in _route_channels(asyncapi)
         if routes.OPERATE in _routes_of(channel)
     }
-    both = {routes.DECIDE.actor_name, routes.OPERATE.actor_name}
+    both = {routes.DECIDE.actor_name, routes.OPERATE.actor_name, routes.DECIDE_BULK.actor_name}
     assert decisions == {routes.DECIDE.queue_name(PREFIX): both, TOPOLOGY.decisions_exchange: both}
 
 
@@ -390,7 +395,12 @@ def test_portal_event_examples_are_events_accessflow_sends(asyncapi: dict[str, A
 def test_every_external_message_has_an_example(asyncapi: dict[str, Any]) -> None:
     exemplified = {route.actor_name for _, route, _ in _examples(asyncapi)}
     assert exemplified == {route.actor_name for route in routes.ROUTES if route.external}
-    assert exemplified == {routes.SUBMIT.actor_name, routes.DECIDE.actor_name, routes.OPERATE.actor_name}
+    assert exemplified == {
+        routes.SUBMIT.actor_name,
+        routes.DECIDE.actor_name,
+        routes.OPERATE.actor_name,
+        routes.DECIDE_BULK.actor_name,
+    }
 
 
 def test_every_external_route_has_an_example_of_its_current_contract(asyncapi: dict[str, Any]) -> None:
@@ -399,7 +409,12 @@ def test_every_external_route_has_an_example_of_its_current_contract(asyncapi: d
         for _, route, envelope in _examples(asyncapi)
         if route.contract_for(envelope["args"][0]) is route.contract
     }
-    assert current == {routes.SUBMIT.actor_name, routes.DECIDE.actor_name, routes.OPERATE.actor_name}
+    assert current == {
+        routes.SUBMIT.actor_name,
+        routes.DECIDE.actor_name,
+        routes.OPERATE.actor_name,
+        routes.DECIDE_BULK.actor_name,
+    }
 
 
 def test_examples_are_complete_envelopes_that_accessflow_accepts(asyncapi: dict[str, Any]) -> None:
@@ -424,12 +439,16 @@ def test_signed_examples_verify_with_the_worked_examples_key(asyncapi: dict[str,
     signed = [
         (name, validation.decode(route, tuple(envelope["args"]), envelope["kwargs"]))
         for name, route, envelope in _examples(asyncapi)
-        if route in (routes.DECIDE, routes.OPERATE)
+        if route in (routes.DECIDE, routes.OPERATE, routes.DECIDE_BULK)
     ]
-    assert {type(message) for _, message in signed} == {v2.AdminDecision, v2.CredentialOperation}
+    assert {type(message) for _, message in signed} == {
+        v2.AdminDecision,
+        v2.CredentialOperation,
+        v2.BulkDecision,
+    }
     for name, message in signed:
         # Then each verifies over the bytes a worker rebuilds from it, as the handler checks it
-        assert isinstance(message, v2.AdminDecision | v2.CredentialOperation)
+        assert isinstance(message, v2.AdminDecision | v2.CredentialOperation | v2.BulkDecision)
         assert verify(key, message.signature.value, message.signed_bytes()), name
 
 
@@ -1035,3 +1054,73 @@ def test_to_command_of_the_other_operations() -> None:
         "set_expiry",
         "change_plan",
     }
+
+
+# --- bulk decisions --------------------------------------------------------------------------------
+
+
+def _bulk(**changes: Any) -> dict[str, Any]:
+    payload: dict[str, Any] = {
+        "version": 2,
+        "type": "access_request.bulk_decided",
+        "bulk_id": "5c0e7a93-2b4f-4d18-9a6e-3f1b8c2d7e40",
+        "decision": "approve",
+        "admin_id": "dana",
+        "reason": "backlog",
+        "decided_at": "2026-11-27T12:30:00Z",
+        "audience": "accessflow",
+        "request_ids": "1b4e28ba-2fa1-41d2-883f-0016d3cca427,6fa459ea-ee8a-4ca4-894e-db77e160355e",
+        "signature": {"key_id": "dana-2026-11", "algorithm": "ed25519", "value": "c2ln"},
+    }
+    payload.update(changes)
+    return {name: value for name, value in payload.items() if value is not None}
+
+
+class TestABulkDecisionContract:
+    def test_names_ids_or_a_filter_but_not_both_nor_neither(self) -> None:
+        assert _failures(v2.BulkDecision, _bulk(plan_id="gold")) == [
+            ("", "Value error, a bulk decision names request_ids or a filter, not both")
+        ]
+        assert _failures(v2.BulkDecision, _bulk(request_ids=None))
+        assert (
+            v2.BulkDecision.model_validate(_bulk(request_ids=None, consumer_id="acme")).consumer_id == "acme"
+        )
+
+    @pytest.mark.parametrize(
+        "request_ids",
+        [
+            "1B4E28BA-2FA1-41D2-883F-0016D3CCA427",
+            "1b4e28ba-2fa1-41d2-883f-0016d3cca427, 6fa459ea-ee8a-4ca4-894e-db77e160355e",
+            "1b4e28ba-2fa1-41d2-883f-0016d3cca427,",
+            "",
+            ",".join([str(uuid.UUID(int=n)) for n in range(201)]),
+        ],
+        ids=["upper-case", "space", "trailing-comma", "empty", "201-ids"],
+    )
+    def test_request_ids_are_canonical_uuids_joined_by_commas_at_most_200(self, request_ids: str) -> None:
+        assert _failures(v2.BulkDecision, _bulk(request_ids=request_ids))
+
+    def test_two_hundred_ids_are_taken(self) -> None:
+        ids = ",".join(str(uuid.UUID(int=n)) for n in range(200))
+        command = v2.BulkDecision.model_validate(_bulk(request_ids=ids)).to_command()
+        assert len(command.request_ids) == 200
+
+    def test_signed_bytes_are_the_members_sent_but_the_signature(self) -> None:
+        payload = _bulk(request_ids=None, plan_id="gold", submitted_before="2026-11-20T00:00:00Z")
+        bulk = v2.BulkDecision.model_validate(payload)
+        assert bulk.signed_bytes() == canonical_bytes({k: v for k, v in payload.items() if k != "signature"})
+        assert b"request_ids" not in bulk.signed_bytes() and b"consumer_id" not in bulk.signed_bytes()
+
+    def test_to_command_splits_the_ids_and_reads_the_times(self) -> None:
+        command = v2.BulkDecision.model_validate(_bulk()).to_command("admin-tool")
+        assert command.request_ids == (
+            "1b4e28ba-2fa1-41d2-883f-0016d3cca427",
+            "6fa459ea-ee8a-4ca4-894e-db77e160355e",
+        )
+        assert command.approve and command.sender == "admin-tool"
+        assert command.signature is not None and command.signature.audience == "accessflow"
+        filtered = v2.BulkDecision.model_validate(
+            _bulk(request_ids=None, submitted_before="2026-11-20T00:00:00Z", decision="reject")
+        ).to_command()
+        assert filtered.request_ids == () and not filtered.approve
+        assert filtered.submitted_before == datetime(2026, 11, 20, tzinfo=UTC)
