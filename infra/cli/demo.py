@@ -46,6 +46,8 @@ from messages.routes import ROUTES
 ADMIN = "admin@accessflow.example"
 ADMIN_ID = "dana"
 ADMIN_KEY_ID = "dana-demo"
+#: A request id nobody submitted: a bulk decision names it to show its ``not_found`` result.
+UNKNOWN_REQUEST = "00000000-0000-4000-8000-000000000000"
 #: The second admin, for the plan that needs two approvals.
 SECOND_ADMIN = "lee@accessflow.example"
 SECOND_ADMIN_ID = "lee"
@@ -391,17 +393,21 @@ class _Review:
             ]
         )
         self.echo(f"   pending review: {', '.join(self._details(i)['status'] for i in ids)}")
-        published = bulk_approve(
-            self.admin_wire, ids, self.admin_key, audience=self.prefix, reason="Partner batch."
+        bulk_id = bulk_approve(
+            self.admin_wire,
+            [*ids, UNKNOWN_REQUEST],
+            self.admin_key,
+            audience=self.prefix,
+            reason="Partner batch.",
         )
         self._drain()
+        recorded = views.bulk_results(self.services.uow(), bulk_id)
+        assert recorded is not None, "the bulk is recorded once the demo's broker has drained"
         self.echo(
-            f"   {published} signed decisions published, one per selected request, as the console's bulk approve"
-            " does (a single bulk-decision message is still to come)"
+            f"   one signed bulk decision {bulk_id} for {len(ids)} requests and an unknown id, results per item:"
         )
-        for request_id in ids:
-            d = self._details(request_id)
-            self.echo(f"   {request_id}  {d['status']}")
+        for item in recorded["items"]:
+            self.echo(f"   {item['request_id']}  {item['result']:<16} {item['status'] or '-'}")
 
     def _deadline(self) -> None:
         settings = self.services.settings
@@ -555,26 +561,22 @@ def _hours(delta: timedelta) -> str:
 
 def bulk_approve(
     wire: producer.Wire, request_ids: list[str], private_key: Ed25519PrivateKey, *, audience: str, reason: str
-) -> int:
-    """Approve ``request_ids`` at once, as the console's bulk approve does: one signed decision each.
-
-    The one place the demo decides in bulk: when the bulk-decision message lands, it sends one
-    of those instead.
+) -> str:
+    """Approve ``request_ids`` at once with one signed bulk decision (``access_request.bulk_decided``).
 
     Returns:
-      How many decisions were published.
+      The bulk's id, under which its result per request is recorded.
     """
-    for request_id in request_ids:
-        producer.decide(
-            wire,
-            producer.signed_decision(
-                request_id=request_id,
-                approve=True,
-                admin_id=ADMIN_ID,
-                reason=reason,
-                audience=audience,
-                key_id=ADMIN_KEY_ID,
-                private_key=private_key,
-            ),
-        )
-    return len(request_ids)
+    bulk = producer.decide_bulk(
+        wire,
+        producer.signed_bulk_decision(
+            approve=True,
+            admin_id=ADMIN_ID,
+            reason=reason,
+            audience=audience,
+            key_id=ADMIN_KEY_ID,
+            private_key=private_key,
+            request_ids=request_ids,
+        ),
+    )
+    return bulk.bulk_id

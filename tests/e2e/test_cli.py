@@ -177,8 +177,10 @@ class TestTheDemo:
             # N of M
             "after dana approves:       pending_review",
             "after lee approves too:    provisioned",
-            # a bulk approval, said to be one decision per request for now
-            "3 signed decisions published, one per selected request",
+            # a bulk approval, one signed message with a result per item
+            "for 3 requests and an unknown id, results per item:",
+            "applied          provisioned",
+            "00000000-0000-4000-8000-000000000000  not_found        -",
             # reminders, escalation and expiry, with their emails
             "expired 0, reminded 1, escalated 0; status pending_review",
             "email to admin@accessflow.example: Reminder: access request",
