@@ -14,7 +14,7 @@ import uuid
 from collections.abc import Mapping
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 
 import dramatiq
 import pika
@@ -121,6 +121,19 @@ def _validated(contract: type[BaseModel], payload: Mapping[str, Any]) -> Any:
         raise InvalidMessage(explain(error)) from None
 
 
+M = TypeVar("M", bound=BaseModel)
+
+
+def _signed(contract: type[M], fields: dict[str, Any], *, key_id: str, private_key: Ed25519PrivateKey) -> M:
+    """Sign an admin's message as ``signing.sign`` does (every member but the signature), then check it."""
+    try:
+        fields["signature"] = signing.sign(private_key, fields, key_id=key_id)
+    except ValueError as error:
+        raise InvalidMessage(str(error)) from None
+    signed: M = _validated(contract, fields)
+    return signed
+
+
 def submit(
     wire: Wire, payload: Mapping[str, Any], *, portal_id: str | None = None
 ) -> v2.AccessRequestSubmitted:
@@ -164,12 +177,7 @@ def signed_decision(
         "decided_at": _instant(decided_at or datetime.now(UTC)),
         "audience": audience,
     }
-    try:
-        fields["signature"] = signing.sign(private_key, fields, key_id=key_id)
-    except ValueError as error:
-        raise InvalidMessage(str(error)) from None
-    decision: v2.AdminDecision = _validated(v2.AdminDecision, fields)
-    return decision
+    return _signed(v2.AdminDecision, fields, key_id=key_id, private_key=private_key)
 
 
 def decide(wire: Wire, decision: v2.AdminDecision) -> v2.AdminDecision:
@@ -212,12 +220,7 @@ def signed_operation(
         fields["plan_id"] = plan_id
     if expires_at is not None:
         fields["expires_at"] = _instant(expires_at)
-    try:
-        fields["signature"] = signing.sign(private_key, fields, key_id=key_id)
-    except ValueError as error:
-        raise InvalidMessage(str(error)) from None
-    signed: v2.CredentialOperation = _validated(v2.CredentialOperation, fields)
-    return signed
+    return _signed(v2.CredentialOperation, fields, key_id=key_id, private_key=private_key)
 
 
 def operate(wire: Wire, operation: v2.CredentialOperation) -> v2.CredentialOperation:
@@ -267,12 +270,7 @@ def signed_bulk_decision(
         fields["consumer_id"] = consumer_id
     if submitted_before is not None:
         fields["submitted_before"] = _instant(submitted_before)
-    try:
-        fields["signature"] = signing.sign(private_key, fields, key_id=key_id)
-    except ValueError as error:
-        raise InvalidMessage(str(error)) from None
-    signed: v2.BulkDecision = _validated(v2.BulkDecision, fields)
-    return signed
+    return _signed(v2.BulkDecision, fields, key_id=key_id, private_key=private_key)
 
 
 def decide_bulk(wire: Wire, bulk: v2.BulkDecision) -> v2.BulkDecision:
