@@ -83,3 +83,24 @@ class PortalEvent:
     reason: str
     occurred_at: datetime
     details: Mapping[str, object] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class BulkDecisionSettled:
+    """What the admins are told once a bulk decision is recorded, through the outbox.
+
+    Told for a refused bulk too: whoever signed it learns that nothing was decided, and why.
+    ``results`` pairs each request selected with what was done to it (a bulk item result).
+    """
+
+    bulk_id: str
+    admin_id: str
+    approve: bool
+    #: ``ids``, or the filter: ``plan_id=gold consumer_id=acme``.
+    selection: str
+    #: ``applied``, ``ignored`` (nothing selected) or ``refused``.
+    outcome: str
+    #: Why it was ignored or refused; empty when applied.
+    outcome_reason: str
+    results: tuple[tuple[str, str], ...]
+    occurred_at: datetime

@@ -9,7 +9,7 @@ from types import TracebackType
 from typing import Protocol, Self
 
 from domain.commands import Command
-from domain.events import PortalEvent
+from domain.events import BulkDecisionSettled, PortalEvent
 from domain.model import (
     AccessRequest,
     AdminKey,
@@ -165,6 +165,10 @@ class Outbox(Protocol):
 
     def announce(self, event: PortalEvent) -> None:
         """Queue an event for its portal, published once the transaction commits."""
+        ...
+
+    def tell_admins(self, event: BulkDecisionSettled) -> None:
+        """Queue an event for the admins' tools, published once the transaction commits."""
         ...
 
 

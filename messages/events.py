@@ -17,7 +17,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from domain.events import PortalEvent
+from domain.events import BulkDecisionSettled, PortalEvent
 from messages.v1 import Identifier
 
 #: The namespace of event ids, so the same event always gets the same id.
@@ -126,3 +126,67 @@ class RequestEvent(BaseModel):
 
     def routing_key(self) -> str:
         return f"{self.portal_id}.{self.event}"
+
+
+#: The first word of the routing key of every event for the admins' tools, in place of a
+#: portal id: so no portal may be registered under it (its queue would be bound to ``admins.#``).
+ADMINS = "admins"
+
+AdminEventName = Literal["access_request.bulk_decided"]
+
+
+class BulkItemOutcome(BaseModel):
+    """What a bulk decision did to one request it selected."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    request_id: str
+    result: Literal["applied", "counted", "already_decided", "ignored", "not_found", "refused"]
+
+
+class AdminEvent(BaseModel):
+    """What the admins' tools are told: a bulk decision's results, one per request it selected.
+
+    Published on the events exchange with the routing key ``admins.<event>``, into the
+    queue ``<prefix>.admin.events``, which only the workers write and only the admin tool's
+    AMQP user reads. Told for a refused bulk too (``outcome`` ``refused``, every named
+    request ``refused``, nothing decided), so that a forged or stale one is seen.
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True, title="AdminEvent")
+
+    version: Literal[1] = 1
+    type: Literal["admin.event"] = "admin.event"
+    event: AdminEventName
+    event_id: str = Field(description="UUID, the same for every delivery of this event.")
+    bulk_id: str = Field(description="The bulk decision's own id, as the admin tool sent it.")
+    admin_id: Identifier = Field(description="The admin the bulk decision named.")
+    decision: Literal["approve", "reject"]
+    selection: str = Field(description="`ids`, or the filter it was: `plan_id=gold consumer_id=acme`.")
+    outcome: Literal["applied", "ignored", "refused"] = Field(
+        description="applied: each result says what was done; ignored: nothing was selected; "
+        "refused: not shown to come from the admin it names, nothing decided."
+    )
+    reason: str = Field(description="Why it was ignored or refused; empty when applied.")
+    results: list[BulkItemOutcome] = Field(description="One per request selected, in the order decided.")
+    occurred_at: datetime
+
+    @classmethod
+    def of(cls, event: BulkDecisionSettled) -> AdminEvent:
+        return cls.model_validate(
+            {
+                "event": "access_request.bulk_decided",
+                "event_id": str(uuid.uuid5(EVENT_NAMESPACE, f"bulk-decided:{event.bulk_id}")),
+                "bulk_id": event.bulk_id,
+                "admin_id": event.admin_id,
+                "decision": "approve" if event.approve else "reject",
+                "selection": event.selection,
+                "outcome": event.outcome,
+                "reason": event.outcome_reason,
+                "results": [{"request_id": r, "result": result} for r, result in event.results],
+                "occurred_at": event.occurred_at,
+            }
+        )
+
+    def routing_key(self) -> str:
+        return f"{ADMINS}.{self.event}"

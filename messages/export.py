@@ -27,7 +27,7 @@ from typing import Any, get_args
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from messages.events import RequestEvent
+from messages.events import AdminEvent, RequestEvent
 from messages.routes import ROUTES
 
 #: Where the schema files live, next to ``asyncapi.yaml``.
@@ -101,7 +101,7 @@ def render_schemas() -> dict[str, str]:
     contracts: list[type[BaseModel]] = [
         c for route in ROUTES for c in (route.contract, *route.legacy.values())
     ]
-    every: list[type[BaseModel]] = [*contracts, RequestEvent]
+    every: list[type[BaseModel]] = [*contracts, RequestEvent, AdminEvent]
     for contract in dict.fromkeys(every):
         name = contract_filename(contract)
         if name in rendered or name == ENVELOPE_FILE:

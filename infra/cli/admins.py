@@ -2,20 +2,28 @@
 
 from __future__ import annotations
 
+import json
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
 import click
+from pydantic import ValidationError
 
 from domain.model import AdminKey, utcnow
+from infra.cli import producer
 from infra.cli.common import (
     echo_json,
+    load_settings,
     open_services,
     print_table,
     validated_entry,
 )
 from infra.credentials import signing
 from infra.db import catalogue_file
+from infra.messaging.topology import Topology
+from messages.events import AdminEvent
+from messages.validation import explain
 
 
 @click.group()
@@ -117,3 +125,53 @@ def admin_keys_revoke(key_id: str) -> None:
             raise click.ClickException(f"no key {key_id}")
         uow.commit()
     click.echo(f"key {key_id} revoked")
+
+
+@admins.command("events")
+@click.option(
+    "--wait",
+    type=click.FloatRange(min=0),
+    default=0.0,
+    show_default=True,
+    help="Wait up to SECONDS for events; 0 takes only what is there.",
+)
+@click.option("--max", "limit", type=click.IntRange(min=1), default=None, help="Stop after N events.")
+@click.option("--json", "as_json", is_flag=True, help="Print each event as one line of JSON, as received.")
+def admins_events(wait: float, limit: int | None, as_json: bool) -> None:
+    """Take the admins' events from the broker: each bulk decision's results, per request.
+
+    Reads the queue only the admin tool's AMQP user may read (ACCESSFLOW_BROKER_URL's user),
+    and acknowledges each event once printed, so each is printed once, by one reader.
+    """
+    settings = load_settings()
+    wire = producer.AmqpWire(settings.broker_url, Topology(settings.queue_prefix))
+
+    def show(event: AdminEvent) -> None:
+        if as_json:
+            click.echo(json.dumps(event.model_dump(mode="json")))
+            return
+        counts = Counter(item.result for item in event.results)
+        title = (
+            f"bulk decision {event.bulk_id} by {event.admin_id}: {event.decision} {event.selection},"
+            f" {event.outcome}" + (f": {event.reason}" if event.reason else "")
+        )
+        summary = ", ".join(f"{n} {result}" for result, n in sorted(counts.items())) or "no request selected"
+        print_table(
+            ("request", "result"),
+            [(item.request_id, item.result) for item in event.results],
+            empty=f"{title} ({summary})",
+            title=f"{title} ({summary})",
+        )
+
+    try:
+        taken = wire.take_admin_events(show, wait=wait, limit=limit)
+    except ValidationError as error:
+        raise click.ClickException(
+            f"an event on the admins' queue is not an admin event, left there: {explain(error)}"
+        ) from None
+    except Exception as error:  # the broker is unreachable or refused the read
+        raise click.ClickException(
+            f"could not read the admins' events: {type(error).__name__}: {error}"
+        ) from None
+    if not as_json and not taken:
+        click.echo("no admin events")

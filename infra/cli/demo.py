@@ -18,6 +18,7 @@ import email.policy
 import json
 import secrets
 import shutil
+from collections import Counter
 from collections.abc import Callable, Mapping
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -208,7 +209,7 @@ def _play(
     for name, request_id in submitted.items():
         echo(f"   {name}")
         for event in sorted(
-            (e.payload for e in publisher.events if e.payload["request_id"] == request_id),
+            (e.payload for e in publisher.events if e.payload.get("request_id") == request_id),
             key=lambda p: int(p["sequence"]),
         ):
             echo(f"     #{event['sequence']} {event['event']:<30} {event['reason']}")
@@ -408,6 +409,14 @@ class _Review:
         )
         for item in recorded["items"]:
             self.echo(f"   {item['request_id']}  {item['result']:<16} {item['status'] or '-'}")
+        publisher = self.services.relay.publisher
+        assert isinstance(publisher, DramatiqPublisher)
+        [told] = [e for e in publisher.events if e.payload.get("bulk_id") == bulk_id]
+        counts = Counter(str(item["result"]) for item in told.payload["results"])
+        self.echo(
+            f"   the admin tools heard it too: {told.payload['event']} on {told.routing_key},"
+            f" {', '.join(f'{n} {result}' for result, n in sorted(counts.items()))}"
+        )
 
     def _deadline(self) -> None:
         settings = self.services.settings

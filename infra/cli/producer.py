@@ -10,8 +10,9 @@ validate anything, so :class:`StubWire` hands the sender to the workers itself.
 from __future__ import annotations
 
 import json
+import time
 import uuid
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Protocol, TypeVar
@@ -28,6 +29,7 @@ from infra.messaging.amqp import broker_user, connection_parameters
 from infra.messaging.publisher import Outgoing
 from infra.messaging.topology import Topology
 from messages import routes, v2
+from messages.events import AdminEvent
 from messages.validation import explain
 
 
@@ -78,6 +80,47 @@ class AmqpWire:
             if connection.is_open:
                 connection.close()
         return message_id
+
+    def take_admin_events(
+        self, handle: Callable[[AdminEvent], None], *, wait: float, limit: int | None
+    ) -> int:
+        """Hand the admins' events to ``handle``, oldest first, acknowledging each once handled.
+
+        Reads ``<prefix>.admin.events`` as the admin tool's AMQP user (the only one, but the
+        workers, with read on it). Takes what is there, then waits up to ``wait`` seconds
+        from the start for more; stops after ``limit`` events. An event that ``handle``
+        raises on, or that does not read as an :class:`AdminEvent`, is left on the queue
+        (requeued) and the error raised: nothing is lost. Returns how many were handled.
+        """
+        deadline = time.monotonic() + wait
+        handled = 0
+        connection = pika.BlockingConnection(self.parameters)
+        try:
+            channel = connection.channel()
+            while limit is None or handled < limit:
+                method, _properties, body = channel.basic_get(
+                    self.topology.admin_events_queue, auto_ack=False
+                )
+                if method is None:
+                    if time.monotonic() >= deadline:
+                        break
+                    connection.sleep(ADMIN_EVENTS_POLL_SECONDS)  # serves the connection's I/O meanwhile
+                    continue
+                try:
+                    handle(AdminEvent.model_validate_json(body))
+                except BaseException:
+                    channel.basic_nack(method.delivery_tag, requeue=True)
+                    raise
+                channel.basic_ack(method.delivery_tag)
+                handled += 1
+        finally:
+            if connection.is_open:
+                connection.close()
+        return handled
+
+
+#: How often :meth:`AmqpWire.take_admin_events` looks again at an empty queue while it waits.
+ADMIN_EVENTS_POLL_SECONDS = 0.2
 
 
 class StubWire:

@@ -14,6 +14,7 @@ from domain.ports import UnitOfWork
 from domain.rules import InvalidRule, Rule, parse_rules
 from infra.credentials import signing
 from infra.credentials.sealing import portal_public_key
+from infra.messaging.topology import check_portal_id
 from messages.v1 import Email, Identifier, Name, Text
 
 
@@ -80,7 +81,8 @@ class AppEntry(Entry):
 
 
 class PortalEntry(Entry):
-    id: Identifier
+    #: A word of the routing keys and a part of the queue names: checked as the broker's topology wants it.
+    id: Annotated[Identifier, AfterValidator(check_portal_id)]
     name: Name
     #: The AMQP user it publishes as; RabbitMQ stamps it on each message as the validated user_id.
     broker_user: Identifier

@@ -13,13 +13,13 @@ from typing import Any, NamedTuple
 from sqlalchemy.orm import Session
 
 from domain.commands import Command
-from domain.events import PortalEvent
+from domain.events import BulkDecisionSettled, PortalEvent
 from domain.model import utcnow
 from infra.db import orm
 from infra.db.repositories import insert_rows, rows_parameters, run
 from infra.messaging.publisher import Outgoing
 from infra.messaging.topology import Topology
-from messages.events import RequestEvent
+from messages.events import AdminEvent, RequestEvent
 from messages.routes import route_for_command
 
 
@@ -43,7 +43,13 @@ class SqlOutbox:
         )
 
     def announce(self, event: PortalEvent) -> None:
-        message = RequestEvent.of(event)
+        self._add_event(RequestEvent.of(event))
+
+    def tell_admins(self, event: BulkDecisionSettled) -> None:
+        self._add_event(AdminEvent.of(event))
+
+    def _add_event(self, message: RequestEvent | AdminEvent) -> None:
+        """An event is its body alone, on the events exchange, under its routing key."""
         self.added.append(
             Outgoing(
                 queue_name="",

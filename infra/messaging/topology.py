@@ -8,7 +8,10 @@ authorisation), and the ``user-id`` property it may set (validated user-id)::
     portal P ---rk "P"-----------> <prefix>.in.submissions (topic) --"#"--> <prefix>.requests
     admin tool -rk <admin id>----> <prefix>.in.decisions   (topic) --"#"--> <prefix>.decisions
     workers ----rk "P.<event>"---> <prefix>.out.events     (topic) --"P.#"--> <prefix>.portal.P.events
-                                        | alternate-exchange: no portal queue is bound for it  (P consumes)
+                                        |                          (P consumes)
+                                        |                          --"admins.#"--> <prefix>.admin.events
+                                        |                          (the admin tool consumes)
+                                        | alternate-exchange: no queue is bound for it
                                         v
                                    <prefix>.out.unrouted (fanout) -----> <prefix>.events.unrouted
     workers <--default exchange--> <prefix>.{requests,decisions,credentials,notifications,gateway} (+ .XQ, .DQ)
@@ -16,7 +19,8 @@ authorisation), and the ``user-id`` property it may set (validated user-id)::
 Only the workers (and the operators' dead-letter replay) may write to the default
 exchange, which reaches every queue of the vhost: so only they can put a message on an
 internal queue. A portal can send a submission only under its own portal id and read
-only its own events; the admin tool can only send decisions.
+only its own events; the admin tool can only send decisions and read the admins' events
+(a bulk decision's results).
 
 Nobody outside accessflow declares or binds anything: every queue, exchange and binding
 above is accessflow's, made by ``accessflow broker setup`` and again, idempotently, by
@@ -56,6 +60,7 @@ from dramatiq.common import xq_name
 
 from infra.messaging.broker import QuorumRabbitmqBroker, make_broker
 from infra.settings import Settings
+from messages.events import ADMINS
 
 if TYPE_CHECKING:
     from pika.adapters.blocking_connection import BlockingChannel
@@ -65,7 +70,8 @@ WORK_QUEUES: tuple[str, ...] = ("requests", "decisions", "credentials", "notific
 #: The only hashing algorithm we write; RabbitMQ's default since 3.6.
 HASHING_ALGORITHM = "rabbit_password_hashing_sha256"
 #: What a portal id may be: it becomes a routing key word and part of regexes, so no dots,
-#: topic wildcards or regex syntax.
+#: topic wildcards or regex syntax; and never :data:`~messages.events.ADMINS`, the first word
+#: of the admins' events (:func:`check_portal_id`).
 PORTAL_ID = re.compile(r"^[A-Za-z0-9_-]+$")
 #: A regex that matches no resource name: RabbitMQ's "nothing".
 NOTHING = "^$"
@@ -122,9 +128,14 @@ class Topology:
         """Where a work queue dead-letters: ``<prefix>.<name>.XQ``."""
         return xq_name(self.queue(name))
 
+    @property
+    def admin_events_queue(self) -> str:
+        """Quorum queue of the events for the admins' tools (``admins.#``): only the admin tool reads it."""
+        return f"{self.prefix}.admin.events"
+
     def portal_events_queue(self, portal_id: str) -> str:
         """A portal's queue for its events: accessflow declares and binds it, the portal only consumes."""
-        _check_portal_id(portal_id)
+        check_portal_id(portal_id)
         return f"{self.prefix}.portal.{portal_id}.events"
 
     def portal_events_binding(self, portal_id: str) -> tuple[str, str, str]:
@@ -137,6 +148,7 @@ class Topology:
             (self.submissions_exchange, self.queue("requests"), "#"),
             (self.decisions_exchange, self.queue("decisions"), "#"),
             (self.unrouted_exchange, self.unrouted_queue, ""),
+            (self.events_exchange, self.admin_events_queue, f"{ADMINS}.#"),
             *(self.portal_events_binding(portal_id) for portal_id in sorted(set(portal_ids))),
         ]
 
@@ -150,13 +162,19 @@ class Topology:
         ]
 
 
-def _check_portal_id(portal_id: str) -> None:
+def check_portal_id(portal_id: str) -> str:
+    """``portal_id`` if it may name a portal's routing key and queue; else ValueError, saying why."""
     if not PORTAL_ID.fullmatch(portal_id):
         raise ValueError(f"invalid portal id {portal_id!r}: letters, digits, '_' and '-' only")
+    if portal_id == ADMINS:
+        raise ValueError(f"invalid portal id {portal_id!r}: reserved for the admins' events")
+    return portal_id
 
 
 #: The arguments of the unrouted-events queue.
 UNROUTED_QUEUE_ARGUMENTS: Mapping[str, Any] = {"x-queue-type": "quorum"}
+#: The arguments of the admins' events queue.
+ADMIN_EVENTS_QUEUE_ARGUMENTS: Mapping[str, Any] = {"x-queue-type": "quorum"}
 #: The arguments of each portal's events queue: no dead-lettering, no TTL, nothing a portal chose.
 PORTAL_EVENTS_QUEUE_ARGUMENTS: Mapping[str, Any] = {"x-queue-type": "quorum"}
 
@@ -238,11 +256,14 @@ def declare(
     """
     portals = sorted(set(portal_ids))
     for portal_id in portals:
-        _check_portal_id(portal_id)
+        check_portal_id(portal_id)
     for name, kind, arguments in topology.exchanges():
         channel.exchange_declare(exchange=name, exchange_type=kind, durable=True, arguments=dict(arguments))
     channel.queue_declare(
         queue=topology.unrouted_queue, durable=True, arguments=dict(UNROUTED_QUEUE_ARGUMENTS)
+    )
+    channel.queue_declare(
+        queue=topology.admin_events_queue, durable=True, arguments=dict(ADMIN_EVENTS_QUEUE_ARGUMENTS)
     )
     if queue_arguments is not None:
         for name in ("requests", "decisions"):
@@ -271,7 +292,7 @@ class Accounts:
 
     #: The worker pools: they consume every work queue and publish events.
     workers: str
-    #: The admin tool, which publishes signed decisions.
+    #: The admin tool, which publishes signed decisions and reads the admins' events.
     admin_tool: str
     #: The operators' CLI: ``dlq list``/``dlq replay`` and queue status.
     ops: str
@@ -280,7 +301,7 @@ class Accounts:
 
     def __post_init__(self) -> None:
         for portal_id in self.portals:
-            _check_portal_id(portal_id)
+            check_portal_id(portal_id)
         names = [self.workers, self.admin_tool, self.ops, *self.portals.values()]
         if any(not name for name in names):
             raise ValueError("every AMQP user needs a name")
@@ -339,7 +360,8 @@ def permissions(topology: Topology, accounts: Accounts) -> list[Permission]:
       ``amq.default`` too, because dramatiq reaches its queues through the default exchange
       (and a queue declared with a dead-letter exchange ``""`` needs write on it).
     * admin tool: write on the decisions exchange only (``basic.publish`` needs write on the
-      exchange and nothing else); it declares nothing and reads nothing.
+      exchange and nothing else); read on the admins' events queue only (a bulk decision's
+      results); it declares nothing. No write on a queue: it binds nothing.
     * portal P: configure nothing; write on the submissions exchange only (to publish); read
       on its own events queue ``<prefix>.portal.P.events`` only (``basic.consume``,
       ``basic.get``; ``basic.ack`` and a passive ``queue.declare`` need no permission).
@@ -367,7 +389,10 @@ def permissions(topology: Topology, accounts: Accounts) -> list[Permission]:
             read=everything,
         ),
         Permission(
-            accounts.admin_tool, configure=NOTHING, write=_exactly(topology.decisions_exchange), read=NOTHING
+            accounts.admin_tool,
+            configure=NOTHING,
+            write=_exactly(topology.decisions_exchange),
+            read=_exactly(topology.admin_events_queue),
         ),
         Permission(
             accounts.ops,
@@ -396,8 +421,9 @@ def topic_permissions(topology: Topology, accounts: Accounts) -> list[TopicPermi
     (read, against the binding key).
 
     * workers, events exchange: publish with any key (an event for any portal); bind only
-      with ``<portal id>.#`` (:func:`declare` binds each portal's events queue so), never
-      with a key that would bring one queue the events of several portals (``#``, ``*.x``).
+      with ``<portal id>.#`` (:func:`declare` binds each portal's events queue so, and the
+      admins' events queue with ``admins.#``, a word no portal id may be), never with a key
+      that would bring one queue the events of several portals (``#``, ``*.x``).
     * portal P, submissions exchange: publish only with the key ``P``, so a submission's
       routing key names the portal that sent it; bind none.
     * portal P, events exchange: nothing, on purpose. A topic permission narrows what the
@@ -509,7 +535,10 @@ def definitions(
             "arguments": dict(queue_args),
         }
 
-    queues = [queue(topology.unrouted_queue, UNROUTED_QUEUE_ARGUMENTS)]
+    queues = [
+        queue(topology.unrouted_queue, UNROUTED_QUEUE_ARGUMENTS),
+        queue(topology.admin_events_queue, ADMIN_EVENTS_QUEUE_ARGUMENTS),
+    ]
     for name in WORK_QUEUES:
         work = topology.queue(name)
         queues += [queue(work, arguments.work(work)), queue(xq_name(work), arguments.dead_letter(work))]

@@ -1,13 +1,15 @@
 """Bulk decisions end to end: real workers, RabbitMQ, PostgreSQL and SMTP sink.
 
 The admin tool signs one ``access_request.bulk_decided`` with ``accessflow decide-bulk`` as its
-own AMQP user; the decisions pool decides each request on its own; ``--wait`` reads the results.
+own AMQP user; the decisions pool decides each request on its own; ``--wait`` reads the results,
+and ``accessflow admins events`` hears them as an event from the admins' own queue.
 """
 
 from __future__ import annotations
 
 import json
 import uuid
+from typing import Any
 
 import pytest
 
@@ -18,11 +20,44 @@ from infra.cli import producer
 from infra.credentials import signing
 from infra.messaging.topology import Topology
 from infra.observability import metrics
+from messages.events import AdminEvent
 from tests import services as svc
 from tests.conftest import ADMIN_ID, Parties
 from tests.e2e.conftest import PortalClient, cli, request_payload, wait_for_status
 
 pytestmark = pytest.mark.usefixtures("worker_pools")
+
+
+def admin_event_by_cli(admin_env: dict[str, str], bulk_id: str) -> dict[str, Any]:
+    """The admins' event of ``bulk_id``, as ``accessflow admins events --json`` prints it.
+
+    The queue is the session's: other tests' bulk decisions are in it too, so take one
+    event at a time until this one comes.
+    """
+    seen: dict[str, dict[str, Any]] = {}
+
+    def take_one() -> dict[str, Any] | None:
+        taken = cli(admin_env, "admins", "events", "--json", "--wait", "10", "--max", "1")
+        for line in taken.stdout.splitlines():
+            event = json.loads(line)
+            seen[event["bulk_id"]] = event
+        return seen.get(bulk_id)
+
+    found: dict[str, Any] = svc.wait_until(take_one, timeout=60, what=f"the admins' event of bulk {bulk_id}")
+    return found
+
+
+def admin_event(admin_env: dict[str, str], prefix: str, bulk_id: str) -> AdminEvent:
+    """The admins' event of ``bulk_id``, read from their queue as the admin tool's AMQP user."""
+    wire = producer.AmqpWire(admin_env["ACCESSFLOW_BROKER_URL"], Topology(prefix))
+    seen: dict[str, AdminEvent] = {}
+
+    def take() -> AdminEvent | None:
+        wire.take_admin_events(lambda event: seen.setdefault(event.bulk_id, event), wait=0, limit=None)
+        return seen.get(bulk_id)
+
+    found: AdminEvent = svc.wait_until(take, what=f"the admins' event of bulk {bulk_id}")
+    return found
 
 
 class TestABulkApprovalWithMixedResults:
@@ -73,6 +108,17 @@ class TestABulkApprovalWithMixedResults:
             request = uow.requests.get(pending[1])
             assert request is not None
             assert any(entry.actor_id == ADMIN_ID for entry in request.history)
+        # And the admins' tools hear the same results as an event, on their own queue
+        event = admin_event_by_cli(admin_env, shown["bulk_id"])
+        assert (event["event"], event["admin_id"], event["decision"], event["outcome"]) == (
+            "access_request.bulk_decided",
+            ADMIN_ID,
+            "approve",
+            "applied",
+        )
+        assert [(item["request_id"], item["result"]) for item in event["results"]] == [
+            (item["request_id"], item["result"]) for item in shown["items"]
+        ]
 
     def test_the_table_names_each_request_and_its_result(
         self, portal: PortalClient, admin_env: dict[str, str], services: Services
@@ -124,6 +170,10 @@ class TestARefusedBulkDecision:
         assert refused.outcome_reason.startswith("rejected_auth: signed for 'another-deployment'")
         assert refused.results == {request_id: "refused"}
         assert wait_for_status(services, request_id, Status.PENDING_REVIEW) is Status.PENDING_REVIEW
+        # And the admins hear that it was refused, and why
+        event = admin_event(admin_env, services.settings.queue_prefix, bulk.bulk_id)
+        assert (event.outcome, event.reason) == ("refused", refused.outcome_reason)
+        assert [(item.request_id, item.result) for item in event.results] == [(request_id, "refused")]
         # And the collector counts it among the refused messages
         snapshot = metrics.Snapshot()
         metrics.read_database(services.engine, snapshot)

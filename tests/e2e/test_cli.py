@@ -352,6 +352,14 @@ class TestRegisteringParties:
                  "--consumer", "initech"],
                 "unknown consumer(s): initech",
             ),
+            "a portal called admins, the admins' events' routing word": (
+                ["portals", "add", "admins", "--name", "A", "--broker-user", "u", "--public-key", "A" * 43 + "="],
+                "reserved for the admins' events",
+            ),
+            "a portal id with a dot, which would widen its routing key": (
+                ["portals", "add", "p.x", "--name", "P", "--broker-user", "u", "--public-key", "A" * 43 + "="],
+                "letters, digits, '_' and '-' only",
+            ),
             "a portal name with an encoded word": (
                 ["portals", "add", "p", "--name", "=?utf-8?q?x?=", "--broker-user", "u", "--public-key", "A" * 43 + "="],
                 "=?",
@@ -377,4 +385,5 @@ class TestRegisteringParties:
             check=False,
         )
         assert bad_key.returncode == 1 and "ed25519" in bad_key.stderr.lower()
-        assert "p" not in {p["id"] for p in json.loads(cli(fresh_env, "portals", "list", "--json").stdout)}
+        registered = {p["id"] for p in json.loads(cli(fresh_env, "portals", "list", "--json").stdout)}
+        assert not registered & {"p", "admins", "p.x"}

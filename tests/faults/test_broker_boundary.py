@@ -215,6 +215,20 @@ def take(deployment: Deployment, user: str, queue: str, marker: str) -> pika.Bas
     return found[0]
 
 
+def markers_in(deployment: Deployment, queue: str) -> list[str]:
+    """The markers of every message in ``queue``, read as the workers and all put back."""
+    markers: list[str] = []
+    with deployment.channel(WORKERS) as channel:
+        tags = []
+        while (got := channel.basic_get(queue, auto_ack=False))[0] is not None:
+            method, _properties, body = got
+            markers.append(json.loads(body).get("marker"))
+            tags.append(method.delivery_tag)
+        for tag in tags:
+            channel.basic_nack(tag, requeue=True)
+    return markers
+
+
 def depth(deployment: Deployment, queue: str) -> int:
     with deployment.channel(WORKERS) as channel:
         return int(channel.queue_declare(queue=queue, passive=True).method.message_count)
@@ -571,6 +585,38 @@ class TestAdminAndOpsRefusals:
                 "refused for user 'af-admin'",
             )
 
+    def test_the_admin_tool_cannot_read_a_portals_events(self, deployment: Deployment) -> None:
+        queue = TOPOLOGY.portal_events_queue("p1")
+        with deployment.channel(ADMIN) as channel:
+            assert refused(channel.basic_get, queue, auto_ack=False) == (
+                ACCESS_REFUSED,
+                f"ACCESS_REFUSED - access to queue '{queue}' in vhost 'accessflow' refused for user 'af-admin'",
+            )
+
+    def test_the_admin_tool_cannot_bind_its_queue_to_every_portals_events(
+        self, deployment: Deployment
+    ) -> None:
+        # bound with "#", the admins' queue would hear every credential issued, sealed secrets and all
+        with deployment.channel(ADMIN) as channel:
+            code, text = refused(
+                channel.queue_bind,
+                queue=TOPOLOGY.admin_events_queue,
+                exchange=TOPOLOGY.events_exchange,
+                routing_key="#",
+            )
+        assert code == ACCESS_REFUSED and text.endswith("refused for user 'af-admin'"), text
+
+    def test_a_portal_cannot_read_the_admins_events(self, deployment: Deployment) -> None:
+        queue = TOPOLOGY.admin_events_queue
+        expected = (
+            ACCESS_REFUSED,
+            f"ACCESS_REFUSED - access to queue '{queue}' in vhost 'accessflow' refused for user 'portal-p1'",
+        )
+        with deployment.channel("portal-p1") as channel:
+            assert refused(channel.basic_get, queue, auto_ack=False) == expected
+        with deployment.channel("portal-p1") as channel:
+            assert refused(channel.basic_consume, queue, lambda *_: None) == expected
+
     def test_ops_cannot_take_work_from_a_work_queue(self, deployment: Deployment) -> None:
         with deployment.channel(OPS) as channel:
             assert refused(channel.basic_get, TOPOLOGY.queue("credentials"), auto_ack=False) == (
@@ -611,8 +657,15 @@ class TestAllowedPaths:
             queue = TOPOLOGY.portal_events_queue(portal_id)
             assert queues[queue] == {"x-queue-type": "quorum"}
             assert (TOPOLOGY.events_exchange, queue, f"{portal_id}.#") in bindings
-        # Every binding from the events exchange is accessflow's: one portal's key to that portal's queue.
+        # And the admins' queue, under the routing word no portal may have
+        assert queues[TOPOLOGY.admin_events_queue] == {"x-queue-type": "quorum"}
+        assert (TOPOLOGY.events_exchange, TOPOLOGY.admin_events_queue, "admins.#") in bindings
+        # Every binding from the events exchange is accessflow's: one portal's key to that portal's
+        # queue, or the admins' key to theirs.
         for _source, destination, key in (b for b in bindings if b[0] == TOPOLOGY.events_exchange):
+            if key == "admins.#":
+                assert destination == TOPOLOGY.admin_events_queue
+                continue
             portal_id = key.removesuffix(".#")
             assert destination == TOPOLOGY.portal_events_queue(portal_id), (destination, key)
 
@@ -629,6 +682,19 @@ class TestAllowedPaths:
         # Then p2's event, which would have come first, was never in it; it is in p2's queue
         assert p2_marker not in seen
         assert take(deployment, "portal-p2", TOPOLOGY.portal_events_queue("p2"), p2_marker).user_id == WORKERS
+
+    def test_the_admin_tool_reads_the_admins_events_and_no_portal_hears_them(
+        self, deployment: Deployment
+    ) -> None:
+        marker, body = marked_body()
+        with deployment.channel(WORKERS) as channel:
+            publish(
+                channel, TOPOLOGY.events_exchange, "admins.access_request.bulk_decided", body, user_id=WORKERS
+            )
+        assert take(deployment, ADMIN, TOPOLOGY.admin_events_queue, marker).user_id == WORKERS
+        # routed to the admins' queue alone: not kept as unrouted, in no portal's queue
+        for queue in (TOPOLOGY.unrouted_queue, *(TOPOLOGY.portal_events_queue(p) for p in PORTAL_USERS)):
+            assert marker not in markers_in(deployment, queue), queue
 
     def test_declare_at_worker_boot_gives_a_portal_registered_later_its_queue(
         self, deployment: Deployment

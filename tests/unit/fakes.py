@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Generic, Protocol, Self, TypeVar
 
 from domain.commands import Command, DecideRequest, RouteRequest, Signature
 from domain.errors import AccessflowError, IssuerRefused
-from domain.events import PortalEvent
+from domain.events import BulkDecisionSettled, PortalEvent
 from domain.model import (
     AccessRequest,
     AdminKey,
@@ -471,6 +471,8 @@ class FakeOutbox:
         self.published: list[Command] = []
         self.pending_events: list[PortalEvent] = []
         self.events: list[PortalEvent] = []
+        self.pending_admin_events: list[BulkDecisionSettled] = []
+        self.admin_events: list[BulkDecisionSettled] = []
 
     def put(self, command: Command) -> None:
         self.pending.append(command)
@@ -478,15 +480,19 @@ class FakeOutbox:
     def announce(self, event: PortalEvent) -> None:
         self.pending_events.append(event)
 
+    def tell_admins(self, event: BulkDecisionSettled) -> None:
+        self.pending_admin_events.append(event)
+
     def commit(self) -> None:
         self.published.extend(self.pending)
         self.events.extend(self.pending_events)
-        self.pending = []
-        self.pending_events = []
+        self.admin_events.extend(self.pending_admin_events)
+        self.rollback()
 
     def rollback(self) -> None:
         self.pending = []
         self.pending_events = []
+        self.pending_admin_events = []
 
 
 class FakeUnitOfWork:

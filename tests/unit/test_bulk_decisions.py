@@ -88,6 +88,16 @@ class TestABulkDecisionByIds:
             assert item is not None and item.request_id == request_id and item.key_id == ADMIN_KEY.key_id
         assert saved(uow, first).history[-1].actor_id == ADMIN_ID
         assert "access_request.bulk_decided" in uow.told
+        # And the admins are told the results, once, in the transaction that recorded them
+        [told] = uow.outbox.admin_events
+        assert (told.bulk_id, told.admin_id, told.approve, told.outcome) == (
+            bulk.bulk_id,
+            ADMIN_ID,
+            True,
+            "applied",
+        )
+        assert dict(told.results) == recorded.results
+        assert [request_id for request_id, _ in told.results] == [first, second, decided, unknown]
 
     def test_replayed_changes_nothing_and_returns_the_recorded_results(self, uow: FakeUnitOfWork) -> None:
         # Given a bulk rejection that was applied
@@ -102,6 +112,7 @@ class TestABulkDecisionByIds:
         # Then its id stops it: the same results, nothing new
         assert again.results == first.results == {request_id: "applied"}
         assert uow.published == published
+        assert len(uow.outbox.admin_events) == 1
         assert uow.told[-1] == "access_request.bulk_duplicate_ignored"
 
     def test_redelivered_after_a_crash_half_way_resumes_the_rest(self, uow: FakeUnitOfWork) -> None:
@@ -156,6 +167,12 @@ class TestABulkDecisionByFilter:
         recorded = decide_bulk(make_bulk(submitted_before=before), uow=uow, **SIGNED)  # type: ignore[arg-type]
         assert recorded.results == {}
         assert recorded.outcome is DecisionOutcome.IGNORED
+        [told] = uow.outbox.admin_events
+        assert (told.outcome, told.outcome_reason, told.results) == (
+            "ignored",
+            "no pending request matches",
+            (),
+        )
         assert saved(uow, request_id).status is Status.PENDING_REVIEW
 
 
@@ -176,6 +193,10 @@ class TestARefusedBulkDecision:
         assert saved(uow, request_id).status is Status.PENDING_REVIEW
         assert uow.decisions.saved(bulk_item_decision_id(bulk.bulk_id, request_id)) is None
         assert uow.told[-1] == "access_request.bulk_refused"
+        # And the admins hear that it was refused, and why: a forged or misdirected one is seen
+        [told] = uow.outbox.admin_events
+        assert (told.outcome, told.results) == ("refused", ((request_id, "refused"),))
+        assert told.outcome_reason == recorded.outcome_reason
 
     def test_a_stale_one_is_refused(self, uow: FakeUnitOfWork) -> None:
         request_id = pending_review(uow)

@@ -27,20 +27,21 @@ import yaml
 from pydantic import BaseModel, ValidationError
 
 import messages
+from domain.events import BulkDecisionSettled
 from domain.model import CredentialOperationKind, OperationTarget
 from infra.credentials.signing import verify
 from infra.messaging.topology import QueueArguments, Topology
 from messages import export, routes, v1, v2, validation
 from messages.canonical import canonical_bytes
-from messages.events import EventName, RequestEvent
+from messages.events import AdminEvent, EventName, RequestEvent
 from tests import signing_doc
 
 MESSAGES_DIR = Path(messages.__file__).resolve().parent
 ASYNCAPI = MESSAGES_DIR / "asyncapi.yaml"
 PREFIX = "accessflow"
 ENVELOPE_FIELDS = frozenset(field.name for field in dataclasses.fields(dramatiq.Message))
-#: The schema of the events portals receive: the body itself, in no envelope.
-PORTAL_EVENT_SCHEMA = f"schemas/{export.contract_filename(RequestEvent)}"
+#: The events accessflow sends, by their message's name: each body is the event itself, in no envelope.
+EVENTS: dict[str, type[RequestEvent | AdminEvent]] = {"portal.event": RequestEvent, "admin.event": AdminEvent}
 TOPOLOGY = Topology(PREFIX)
 #: Where outside parties publish each external route's messages: an exchange, never the queue.
 EXCHANGE_OF = {
@@ -72,6 +73,7 @@ def test_one_schema_file_per_contract_plus_the_envelope() -> None:
             "notification.send.v1.json",
             "gateway.push.v1.json",
             "portal.event.v1.json",
+            "admin.event.v1.json",
             "envelope.json",
         ]
     )
@@ -84,6 +86,7 @@ def test_the_schema_files_are_named_after_each_contracts_type_and_version() -> N
     assert export.contract_filename(v1.AdminDecision) == "access_request.decided.v1.json"
     assert export.contract_filename(v2.CredentialOperation) == "credentials.operate.v2.json"
     assert export.contract_filename(RequestEvent) == "portal.event.v1.json"
+    assert export.contract_filename(AdminEvent) == "admin.event.v1.json"
 
 
 def test_the_current_contract_of_each_external_route_is_v2_and_v1_its_legacy_if_it_had_one() -> None:
@@ -189,7 +192,8 @@ def _amqp_name(channel: dict[str, Any]) -> str:
     return str(binding["queue"]["name"] if binding["is"] == "queue" else binding["exchange"]["name"])
 
 
-def _is_portal_events(channel: dict[str, Any]) -> bool:
+def _is_events(channel: dict[str, Any]) -> bool:
+    """A channel of events accessflow sends (to a portal, or to the admin tools): the events exchange."""
     return _binding(channel)["is"] == "routingKey" and _amqp_name(channel) == TOPOLOGY.events_exchange
 
 
@@ -225,9 +229,9 @@ def _route_of_message(channel: dict[str, Any], message: dict[str, Any]) -> route
 
 
 def _route_channels(document: dict[str, Any]) -> Iterator[tuple[dict[str, Any], tuple[routes.Route, ...]]]:
-    """Every channel but the portal events', with its routes: each of them must have one or more."""
+    """Every channel but the events', with its routes: each of them must have one or more."""
     for channel in document["channels"].values():
-        if not _is_portal_events(channel):
+        if not _is_events(channel):
             yield channel, _routes_of(channel)
 
 
@@ -262,9 +266,14 @@ def test_one_channel_per_queue_and_per_exchange_outside_parties_use(asyncapi: di
     assert sorted(channel["address"] for channel in queues) == sorted(
         f"{PREFIX}.{queue}" for queue in routes.QUEUES
     )
-    assert sorted(_amqp_name(channel) for channel in exchanges) == sorted(
-        {*EXCHANGE_OF.values(), TOPOLOGY.events_exchange}
+    assert sorted(_amqp_name(channel) for channel in exchanges if not _is_events(channel)) == sorted(
+        set(EXCHANGE_OF.values())
     )
+    # the events exchange twice: a portal's events under its id, the admin tools' under ``admins``
+    assert sorted(channel["address"] for channel in exchanges if _is_events(channel)) == [
+        "admins.{event}",
+        "{portalId}.{event}",
+    ]
     assert set(EXCHANGE_OF) == {route.actor_name for route in routes.ROUTES if route.external}
 
 
@@ -308,7 +317,7 @@ def test_channel_bindings_describe_accessflows_queues_and_exchanges(asyncapi: di
 
 
 def test_portals_send_to_exchanges_and_accessflow_receives_from_its_queues(asyncapi: dict[str, Any]) -> None:
-    actions: dict[str, str] = {}
+    actions: dict[str | tuple[str, str], str] = {}
     for operation in asyncapi["operations"].values():
         channel = _resolve(asyncapi, operation["channel"]["$ref"])
         for message_ref in operation["messages"]:
@@ -320,12 +329,15 @@ def test_portals_send_to_exchanges_and_accessflow_receives_from_its_queues(async
         ), operation["title"]
         outside = _binding(channel)["is"] == "routingKey"
         assert [tag["name"] for tag in operation["tags"]] == ["external" if outside else "internal"]
-        assert _amqp_name(channel) not in actions, f"two operations on {_amqp_name(channel)}"
-        actions[_amqp_name(channel)] = operation["action"]
+        # the events exchange has two channels, told apart by their routing keys
+        name = (_amqp_name(channel), channel["address"]) if _is_events(channel) else _amqp_name(channel)
+        assert name not in actions, f"two operations on {name}"
+        actions[name] = operation["action"]
     assert actions == {
         TOPOLOGY.submissions_exchange: "send",
         TOPOLOGY.decisions_exchange: "send",
-        TOPOLOGY.events_exchange: "receive",
+        (TOPOLOGY.events_exchange, "{portalId}.{event}"): "receive",
+        (TOPOLOGY.events_exchange, "admins.{event}"): "receive",
         routes.SUBMIT.queue_name(PREFIX): "receive",
         routes.DECIDE.queue_name(PREFIX): "receive",  # and routes.OPERATE's: the same queue
         routes.ISSUE.queue_name(PREFIX): "receive",
@@ -352,15 +364,16 @@ def test_every_schema_file_reference_points_to_an_existing_file(asyncapi: dict[s
         assert path.startswith("schemas/"), f"unexpected external reference {path}"
         assert (MESSAGES_DIR / path).is_file(), f"{path} does not exist: run `make schemas`"
     missing = sorted({f"schemas/{name}" for name in export.render_schemas()} - files)
-    assert not missing, f"every schema is referenced, current, legacy and the portal events; not {missing}"
+    assert not missing, f"every schema is referenced, current, legacy and the events; not {missing}"
     assert files == {f"schemas/{name}" for name in export.render_schemas()}
 
 
 def test_each_payload_refers_to_the_envelope_and_its_contract(asyncapi: dict[str, Any]) -> None:
     for channel in asyncapi["channels"].values():
-        if _is_portal_events(channel):
+        if _is_events(channel):
             for message in _messages(asyncapi, channel):
-                assert message["payload"] == {"$ref": PORTAL_EVENT_SCHEMA}, "an event is the body itself"
+                schema = f"schemas/{export.contract_filename(EVENTS[message['name']])}"
+                assert message["payload"] == {"$ref": schema}, "an event is the body itself"
             continue
         contracts: dict[str, set[str]] = {route.actor_name: set() for route in _routes_of(channel)}
         for message in _messages(asyncapi, channel):
@@ -379,17 +392,33 @@ def test_each_payload_refers_to_the_envelope_and_its_contract(asyncapi: dict[str
                 assert current in contracts[route.actor_name] <= _contract_files(route), _amqp_name(channel)
 
 
-def test_portal_event_examples_are_events_accessflow_sends(asyncapi: dict[str, Any]) -> None:
+def test_event_examples_are_events_accessflow_sends(asyncapi: dict[str, Any]) -> None:
     examples = [
-        example["payload"]
+        (message["name"], example["payload"])
         for channel in asyncapi["channels"].values()
-        if _is_portal_events(channel)
+        if _is_events(channel)
         for message in _messages(asyncapi, channel)
         for example in message.get("examples", [])
     ]
-    assert examples
-    for example in examples:
-        RequestEvent.model_validate(example)
+    assert {name for name, _ in examples} == set(EVENTS)
+    for name, example in examples:
+        EVENTS[name].model_validate(example)
+
+
+def test_each_events_channel_is_addressed_by_the_routing_key_its_events_carry(
+    asyncapi: dict[str, Any],
+) -> None:
+    for channel in asyncapi["channels"].values():
+        if not _is_events(channel):
+            continue
+        parameters = {"{portalId}": "[A-Za-z0-9_-]+", "{event}": "[a-z_]+[.][a-z_]+"}
+        pattern = re.escape(channel["address"])
+        for parameter, matching in parameters.items():
+            pattern = pattern.replace(re.escape(parameter), matching)
+        for message in _messages(asyncapi, channel):
+            for example in message.get("examples", []):
+                event = EVENTS[message["name"]].model_validate(example["payload"])
+                assert re.fullmatch(pattern, event.routing_key()), (channel["address"], event.routing_key())
 
 
 def test_every_external_message_has_an_example(asyncapi: dict[str, Any]) -> None:
@@ -484,8 +513,9 @@ def test_a_credentials_rotated_example_carries_the_new_secret_sealed(asyncapi: d
     events = [
         RequestEvent.model_validate(example["payload"])
         for channel in asyncapi["channels"].values()
-        if _is_portal_events(channel)
+        if _is_events(channel)
         for message in _messages(asyncapi, channel)
+        if message["name"] == "portal.event"
         for example in message.get("examples", [])
     ]
     [rotated] = [event for event in events if event.event == "credentials.rotated"]
@@ -1124,3 +1154,21 @@ class TestABulkDecisionContract:
         ).to_command()
         assert filtered.request_ids == () and not filtered.approve
         assert filtered.submitted_before == datetime(2026, 11, 20, tzinfo=UTC)
+
+
+def test_a_bulk_decisions_results_go_to_the_admins_under_a_stable_id() -> None:
+    settled = BulkDecisionSettled(
+        bulk_id="5b2e9c41-7d3a-4f86-b1e0-9c4d2a7f3e15",
+        admin_id="alice",
+        approve=False,
+        selection="plan_id=gold",
+        outcome="applied",
+        outcome_reason="",
+        results=(("r1", "applied"), ("r2", "already_decided")),
+        occurred_at=datetime(2026, 11, 27, 10, 5, tzinfo=UTC),
+    )
+    event = AdminEvent.of(settled)
+    assert event.routing_key() == "admins.access_request.bulk_decided"
+    assert event.event_id == AdminEvent.of(settled).event_id  # the same on every delivery
+    assert event.decision == "reject"
+    assert [(item.request_id, item.result) for item in event.results] == list(settled.results)

@@ -84,6 +84,7 @@ class TestNames:
         ]
         assert TOPOLOGY.dead_letter_queue("requests") == "accessflow.requests.XQ"
         assert TOPOLOGY.portal_events_queue("p1") == "accessflow.portal.p1.events"
+        assert TOPOLOGY.admin_events_queue == "accessflow.admin.events"
 
     def test_the_work_queues_are_the_routes_queues(self) -> None:
         from messages.routes import ROUTES
@@ -100,6 +101,13 @@ class TestNames:
             TOPOLOGY.portal_events_queue(portal_id)
         with pytest.raises(ValueError, match="invalid portal id"):
             Accounts("w", "a", "o", {portal_id: "u"})
+
+    def test_no_portal_may_be_called_admins_its_queue_would_hear_the_admins_events(self) -> None:
+        with pytest.raises(ValueError, match="reserved for the admins' events"):
+            TOPOLOGY.portal_events_queue("admins")
+        with pytest.raises(ValueError, match="reserved for the admins' events"):
+            Accounts.defaults(TOPOLOGY, {"admins": "portal-admins"})
+        assert TOPOLOGY.portal_events_queue("admins2") == "accessflow.portal.admins2.events"
 
     def test_a_prefix_with_regex_or_routing_syntax_is_refused(self) -> None:
         with pytest.raises(ValueError, match="invalid queue prefix"):
@@ -154,9 +162,19 @@ class TestUsersAndPasswords:
 
 
 class TestPermissions:
-    def test_the_admin_tool_may_only_publish_decisions(self) -> None:
+    def test_the_admin_tool_may_only_publish_decisions_and_read_the_admins_events(self) -> None:
         p = permission_of(document(), "af-admin")
-        assert (p["configure"], p["read"]) == ("^$", "^$")
+        assert p["configure"] == "^$"
+        assert matches(p["read"], "accessflow.admin.events")
+        for other in (
+            "accessflow.portal.p1.events",
+            "accessflow.events.unrouted",
+            "accessflow.decisions",
+            "accessflow.decisions.XQ",
+            "accessflow.out.events",
+            "accessflow.admin.eventsX",
+        ):
+            assert not matches(p["read"], other), other
         assert matches(p["write"], "accessflow.in.decisions")
         for other in (
             "accessflow.in.submissions",
@@ -295,6 +313,7 @@ class TestTopology:
         assert sorted((b["source"], b["destination"], b["routing_key"]) for b in document()["bindings"]) == [
             ("accessflow.in.decisions", "accessflow.decisions", "#"),
             ("accessflow.in.submissions", "accessflow.requests", "#"),
+            ("accessflow.out.events", "accessflow.admin.events", "admins.#"),
             ("accessflow.out.events", "accessflow.portal.p1.events", "p1.#"),
             ("accessflow.out.events", "accessflow.portal.p2.events", "p2.#"),
             ("accessflow.out.unrouted", "accessflow.events.unrouted", ""),
@@ -310,7 +329,9 @@ class TestTopology:
     def test_without_portals_there_is_no_portal_queue_or_binding(self) -> None:
         doc = document(accounts=Accounts("w", "a", "o"))
         assert not [q for q in doc["queues"] if ".portal." in q["name"]]
-        assert not [b for b in doc["bindings"] if b["source"] == "accessflow.out.events"]
+        assert [b["destination"] for b in doc["bindings"] if b["source"] == "accessflow.out.events"] == [
+            "accessflow.admin.events"
+        ]
 
     def test_work_queues_carry_exactly_the_workers_arguments(self) -> None:
         settings = Settings.model_construct(max_deliveries=3, dead_letter_ttl_days=2)
@@ -330,7 +351,12 @@ class TestTopology:
         }
         assert queues["accessflow.events.unrouted"]["arguments"] == {"x-queue-type": "quorum"}
         assert sorted(queues) == sorted(
-            ["accessflow.events.unrouted", "accessflow.portal.p1.events", "accessflow.portal.p2.events"]
+            [
+                "accessflow.events.unrouted",
+                "accessflow.admin.events",
+                "accessflow.portal.p1.events",
+                "accessflow.portal.p2.events",
+            ]
             + [f"accessflow.{n}" for n in WORK_QUEUES]
             + [f"accessflow.{n}.XQ" for n in WORK_QUEUES]
         )
@@ -376,7 +402,10 @@ class TestDeclare:
         declare(channel, TOPOLOGY)
         doc = document(accounts=Accounts("w", "a", "o"))
         assert channel.exchanges == {e["name"]: (e["type"], True, e["arguments"]) for e in doc["exchanges"]}
-        assert channel.queues == {"accessflow.events.unrouted": {"x-queue-type": "quorum"}}
+        assert channel.queues == {
+            "accessflow.events.unrouted": {"x-queue-type": "quorum"},
+            "accessflow.admin.events": {"x-queue-type": "quorum"},
+        }
         assert sorted(channel.bindings) == sorted(
             (b["source"], b["destination"], b["routing_key"]) for b in doc["bindings"]
         )
