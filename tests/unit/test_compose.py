@@ -313,12 +313,29 @@ def test_app_environment_points_at_the_compose_services() -> None:
             migration_url = own.pop("ACCESSFLOW_MIGRATION_DATABASE_URL")
             assert migration_url.startswith("postgresql+psycopg://accessflow:")
             assert "@postgres:5432/accessflow" in migration_url
+        if name == "console":
+            # The console adds its own settings, and only those.
+            console = {key: own.pop(key) for key in list(own) if key.startswith("ACCESSFLOW_CONSOLE_")}
+            assert console == {
+                "ACCESSFLOW_CONSOLE_HOST": "0.0.0.0",  # noqa: S104 - in its container, published on loopback
+                "ACCESSFLOW_CONSOLE_PORT": "8080",
+                "ACCESSFLOW_CONSOLE_ADMINS_FILE": "/run/console/admins.json",
+                "ACCESSFLOW_CONSOLE_SESSION_SECRET": "",
+            }
+            # and publishes its decisions as the admin tool, a user of its own where one is set up
+            assert re.fullmatch(r"amqp://[^@]+@rabbitmq:5672/%2F", own.pop("ACCESSFLOW_BROKER_URL"))
+            own["ACCESSFLOW_BROKER_URL"] = environment["ACCESSFLOW_BROKER_URL"]
         assert own == environment, f"{name} does not use the shared environment"
 
 
 def test_the_services_connect_to_the_database_as_the_runtime_role() -> None:
     environment = environment_of({"environment": compose()["x-accessflow-env"]})
     assert environment["ACCESSFLOW_DATABASE_URL"].startswith("postgresql+psycopg://accessflow_runtime:")
+    # and read, where only reading is needed, as the read-only role (migrate sets its password)
+    assert environment["ACCESSFLOW_READONLY_DATABASE_URL"].startswith(
+        "postgresql+psycopg://accessflow_readonly:"
+    )
+    assert "@postgres:5432/accessflow" in environment["ACCESSFLOW_READONLY_DATABASE_URL"]
     assert "ACCESSFLOW_MIGRATION_DATABASE_URL" not in environment
 
 
@@ -329,7 +346,9 @@ def test_the_services_connect_to_the_database_as_the_runtime_role() -> None:
 def test_every_command_is_a_cli_command(where: str, args: list[str], environment: dict[str, str]) -> None:
     command, path, rest = resolve(args)
     if rest not in (["--help"], ["-h"]):
-        assert not isinstance(command, click.Group), f"{where}: {args} names a group, not a command"
+        # A group runs only if it is a command too (accessflow console), else it prints its usage.
+        runs = not isinstance(command, click.Group) or command.invoke_without_command
+        assert runs, f"{where}: {args} names a group, not a command"
         # --help is eager and would skip them: convert and check every option value here.
         try:
             with command.make_context(" ".join(path), list(rest)):
@@ -390,3 +409,12 @@ def test_docker_compose_config_accepts_the_file() -> None:
         timeout=120,
     )
     assert result.returncode == 0, result.stderr
+
+
+def test_the_console_is_opt_in_published_on_loopback_and_reads_its_admins_from_a_mount() -> None:
+    console = services()["console"]
+    assert console["profiles"] == ["console"]  # `docker compose up` alone does not start it
+    assert console["command"] == ["console"]
+    assert console["ports"] == ["127.0.0.1:8080:8080"]
+    assert "./console:/run/console:ro" in console["volumes"]
+    assert "/login" in " ".join(console["healthcheck"]["test"])
