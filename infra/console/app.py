@@ -4,8 +4,9 @@ Reads come from the read models (:mod:`infra.db.views`) on the read-only databas
 Decisions leave as the same signed v2 decision messages ``accessflow decide`` publishes
 (:func:`infra.cli.producer.signed_decision`), signed with the logged-in admin's own key: the
 console writes no row, and the workers verify and apply a decision made here like any other.
-A bulk approve publishes one such decision per pending request its filter selects, among
-those the page showed the admin.
+A bulk approve publishes one signed bulk decision (``access_request.bulk_decided``, as
+``accessflow decide-bulk`` does) naming the pending requests its filter selects, among those
+the page showed the admin; its page then shows the result the workers recorded per request.
 
 Every response carries a strict Content-Security-Policy (no script, style or image from
 anywhere but the console itself, and none inline), ``nosniff`` and no referrer. Sessions
@@ -20,10 +21,11 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 from urllib.parse import quote
 
 import structlog
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from jinja2 import Environment, FileSystemLoader, StrictUndefined, select_autoescape
 from starlette.applications import Starlette
 from starlette.concurrency import run_in_threadpool
@@ -63,6 +65,8 @@ SECURITY_HEADERS = [
 SESSION_COOKIE = "accessflow_console"
 #: A session lasts this long after its last use, in seconds.
 SESSION_MAX_AGE = 8 * 3600
+#: What a publish returns: the message as sent.
+Sent = TypeVar("Sent")
 #: The longest reason a form may carry (the decision contract's own limit is checked when signing).
 REASON_MAX = 1000
 
@@ -254,7 +258,7 @@ def create_app(console: Console, *, session_secret: str, secure_cookie: bool) ->
             request.session["flash"] = "A rejection needs a reason: the consumer reads it."
         else:
             request.session["flash"] = await run_in_threadpool(
-                publish, console, admin, [request_id], approve, reason or "approved"
+                publish, console, admin, request_id, approve, reason or "approved"
             )
         return RedirectResponse(f"/requests/{_quote(request_id)}", status_code=303)
 
@@ -272,9 +276,28 @@ def create_app(console: Console, *, session_secret: str, secure_cookie: bool) ->
         shown = set(form.getlist("request_id"))
         rows = await run_in_threadpool(chosen.pending, console.reads, console.clock())
         ids = [row["id"] for row in rows if row["id"] in shown]
-        request.session["flash"] = await run_in_threadpool(publish, console, admin, ids, True, reason)
-        log.info("console.bulk_approve", admin_id=admin.admin_id, filter=chosen.query(), selected=len(ids))
-        return RedirectResponse(f"/queue?{chosen.query()}", status_code=303)
+        if not ids:
+            request.session["flash"] = "No pending request matches: nothing was published."
+            return RedirectResponse(f"/queue?{chosen.query()}", status_code=303)
+        flash, bulk_id = await run_in_threadpool(publish_bulk, console, admin, ids, reason)
+        request.session["flash"] = flash
+        log.info(
+            "console.bulk_approve",
+            admin_id=admin.admin_id,
+            filter=chosen.query(),
+            selected=len(ids),
+            bulk_id=bulk_id,
+        )
+        if bulk_id is None:
+            return RedirectResponse(f"/queue?{chosen.query()}", status_code=303)
+        return RedirectResponse(f"/bulk/{_quote(bulk_id)}", status_code=303)
+
+    async def bulk_page(request: Request) -> Response:
+        if logged_in(request) is None:
+            return RedirectResponse("/login", status_code=303)
+        bulk_id = request.path_params["bulk_id"]
+        results = await run_in_threadpool(views.bulk_results, console.reads(), bulk_id)
+        return render(request, "bulk.html", bulk_id=bulk_id, results=results)
 
     routes = [
         Route("/", home),
@@ -286,6 +309,7 @@ def create_app(console: Console, *, session_secret: str, secure_cookie: bool) ->
         Route("/requests/{request_id}/approve", decide, methods=["POST"]),
         Route("/requests/{request_id}/reject", decide, methods=["POST"]),
         Route("/bulk-approve", bulk_approve, methods=["POST"]),
+        Route("/bulk/{bulk_id}", bulk_page),
         Mount("/static", StaticFiles(directory=HERE / "static"), name="static"),
     ]
     return Starlette(
@@ -347,22 +371,14 @@ class QueueFilter:
         )
 
 
-def publish(
-    console: Console, admin: auth.ConsoleAdmin, request_ids: list[str], approve: bool, reason: str
-) -> str:
-    """Sign and publish ``admin``'s decision on each request; what happened, for the next page to say."""
+def publish(console: Console, admin: auth.ConsoleAdmin, request_id: str, approve: bool, reason: str) -> str:
+    """Sign and publish ``admin``'s decision on one request; what happened, for the next page to say."""
     verb = "approval" if approve else "rejection"
-    if not request_ids:
-        return "No pending request matches: nothing was published."
     try:
-        private_key = signing.load_private_key(admin.key_file)
-    except (ValueError, signing.SigningKeyError) as error:
-        log.error("console.signing_key_unreadable", admin_id=admin.admin_id, error=str(error))
-        return f"Nothing was published: your signing key cannot be read ({error})."
-    published = 0
-    for request_id in request_ids:
-        try:
-            decision = producer.decide(
+        private_key = _signing_key(admin)
+        decision = _sent(
+            admin,
+            lambda: producer.decide(
                 console.wire,
                 producer.signed_decision(
                     request_id=request_id,
@@ -373,25 +389,78 @@ def publish(
                     key_id=admin.key_id,
                     private_key=private_key,
                 ),
-            )
-        except producer.InvalidMessage as error:
-            return f"{published} {verb}(s) published; then refused: {error}"
-        except Exception as error:  # the broker is unreachable or refused the message
-            log.error(
-                "console.publish_failed", admin_id=admin.admin_id, request_id=request_id, error=str(error)
-            )
-            return f"{published} {verb}(s) published; then could not publish: {type(error).__name__}"
-        published += 1
-        log.info(
-            "console.decision_published",
-            admin_id=admin.admin_id,
-            request_id=request_id,
-            decision_id=decision.decision_id,
-            decision=decision.decision,
+            ),
         )
-    if len(request_ids) == 1:
-        return f"Your {verb} of {request_ids[0]} was published; the workers apply it in a moment."
-    return f"{published} approvals were published, one per request; the workers apply them in a moment."
+    except NotPublished as error:
+        return str(error)
+    log.info(
+        "console.decision_published",
+        admin_id=admin.admin_id,
+        request_id=request_id,
+        decision_id=decision.decision_id,
+        decision=decision.decision,
+    )
+    return f"Your {verb} of {request_id} was published; the workers apply it in a moment."
+
+
+def publish_bulk(
+    console: Console, admin: auth.ConsoleAdmin, request_ids: list[str], reason: str
+) -> tuple[str, str | None]:
+    """Sign and publish ``admin``'s approval of ``request_ids`` as one bulk decision.
+
+    Returns what happened, for the next page to say, and the bulk's id once published.
+    """
+    try:
+        private_key = _signing_key(admin)
+        bulk = _sent(
+            admin,
+            lambda: producer.decide_bulk(
+                console.wire,
+                producer.signed_bulk_decision(
+                    approve=True,
+                    admin_id=admin.admin_id,
+                    reason=reason,
+                    audience=console.audience,
+                    key_id=admin.key_id,
+                    private_key=private_key,
+                    request_ids=request_ids,
+                ),
+            ),
+        )
+    except NotPublished as error:
+        return str(error), None
+    log.info(
+        "console.bulk_decision_published",
+        admin_id=admin.admin_id,
+        bulk_id=bulk.bulk_id,
+        selected=len(request_ids),
+    )
+    return (
+        f"One approval of {len(request_ids)} requests was published; the workers decide each in a moment.",
+        bulk.bulk_id,
+    )
+
+
+class NotPublished(Exception):
+    """Nothing was published; the message says why, for the admin, and holds no secret."""
+
+
+def _signing_key(admin: auth.ConsoleAdmin) -> Ed25519PrivateKey:
+    try:
+        return signing.load_private_key(admin.key_file)
+    except (ValueError, signing.SigningKeyError) as error:
+        log.error("console.signing_key_unreadable", admin_id=admin.admin_id, error=str(error))
+        raise NotPublished(f"Nothing was published: your signing key cannot be read ({error}).") from None
+
+
+def _sent(admin: auth.ConsoleAdmin, publish: Callable[[], Sent]) -> Sent:
+    try:
+        return publish()
+    except producer.InvalidMessage as error:
+        raise NotPublished(f"Nothing was published: refused: {error}") from None
+    except Exception as error:  # the broker is unreachable or refused the message
+        log.error("console.publish_failed", admin_id=admin.admin_id, error=str(error))
+        raise NotPublished(f"Nothing was published: could not publish: {type(error).__name__}") from None
 
 
 def _csrf_token(session: dict[str, Any]) -> str:

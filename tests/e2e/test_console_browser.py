@@ -168,7 +168,14 @@ class TestTheConsoleInABrowser:
                 page.click("button:has-text('Filter')")
                 page.fill("form.bulk input[name=reason]", "globex backlog")
                 page.click("form.bulk button.approve")
-                assert "approvals were published" in page.inner_text(".flash")
+                assert "One approval of 2 requests was published" in page.inner_text(".flash")
+                # And sees the bulk's page fill in, one result per request, as the workers record it
+                page.wait_for_selector("table.bulk", timeout=30_000)
+                results = page.inner_text("table.bulk")
+                for request_id in bulk:
+                    assert request_id in results
+                assert results.count("applied") == 2, results
+                page.screenshot(path=str(SCREENSHOTS / "bulk-laptop.png"), full_page=True)
 
                 # Then the workers apply each decision, in the admin's name
                 wait_for_status(services, approve_me, Status.PROVISIONED)

@@ -18,7 +18,7 @@ import pytest
 import sqlalchemy as sa
 from starlette.testclient import TestClient
 
-from domain.model import ActorKind, Status
+from domain.model import ActorKind, BulkDecision, DecisionOutcome, Status
 from infra.bootstrap import Services
 from infra.console import auth
 from infra.console.app import CONTENT_SECURITY_POLICY, Console, create_app
@@ -46,6 +46,9 @@ class RecordingWire:
 
     def decisions(self) -> list[dict[str, Any]]:
         return [payload for route, _, payload in self.sent if route == routes.DECIDE]
+
+    def bulk_decisions(self) -> list[dict[str, Any]]:
+        return [payload for route, _, payload in self.sent if route == routes.DECIDE_BULK]
 
 
 def pending(
@@ -339,7 +342,7 @@ class TestDeciding:
         assert decision["decision"] == "reject" and decision["reason"] == "no use case"
         assert_signed_by(parties, decision)
 
-    def test_bulk_approve_publishes_one_signed_decision_per_request_the_filter_selects(
+    def test_bulk_approve_publishes_one_signed_bulk_decision_of_the_requests_the_filter_selects(
         self, services: Services, logged_in: TestClient, wire: RecordingWire, parties: Parties
     ) -> None:
         # Given three pending requests of one consumer, two of them older than a day
@@ -361,15 +364,48 @@ class TestDeciding:
             data={**filters, "reason": "backlog", "csrf_token": csrf_of(page), "request_id": shown},
         )
 
-        # Then one signed approval per selected request shown was published: none for the young or late one
-        assert "2 approvals were published" in response.text
-        decisions = wire.decisions()
-        assert sorted(d["request_id"] for d in decisions) == sorted([first, second])
-        assert {young, late}.isdisjoint(d["request_id"] for d in decisions)
-        assert len({d["decision_id"] for d in decisions}) == 2
-        for decision in decisions:
-            assert decision["decision"] == "approve" and decision["reason"] == "backlog"
-            assert_signed_by(parties, decision)
+        # Then one signed bulk approval of the selected requests shown was published: not the young or late one
+        assert "One approval of 2 requests was published" in response.text
+        assert wire.decisions() == []
+        [bulk] = wire.bulk_decisions()
+        assert sorted(bulk["request_ids"].split(",")) == sorted([first, second])
+        assert {young, late}.isdisjoint(bulk["request_ids"].split(","))
+        assert bulk["decision"] == "approve" and bulk["reason"] == "backlog"
+        assert_signed_by(parties, bulk)
+        # And the admin lands on its page, which waits for the workers' results
+        assert str(response.url).endswith(f"/bulk/{bulk['bulk_id']}")
+        assert "Not recorded yet" in response.text and 'http-equiv="refresh"' in response.text
+
+    def test_a_bulk_decisions_page_shows_the_result_per_request_escaped(
+        self, services: Services, logged_in: TestClient
+    ) -> None:
+        # Given a recorded bulk decision naming a request and an id with markup in it
+        request_id, _ = pending(services)
+        bulk_id = str(uuid.uuid4())
+        with services.uow() as uow:
+            uow.bulk_decisions.add(
+                BulkDecision(
+                    id=bulk_id,
+                    approve=True,
+                    admin_id="dana",
+                    reason="backlog",
+                    decided_at=datetime.now(UTC),
+                    selection="ids",
+                    outcome=DecisionOutcome.APPLIED,
+                    results={request_id: "already_decided", "<script>alert(1)</script>": "not_found"},
+                )
+            )
+            uow.commit()
+
+        # When the admin opens its page
+        page = logged_in.get(f"/bulk/{bulk_id}")
+
+        # Then each request has its result and its status now, every value escaped
+        assert page.status_code == 200
+        assert request_id in page.text and "already_decided" in page.text and "pending_review" in page.text
+        assert "&lt;script&gt;alert(1)&lt;/script&gt;" in page.text and "<script>alert" not in page.text
+        assert "refresh" not in page.text
+        assert page.headers["content-security-policy"] == CONTENT_SECURITY_POLICY
 
     def test_bulk_approve_without_a_filter_publishes_nothing(
         self, logged_in: TestClient, wire: RecordingWire
