@@ -620,18 +620,7 @@ def _verified_already(public_key: str, signature: str, data: bytes) -> bool:
 def _record_bulk(uow: UnitOfWork, bulk: BulkDecision, refusal: str | None) -> BulkDecision:
     uow.bulk_decisions.add(bulk)
     # In the same transaction as the record: the admins hear of it if and only if it is recorded.
-    uow.outbox.tell_admins(
-        events.BulkDecisionSettled(
-            bulk_id=bulk.id,
-            admin_id=bulk.admin_id,
-            approve=bulk.approve,
-            selection=bulk.selection,
-            outcome=bulk.outcome.value,
-            outcome_reason=bulk.outcome_reason,
-            results=tuple(bulk.results.items()),
-            occurred_at=bulk.received_at,
-        )
-    )
+    uow.outbox.tell_admins(bulk.settled())
     if refusal is None:
         uow.record_outcome(
             outcomes.BulkDecided(

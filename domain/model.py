@@ -1063,6 +1063,19 @@ class BulkDecision:
     received_at: datetime = field(default_factory=utcnow)
     key_id: str | None = None
 
+    def settled(self) -> events.BulkDecisionSettled:
+        """What the admins are told of it once it is recorded."""
+        return events.BulkDecisionSettled(
+            bulk_id=self.id,
+            admin_id=self.admin_id,
+            approve=self.approve,
+            selection=self.selection,
+            outcome=self.outcome.value,
+            outcome_reason=self.outcome_reason,
+            results=tuple(self.results.items()),
+            occurred_at=self.received_at,
+        )
+
 
 class NotificationKind(enum.StrEnum):
     APPROVE = "approve"
