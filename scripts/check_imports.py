@@ -6,11 +6,12 @@ The rules (README, "Architecture"):
 - ``messages/`` never imports ``infra/`` or ``workers/``;
 - no import cycle among the modules of ``domain``, ``messages``, ``infra`` and ``workers``;
 - no import inside a function: a cycle hidden that way is still a cycle, and a reader looks for
-  a module's dependencies at its top.
-
-Imports under ``if TYPE_CHECKING:`` are for the type checker only and count for none of these.
+  a module's dependencies at its top;
 - ``infra/`` imports ``workers/`` only in the composition root, :mod:`infra.bootstrap`, which
   registers the actors: the CLI, the producer and the adapters never depend on an actor.
+
+Imports under ``if TYPE_CHECKING:`` are for the type checker only and count for none of these
+(``workers.registry`` names ``infra.bootstrap.Services`` in its annotations that way).
 
 Exit status 0 when every rule holds, 1 with one line per finding otherwise.
 """
