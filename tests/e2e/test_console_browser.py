@@ -170,12 +170,15 @@ class TestTheConsoleInABrowser:
                 page.click("form.bulk button.approve")
                 assert "One approval of 2 requests was published" in page.inner_text(".flash")
                 # And sees the bulk's page fill in, one result per request, as the workers record it
-                page.wait_for_selector("table.bulk", timeout=30_000)
-                results = page.inner_text("table.bulk")
+                page.wait_for_selector("table.bulk-results", timeout=30_000)
+                results = page.inner_text("table.bulk-results")
                 for request_id in bulk:
                     assert request_id in results
                 assert results.count("applied") == 2, results
                 page.screenshot(path=str(SCREENSHOTS / "bulk-laptop.png"), full_page=True)
+                page.set_viewport_size(PHONE)
+                page.screenshot(path=str(SCREENSHOTS / "bulk-phone.png"), full_page=True)
+                page.set_viewport_size(LAPTOP)
 
                 # Then the workers apply each decision, in the admin's name
                 wait_for_status(services, approve_me, Status.PROVISIONED)
