@@ -126,6 +126,23 @@ class QuorumRabbitmqBroker(RabbitmqBroker):
     def consumer_class(self) -> type[EnvelopeConsumer]:
         return EnvelopeConsumer
 
+    def consume(self, queue_name: str, prefetch: int = 1, timeout: int = 5000) -> EnvelopeConsumer:
+        """dramatiq's consume, without leaving the calling thread a connection it never uses again.
+
+        dramatiq declares the queue on the consumer thread's own connection, then consumes on
+        another. The first would idle for the pool's life, and an idle BlockingConnection
+        answers no heartbeats: RabbitMQ drops it two heartbeats later, and closing it at
+        shutdown logs an ERROR (16 of them after each long ``make bench`` burst: one per
+        consumer thread, a queue and its delay queue per work queue, per process). A later
+        enqueue on that thread (a delayed message coming due) opens a fresh one.
+        """
+        try:
+            consumer = super().consume(queue_name, prefetch, timeout)
+            assert isinstance(consumer, EnvelopeConsumer), "consumer_class makes them"
+            return consumer
+        finally:
+            del self.connection
+
     def external_queues_among(self, actors: Mapping[str, str]) -> frozenset[str]:
         if self.external_queues is not None:
             return self.external_queues

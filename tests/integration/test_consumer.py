@@ -161,6 +161,30 @@ class TestTheConsumer:
         svc.wait_until(lambda: depth(url, queue) == 0, timeout=10, what="the queue to empty")
         assert depth(url, f"{queue}.XQ") == 0
 
+    def test_leaves_the_thread_that_opened_it_no_idle_connection(
+        self, broker: QuorumRabbitmqBroker, prefix: str, integration_settings: Settings
+    ) -> None:
+        # Given a consumer thread that opens its consumer, as a worker's does at boot
+        before = set(broker.connections)
+        opened: list[Any] = []
+        thread = threading.Thread(
+            target=lambda: opened.append(open_consumer(broker, SUBMIT.queue_name(prefix)))
+        )
+        thread.start()
+        thread.join(timeout=30)
+        [consumer] = opened
+        try:
+            # Then the connection dramatiq declared the queue on is closed, not left to idle
+            # (unanswered heartbeats would have RabbitMQ drop it, and its close log an ERROR)
+            assert set(broker.connections) == before
+            # And the consumer consumes, on its own connection
+            url, queue = integration_settings.broker_url, SUBMIT.queue_name(prefix)
+            publish(url, queue, envelope(queue, SUBMIT.actor_name, {"request_id": "r"}))
+            message = svc.wait_until(lambda: next(consumer), what="the message through the consumer")
+            consumer.ack(message)
+        finally:
+            consumer.close()
+
     def test_dead_letters_a_refusal_it_cannot_record(
         self, broker: QuorumRabbitmqBroker, prefix: str, integration_settings: Settings
     ) -> None:

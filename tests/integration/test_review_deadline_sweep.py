@@ -1,4 +1,4 @@
-"""The review-deadline sweep on real PostgreSQL: replica-safe, and run where the decisions are applied.
+"""The review-deadline sweep on real PostgreSQL: replica-safe (where it runs: test_sweep_placement.py).
 
 Requests are parked by the real router under the test catalogue's ``timed`` plan (48 hours);
 the sweep runs with the clock injected at or past their deadline, so no test waits.
@@ -9,16 +9,13 @@ from __future__ import annotations
 import threading
 from datetime import datetime, timedelta
 
-import dramatiq
 import pytest
 import sqlalchemy as sa
-from dramatiq.brokers.stub import StubBroker
 
 from domain.model import REVIEW_SWEEP, AccessRequest, Status
-from infra.bootstrap import Services, build
+from infra.bootstrap import Services
 from infra.db import orm
-from infra.messaging.lifecycle import WorkerLifecycle, consumes, sweep_review_deadlines
-from infra.settings import Settings
+from infra.messaging.lifecycle import sweep_review_deadlines
 from tests.integration.test_persistence import routed
 
 pytestmark = pytest.mark.integration
@@ -111,28 +108,3 @@ class TestTheReviewDeadlineSweep:
             expired = request(services, request_id)
             assert [e.to_status for e in expired.history].count(Status.EXPIRED) == 1
             assert len(expiry_emails(services, request_id)) == 1
-
-
-class TestWhereTheReviewDeadlineSweepRuns:
-    def test_only_in_pools_that_consume_the_decisions_queue(self, tmp_path: object) -> None:
-        settings = Settings(database_url=f"sqlite:///{tmp_path}/db.sqlite", broker_url="stub://")
-        decisions = f"{settings.queue_prefix}.decisions"
-        broker = StubBroker()
-        services = build(settings, broker=broker)
-        try:
-            for queues, sweeps in [
-                ({decisions}, True),
-                (None, True),  # every queue
-                ({f"{settings.queue_prefix}.credentials"}, False),
-            ]:
-                worker = dramatiq.Worker(broker, queues=queues)
-                assert consumes(worker, decisions) is sweeps
-                lifecycle = WorkerLifecycle(services)
-                lifecycle.after_worker_boot(broker, worker)
-                try:
-                    names = [task.name for task in lifecycle.tasks]
-                finally:
-                    lifecycle.before_worker_shutdown(broker, worker)
-                assert ("review-deadline-sweep" in names) is sweeps
-        finally:
-            services.close()

@@ -9,17 +9,14 @@ from __future__ import annotations
 
 from datetime import timedelta
 
-import dramatiq
 import pytest
 import sqlalchemy as sa
-from dramatiq.brokers.stub import StubBroker
 
 from domain import commands, handlers
 from domain.model import DeliveryStatus, Notification, NotificationKind, utcnow
-from infra.bootstrap import Services, build
+from infra.bootstrap import Services
 from infra.db import orm
-from infra.messaging.lifecycle import WorkerLifecycle, consumes, sweep_stuck_notifications
-from infra.settings import Settings
+from infra.messaging.lifecycle import sweep_stuck_notifications
 from tests.conftest import ADMIN
 from tests.integration.test_persistence import routed
 
@@ -141,28 +138,3 @@ class TestTheSweep:
         # And once the other is gone without committing, the next sweep takes it
         sweep_stuck_notifications(services)
         assert len(queued_again(services, request_id)) == 1
-
-
-class TestWhereTheSweepRuns:
-    def test_only_in_pools_that_consume_the_notifications_queue(self, tmp_path: object) -> None:
-        settings = Settings(database_url=f"sqlite:///{tmp_path}/db.sqlite", broker_url="stub://")
-        notifications = f"{settings.queue_prefix}.notifications"
-        broker = StubBroker()
-        services = build(settings, broker=broker)
-        try:
-            for queues, sweeps in [
-                ({notifications}, True),
-                (None, True),  # every queue
-                ({f"{settings.queue_prefix}.requests"}, False),
-            ]:
-                worker = dramatiq.Worker(broker, queues=queues)
-                assert consumes(worker, notifications) is sweeps
-                lifecycle = WorkerLifecycle(services)
-                lifecycle.after_worker_boot(broker, worker)
-                try:
-                    names = [task.name for task in lifecycle.tasks]
-                finally:
-                    lifecycle.before_worker_shutdown(broker, worker)
-                assert ("notification-sweep" in names) is sweeps
-        finally:
-            services.close()

@@ -11,17 +11,14 @@ from __future__ import annotations
 import threading
 from datetime import timedelta
 
-import dramatiq
 import pytest
 import sqlalchemy as sa
-from dramatiq.brokers.stub import StubBroker
 
 from domain import commands, handlers
 from domain.model import AccessRequest, ActorKind, Status, utcnow
-from infra.bootstrap import Services, build
+from infra.bootstrap import Services
 from infra.db import orm
-from infra.messaging.lifecycle import WorkerLifecycle, consumes, sweep_stuck_provisioning
-from infra.settings import Settings
+from infra.messaging.lifecycle import sweep_stuck_provisioning
 from tests.integration.test_persistence import routed
 
 pytestmark = pytest.mark.integration
@@ -205,28 +202,3 @@ class TestTheProvisioningSweep:
         for request_id in request_ids:
             assert len(queued_again(services, request_id)) == 1, request_id
             assert request(services, request_id).provision_attempts == 1
-
-
-class TestWhereTheProvisioningSweepRuns:
-    def test_only_in_pools_that_consume_the_credentials_queue(self, tmp_path: object) -> None:
-        settings = Settings(database_url=f"sqlite:///{tmp_path}/db.sqlite", broker_url="stub://")
-        credentials = f"{settings.queue_prefix}.credentials"
-        broker = StubBroker()
-        services = build(settings, broker=broker)
-        try:
-            for queues, sweeps in [
-                ({credentials}, True),
-                (None, True),  # every queue
-                ({f"{settings.queue_prefix}.notifications"}, False),
-            ]:
-                worker = dramatiq.Worker(broker, queues=queues)
-                assert consumes(worker, credentials) is sweeps
-                lifecycle = WorkerLifecycle(services)
-                lifecycle.after_worker_boot(broker, worker)
-                try:
-                    names = [task.name for task in lifecycle.tasks]
-                finally:
-                    lifecycle.before_worker_shutdown(broker, worker)
-                assert ("provisioning-sweep" in names) is sweeps
-        finally:
-            services.close()
