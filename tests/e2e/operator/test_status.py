@@ -21,6 +21,7 @@ import sqlalchemy as sa
 from domain.model import DeliveryStatus, NotificationKind, Status, utcnow
 from infra.db import migrate, orm
 from infra.messaging.topology import WORK_QUEUES, QueueArguments, Topology
+from infra.observability import metrics
 from infra.settings import Settings
 from tests import services as svc
 from tests.e2e.conftest import cli, settings_env
@@ -50,6 +51,17 @@ class Deployment:
             channel.basic_publish("", queue, body, pika.BasicProperties(delivery_mode=2), mandatory=True)
         finally:
             connection.close()
+
+    def collected(self) -> dict[tuple[str, frozenset[tuple[str, str]]], float]:
+        """What ``accessflow metrics`` would export now: its series, read as it reads them."""
+        snapshot = metrics.Snapshot()
+        metrics.read_database(self.engine, snapshot)
+        metrics.read_broker(self.broker_url, self.topology.prefix, snapshot)
+        return {
+            (sample.name, frozenset(sample.labels.items())): sample.value
+            for family in metrics.state_families(snapshot, self.topology.prefix)
+            for sample in family.samples
+        }
 
     def add_request(self, status: Status, *, since: datetime) -> str:
         request_id = str(uuid.uuid4())
@@ -197,6 +209,10 @@ class TestWhatNeedsAHuman:
         assert shown["outbox"]["oldest_unsent_seconds"] >= 600
         [problem] = shown["needs_a_human"]
         assert problem.startswith("1 outbox row(s) unsent for more than 5m")
+        # And the metrics collector exports the same backlog and its age
+        series = clean.collected()
+        assert series[("accessflow_outbox_backlog_rows", frozenset())] == 1
+        assert 600 <= series[("accessflow_outbox_oldest_age_seconds", frozenset())] < 900
 
     def test_a_dead_letter(self, clean: Deployment) -> None:
         # Given a message dead-lettered from the requests queue
@@ -211,6 +227,14 @@ class TestWhatNeedsAHuman:
         assert (row["kind"], row["messages"]) == ("dead_letter", 1)
         [problem] = shown["needs_a_human"]
         assert problem.startswith(f"1 dead letter(s) in {xq}")
+        # And the metrics collector counts it on the requests queue, and none on the others
+        series = clean.collected()
+        for work_queue in WORK_QUEUES:
+            queue = clean.topology.queue(work_queue)
+            expected = 1 if work_queue == "requests" else 0
+            assert series[("accessflow_dead_letter_messages", frozenset({("queue", queue)}))] == expected, (
+                queue
+            )
 
     def test_a_parked_outbox_row(self, clean: Deployment) -> None:
         clean.add_outbox_row(created_at=utcnow(), parked=True)
@@ -219,6 +243,10 @@ class TestWhatNeedsAHuman:
 
         assert code == 2
         assert shown["outbox"]["parked"] == 1 and shown["outbox"]["unsent"] == 0
+        series = clean.collected()
+        assert series[("accessflow_outbox_parked_rows", frozenset())] == 1
+        assert series[("accessflow_outbox_backlog_rows", frozenset())] == 0
+        assert series[("accessflow_outbox_oldest_age_seconds", frozenset())] == 0
         [problem] = shown["needs_a_human"]
         assert problem.startswith("1 parked outbox row(s)")
 
