@@ -16,7 +16,7 @@ import socket
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -28,6 +28,7 @@ import pytest
 import sqlalchemy as sa
 
 from infra.settings import split_broker_urls
+from messages import routes
 
 LOCAL_POSTGRES = "postgresql+psycopg://postgres@127.0.0.1:5432/postgres"
 LOCAL_RABBITMQ = "amqp://guest:guest@127.0.0.1:5672/%2F"
@@ -272,3 +273,20 @@ def wait_until(
         return poll_until(condition, timeout=timeout, what=what or str(condition), interval=interval)
     except TimeoutError as timed_out:
         pytest.fail(str(timed_out), pytrace=False)
+
+
+@dataclass
+class RecordingWire:
+    """A producer's wire that keeps every message it is given, as the broker would have received it."""
+
+    sent: list[tuple[routes.Route, str, dict[str, Any]]] = field(default_factory=list)
+
+    def send(self, route: routes.Route, *, routing_key: str, payload: Mapping[str, Any]) -> str:
+        self.sent.append((route, routing_key, dict(payload)))
+        return str(uuid.uuid4())
+
+    def decisions(self) -> list[dict[str, Any]]:
+        return [payload for route, _, payload in self.sent if route == routes.DECIDE]
+
+    def bulk_decisions(self) -> list[dict[str, Any]]:
+        return [payload for route, _, payload in self.sent if route == routes.DECIDE_BULK]

@@ -4,10 +4,8 @@ from __future__ import annotations
 
 import json
 import re
-import uuid
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import pytest
 from alembic.script import ScriptDirectory
@@ -18,7 +16,6 @@ from infra.console import auth
 from infra.console.app import Console, create_app
 from infra.db.migrate import alembic_config
 from infra.settings import Settings
-from messages import routes
 from tests import services as svc
 from tests.conftest import EXAMPLES
 from tests.e2e.conftest import cli, settings_env
@@ -225,7 +222,7 @@ class TestTheDemo:
         services = build(
             Settings(database_url=env["ACCESSFLOW_DATABASE_URL"], queue_prefix=env["ACCESSFLOW_QUEUE_PREFIX"])
         )
-        wire = _RecordingWire()
+        wire = svc.RecordingWire()
         app = create_app(
             Console(
                 reads=services.uow,
@@ -254,27 +251,12 @@ class TestTheDemo:
         finally:
             services.close()
 
-        # Then the queue lists the two requests the demo left pending, and two decisions are signed
+        # Then the queue lists the two requests the demo left pending, and one bulk approval of both is signed
         assert login.status_code == 303
         assert queue.count("Tool ") == 2 and len(shown) == 2
-        assert sorted(d["request_id"] for d in wire.decisions()) == sorted(shown)
-        assert {(d["admin_id"], d["signature"]["key_id"]) for d in wire.decisions()} == {
-            ("dana", "dana-demo")
-        }
-
-
-class _RecordingWire:
-    """Keeps what the console publishes, in place of RabbitMQ."""
-
-    def __init__(self) -> None:
-        self.sent: list[tuple[routes.Route, dict[str, Any]]] = []
-
-    def send(self, route: routes.Route, *, routing_key: str, payload: Mapping[str, Any]) -> str:
-        self.sent.append((route, dict(payload)))
-        return str(uuid.uuid4())
-
-    def decisions(self) -> list[dict[str, Any]]:
-        return [payload for route, payload in self.sent if route == routes.DECIDE]
+        [bulk] = wire.bulk_decisions()
+        assert sorted(bulk["request_ids"].split(",")) == sorted(shown)
+        assert (bulk["admin_id"], bulk["signature"]["key_id"]) == ("dana", "dana-demo")
 
 
 def _csrf(page: str) -> str:

@@ -9,8 +9,7 @@ from __future__ import annotations
 import json
 import re
 import uuid
-from collections.abc import Iterator, Mapping
-from dataclasses import dataclass, field
+from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -26,29 +25,13 @@ from infra.credentials import signing
 from infra.db import orm
 from messages import routes
 from tests.conftest import Parties
+from tests.services import RecordingWire
 
 pytestmark = pytest.mark.integration
 
 PASSWORD = "correct horse battery staple"
 SCRIPT = "<script>alert(1)</script>"
 AUDIENCE = "console-tests"
-
-
-@dataclass
-class RecordingWire:
-    """Keeps every message it is given, as the broker would have received it."""
-
-    sent: list[tuple[routes.Route, str, dict[str, Any]]] = field(default_factory=list)
-
-    def send(self, route: routes.Route, *, routing_key: str, payload: Mapping[str, Any]) -> str:
-        self.sent.append((route, routing_key, dict(payload)))
-        return str(uuid.uuid4())
-
-    def decisions(self) -> list[dict[str, Any]]:
-        return [payload for route, _, payload in self.sent if route == routes.DECIDE]
-
-    def bulk_decisions(self) -> list[dict[str, Any]]:
-        return [payload for route, _, payload in self.sent if route == routes.DECIDE_BULK]
 
 
 def pending(
