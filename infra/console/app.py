@@ -40,6 +40,7 @@ from starlette.staticfiles import StaticFiles
 from starlette.templating import Jinja2Templates
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from domain.model import MAX_BULK_ITEMS
 from infra.cli import producer
 from infra.console import auth
 from infra.credentials import signing
@@ -235,7 +236,10 @@ def create_app(console: Console, *, session_secret: str, secure_cookie: bool) ->
         chosen = QueueFilter.from_values(request.query_params)
         now = console.clock()
         rows = await run_in_threadpool(chosen.pending, console.reads, now)
-        return render(request, "queue.html", rows=rows, chosen=chosen, now=now)
+        # One bulk decision names at most MAX_BULK_ITEMS requests: the oldest, as decide-bulk's filter takes them.
+        return render(
+            request, "queue.html", rows=rows, chosen=chosen, now=now, bulk_rows=rows[:MAX_BULK_ITEMS]
+        )
 
     async def request_page(request: Request) -> Response:
         if logged_in(request) is None:
@@ -275,7 +279,7 @@ def create_app(console: Console, *, session_secret: str, secure_cookie: bool) ->
         # Only what the admin saw: a request that arrived, or stopped pending, since the page was shown is left out.
         shown = set(form.getlist("request_id"))
         rows = await run_in_threadpool(chosen.pending, console.reads, console.clock())
-        ids = [row["id"] for row in rows if row["id"] in shown]
+        ids = [row["id"] for row in rows if row["id"] in shown][:MAX_BULK_ITEMS]
         if not ids:
             request.session["flash"] = "No pending request matches: nothing was published."
             return RedirectResponse(f"/queue?{chosen.query()}", status_code=303)

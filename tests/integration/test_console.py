@@ -17,7 +17,7 @@ import pytest
 import sqlalchemy as sa
 from starlette.testclient import TestClient
 
-from domain.model import ActorKind, BulkDecision, DecisionOutcome, Status
+from domain.model import MAX_BULK_ITEMS, ActorKind, BulkDecision, DecisionOutcome, Status
 from infra.bootstrap import Services
 from infra.console import auth
 from infra.console.app import CONTENT_SECURITY_POLICY, Console, create_app
@@ -358,6 +358,34 @@ class TestDeciding:
         # And the admin lands on its page, which waits for the workers' results
         assert str(response.url).endswith(f"/bulk/{bulk['bulk_id']}")
         assert "Not recorded yet" in response.text and 'http-equiv="refresh"' in response.text
+
+    def test_bulk_approve_of_more_than_one_bulk_holds_names_the_oldest_it_may(
+        self, services: Services, logged_in: TestClient, wire: RecordingWire, parties: Parties
+    ) -> None:
+        # Given one request more pending for a consumer than one bulk decision may name
+        first, consumer_id = pending(services, age=timedelta(hours=MAX_BULK_ITEMS + 1))
+        oldest = [first] + [
+            pending(services, consumer_id=consumer_id, age=timedelta(hours=MAX_BULK_ITEMS - n))[0]
+            for n in range(MAX_BULK_ITEMS)
+        ]
+        page = logged_in.get("/queue", params={"consumer_id": consumer_id}).text
+        assert f"Approve the {MAX_BULK_ITEMS} oldest of {MAX_BULK_ITEMS + 1} matching" in page
+
+        # When the admin approves them
+        logged_in.post(
+            "/bulk-approve",
+            data={
+                "consumer_id": consumer_id,
+                "reason": "backlog",
+                "csrf_token": csrf_of(page),
+                "request_id": re.findall(r'name="request_id" value="([^"]+)"', page),
+            },
+        )
+
+        # Then one signed bulk names the oldest it may, and the youngest waits for the next
+        [bulk] = wire.bulk_decisions()
+        assert sorted(bulk["request_ids"].split(",")) == sorted(oldest[:MAX_BULK_ITEMS])
+        assert_signed_by(parties, bulk)
 
     def test_a_bulk_decisions_page_shows_the_result_per_request_escaped(
         self, services: Services, logged_in: TestClient
