@@ -29,7 +29,6 @@ from infra.messaging.amqp import broker_user, connection_parameters
 from infra.messaging.publisher import Outgoing
 from infra.messaging.topology import Topology
 from messages import routes, v2
-from messages.events import AdminEvent
 from messages.validation import explain
 
 
@@ -81,16 +80,16 @@ class AmqpWire:
                 connection.close()
         return message_id
 
-    def take_admin_events(
-        self, handle: Callable[[AdminEvent], None], *, wait: float, limit: int | None
-    ) -> int:
-        """Hand the admins' events to ``handle``, oldest first, acknowledging each once handled.
+    def take_admin_events(self, handle: Callable[[bytes], None], *, wait: float, limit: int | None) -> int:
+        """Hand the admins' events to ``handle`` as received, oldest first, acknowledging each once handled.
 
         Reads ``<prefix>.admin.events`` as the admin tool's AMQP user (the only one, but the
         workers, with read on it). Takes what is there, then waits up to ``wait`` seconds
-        from the start for more; stops after ``limit`` events. An event that ``handle``
-        raises on, or that does not read as an :class:`AdminEvent`, is left on the queue
-        (requeued) and the error raised: nothing is lost. Returns how many were handled.
+        from the start for more; stops after ``limit`` events. The bodies are handed over
+        as they are (an :class:`~messages.events.AdminEvent` each, or an event of a later
+        version), so a reader decides what it understands. An event that ``handle`` raises
+        on is left on the queue (requeued) and the error raised: nothing is lost. Returns
+        how many were handled.
         """
         deadline = time.monotonic() + wait
         handled = 0
@@ -107,7 +106,7 @@ class AmqpWire:
                     connection.sleep(ADMIN_EVENTS_POLL_SECONDS)  # serves the connection's I/O meanwhile
                     continue
                 try:
-                    handle(AdminEvent.model_validate_json(body))
+                    handle(body)
                 except BaseException:
                     channel.basic_nack(method.delivery_tag, requeue=True)
                     raise

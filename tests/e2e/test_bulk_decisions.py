@@ -53,7 +53,11 @@ def admin_event(admin_env: dict[str, str], prefix: str, bulk_id: str) -> AdminEv
     seen: dict[str, AdminEvent] = {}
 
     def take() -> AdminEvent | None:
-        wire.take_admin_events(lambda event: seen.setdefault(event.bulk_id, event), wait=0, limit=None)
+        def keep(body: bytes) -> None:
+            event = AdminEvent.model_validate_json(body)
+            seen[event.bulk_id] = event
+
+        wire.take_admin_events(keep, wait=0, limit=None)
         return seen.get(bulk_id)
 
     found: AdminEvent = svc.wait_until(take, what=f"the admins' event of bulk {bulk_id}")
