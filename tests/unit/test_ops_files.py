@@ -311,6 +311,45 @@ class TestTheKubernetesManifests:
             for ref in authentication["spec"]["secretTargetRef"]:
                 assert ref["key"] in SETTINGS_VARIABLES and ref["name"] in of_kind("Secret")
 
+    def test_the_console_is_served_with_its_own_secret_and_nothing_of_the_workers(self) -> None:
+        deployment = of_kind("Deployment")["accessflow-console"]
+        (container,) = containers(deployment)
+        assert container["args"] == ["console"]
+        # Not the Secret "accessflow": no runtime role, no workers' AMQP user, no seal key
+        assert "envFrom" not in container
+        from_secrets = {
+            item["name"]: item["valueFrom"]["secretKeyRef"]
+            for item in container["env"]
+            if "secretKeyRef" in item.get("valueFrom", {})
+        }
+        assert {ref["name"] for ref in from_secrets.values()} == {"accessflow-console"}
+        assert set(from_secrets) == {
+            "ACCESSFLOW_READONLY_DATABASE_URL",
+            "ACCESSFLOW_BROKER_URL",
+            "ACCESSFLOW_CONSOLE_SESSION_SECRET",
+        }
+        env = environment(container)
+        port = int(env["ACCESSFLOW_CONSOLE_PORT"])
+        assert {p["name"]: p["containerPort"] for p in container["ports"]} == {"http": port}
+        for probe in ("readinessProbe", "livenessProbe"):
+            assert container[probe]["httpGet"] == {"path": "/login", "port": "http"}
+        # its admins file is on the Secret's volume, readable by its group only
+        mount = next(
+            m
+            for m in container["volumeMounts"]
+            if env["ACCESSFLOW_CONSOLE_ADMINS_FILE"].startswith(m["mountPath"])
+        )
+        (volume,) = [
+            v for v in deployment["spec"]["template"]["spec"]["volumes"] if v["name"] == mount["name"]
+        ]
+        assert (
+            volume["secret"]["secretName"] == "accessflow-console"
+            and volume["secret"]["defaultMode"] == 0o440
+        )
+        assert deployment["spec"]["replicas"] == 1, "failed logins are counted per process"
+        service = of_kind("Service")["accessflow-console"]
+        assert service["spec"]["selector"] == deployment["spec"]["selector"]["matchLabels"]
+
     def test_every_accessflow_variable_is_a_setting(self) -> None:
         text = "\n".join(path.read_text() for path in K8S.glob("*.yaml"))
         named = set(re.findall(r"\bACCESSFLOW_[A-Z0-9_]+", text))
