@@ -256,12 +256,11 @@ def signed_operation(
         "issued_at": _instant(issued_at or datetime.now(UTC)),
         "audience": audience,
     }
-    if grace_seconds is not None:
-        fields["grace_seconds"] = grace_seconds
-    if plan_id is not None:
-        fields["plan_id"] = plan_id
-    if expires_at is not None:
-        fields["expires_at"] = _instant(expires_at)
+    fields |= _given(
+        grace_seconds=grace_seconds,
+        plan_id=plan_id,
+        expires_at=_instant(expires_at) if expires_at is not None else None,
+    )
     return _signed(v2.CredentialOperation, fields, key_id=key_id, private_key=private_key)
 
 
@@ -277,6 +276,11 @@ def operate(wire: Wire, operation: v2.CredentialOperation) -> v2.CredentialOpera
 
 def _instant(moment: datetime) -> str:
     return moment.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+def _given(**members: object) -> dict[str, object]:
+    """The optional members given: one left out is left out of the signed bytes too, not signed as null."""
+    return {name: value for name, value in members.items() if value is not None}
 
 
 def signed_bulk_decision(
@@ -304,14 +308,12 @@ def signed_bulk_decision(
         "decided_at": _instant(decided_at or datetime.now(UTC)),
         "audience": audience,
     }
-    if request_ids:
-        fields["request_ids"] = ",".join(request_id.strip().lower() for request_id in request_ids)
-    if plan_id is not None:
-        fields["plan_id"] = plan_id
-    if consumer_id is not None:
-        fields["consumer_id"] = consumer_id
-    if submitted_before is not None:
-        fields["submitted_before"] = _instant(submitted_before)
+    fields |= _given(
+        request_ids=",".join(r.strip().lower() for r in request_ids) if request_ids else None,
+        plan_id=plan_id,
+        consumer_id=consumer_id,
+        submitted_before=_instant(submitted_before) if submitted_before is not None else None,
+    )
     return _signed(v2.BulkDecision, fields, key_id=key_id, private_key=private_key)
 
 
