@@ -21,14 +21,19 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from email.message import EmailMessage
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import pika
 import pytest
 import sqlalchemy as sa
 
+from domain.model import Plan
+from domain.rules import parse_rules
 from infra.settings import split_broker_urls
 from messages import routes
+
+if TYPE_CHECKING:
+    from infra.bootstrap import Services
 
 LOCAL_POSTGRES = "postgresql+psycopg://postgres@127.0.0.1:5432/postgres"
 LOCAL_RABBITMQ = "amqp://guest:guest@127.0.0.1:5672/%2F"
@@ -290,3 +295,35 @@ class RecordingWire:
 
     def bulk_decisions(self) -> list[dict[str, Any]]:
         return [payload for route, _, payload in self.sent if route == routes.DECIDE_BULK]
+
+
+def plan_with(
+    services: Services,
+    *,
+    auto_approve: bool = False,
+    rules: list[dict[str, Any]] | None = None,
+    max_open: int | None = None,
+    max_per_hour: int | None = None,
+) -> str:
+    """A plan of the test's own, stored as a catalogue load stores one; its id.
+
+    Its own, so that no other test's requests count against its throttles; stored through the
+    catalogue, so that the workers' caches see it as they see a loaded one.
+    """
+    plan_id = f"p-{uuid.uuid4().hex[:12]}"
+    with services.uow() as uow:
+        uow.catalogue.upsert(
+            Plan(
+                id=plan_id,
+                name="Rules under test",
+                auto_approve=auto_approve,
+                rate_limit_per_minute=60,
+                monthly_quota=None,
+                product_ids=["payments", "ledger"],
+                rules=parse_rules(rules or []),
+                max_open_requests_per_consumer=max_open,
+                max_requests_per_consumer_per_hour=max_per_hour,
+            )
+        )
+        uow.commit()
+    return plan_id

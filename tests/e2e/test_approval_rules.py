@@ -10,8 +10,7 @@ from typing import Any
 
 import pytest
 
-from domain.model import AdminKey, Plan, Status, utcnow
-from domain.rules import parse_rules
+from domain.model import AdminKey, Status, utcnow
 from infra.bootstrap import Services
 from infra.cli import producer
 from infra.credentials import signing
@@ -30,32 +29,6 @@ from tests.e2e.conftest import (
 pytestmark = [pytest.mark.e2e, pytest.mark.usefixtures("worker_pools")]
 
 
-def plan_with(
-    services: Services,
-    *,
-    auto_approve: bool = False,
-    rules: list[dict[str, Any]] | None = None,
-    **limits: int,
-) -> str:
-    """A plan of this test's own, stored as a catalogue load stores one (the workers' caches see it); its id."""
-    plan_id = f"p-{uuid.uuid4().hex[:12]}"
-    with services.uow() as uow:
-        uow.catalogue.upsert(
-            Plan(
-                id=plan_id,
-                name="Rules end to end",
-                auto_approve=auto_approve,
-                rate_limit_per_minute=60,
-                monthly_quota=None,
-                product_ids=["payments", "ledger"],
-                rules=parse_rules(rules or []),
-                **limits,
-            )
-        )
-        uow.commit()
-    return plan_id
-
-
 def shown(env: dict[str, str], request_id: str) -> dict[str, Any]:
     return dict(json.loads(cli(env, "requests", "show", request_id, "--json").stdout))
 
@@ -65,7 +38,7 @@ class TestThrottleUnderConcurrentSubmissions:
         self, portal: PortalClient, services: Services, env: dict[str, str]
     ) -> None:
         # Given a manual plan allowing a consumer 3 open requests
-        plan_id = plan_with(services, max_open_requests_per_consumer=3)
+        plan_id = svc.plan_with(services, max_open=3)
 
         # When Acme's portal publishes 10 submissions at once, routed by a pool of several threads
         ids = [portal.submit(request_payload(plan_id=plan_id)) for _ in range(10)]
@@ -93,7 +66,7 @@ class TestRulesRouteAndSayWhich:
         self, portal: PortalClient, services: Services, env: dict[str, str]
     ) -> None:
         # Given a manual plan trusting acme.example
-        plan_id = plan_with(services, rules=[{"kind": "trusted_domain", "domains": ["acme.example"]}])
+        plan_id = svc.plan_with(services, rules=[{"kind": "trusted_domain", "domains": ["acme.example"]}])
 
         # When Acme asks
         request_id = portal.submit(request_payload(plan_id=plan_id))
@@ -112,7 +85,7 @@ class TestRulesRouteAndSayWhich:
         self, other_portal: PortalClient, services: Services, smtp: svc.SmtpSink, env: dict[str, str]
     ) -> None:
         # Given an auto-approve plan refusing globex.example
-        plan_id = plan_with(
+        plan_id = svc.plan_with(
             services,
             auto_approve=True,
             rules=[
@@ -162,7 +135,7 @@ class TestTwoApprovers:
             )
             uow.commit()
         # And a plan needing both admins' approvals, with a request parked on it
-        plan_id = plan_with(
+        plan_id = svc.plan_with(
             services, rules=[{"kind": "approvers", "required": 2, "admins": [parties.admin_id, erin]}]
         )
         request_id = portal.submit(request_payload(plan_id=plan_id))

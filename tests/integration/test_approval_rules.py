@@ -10,50 +10,22 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
 
 import pytest
 import sqlalchemy as sa
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from domain import commands, handlers
-from domain.model import AdminKey, App, Consumer, DecisionOutcome, Plan, Status, utcnow
+from domain.model import AdminKey, App, Consumer, DecisionOutcome, Status, utcnow
 from domain.rules import parse_rules
 from infra.bootstrap import Services
 from infra.cli import producer
 from infra.credentials import signing
 from infra.db import views
+from tests import services as svc
 from tests.conftest import PORTAL_ID, Parties
 
 pytestmark = pytest.mark.integration
-
-
-def plan_with(
-    services: Services,
-    *,
-    auto_approve: bool = False,
-    rules: list[dict[str, Any]] | None = None,
-    max_open: int | None = None,
-    max_per_hour: int | None = None,
-) -> str:
-    """A plan of this test's own (so no other test's requests count against its throttles); its id."""
-    plan_id = f"p-{uuid.uuid4().hex[:12]}"
-    with services.uow() as uow:
-        uow.catalogue.upsert(
-            Plan(
-                id=plan_id,
-                name="Rules under test",
-                auto_approve=auto_approve,
-                rate_limit_per_minute=60,
-                monthly_quota=None,
-                product_ids=["payments", "ledger"],
-                rules=parse_rules(rules or []),
-                max_open_requests_per_consumer=max_open,
-                max_requests_per_consumer_per_hour=max_per_hour,
-            )
-        )
-        uow.commit()
-    return plan_id
 
 
 def route(
@@ -97,7 +69,7 @@ class TestRulesAreStoredWithThePlan:
             {"kind": "trusted_domain", "domains": ["acme.example"]},
             {"kind": "rejected_domain", "domains": ["globex.example"], "reason": "No."},
         ]
-        plan_id = plan_with(services, rules=rules, max_open=2, max_per_hour=5)
+        plan_id = svc.plan_with(services, rules=rules, max_open=2, max_per_hour=5)
 
         # When it is read back / Then everything is there
         with services.uow() as uow:
@@ -110,7 +82,7 @@ class TestRulesAreStoredWithThePlan:
 class TestATrustedDomainApprovesAtOnce:
     def test_the_request_is_approved_and_shows_the_rule(self, services: Services) -> None:
         # Given a manual plan that trusts acme.example
-        plan_id = plan_with(services, rules=[{"kind": "trusted_domain", "domains": ["acme.example"]}])
+        plan_id = svc.plan_with(services, rules=[{"kind": "trusted_domain", "domains": ["acme.example"]}])
 
         # When Acme (dev@acme.example) submits
         request_id, status = route(services, plan_id)
@@ -127,7 +99,7 @@ class TestATrustedDomainApprovesAtOnce:
 class TestARejectedDomainIsRejected:
     def test_with_the_rules_reason_for_the_consumer(self, services: Services) -> None:
         # Given a plan refusing globex.example
-        plan_id = plan_with(
+        plan_id = svc.plan_with(
             services,
             auto_approve=True,
             rules=[
@@ -150,7 +122,7 @@ class TestARejectedDomainIsRejected:
 class TestAnActiveCredentialApproves:
     def test_a_second_request_of_a_holder_is_approved(self, services: Services) -> None:
         # Given a manual plan whose first rule approves a consumer holding an active credential on it
-        plan_id = plan_with(services, rules=[{"kind": "holds_active_credential"}])
+        plan_id = svc.plan_with(services, rules=[{"kind": "holds_active_credential"}])
         first, status = route(services, plan_id)
         assert status is Status.PENDING_REVIEW  # none held yet
 
@@ -186,7 +158,7 @@ class TestThrottlesUnderConcurrentSubmissions:
         self, services: Services, limit: str
     ) -> None:
         # Given a manual plan allowing Acme 3 open requests (or 3 an hour)
-        plan_id = plan_with(
+        plan_id = svc.plan_with(
             services,
             max_open=3 if limit == "open" else None,
             max_per_hour=3 if limit == "per_hour" else None,
@@ -217,7 +189,7 @@ class TestThrottlesUnderConcurrentSubmissions:
 
     def test_a_consumers_own_limit_takes_the_place_of_the_plans(self, services: Services) -> None:
         # Given a plan allowing 3 open requests, and a consumer of the catalogue allowed only 1
-        plan_id = plan_with(services, max_open=3)
+        plan_id = svc.plan_with(services, max_open=3)
         consumer_id, app_id = f"c-{uuid.uuid4().hex[:8]}", f"a-{uuid.uuid4().hex[:8]}"
         with services.uow() as uow:
             uow.catalogue.upsert(
@@ -238,7 +210,7 @@ class TestThrottlesUnderConcurrentSubmissions:
 
     def test_a_closed_request_frees_an_open_slot(self, services: Services) -> None:
         # Given a plan allowing 1 open request, and Acme's one open
-        plan_id = plan_with(services, max_open=1)
+        plan_id = svc.plan_with(services, max_open=1)
         first, _ = route(services, plan_id)
         assert route(services, plan_id)[1] is Status.INVALID
 
@@ -308,7 +280,7 @@ class TestTwoOfTwoApprovers:
     ) -> None:
         # Given a plan needing the approvals of both admins, and a request parked on it
         dana = first_admin(parties)
-        plan_id = plan_with(
+        plan_id = svc.plan_with(
             services, rules=[{"kind": "approvers", "required": 2, "admins": [dana.id, second_admin.id]}]
         )
         request_id, status = route(services, plan_id)
@@ -337,7 +309,7 @@ class TestTwoOfTwoApprovers:
         assert sorted(d["outcome"] for d in details["decisions"]) == ["applied", "counted", "ignored"]
 
     def test_one_rejection_ends_it(self, services: Services, parties: Parties, second_admin: Admin) -> None:
-        plan_id = plan_with(services, rules=[{"kind": "approvers", "required": 2}])
+        plan_id = svc.plan_with(services, rules=[{"kind": "approvers", "required": 2}])
         request_id, _ = route(services, plan_id)
         assert decide(services, first_admin(parties), request_id) is DecisionOutcome.COUNTED
 
@@ -351,7 +323,7 @@ class TestTwoOfTwoApprovers:
         self, services: Services, parties: Parties, second_admin: Admin
     ) -> None:
         # Given requests needing two approvals, and both admins approving each at the same moment
-        plan_id = plan_with(services, rules=[{"kind": "approvers", "required": 2}])
+        plan_id = svc.plan_with(services, rules=[{"kind": "approvers", "required": 2}])
         request_ids = [route(services, plan_id)[0] for _ in range(5)]
         outcomes: list[tuple[str, DecisionOutcome]] = []
         barrier = threading.Barrier(2)
@@ -397,7 +369,7 @@ class TestTheHotPath:
         self, services: Services
     ) -> None:
         # Given a plan with a domain rule but no throttle, its catalogue cached by a first request
-        plan_id = plan_with(services, rules=[{"kind": "trusted_domain", "domains": ["example.org"]}])
+        plan_id = svc.plan_with(services, rules=[{"kind": "trusted_domain", "domains": ["example.org"]}])
         route(services, plan_id)
 
         # When another request is routed
@@ -409,7 +381,7 @@ class TestTheHotPath:
         assert not [s for s in sent if "pg_advisory_xact_lock" in s or "count(" in s or "credentials" in s]
 
     def test_a_throttled_plan_takes_the_lock_then_counts(self, services: Services) -> None:
-        plan_id = plan_with(services, max_per_hour=100)
+        plan_id = svc.plan_with(services, max_per_hour=100)
         route(services, plan_id)
 
         with statements(services) as sent:
