@@ -13,8 +13,9 @@ from infra.bootstrap import Services
 from infra.cli import producer
 from infra.credentials import signing
 from messages import v2
+from tests import services as svc
 from tests.conftest import ADMIN_ID, Parties
-from tests.integration.test_approval_rules import plan_with, route
+from tests.integration.test_approval_rules import route
 
 pytestmark = pytest.mark.integration
 
@@ -49,7 +50,7 @@ class TestAFilter:
         self, services: Services, parties: Parties
     ) -> None:
         # Given a manual plan of this test's own: two of Acme's pending, one of Globex's, one of Acme's approved
-        plan_id = plan_with(services)
+        plan_id = svc.plan_with(services)
         acme = [route(services, plan_id)[0] for _ in range(2)]
         globex, _ = route(services, plan_id, consumer_id="globex")
         approved, _ = route(services, plan_id)
@@ -74,7 +75,7 @@ class TestAFilter:
         assert replayed.results == recorded.results and replayed.outcome is DecisionOutcome.APPLIED
 
     def test_submitted_before_leaves_the_newer_ones(self, services: Services, parties: Parties) -> None:
-        plan_id = plan_with(services)
+        plan_id = svc.plan_with(services)
         older, _ = route(services, plan_id)
         cutoff = datetime.now(UTC)
         newer, _ = route(services, plan_id)
